@@ -1,0 +1,1 @@
+"""Orchestration for the Noisy Student pipeline: config, round loop, Ray driver, storage, CLI."""

@@ -1,0 +1,234 @@
+"""The pipeline config: frozen, typed dataclasses composed from each stage's own config, loaded from YAML.
+
+``load_config(path, overrides)`` reads YAML with ``yaml.safe_load``, applies ``key.path=value`` overrides
+(values parsed as YAML scalars), and builds the dataclasses, rejecting unknown keys and wrong types with one
+``ConfigError`` line naming the field. Stage dataclasses check their own value ranges in ``__post_init__``.
+``configs/digits.yaml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from stages.select import SelectConfig
+
+from pipeline.ray_pseudo_label import LabelResources
+from pipeline.ray_train import TrainResources
+from stages.models import ModelSpec
+from stages.pseudo_label import PseudoLabelConfig
+from stages.train import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: unknown key, wrong type, value out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Shard lists (paths, globs, brace patterns, object-store URLs) and how images enter the model.
+
+    ``prepare_digits``: a folder; when set and its shards are missing, the built-in digits data is written there.
+    """
+
+    labeled: tuple[str, ...] = ()
+    unlabeled: tuple[str, ...] = ()
+    test: tuple[str, ...] = ()
+    num_classes: int = 10
+    channels: int = 1
+    image_size: int = 32
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    max_bad_fraction: float = 0.01
+    prepare_digits: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("labeled", "unlabeled", "test"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: give at least one shard path or pattern")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes: must be >= 2, got {self.num_classes}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels: must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        if self.image_size < 8:
+            raise ValueError(f"image_size: must be >= 8, got {self.image_size}")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != self.channels:
+                raise ValueError(f"{name}: needs {self.channels} value(s), one per channel, got {getattr(self, name)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std: must be > 0, got {self.std}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourcesConfig:
+    """Where and how wide to run. ``address: ""`` uses ``RAY_ADDRESS`` if set, else starts a local Ray."""
+
+    address: str = ""
+    num_cpus: int = 0
+    train_workers: int = 1
+    cpus_per_train_worker: float = 1.0
+    use_gpu: bool = False
+    max_failures: int = 2
+    label_actors: int = 1
+    cpus_per_label_actor: float = 1.0
+    gpus_per_label_actor: float = 0.0
+    torch_threads: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_workers", "label_actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("num_cpus", "max_failures", "torch_threads", "gpus_per_label_actor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("cpus_per_train_worker", "cpus_per_label_actor"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+
+    def train(self) -> TrainResources:
+        return TrainResources(self.train_workers, self.use_gpu, self.cpus_per_train_worker, self.max_failures)
+
+    def label(self) -> LabelResources:
+        return LabelResources(
+            self.label_actors, self.cpus_per_label_actor, self.gpus_per_label_actor, self.torch_threads
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """One Noisy Student run: ``rounds`` student rounds after the round-0 teacher."""
+
+    name: str = "run"
+    storage: str = "runs"
+    rounds: int = 3
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    ladder: tuple[ModelSpec, ...] = (ModelSpec(),)
+    teacher: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    student: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    pseudo_label: PseudoLabelConfig = dataclasses.field(default_factory=PseudoLabelConfig)
+    select: SelectConfig = dataclasses.field(default_factory=SelectConfig)
+    resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(
+                f"rounds: must be >= 1 (round 0 trains the teacher, rounds 1..N the students), got {self.rounds}"
+            )
+        if not self.ladder:
+            raise ValueError("ladder: give at least one model")
+
+    def spec(self, round_index: int) -> ModelSpec:
+        """Round k's model; a ladder shorter than the run repeats its last entry."""
+        return self.ladder[min(round_index, len(self.ladder) - 1)]
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
+        return build(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, (str, int, float)) or value is None:
+            value = [value]  # a single path or number where a list is expected
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1])
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping: unknown keys and wrong types are ``ConfigError``s."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(sorted(fields))}"
+            raise ConfigError(f"{where}.{key}: unknown key{hint}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.{exc}") from exc
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """``a.b.c=value`` into a nested dict; the value is parsed as YAML (``5``, ``0.1``, ``[a, b]``, ``true``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        if key.isdigit() and isinstance(node, list):
+            node = node[int(key)]
+            continue
+        node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {path}: {key} is not a section")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if keys[-1].isdigit() and isinstance(node, list):
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> PipelineConfig:
+    tree: dict = dict(base or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} not found") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML ({exc})") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+        tree.update(loaded or {})
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return build(PipelineConfig, tree)
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

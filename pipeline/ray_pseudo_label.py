@@ -1,0 +1,108 @@
+"""The pseudo-label stage on Ray Data: shards are streamed to a pool of ``ShardLabeler`` actors.
+
+One actor per GPU on a cluster (``gpus_per_label_actor: 1``, ``label_actors: N``), CPU actors locally. The
+driver only sees one small summary row per shard, never labels. A shard whose sidecar already validates is
+skipped (resume); an actor that dies has its shard retried by Ray Data, which rewrites the same complete
+sidecar atomically, so each unlabeled sample ends up in exactly one row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stages.data import DataError
+from stages.pseudo_label import PseudoLabelConfig, ShardLabeler, sidecar_info, sidecar_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelResources:
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    threads: int = 0
+
+
+def run_pseudo_label(
+    model_dir: str,
+    shards: list[str],
+    out_dir: str,
+    cfg: PseudoLabelConfig,
+    channels: int,
+    resources: LabelResources,
+    progress: bool = True,
+) -> dict:
+    """Label every shard once; returns the stage summary (rows, bad samples, images/s, sidecar paths)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = {s: sidecar_info(sidecar_path(out, s), cfg.topk) for s in shards}
+    todo = [s for s, info in done.items() if info is None]
+    resumed = len(shards) - len(todo)
+    if resumed:
+        log.info("pseudo-label: %d of %d shards already labeled, resuming with %d", resumed, len(shards), len(todo))
+    start, rows_new, errors = time.perf_counter(), 0, []
+    if todo:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # our own bar counts shards and images
+        context.print_on_execution_start = False
+        ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            ShardLabeler,
+            fn_constructor_kwargs={
+                "model_dir": model_dir,
+                "out_dir": str(out),
+                "cfg": cfg,
+                "channels": channels,
+                "threads": resources.threads,
+            },
+            batch_size=1,
+            compute=ActorPoolStrategy(size=min(resources.actors, len(todo))),
+            num_cpus=resources.cpus_per_actor,
+            num_gpus=resources.gpus_per_actor or None,
+        )
+        bar = tqdm(total=len(todo), unit="shard", desc="pseudo-label", disable=not progress, dynamic_ncols=True)
+        for row in ds.iter_rows():
+            rows_new += int(row["rows"])
+            if row["error"]:
+                errors.append(row["error"])
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{rows_new} images, {rows_new / max(elapsed, 1e-9):.0f} img/s")
+            bar.update(1)
+        bar.close()
+    seconds = time.perf_counter() - start
+    if errors:
+        raise DataError(f"pseudo-label: {len(errors)} unreadable shard(s): " + "; ".join(errors[:5]))
+    infos = {s: sidecar_info(sidecar_path(out, s), cfg.topk) for s in shards}
+    missing = [s for s, info in infos.items() if info is None]
+    if missing:
+        raise RuntimeError(f"pseudo-label: no valid sidecar for {len(missing)} shard(s), e.g. {missing[0]}")
+    total_rows = sum(info["rows"] for info in infos.values() if info)
+    bad = [item for info in infos.values() if info for item in info["bad"]]
+    n_seen = total_rows + len(bad)
+    if bad and len(bad) > cfg.max_bad_fraction * n_seen:
+        raise DataError(
+            f"pseudo-label: {len(bad)} of {n_seen} unlabeled samples unusable (max_bad_fraction "
+            f"{cfg.max_bad_fraction}); first: {bad[0]['shard']} {bad[0]['key']}: {bad[0]['reason']}"
+        )
+    with_truth = sum(info["with_truth"] for info in infos.values() if info)
+    correct = sum(info["correct"] for info in infos.values() if info)
+    return {
+        # Accuracy against .cls carried by unlabeled shards: a diagnostic only, never used for training.
+        "accuracy": round(correct / with_truth, 6) if with_truth else None,
+        "shards": len(shards),
+        "shards_resumed": resumed,
+        "rows": total_rows,
+        "bad_samples": bad,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(rows_new / seconds, 1) if rows_new else None,
+        "sidecars": [str(sidecar_path(out, s)) for s in shards],
+    }

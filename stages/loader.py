@@ -1,0 +1,169 @@
+"""Training input: endless, shuffled streams of labeled and pseudo-labeled samples, mixed per batch.
+
+Each batch holds ``labeled_batch`` labeled samples and ``pseudo_batch`` pseudo-labeled ones (the
+unlabeled:labeled ratio). Streams repeat forever; the trainer takes a fixed number of steps per epoch, so every
+rank runs the same number of optimizer steps whatever its share of the data (no DDP stragglers).
+
+Data is split between *slots* (rank x DataLoader worker): by shard when there are at least as many shards as
+slots, otherwise by sample index within each shard, so every slot sees a disjoint part of the data.
+A pseudo-labeled sample is yielded ``copies`` times per pass (class balancing duplicates scarce classes), each
+copy augmented independently.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, parse_label
+
+
+@dataclass(frozen=True)
+class PseudoSource:
+    """An unlabeled shard and the selection sidecar saying which of its samples to use, and how."""
+
+    shard: str
+    selection: str
+
+
+def soft_targets(table, num_classes: int) -> np.ndarray:
+    """Dense float32 targets from a selection table: full ``probs``, renormalised ``topk_*``, or one-hot ``label``."""
+    n = table.num_rows
+    if "probs" in table.column_names:
+        dense = np.asarray(table.column("probs").to_pylist(), dtype=np.float32).reshape(n, num_classes)
+    elif "topk_idx" in table.column_names:
+        idx = np.asarray(table.column("topk_idx").to_pylist(), dtype=np.int64).reshape(n, -1)
+        val = np.asarray(table.column("topk_prob").to_pylist(), dtype=np.float32).reshape(n, -1)
+        dense = np.zeros((n, num_classes), dtype=np.float32)
+        np.put_along_axis(dense, idx, val, axis=1)
+    else:
+        dense = np.zeros((n, num_classes), dtype=np.float32)
+        dense[np.arange(n), table.column("label").to_numpy()] = 1.0
+    return dense / np.clip(dense.sum(axis=1, keepdims=True), 1e-12, None)
+
+
+def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
+    """Streaming shuffle with a bounded buffer."""
+    pool: list = []
+    for item in items:
+        if len(pool) < buffer:
+            pool.append(item)
+            continue
+        i = rng.randrange(buffer)
+        pool[i], item = item, pool[i]
+        yield item
+    rng.shuffle(pool)
+    yield from pool
+
+
+def _slot_parts(shards: Sequence, slot: int, slots: int) -> tuple[list, Callable[[int], bool]]:
+    if len(shards) >= slots:
+        return list(shards[slot::slots]), lambda i: True
+    return list(shards), lambda i: i % slots == slot
+
+
+class MixedStream(IterableDataset):
+    """Yields ready batches ``{"x": float [B,C,H,W], "y": int64 [B_l], "p": float [B_u, classes]}``.
+
+    The first ``B_l`` rows of ``x`` are labeled (targets ``y``), the rest pseudo-labeled (soft targets ``p``).
+    """
+
+    def __init__(
+        self,
+        labeled: Sequence[str],
+        pseudo: Sequence[PseudoSource],
+        labeled_batch: int,
+        pseudo_batch: int,
+        num_classes: int,
+        channels: int,
+        transform: Callable,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 2048,
+    ):
+        self.labeled, self.pseudo = list(labeled), list(pseudo)
+        self.labeled_batch, self.pseudo_batch = labeled_batch, pseudo_batch if pseudo else 0
+        self.num_classes, self.channels, self.transform = num_classes, channels, transform
+        self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def _labeled_samples(self, slot: int, slots: int, rng: random.Random) -> Iterator[tuple[bytes, int]]:
+        shards, keep = _slot_parts(self.labeled, slot, slots)
+        for _ in itertools.count():
+            found = 0
+            for shard in rng.sample(shards, len(shards)):
+                for i, sample in enumerate(iter_raw_samples(shard)):
+                    if not keep(i):
+                        continue
+                    try:
+                        item = image_field(sample), parse_label(sample, self.num_classes)
+                    except BadSample:
+                        continue  # counted and reported by the pre-flight scan of the labeled set
+                    found += 1
+                    yield item
+            if not found:
+                raise DataError(f"training slot {slot}/{slots} got no labeled samples from {len(shards)} shard(s)")
+
+    def _pseudo_samples(self, slot: int, slots: int, rng: random.Random) -> Iterator[tuple[bytes, np.ndarray]]:
+        sources, keep = _slot_parts(self.pseudo, slot, slots)
+        for _ in itertools.count():
+            found = 0
+            for source in rng.sample(sources, len(sources)):
+                table = pq.read_table(source.selection)
+                if table.num_rows == 0:
+                    continue
+                targets = soft_targets(table, self.num_classes)
+                keys, copies = table.column("key").to_pylist(), table.column("copies").to_pylist()
+                wanted = {k: (int(c), i) for i, (k, c) in enumerate(zip(keys, copies, strict=True))}
+                for i, sample in enumerate(iter_raw_samples(source.shard)):
+                    hit = wanted.get(sample["__key__"])
+                    if hit is None or not keep(i):
+                        continue
+                    data = image_field(sample)
+                    for _ in range(hit[0]):
+                        found += 1
+                        yield data, targets[hit[1]]
+            if not found:
+                raise DataError(
+                    f"training slot {slot}/{slots} got no pseudo-labeled samples from {len(sources)} shard(s)"
+                )
+
+    def _decoded(self, items: Iterator[tuple[bytes, object]]) -> Iterator[tuple[torch.Tensor, object]]:
+        for data, target in items:
+            try:
+                yield self.transform(decode_image(data, self.channels)), target
+            except BadSample:
+                continue  # undecodable: already counted by the pre-flight scan or the pseudo-label stage
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, slots = self._slot()
+        rng = random.Random(f"{self.seed}-{slot}")
+        # Shuffle compressed bytes (small), then decode and augment: each duplicate copy gets its own noise.
+        labeled = self._decoded(shuffled(self._labeled_samples(slot, slots, rng), self.shuffle_buffer, rng))
+        pseudo = None
+        if self.pseudo_batch:
+            pseudo = self._decoded(shuffled(self._pseudo_samples(slot, slots, rng), self.shuffle_buffer, rng))
+        while True:
+            lab = [next(labeled) for _ in range(self.labeled_batch)]
+            xs = [x for x, _ in lab]
+            batch = {"y": torch.tensor([y for _, y in lab], dtype=torch.int64)}
+            if pseudo is not None:
+                pse = [next(pseudo) for _ in range(self.pseudo_batch)]
+                xs += [x for x, _ in pse]
+                batch["p"] = torch.from_numpy(np.stack([p for _, p in pse]))
+            else:
+                batch["p"] = torch.zeros(0, self.num_classes)
+            batch["x"] = torch.stack(xs)
+            yield batch

@@ -1,0 +1,130 @@
+"""Models by timm name, and their artifacts: ``model.safetensors`` (weights, no pickle) + ``model.json``.
+
+A downloaded round loads in one line of user code::
+
+    model = stages.models.load_model("runs/<run>/round-003")            # or, without this package:
+    m = timm.create_model(**json.load(open("model.json"))["create"])
+    safetensors.torch.load_model(m, "model.safetensors")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# timm's RandAugment magnitude runs 0..10 (its _LEVEL_DENOM); the paper's M=27 is on a 0..30 scale, so timm M = M/3.
+RANDAUG_MAX_MAGNITUDE = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One rung of the model ladder: which timm model a round trains, and the noise its student gets.
+
+    ``drop_path_rate`` is 1 - survival probability (the paper's survival 0.8 is ``drop_path_rate=0.2``).
+    ``randaug_m`` is on timm's 0..10 scale (paper M=27 on a 0..30 scale is timm M=9); ``randaug_n=0`` disables it.
+    """
+
+    model: str = "resnet10t"
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    randaug_n: int = 2
+    randaug_m: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not timm.is_model(self.model):
+            close = timm.list_models(f"*{self.model.split('_')[0][:6]}*")[:8]
+            raise ValueError(
+                f"model: unknown timm model {self.model!r}" + (f" (similar: {', '.join(close)})" if close else "")
+            )
+        for name in ("drop_rate", "drop_path_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}: must be in [0, 1), got {value}")
+        if self.randaug_n < 0:
+            raise ValueError(f"randaug_n: must be >= 0, got {self.randaug_n}")
+        if not 0.0 <= self.randaug_m <= RANDAUG_MAX_MAGNITUDE:
+            raise ValueError(
+                f"randaug_m: must be in [0, {RANDAUG_MAX_MAGNITUDE:g}] (timm's scale; paper M=27 of 30 is 9), "
+                f"got {self.randaug_m}"
+            )
+
+
+def create_model(spec: ModelSpec, num_classes: int, in_chans: int, noised: bool) -> nn.Module:
+    """Build the model; dropout and stochastic depth only when ``noised`` (the student), never for a teacher."""
+    kwargs = {"drop_rate": spec.drop_rate, "drop_path_rate": spec.drop_path_rate} if noised else {}
+    return timm.create_model(spec.model, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def check_classifier(spec: ModelSpec, num_classes: int, in_chans: int, image_size: int) -> int:
+    """Fail early when a ladder entry cannot classify this input; returns its parameter count."""
+    try:
+        model = create_model(spec, num_classes, in_chans, noised=False).eval()
+        with torch.inference_mode():
+            out = model(torch.zeros(2, in_chans, image_size, image_size))
+    except Exception as exc:  # timm raises many types for inputs a model cannot take
+        raise ValueError(
+            f"ladder: {spec.model} cannot classify {in_chans}x{image_size}x{image_size} images "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+            "try a larger data.image_size or another model"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"ladder: {spec.model} is not a classifier here (output {shape}, wanted (2, {num_classes}))")
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_card(spec: ModelSpec, num_classes: int, in_chans: int, image_size: int, mean, std) -> dict:
+    return {
+        "create": {"model_name": spec.model, "num_classes": num_classes, "in_chans": in_chans},
+        "timm_name": spec.model,
+        "num_classes": num_classes,
+        "input_size": [in_chans, image_size, image_size],
+        "mean": list(mean),
+        "std": list(std),
+        "interpolation": "bilinear",
+    }
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP (``.module``) or ``torch.compile`` (``._orig_mod``)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model(model: nn.Module, out_dir: str | Path, card: dict) -> None:
+    """Write ``model.safetensors`` then ``model.json``, each atomically."""
+    from pipeline.storage import atomic_write_json  # storage is the one home of JSON writes
+
+    atomic_save_safetensors(unwrap(model).state_dict(), Path(out_dir) / "model.safetensors")
+    atomic_write_json(Path(out_dir) / "model.json", card)
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load a round's model un-noised, in eval mode, with ``strict=True`` and no unpickling."""
+    model_dir = Path(model_dir)
+    card = json.loads((model_dir / "model.json").read_text())
+    model = timm.create_model(pretrained=False, **card["create"])
+    model.load_state_dict(load_file(model_dir / "model.safetensors", device=str(device)), strict=True)
+    return model.to(device).eval(), card

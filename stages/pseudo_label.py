@@ -1,0 +1,227 @@
+"""Pseudo-labeling: the un-noised teacher labels every unlabeled sample of a shard, one sidecar per shard.
+
+A sidecar is ``<out_dir>/<shard_id>.parquet`` with columns ``key``, ``shard``, ``label`` (argmax, int32),
+``confidence`` (max probability, float32), ``true_label`` (int32, ``.cls`` when the shard has it, else -1; a
+diagnostic only, never used for training) and the soft label: ``probs`` (float16, all classes) when
+``topk == 0``, else ``topk_idx`` (int32) + ``topk_prob`` (float16). Probabilities are
+``softmax(logits / temperature)``. Sidecars are written to a temporary name and renamed; the schema metadata
+records the row count and the skipped samples, so a resume trusts a sidecar only when it opens and its count matches.
+
+The work unit is a whole shard, which makes the stage exactly-once under retries: a retried shard rewrites
+the same complete file. ``ShardLabeler`` is the per-actor callable (model loaded once); Ray lives in
+``pipeline/ray_pseudo_label.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, optional_label, shard_id
+from stages.models import load_model
+from stages.transforms import clean_transform
+
+SIDECAR_FORMAT = "pseudo_labels/v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class PseudoLabelConfig:
+    """``topk: 0`` stores full probabilities; ``max_bad_fraction`` of undecodable samples fails the stage."""
+
+    temperature: float = 1.0
+    topk: int = 0
+    batch_size: int = 256
+    max_bad_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if self.topk < 0:
+            raise ValueError(f"topk: must be >= 0 (0 = full probabilities), got {self.topk}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size: must be > 0, got {self.batch_size}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
+
+
+def soft_labels(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(logits / T)`` in float32."""
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def sidecar_path(out_dir: str | Path, shard: str) -> Path:
+    return Path(out_dir) / f"{shard_id(shard)}.parquet"
+
+
+def sidecar_info(path: str | Path, topk: int) -> dict | None:
+    """``{"rows", "bad"}`` of a complete, valid sidecar, or None (missing, half-written, other schema)."""
+    try:
+        meta = pq.read_metadata(path)
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowInvalid):
+        return None
+    kv = schema.metadata or {}
+    needed = {"key", "shard", "label", "confidence"} | ({"topk_idx", "topk_prob"} if topk else {"probs"})
+    if kv.get(b"format") != SIDECAR_FORMAT.encode() or not needed <= set(schema.names):
+        return None
+    if int(kv.get(b"rows", b"-1")) != meta.num_rows:
+        return None
+    return {
+        "rows": meta.num_rows,
+        "bad": json.loads(kv.get(b"bad", b"[]")),
+        "with_truth": int(kv.get(b"with_truth", b"0")),
+        "correct": int(kv.get(b"correct", b"0")),
+    }
+
+
+def build_table(
+    shard: str, keys: list[str], probs: torch.Tensor, true_labels: list[int], topk: int, bad: list[dict]
+) -> pa.Table:
+    """The sidecar table; its footer records the row count and the samples skipped as unusable."""
+    confidence, label = probs.max(dim=-1)
+    columns = {
+        "key": pa.array(keys, pa.string()),
+        "shard": pa.array([shard] * len(keys), pa.string()),
+        "label": pa.array(label.numpy().astype(np.int32)),
+        "confidence": pa.array(confidence.numpy().astype(np.float32)),
+        "true_label": pa.array(np.asarray(true_labels, dtype=np.int32)),
+    }
+    if topk:
+        k = min(topk, probs.shape[1])
+        values, indices = probs.topk(k, dim=-1)
+        columns["topk_idx"] = _list_column(indices.numpy().astype(np.int32), pa.int32())
+        columns["topk_prob"] = _list_column(values.numpy().astype(np.float16), pa.float16())
+    else:
+        columns["probs"] = _list_column(probs.numpy().astype(np.float16), pa.float16())
+    table = pa.table(columns)
+    truth = np.asarray(true_labels, dtype=np.int64)
+    correct = int((label.numpy()[truth >= 0] == truth[truth >= 0]).sum())
+    return table.replace_schema_metadata(
+        {
+            "format": SIDECAR_FORMAT,
+            "rows": str(len(keys)),
+            "bad": json.dumps(bad),
+            "with_truth": str(int((truth >= 0).sum())),
+            "correct": str(correct),
+        }
+    )
+
+
+def _list_column(matrix: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    width = matrix.shape[1] if matrix.ndim == 2 else 0
+    flat = pa.array(matrix.reshape(-1), dtype)
+    return pa.FixedSizeListArray.from_arrays(flat, width).cast(pa.list_(dtype))
+
+
+def write_sidecar(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _decoded_batches(shard: str, channels: int, transform, batch_size: int, bad: list[dict]) -> Iterator[tuple]:
+    keys, images, labels = [], [], []
+    for sample in iter_raw_samples(shard):
+        try:
+            image = transform(decode_image(image_field(sample), channels))
+        except BadSample as exc:
+            bad.append({"shard": shard, "key": sample["__key__"], "reason": str(exc)})
+            continue
+        keys.append(sample["__key__"])
+        images.append(image)
+        labels.append(optional_label(sample))
+        if len(keys) == batch_size:
+            yield keys, torch.stack(images), labels
+            keys, images, labels = [], [], []
+    if keys:
+        yield keys, torch.stack(images), labels
+
+
+def _prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
+    """Decode on a background thread while the model runs (PIL and torch both release the GIL)."""
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in iterator:
+                q.put(item)
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put(exc)
+        q.put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class ShardLabeler:
+    """Labels whole shards with a teacher loaded once. ``__call__`` takes ``{"shard": [...]}`` (Ray Data batch)."""
+
+    def __init__(self, model_dir: str, out_dir: str, cfg: PseudoLabelConfig, channels: int, threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, card = load_model(model_dir, self.device)  # eval(): no dropout, no stochastic depth
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.transform = clean_transform(card["input_size"][-1], card["mean"], card["std"])
+        self.out_dir, self.cfg, self.channels = Path(out_dir), cfg, channels
+
+    def label_shard(self, shard: str) -> dict:
+        start, bad = time.perf_counter(), []
+        keys: list[str] = []
+        probs: list[torch.Tensor] = []
+        truth: list[int] = []
+        try:
+            for k, x, y in _prefetch(_decoded_batches(shard, self.channels, self.transform, self.cfg.batch_size, bad)):
+                probs.append(self._infer(x))
+                keys += k
+                truth += y
+        except DataError as exc:
+            return {"shard": shard, "rows": 0, "bad": bad, "error": str(exc), "seconds": time.perf_counter() - start}
+        num_classes = probs[0].shape[1] if probs else self.model.num_classes
+        table = build_table(
+            shard, keys, torch.cat(probs) if probs else torch.zeros(0, num_classes), truth, self.cfg.topk, bad
+        )
+        write_sidecar(table, sidecar_path(self.out_dir, shard))
+        return {"shard": shard, "rows": len(keys), "bad": bad, "error": "", "seconds": time.perf_counter() - start}
+
+    @torch.inference_mode()
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.model(x)
+        return soft_labels(logits, self.cfg.temperature).cpu()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [self.label_shard(str(s)) for s in batch["shard"]]
+        return {
+            "shard": np.array([r["shard"] for r in results], dtype=object),
+            "rows": np.array([r["rows"] for r in results], dtype=np.int64),
+            "bad": np.array([json.dumps(r["bad"]) for r in results], dtype=object),
+            "error": np.array([r["error"] for r in results], dtype=object),
+            "seconds": np.array([r["seconds"] for r in results], dtype=np.float64),
+        }

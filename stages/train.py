@@ -1,0 +1,352 @@
+"""Teacher and student training: losses, learning-rate schedule, optimizer, and the epoch loop.
+
+What ``epochs`` means: for a student, one epoch is one pass over the selected pseudo-labeled set (the sum of
+its copies); for the round-0 teacher, one pass over the labeled set. Each optimizer step on each of the
+``W`` workers takes ``batch_size`` labeled samples plus ``round(unlabeled_ratio * batch_size)`` pseudo-labeled
+ones, so a student epoch is ``ceil(pseudo_total / (pseudo_batch * W))`` steps and a teacher epoch
+``ceil(labeled_total / (batch_size * W))`` steps, on every worker alike (``steps_per_epoch``).
+
+Loss: ``CE(labeled, label_smoothing) + pseudo_weight * soft-target CE(pseudo)``, computed over one forward
+pass of the mixed batch. The loop is plain PyTorch; the distributed edge (Ray Train) comes in through
+``TrainHooks``: ``prepare`` (DDP), ``restore`` (latest checkpoint) and ``report`` (metrics + checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from stages.checkpoint import load_checkpoint, read_state, save_checkpoint
+from stages.loader import MixedStream, PseudoSource
+from stages.models import ModelSpec, create_model, unwrap
+from stages.transforms import check_ops, noised_transform
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adamw", "rmsprop")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How one model is trained (the teacher and the students each get one)."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    unlabeled_ratio: float = 3.0
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    label_smoothing: float = 0.1
+    pseudo_weight: float = 1.0
+    grad_clip: float = 0.0
+    ema_decay: float = 0.0
+    init_from_teacher: bool = False
+    randaug_ops: tuple[str, ...] = ()
+    loader_workers: int = 1
+    checkpoint_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "checkpoint_every": self.checkpoint_every,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name}: must be > 0, got {value}")
+        nonneg = {
+            "unlabeled_ratio": self.unlabeled_ratio,
+            "weight_decay": self.weight_decay,
+            "warmup_epochs": self.warmup_epochs,
+            "pseudo_weight": self.pseudo_weight,
+            "grad_clip": self.grad_clip,
+            "loader_workers": self.loader_workers,
+        }
+        for name, value in nonneg.items():
+            if value < 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name in ("momentum", "min_lr_ratio", "label_smoothing", "ema_decay"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        check_ops(self.randaug_ops)
+
+    @property
+    def pseudo_batch(self) -> int:
+        return max(1, round(self.unlabeled_ratio * self.batch_size))
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum_c p_c log softmax(logits)_c``; equals CE for one-hot targets."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+def noisy_student_loss(
+    logits: torch.Tensor, labels: torch.Tensor, pseudo: torch.Tensor, cfg: TrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Labeled CE (with label smoothing) on the first ``len(labels)`` rows + weighted soft CE on the rest."""
+    n = labels.shape[0]
+    labeled = F.cross_entropy(logits[:n].float(), labels, label_smoothing=cfg.label_smoothing)
+    if pseudo.shape[0] == 0:
+        return labeled, {"loss_labeled": labeled.item()}
+    pseudo_loss = soft_cross_entropy(logits[n:], pseudo)
+    return labeled + cfg.pseudo_weight * pseudo_loss, {
+        "loss_labeled": labeled.item(),
+        "loss_pseudo": pseudo_loss.item(),
+    }
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr_ratio: float) -> float:
+    """Linear warmup from ~0 to ``base_lr``, then cosine decay to ``base_lr * min_lr_ratio``."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """No weight decay on biases and norm weights (1-d parameters), as timm does."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, alpha=0.9, eps=1e-3)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def steps_per_epoch(driving_samples: int, per_step: int, world_size: int) -> int:
+    return max(1, math.ceil(driving_samples / (per_step * world_size)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """Everything one training run needs; plain data, so it can travel to Ray Train workers."""
+
+    spec: ModelSpec
+    cfg: TrainConfig
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    labeled: tuple[str, ...]
+    pseudo: tuple[PseudoSource, ...]
+    labeled_count: int
+    pseudo_count: int
+    metrics_path: str
+    init_weights: str = ""
+    threads: int = 0
+
+    def steps_per_epoch(self, world_size: int) -> int:
+        if self.pseudo:
+            return steps_per_epoch(self.pseudo_count, self.cfg.pseudo_batch, world_size)
+        return steps_per_epoch(self.labeled_count, self.cfg.batch_size, world_size)
+
+
+class TrainHooks(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare(self, model: nn.Module) -> nn.Module: ...
+    def restore(self) -> Path | None: ...
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None: ...
+
+
+def _append_metrics(path: str, row: dict, keep_until_epoch: int | None = None) -> None:
+    """Append a JSON line; on resume, first drop lines past the restored epoch (they will be redone)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if keep_until_epoch is not None and p.exists():
+        lines = [ln for ln in p.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= keep_until_epoch]
+        p.write_text("".join(ln + "\n" for ln in lines))
+    with p.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def build_stream(plan: TrainPlan, epoch: int, rank: int, world_size: int) -> DataLoader:
+    spec = plan.spec
+    transform = noised_transform(
+        plan.image_size, plan.mean, plan.std, spec.randaug_n, spec.randaug_m, plan.cfg.randaug_ops
+    )
+    stream = MixedStream(
+        plan.labeled,
+        plan.pseudo,
+        plan.cfg.batch_size,
+        plan.cfg.pseudo_batch,
+        plan.num_classes,
+        plan.channels,
+        transform,
+        seed=plan.cfg.seed * 100_003 + epoch,
+        rank=rank,
+        world_size=world_size,
+    )
+    workers = plan.cfg.loader_workers
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context="fork" if workers else None,
+    )
+
+
+def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
+    """Train (or resume) one model; returns the final metrics. Only rank 0 writes files."""
+    if plan.threads:
+        torch.set_num_threads(plan.threads)  # Ray sets OMP_NUM_THREADS=1 per worker; training needs its cores
+    torch.manual_seed(plan.cfg.seed)
+    cfg, device = plan.cfg, hooks.device
+    model = create_model(plan.spec, plan.num_classes, plan.channels, noised=True)
+    if plan.init_weights:
+        model.load_state_dict(load_file(plan.init_weights), strict=True)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    ema = None
+    if cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay)
+    start_epoch, step, restored = 0, 0, hooks.restore()
+    if restored is not None:
+        state = load_checkpoint(restored, model, optimizer, ema.module if ema else None)
+        start_epoch, step = state["epoch"], state["step"]
+        log.info("resumed from %s at epoch %d, step %d", restored, start_epoch, step)
+    model = hooks.prepare(model)
+    per_epoch = plan.steps_per_epoch(hooks.world_size)
+    total, warmup = per_epoch * cfg.epochs, round(cfg.warmup_epochs * per_epoch)
+    metrics: dict = {"epoch": start_epoch, "step": step}
+    # One endless stream for the whole run (seeded by the start epoch, so a resume does not replay old batches).
+    batches = iter(build_stream(plan, start_epoch, hooks.rank, hooks.world_size))
+    for epoch in range(start_epoch, cfg.epochs):
+        metrics = _train_one_epoch(model, optimizer, ema, batches, plan, hooks, epoch, step, per_epoch, total, warmup)
+        step = metrics["step"]
+        if hooks.rank == 0:
+            _append_metrics(plan.metrics_path, metrics, keep_until_epoch=epoch if epoch == start_epoch else None)
+            log.info(
+                "epoch %d/%d loss %.4f %s %.0f img/s lr %.2e",
+                epoch + 1,
+                cfg.epochs,
+                metrics["loss"],
+                " ".join(f"{k[5:]} {metrics[k]:.4f}" for k in ("loss_labeled", "loss_pseudo") if k in metrics),
+                metrics["images_per_s"],
+                metrics["lr"],
+            )
+        last = epoch + 1 == cfg.epochs
+        if (epoch + 1) % cfg.checkpoint_every == 0 or last:
+            _report(hooks, metrics, model, optimizer, ema, epoch + 1, step)
+        else:
+            hooks.report(metrics, None)
+    return metrics
+
+
+def _train_one_epoch(
+    model,
+    optimizer,
+    ema,
+    batches,
+    plan: TrainPlan,
+    hooks: TrainHooks,
+    epoch: int,
+    step: int,
+    per_epoch: int,
+    total: int,
+    warmup: int,
+) -> dict:
+    cfg, device = plan.cfg, hooks.device
+    model.train()
+    sums: dict[str, float] = {}
+    images, start = 0, time.perf_counter()
+    use_bf16 = device.type == "cuda"
+    for _ in range(per_epoch):
+        batch = next(batches)
+        lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = batch["x"].to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(x)
+        loss, parts = noisy_student_loss(logits, batch["y"].to(device), batch["p"].to(device), cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update(unwrap(model), step=step)
+        step += 1
+        images += x.shape[0]
+        for k, v in {"loss": loss.item(), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v
+    seconds = time.perf_counter() - start
+    return {
+        "epoch": epoch + 1,
+        "step": step,
+        "lr": lr,
+        "images": images * hooks.world_size,
+        "images_per_s": images * hooks.world_size / seconds,
+        "seconds": seconds,
+        **{k: v / per_epoch for k, v in sums.items()},
+    }
+
+
+def _report(hooks: TrainHooks, metrics: dict, model, optimizer, ema, epoch: int, step: int) -> None:
+    if hooks.rank != 0:
+        hooks.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+        ckpt = save_checkpoint(
+            Path(tmp), model, optimizer, ema.module if ema else None, {"epoch": epoch, "step": step, "metrics": metrics}
+        )
+        read_state(ckpt)  # never hand Ray a checkpoint that does not verify
+        hooks.report(metrics, ckpt)
+
+
+class LocalHooks:
+    """In-process hooks (one worker, no Ray): checkpoints kept as ``<ckpt_root>/epoch-NNNN`` directories."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, ckpt_root: str | Path, device: str = "cpu"):
+        self.root, self.device = Path(ckpt_root), torch.device(device)
+        self.reports: list[dict] = []
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def restore(self) -> Path | None:
+        done = sorted(self.root.glob("epoch-*")) if self.root.exists() else []
+        return done[-1] if done else None
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint_dir is not None:
+            import shutil
+
+            target = self.root / f"epoch-{metrics['epoch']:04d}"
+            shutil.copytree(checkpoint_dir, target.with_suffix(".tmp"), dirs_exist_ok=True)
+            target.with_suffix(".tmp").replace(target)

@@ -1,0 +1,75 @@
+"""Shared fixtures: a temporary HOME for Ray's auth token, one session-scoped Ray, tiny digits shards."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Ray writes its auth token under HOME; keep the user's real token out of the tests (and vice versa).
+_HOME = tempfile.mkdtemp(prefix="ns-test-home-")
+os.environ["HOME"] = _HOME
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (a per-test Ray costs ~5 s each)."""
+    import ray
+    from ray.data import DataContext
+
+    from pipeline.ray_runtime import init_ray
+
+    init_ray(num_cpus=2, object_store_mb=512)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """The real default data set written as shards once per session."""
+    from stages.digits import write_digits_shards
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_shards(root)
+    return root
+
+
+def tiny_tree(digits_root: Path, storage: Path) -> dict:
+    """A config tree for the real digits shards with tiny models and few steps (seconds per stage)."""
+    spec = {"model": "resnet10t", "drop_rate": 0.1, "drop_path_rate": 0.05, "randaug_n": 1, "randaug_m": 3}
+    train = {"epochs": 2, "batch_size": 16, "lr": 0.003, "loader_workers": 0, "checkpoint_every": 1}
+    return {
+        "name": "tiny",
+        "storage": str(storage),
+        "rounds": 1,
+        "data": {
+            "labeled": [f"{digits_root}/labeled/labeled-{{000000..000003}}.tar"],
+            "unlabeled": [f"{digits_root}/unlabeled/*.tar"],
+            "test": [f"{digits_root}/test/test-{{000000..000003}}.tar"],
+            "num_classes": 10,
+            "image_size": 16,
+        },
+        "ladder": [spec],
+        "teacher": dict(train),
+        "student": {**train, "epochs": 1, "unlabeled_ratio": 2.0},
+        "pseudo_label": {"topk": 3},
+        "select": {"floor": 0.0},
+        "resources": {"torch_threads": 2},
+    }
+
+
+@pytest.fixture
+def tiny_config(digits_root, tmp_path):
+    """Build a ``PipelineConfig`` from the tiny tree plus ``key.path=value`` overrides."""
+    from pipeline.config import load_config
+
+    def make(*overrides: str):
+        return load_config(None, list(overrides), base=tiny_tree(digits_root, tmp_path / "runs"))
+
+    return make
