@@ -1,0 +1,169 @@
+"""Pseudo-label throughput: the real Ray stage vs a hand-written webdataset loop vs the bare forward pass.
+
+    python bench/pseudo_label.py --images 20000 [--threads 2] [--actors 1]
+
+Generates synthetic shards (32x32 RGB, PNG and JPEG mixed, 1,000 per shard), saves an untrained ``resnet18``,
+and times, with the same model, batch size (256) and torch thread count:
+
+- ``stage``: ``pipeline.ray_pseudo_label.run_pseudo_label`` on a running local Ray, writing its sidecars
+  (actor start-up included, ``ray.init`` not);
+- ``loop``: one process reading the shards with the webdataset library, decoding, batching, forward;
+- ``bare``: the forward pass alone on tensors already in memory.
+
+Peak RSS is the largest resident set of this process and every Ray worker process, sampled every 50 ms
+(psutil, over the process tree of this process and of the raylet), during the stage.
+Final line: ``{"bench": "pseudo_label", "images": N, "stage_images_per_s": ..., ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.data import write_shards  # noqa: E402
+
+MODEL, BATCH, SIZE, PER_SHARD, CLASSES = "resnet18", 256, 32, 1000, 10
+
+
+def make_shards(root: Path, images: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(images):
+        array = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+        buf, fmt = io.BytesIO(), ("png", "jpg")[i % 2]
+        Image.fromarray(array).save(buf, format="PNG" if fmt == "png" else "JPEG", quality=90)
+        samples.append({"__key__": f"s{i:08d}", fmt: buf.getvalue()})
+    return write_shards(samples, root, "unlabeled", max(1, images // PER_SHARD))
+
+
+def save_teacher(out: Path) -> None:
+    from stages.models import ModelSpec, create_model, model_card, save_model
+
+    spec = ModelSpec(MODEL)
+    save_model(create_model(spec, CLASSES, 3, noised=False), out, model_card(spec, CLASSES, 3, SIZE, (0.5,) * 3, (0.5,) * 3))
+
+
+def bench_bare(model: torch.nn.Module, images: int) -> float:
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        model(x)  # warm-up
+        start = time.perf_counter()
+        for _ in range(max(1, images // BATCH)):
+            model(x)
+    return max(1, images // BATCH) * BATCH / (time.perf_counter() - start)
+
+
+def bench_loop(model: torch.nn.Module, shards: list[str]) -> float:
+    """What a user writes by hand: webdataset pipeline, PIL decode, clean transform, batched forward."""
+    import webdataset as wds
+
+    from stages.transforms import clean_transform
+
+    transform = clean_transform(SIZE, (0.5,) * 3, (0.5,) * 3)
+
+    def decode(sample):
+        data = sample.get("png") or sample.get("jpg")
+        return sample["__key__"], transform(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).map(decode).batched(BATCH)
+    n, start = 0, time.perf_counter()
+    with torch.inference_mode():
+        for keys, x in ds:
+            torch.softmax(model(x), dim=-1)
+            n += len(keys)
+    return n / (time.perf_counter() - start)
+
+
+class PeakRss:
+    """Max RSS over this process tree and the raylet's (Ray workers), sampled in a thread."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _procs(self) -> list[psutil.Process]:
+        me = psutil.Process()
+        procs = [me, *me.children(recursive=True)]
+        for p in psutil.process_iter(["name"]):
+            if p.info["name"] and "raylet" in p.info["name"]:
+                procs += p.children(recursive=True)
+        return procs
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for p in self._procs():
+                try:
+                    self.peak = max(self.peak, p.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--skip-loop", action="store_true", help="only the stage (for memory runs)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from pipeline.ray_pseudo_label import LabelResources, run_pseudo_label
+    from pipeline.ray_runtime import init_ray
+    from stages.models import load_model
+    from stages.pseudo_label import PseudoLabelConfig
+
+    with tempfile.TemporaryDirectory(prefix="bench-pl-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        shards = make_shards(root / "shards", args.images)
+        save_teacher(root / "teacher")
+        print(f"generated {args.images} images in {len(shards)} shards ({time.perf_counter() - t0:.1f} s)", flush=True)
+        model, _ = load_model(root / "teacher")
+        bare = bench_bare(model, min(args.images, 5_000))
+        print(f"bare  {bare:8.0f} img/s", flush=True)
+        loop = None if args.skip_loop else bench_loop(model, shards)
+        if loop:
+            print(f"loop  {loop:8.0f} img/s", flush=True)
+        init_ray(num_cpus=os.cpu_count())
+        cfg = PseudoLabelConfig(batch_size=BATCH)
+        resources = LabelResources(actors=args.actors, cpus_per_actor=1.0, threads=args.threads)
+        with PeakRss() as rss:
+            start = time.perf_counter()
+            summary = run_pseudo_label(str(root / "teacher"), shards, str(root / "out"), cfg, 3, resources)
+            seconds = time.perf_counter() - start
+        assert summary["rows"] == args.images, summary["rows"]
+        stage = args.images / seconds
+        print(f"stage {stage:8.0f} img/s ({seconds:.1f} s, actor start-up included)", flush=True)
+    print(json.dumps({
+        "bench": "pseudo_label", "images": args.images, "stage_images_per_s": round(stage, 1),
+        "loop_images_per_s": round(loop, 1) if loop else None, "bare_images_per_s": round(bare, 1),
+        "ratio": round(stage / loop, 3) if loop else None, "ratio_bare": round(stage / bare, 3),
+        "peak_rss_mb": round(rss.peak / 2**20, 1), "threads": args.threads, "actors": args.actors,
+    }))
+
+
+if __name__ == "__main__":
+    main()

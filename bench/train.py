@@ -1,0 +1,152 @@
+"""Training throughput: the real Ray Train stage vs a hand-written PyTorch loop vs the bare step.
+
+    python bench/train.py [--steps 60] [--threads 2]
+
+Same model (``resnet18``, 32x32 RGB, 10 classes), batch size (128), optimizer (AdamW) and noise
+(RandAugment n2 m9, dropout 0.2, drop path 0.1), on synthetic PNG/JPEG shards:
+
+- ``stage``: ``pipeline.ray_train.run_training`` through Ray Train, one worker, reading shards; images/s is
+  the steady-state rate measured by the worker over its epochs (the first epoch, with DataLoader start-up,
+  excluded), and ``stage_wall_s`` the whole ``fit()`` including Ray Train start-up;
+- ``loop``: webdataset + DataLoader with the same decoding and RandAugment, the same steps (first epoch's
+  worth excluded the same way);
+- ``bare``: forward + backward + step on tensors already in memory.
+
+Final line: ``{"bench": "train", "stage_images_per_s": s, "loop_images_per_s": l, "bare_images_per_s": b,
+"ratio": s/l, "ratio_bare": s/b, ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.pseudo_label import make_shards  # noqa: E402
+from stages.models import ModelSpec, create_model  # noqa: E402
+from stages.train import TrainConfig, build_optimizer, noisy_student_loss  # noqa: E402
+
+MODEL, BATCH, SIZE, CLASSES = "resnet18", 128, 32, 10
+SPEC = ModelSpec(MODEL, drop_rate=0.2, drop_path_rate=0.1, randaug_n=2, randaug_m=9)
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+def label_shards(shards: list[str]) -> None:
+    """Give the synthetic samples a class, in place (labeled shards need ``.cls``)."""
+    import tarfile
+
+    for path in shards:
+        with tarfile.open(path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(path, "w") as tar:
+            for member, data in members:
+                tar.addfile(member, io.BytesIO(data))
+                key = member.name.rsplit(".", 1)[0]
+                cls = str(int(key[1:]) % CLASSES).encode()
+                info = tarfile.TarInfo(f"{key}.cls")
+                info.size = len(cls)
+                tar.addfile(info, io.BytesIO(cls))
+
+
+def bench_bare(cfg: TrainConfig, steps: int) -> float:
+    model = create_model(SPEC, CLASSES, 3, noised=True).train()
+    opt = build_optimizer(model, cfg)
+    x, y = torch.randn(BATCH, 3, SIZE, SIZE), torch.randint(0, CLASSES, (BATCH,))
+    empty = torch.zeros(0, CLASSES)
+    for i in range(steps + 3):
+        if i == 3:
+            start = time.perf_counter()
+        loss, _ = noisy_student_loss(model(x), y, empty, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return steps * BATCH / (time.perf_counter() - start)
+
+
+def bench_loop(cfg: TrainConfig, shards: list[str], steps: int, warmup: int) -> float:
+    import webdataset as wds
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from stages.transforms import noised_transform
+
+    transform = noised_transform(SIZE, MEAN, STD, SPEC.randaug_n, SPEC.randaug_m)
+
+    def decode(sample):
+        data = sample.get("png") or sample.get("jpg")
+        return transform(Image.open(io.BytesIO(data)).convert("RGB")), int(sample["cls"])
+
+    ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False, repeat=True).shuffle(2048).map(decode)
+    loader = DataLoader(ds.batched(BATCH), batch_size=None, num_workers=cfg.loader_workers, prefetch_factor=4)
+    model = create_model(SPEC, CLASSES, 3, noised=True).train()
+    opt = build_optimizer(model, cfg)
+    empty = torch.zeros(0, CLASSES)
+    for i, (x, y) in enumerate(loader):
+        if i == warmup:
+            start = time.perf_counter()
+        if i == warmup + steps:
+            break
+        loss, _ = noisy_student_loss(model(x), y, empty, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return steps * BATCH / (time.perf_counter() - start)
+
+
+def bench_stage(cfg: TrainConfig, shards: list[str], images: int, root: Path, threads: int) -> tuple[float, float]:
+    from pipeline.ray_runtime import init_ray
+    from pipeline.ray_train import TrainResources, run_training
+    from stages.train import TrainPlan
+
+    init_ray(num_cpus=os.cpu_count())
+    plan = TrainPlan(spec=SPEC, cfg=cfg, num_classes=CLASSES, channels=3, image_size=SIZE, mean=MEAN, std=STD,
+                     labeled=tuple(shards), pseudo=(), labeled_count=images, pseudo_count=0,
+                     metrics_path=str(root / "metrics.jsonl"), threads=threads)
+    start = time.perf_counter()
+    run_training(plan, str(root / "ray_train"), "bench", TrainResources(), root / "final")
+    wall = time.perf_counter() - start
+    epochs = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()][1:]
+    return sum(e["images"] for e in epochs) / sum(e["seconds"] for e in epochs), wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="steady-state steps timed in each of stage and loop")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--loader-workers", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    per_epoch = 20  # steps per epoch: the stage times epochs 2.., the loop skips as many warm-up steps
+    epochs = 1 + max(1, round(args.steps / per_epoch))
+    cfg = TrainConfig(epochs=epochs, batch_size=BATCH, optimizer="adamw", lr=1e-3, warmup_epochs=0,
+                      loader_workers=args.loader_workers, checkpoint_every=epochs, label_smoothing=0.1)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        root = Path(tmp)
+        images = per_epoch * BATCH
+        shards = make_shards(root / "shards", images)
+        label_shards(shards)
+        bare = bench_bare(cfg, min(args.steps, 30))
+        print(f"bare  {bare:7.0f} img/s", flush=True)
+        loop = bench_loop(cfg, shards, (epochs - 1) * per_epoch, per_epoch)
+        print(f"loop  {loop:7.0f} img/s", flush=True)
+        stage, wall = bench_stage(cfg, shards, images, root, args.threads)
+        print(f"stage {stage:7.0f} img/s (fit() wall {wall:.1f} s)", flush=True)
+    print(json.dumps({
+        "bench": "train", "stage_images_per_s": round(stage, 1), "loop_images_per_s": round(loop, 1),
+        "bare_images_per_s": round(bare, 1), "ratio": round(stage / loop, 3), "ratio_bare": round(stage / bare, 3),
+        "stage_wall_s": round(wall, 1), "steps_timed": (epochs - 1) * per_epoch, "threads": args.threads,
+        "loader_workers": args.loader_workers,
+    }))
+
+
+if __name__ == "__main__":
+    main()

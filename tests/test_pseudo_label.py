@@ -1,0 +1,273 @@
+"""stages/pseudo_label.py: soft labels, the sidecar schema, sidecar validation, and labeling real shards in-process."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stages.data import decode_image, image_field, iter_raw_samples, shard_id, write_shards
+from stages.models import ModelSpec, create_model, load_model, model_card, save_model
+from stages.pseudo_label import (
+    PseudoLabelConfig,
+    ShardLabeler,
+    build_table,
+    sidecar_info,
+    sidecar_path,
+    soft_labels,
+    write_sidecar,
+)
+from stages.transforms import clean_transform
+
+# ---------------------------------------------------------------- soft_labels, config
+
+
+def test_soft_labels_divide_logits_by_the_temperature():
+    # logits (2, 0) at T = 2 -> softmax(1, 0) = (e / (e + 1), 1 / (e + 1)) = (.731059, .268941)
+    e = math.e
+    out = soft_labels(torch.tensor([[2.0, 0.0]]), temperature=2.0)
+    torch.testing.assert_close(out, torch.tensor([[e / (e + 1), 1 / (e + 1)]]))
+    # T = 1 is the plain softmax; a higher T flattens, a lower T sharpens
+    torch.testing.assert_close(
+        soft_labels(torch.tensor([[2.0, 0.0]]), 1.0), torch.softmax(torch.tensor([[2.0, 0.0]]), -1)
+    )
+    assert soft_labels(torch.tensor([[2.0, 0.0]]), 0.5)[0, 0] > out[0, 0]
+
+
+def test_soft_labels_are_float32_for_half_logits():
+    assert soft_labels(torch.tensor([[2.0, 0.0]], dtype=torch.bfloat16), 1.0).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("temperature", 0.0), ("temperature", -1.0), ("topk", -1), ("batch_size", 0), ("max_bad_fraction", 1.5)],
+)
+def test_pseudo_label_config_refuses_bad_values(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        PseudoLabelConfig(**{field: value})
+
+
+# ---------------------------------------------------------------- build_table, sidecar_info
+
+PROBS = torch.tensor([[0.1, 0.6, 0.3, 0.0], [0.5, 0.2, 0.2, 0.1], [0.05, 0.05, 0.1, 0.8]])
+KEYS = ["k0", "k1", "k2"]
+TRUTH = [1, 3, -1]  # row 0 right, row 1 wrong, row 2 has no .cls
+BAD = [{"shard": "s.tar", "key": "kx", "reason": "undecodable image (x)"}]
+
+
+def test_build_table_with_full_probabilities():
+    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=0, bad=BAD)
+    schema = table.schema
+    assert schema.field("key").type == pa.string() and schema.field("shard").type == pa.string()
+    assert schema.field("label").type == pa.int32() and schema.field("true_label").type == pa.int32()
+    assert schema.field("confidence").type == pa.float32()
+    assert schema.field("probs").type == pa.list_(pa.float16())
+    assert "topk_idx" not in schema.names
+    assert table.column("key").to_pylist() == KEYS and table.column("shard").to_pylist() == ["s.tar"] * 3
+    assert table.column("label").to_pylist() == [1, 0, 3]
+    np.testing.assert_allclose(table.column("confidence").to_pylist(), [0.6, 0.5, 0.8], rtol=1e-6)
+    probs = table.column("probs").to_pylist()
+    assert [len(row) for row in probs] == [4, 4, 4]
+    np.testing.assert_allclose(probs, PROBS.numpy(), atol=1e-3)  # float16
+    assert table.column("true_label").to_pylist() == TRUTH
+    meta = schema.metadata
+    assert meta[b"format"] == b"pseudo_labels/v1"
+    assert meta[b"rows"] == b"3"
+    assert json.loads(meta[b"bad"]) == BAD
+    assert (meta[b"with_truth"], meta[b"correct"]) == (b"2", b"1")
+
+
+@pytest.mark.parametrize("topk, width", [(2, 2), (3, 3), (9, 4)])  # k larger than the class count stores all
+def test_build_table_with_topk(topk, width):
+    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=topk, bad=[])
+    schema = table.schema
+    assert "probs" not in schema.names
+    assert schema.field("topk_idx").type == pa.list_(pa.int32())
+    assert schema.field("topk_prob").type == pa.list_(pa.float16())
+    idx, prob = table.column("topk_idx").to_pylist(), table.column("topk_prob").to_pylist()
+    assert [len(r) for r in idx] == [width] * 3 and [len(r) for r in prob] == [width] * 3
+    assert idx[0][:2] == [1, 2] and idx[1][0] == 0 and idx[2][0] == 3
+    for row_idx, row_prob, full in zip(idx, prob, PROBS.numpy(), strict=True):
+        assert row_prob == sorted(row_prob, reverse=True)
+        np.testing.assert_allclose(row_prob, full[row_idx], atol=1e-3)
+    assert json.loads(schema.metadata[b"bad"]) == []
+
+
+def test_build_table_with_no_rows_is_valid(tmp_path):
+    table = build_table("s.tar", [], torch.zeros(0, 4), [], topk=2, bad=BAD)
+    assert table.num_rows == 0 and table.schema.field("topk_idx").type == pa.list_(pa.int32())
+    write_sidecar(table, tmp_path / "empty.parquet")
+    assert sidecar_info(tmp_path / "empty.parquet", topk=2) == {"rows": 0, "bad": BAD, "with_truth": 0, "correct": 0}
+
+
+@pytest.fixture
+def sidecar(tmp_path) -> Path:
+    path = sidecar_path(tmp_path, "/data/u/unlabeled-000001.tar")
+    write_sidecar(build_table("s.tar", KEYS, PROBS, TRUTH, topk=0, bad=BAD), path)
+    return path
+
+
+def test_sidecar_path_is_named_by_shard_id(tmp_path):
+    assert sidecar_path(tmp_path, "/data/u/x.tar") == tmp_path / f"{shard_id('/data/u/x.tar')}.parquet"
+
+
+def test_sidecar_info_of_a_complete_sidecar(sidecar):
+    assert sidecar_info(sidecar, topk=0) == {"rows": 3, "bad": BAD, "with_truth": 2, "correct": 1}
+    assert not list(sidecar.parent.glob("*.tmp")), "the temporary file must be gone"
+
+
+def test_sidecar_info_refuses_the_other_schema(sidecar):
+    assert sidecar_info(sidecar, topk=3) is None
+
+
+@pytest.mark.parametrize("damage", ["half", "tail", "garbage", "empty", "missing"])
+def test_sidecar_info_refuses_a_damaged_file(sidecar, damage):
+    data = sidecar.read_bytes()
+    if damage == "missing":
+        sidecar.unlink()
+    else:
+        sidecar.write_bytes(
+            {"half": data[: len(data) // 2], "tail": data[:-3], "garbage": b"PAR1 not parquet PAR1", "empty": b""}[
+                damage
+            ]
+        )
+    assert sidecar_info(sidecar, topk=0) is None
+
+
+def test_sidecar_info_refuses_a_row_count_that_does_not_match(tmp_path):
+    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=0, bad=[])
+    table = table.replace_schema_metadata({**table.schema.metadata, b"rows": b"4"})
+    pq.write_table(table, tmp_path / "x.parquet")
+    assert sidecar_info(tmp_path / "x.parquet", topk=0) is None
+
+
+def test_sidecar_info_refuses_a_parquet_without_the_format_tag(tmp_path):
+    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=0, bad=[])
+    pq.write_table(table.replace_schema_metadata({}), tmp_path / "x.parquet")
+    assert sidecar_info(tmp_path / "x.parquet", topk=0) is None
+
+
+# ---------------------------------------------------------------- ShardLabeler on real shards
+
+IMAGE_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A tiny saved teacher (random weights; BN statistics moved so eval differs from a fresh model)."""
+    out = tmp_path_factory.mktemp("teacher")
+    spec = ModelSpec("test_resnet")
+    torch.manual_seed(0)
+    model = create_model(spec, 10, 1, noised=True)
+    with torch.no_grad():
+        model.train()(torch.randn(16, 1, IMAGE_SIZE, IMAGE_SIZE))
+    save_model(model, out, model_card(spec, 10, 1, IMAGE_SIZE, (0.5,), (0.5,)))
+    return out
+
+
+def _labeler(teacher_dir: Path, out_dir: Path, **cfg) -> ShardLabeler:
+    return ShardLabeler(str(teacher_dir), str(out_dir), PseudoLabelConfig(**{"batch_size": 64, **cfg}), channels=1)
+
+
+def _reference_probs(teacher_dir: Path, images: list[bytes]) -> np.ndarray:
+    model, card = load_model(teacher_dir)
+    transform = clean_transform(card["input_size"][-1], card["mean"], card["std"])
+    x = torch.stack([transform(decode_image(data, 1)) for data in images])
+    with torch.inference_mode():
+        return torch.softmax(model(x), dim=-1).numpy()
+
+
+def test_label_shard_writes_one_row_per_sample(teacher_dir, digits_root, tmp_path):
+    shard = str(digits_root / "unlabeled" / "unlabeled-000002.tar")
+    samples = list(iter_raw_samples(shard))
+    result = _labeler(teacher_dir, tmp_path).label_shard(shard)
+    assert result["error"] == "" and result["bad"] == []
+    assert result["rows"] == len(samples) > 64  # more than one inference batch
+    path = sidecar_path(tmp_path, shard)
+    assert sidecar_info(path, topk=0)["rows"] == len(samples)
+    table = pq.read_table(path)
+    assert table.column("key").to_pylist() == [s["__key__"] for s in samples]
+    assert set(table.column("shard").to_pylist()) == {shard}
+    assert set(table.column("true_label").to_pylist()) == {-1}  # unlabeled shards carry no .cls
+    probs = np.asarray(table.column("probs").to_pylist(), dtype=np.float32)
+    assert probs.shape == (len(samples), 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-2)
+    np.testing.assert_array_equal(table.column("label").to_numpy(), probs.argmax(axis=1))
+    # the un-noised teacher (eval mode, clean transform) gave these probabilities
+    reference = _reference_probs(teacher_dir, [s["png"] for s in samples[:5] + samples[-5:]])
+    np.testing.assert_allclose(np.concatenate([probs[:5], probs[-5:]]), reference, atol=2e-3)
+
+
+def test_label_shard_records_truth_when_the_shard_has_it(teacher_dir, digits_root, tmp_path):
+    shard = str(digits_root / "test" / "test-000000.tar")
+    result = _labeler(teacher_dir, tmp_path, topk=3, temperature=2.0).label_shard(shard)
+    table = pq.read_table(sidecar_path(tmp_path, shard))
+    truth = [int(s["cls"]) for s in iter_raw_samples(shard)]
+    assert table.column("true_label").to_pylist() == truth
+    info = sidecar_info(sidecar_path(tmp_path, shard), topk=3)
+    assert info["rows"] == result["rows"] == len(truth) and info["with_truth"] == len(truth)
+    assert info["correct"] == int((table.column("label").to_numpy() == np.asarray(truth)).sum())
+    assert {len(r) for r in table.column("topk_idx").to_pylist()} == {3}
+
+
+def test_label_shard_lists_bad_samples_and_labels_the_rest(teacher_dir, digits_root, tmp_path):
+    good = list(iter_raw_samples(str(digits_root / "unlabeled" / "unlabeled-000000.tar")))[:4]
+    samples = [{"__key__": s["__key__"], "png": s["png"]} for s in good]
+    samples.insert(1, {"__key__": "broken", "png": b"\x89PNG\r\n\x1a\n truncated"})
+    samples.insert(3, {"__key__": "imageless", "cls": b"4"})
+    shard = write_shards(samples, tmp_path / "shards", "bad", 1)[0]
+    result = _labeler(teacher_dir, tmp_path / "out").label_shard(shard)
+    assert result["error"] == "" and result["rows"] == 4
+    assert [(b["key"], b["shard"]) for b in result["bad"]] == [("broken", shard), ("imageless", shard)]
+    assert "undecodable" in result["bad"][0]["reason"] and "no image" in result["bad"][1]["reason"]
+    path = sidecar_path(tmp_path / "out", shard)
+    table = pq.read_table(path)
+    assert table.column("key").to_pylist() == [s["__key__"] for s in good]
+    assert sidecar_info(path, topk=0) == {"rows": 4, "bad": result["bad"], "with_truth": 0, "correct": 0}
+    reference = _reference_probs(teacher_dir, [image_field(s) for s in good])
+    np.testing.assert_allclose(np.asarray(table.column("probs").to_pylist(), np.float32), reference, atol=2e-3)
+
+
+def _cut(src: str, dst: Path, cut: int) -> str:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(Path(src).read_bytes()[:cut])
+    return str(dst)
+
+
+def test_a_shard_damaged_inside_a_member_is_an_error_and_writes_no_sidecar(teacher_dir, digits_root, tmp_path):
+    src = str(digits_root / "unlabeled" / "unlabeled-000000.tar")
+    shard = _cut(src, tmp_path / "shards" / "cut.tar", 1024 * 100 + 700)  # inside the 101st member's data
+    result = _labeler(teacher_dir, tmp_path / "out").label_shard(shard)
+    assert result["rows"] == 0
+    assert shard in result["error"] and "truncated" in result["error"]
+    assert not sidecar_path(tmp_path / "out", shard).exists()
+    assert not list((tmp_path / "out").rglob("*.parquet*")), "no sidecar, not even a temporary one"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a shard cut in half at a member boundary reads as a complete shorter shard (see "
+    "tests/test_data.py::test_a_shard_cut_in_half_is_a_data_error_naming_it), so a sidecar with half the rows "
+    "is written and trusted on resume",
+)
+def test_a_shard_cut_in_half_is_an_error_and_writes_no_sidecar(teacher_dir, digits_root, tmp_path):
+    src = str(digits_root / "unlabeled" / "unlabeled-000000.tar")
+    shard = _cut(src, tmp_path / "shards" / "half.tar", Path(src).stat().st_size // 2)
+    result = _labeler(teacher_dir, tmp_path / "out").label_shard(shard)
+    assert shard in result["error"]
+    assert not sidecar_path(tmp_path / "out", shard).exists()
+
+
+def test_the_ray_batch_interface_wraps_label_shard(teacher_dir, digits_root, tmp_path):
+    shards = [str(digits_root / "test" / f"test-00000{i}.tar") for i in (1, 2)]
+    out = _labeler(teacher_dir, tmp_path)({"shard": np.array(shards, dtype=object)})
+    assert out["shard"].tolist() == shards
+    assert out["rows"].dtype == np.int64 and out["rows"].tolist() == [90, 90]
+    assert out["error"].tolist() == ["", ""] and [json.loads(b) for b in out["bad"]] == [[], []]
+    assert all(sidecar_info(sidecar_path(tmp_path, s), topk=0)["rows"] == 90 for s in shards)

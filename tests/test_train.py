@@ -1,0 +1,532 @@
+"""stages/train.py, stages/loader.py, stages/checkpoint.py, stages/transforms.py: losses, schedule, checkpoints,
+the in-process training loop with resume, and the mixed labeled/pseudo-labeled input stream."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from timm.data.auto_augment import RandAugment
+
+from stages.checkpoint import CheckpointError, load_checkpoint, read_state, save_checkpoint
+from stages.data import decode_image, image_field, iter_raw_samples, parse_label
+from stages.loader import MixedStream, PseudoSource, shuffled, soft_targets
+from stages.models import ModelSpec
+from stages.train import (
+    LocalHooks,
+    TrainConfig,
+    TrainPlan,
+    build_optimizer,
+    build_stream,
+    lr_at,
+    noisy_student_loss,
+    soft_cross_entropy,
+    steps_per_epoch,
+    train_model,
+)
+from stages.transforms import clean_transform, noised_transform
+
+LN = math.log
+
+# ---------------------------------------------------------------- losses (golden values)
+
+
+def test_soft_cross_entropy_golden():
+    # Row 1: logits (ln1, ln2, ln5) -> softmax (1/8, 2/8, 5/8); target (0, .5, .5)
+    #        CE = -(.5 ln(2/8) + .5 ln(5/8)) = .5 ln 4 + .5 ln(8/5) = .693147 + .235002 = .928149
+    # Row 2: logits (0, 0, 0) -> softmax 1/3 each; any target summing to 1 -> CE = ln 3 = 1.098612
+    # Mean over the batch: (.928149 + 1.098612) / 2 = 1.013381
+    logits = torch.tensor([[LN(1), LN(2), LN(5)], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    expected = (0.5 * LN(4) + 0.5 * LN(8 / 5) + LN(3)) / 2
+    assert expected == pytest.approx(1.013381, abs=1e-6)
+    assert soft_cross_entropy(logits, targets).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_soft_cross_entropy_equals_cross_entropy_for_one_hot_targets():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=gen) * 3
+    labels = torch.tensor([0, 4, 2, 2, 1, 3])
+    soft = soft_cross_entropy(logits, F.one_hot(labels, 5).float())
+    torch.testing.assert_close(soft, F.cross_entropy(logits, labels))
+
+
+def test_soft_cross_entropy_is_computed_in_float32_for_half_logits():
+    logits = torch.tensor([[LN(1), LN(2), LN(5)]], dtype=torch.bfloat16)
+    out = soft_cross_entropy(logits, torch.tensor([[0.0, 0.0, 1.0]]))
+    assert out.dtype == torch.float32
+
+
+def test_noisy_student_loss_golden():
+    # Two labeled rows with label smoothing eps = .1 (C = 3): CE_ls = (1 - eps)(-ln p_y) + eps * mean_c(-ln p_c)
+    #   row 1: p = (1/8, 2/8, 5/8), y = 2: .9 ln(8/5) + .1 (ln 8 + ln 4 + ln(8/5)) / 3 = .423003 + .131191 = .554195
+    #   row 2: p = 1/3 each, y = 0: ln 3 = 1.098612
+    #   labeled = (.554195 + 1.098612) / 2 = .826403
+    # One pseudo row: logits (ln1, ln1, ln2) -> p = (1/4, 1/4, 1/2), target (0, 0, 1): soft CE = ln 2 = .693147
+    # Total with pseudo_weight .5: .826403 + .5 * .693147 = 1.172977
+    logits = torch.tensor([[LN(1), LN(2), LN(5)], [0.0, 0.0, 0.0], [LN(1), LN(1), LN(2)]])
+    labels = torch.tensor([2, 0])
+    pseudo = torch.tensor([[0.0, 0.0, 1.0]])
+    cfg = TrainConfig(label_smoothing=0.1, pseudo_weight=0.5)
+    row1 = 0.9 * LN(8 / 5) + 0.1 * (LN(8) + LN(4) + LN(8 / 5)) / 3
+    labeled = (row1 + LN(3)) / 2
+    assert labeled == pytest.approx(0.826403, abs=1e-6)
+    loss, parts = noisy_student_loss(logits, labels, pseudo, cfg)
+    assert loss.item() == pytest.approx(labeled + 0.5 * LN(2), abs=1e-5)
+    assert loss.item() == pytest.approx(1.172977, abs=1e-5)
+    assert parts["loss_labeled"] == pytest.approx(labeled, abs=1e-5)
+    assert parts["loss_pseudo"] == pytest.approx(LN(2), abs=1e-5)
+
+
+def test_noisy_student_loss_without_pseudo_rows_is_the_labeled_loss():
+    logits = torch.tensor([[LN(1), LN(2), LN(5)], [0.0, 0.0, 0.0]])
+    loss, parts = noisy_student_loss(
+        logits, torch.tensor([2, 0]), torch.zeros(0, 3), TrainConfig(label_smoothing=0.0, pseudo_weight=5.0)
+    )
+    assert loss.item() == pytest.approx((LN(8 / 5) + LN(3)) / 2, abs=1e-6)
+    assert set(parts) == {"loss_labeled"}
+
+
+def test_noisy_student_loss_weights_the_pseudo_rows():
+    pseudo = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2)
+    grads = {}
+    for weight in (0.0, 1.0):
+        logits = torch.zeros(3, 4, requires_grad=True)
+        loss, _ = noisy_student_loss(logits, torch.tensor([1]), pseudo, TrainConfig(pseudo_weight=weight))
+        loss.backward()
+        grads[weight] = logits.grad
+    assert grads[0.0][0].abs().sum() > 0 and grads[1.0][0].abs().sum() > 0  # the labeled row always learns
+    assert grads[0.0][1:].abs().sum() == 0  # weight 0 switches the pseudo part off
+    # d/dz of the mean soft CE over 2 rows: (softmax(z) - target) / 2 = (.25 - 1) / 2 for the target class
+    assert grads[1.0][1, 0].item() == pytest.approx(-0.375)
+
+
+# ---------------------------------------------------------------- schedule, optimizer, steps
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        (0, 0.25),  # warmup: base * (step + 1) / warmup = 1 * 1/4
+        (1, 0.50),
+        (3, 1.00),  # last warmup step reaches the base rate
+        (4, 1.00),  # cosine starts at progress 0
+        (9, 0.55),  # progress (9-4)/(14-4) = .5: .1 + .9 * .5 * (1 + cos(pi/2)) = .55
+        (14, 0.10),  # progress 1: base * min_lr_ratio
+        (30, 0.10),  # past the end it stays at the floor
+    ],
+)
+def test_lr_at_warmup_then_cosine(step, expected):
+    assert lr_at(step, total_steps=14, warmup_steps=4, base_lr=1.0, min_lr_ratio=0.1) == pytest.approx(expected)
+
+
+def test_lr_at_without_warmup_starts_at_the_base_rate():
+    assert lr_at(0, 10, 0, 0.5, 0.0) == pytest.approx(0.5)
+    # progress 5/10: .5 * .5 * (1 + cos(pi/2)) = .25
+    assert lr_at(5, 10, 0, 0.5, 0.0) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    "samples, per_step, workers, expected",
+    [
+        (100, 16, 1, 7),  # ceil(100 / 16)
+        (100, 16, 2, 4),  # ceil(100 / (16 * 2)): every worker takes 4 steps
+        (96, 16, 2, 3),  # exact
+        (97, 16, 2, 4),  # one sample over: one more step
+        (5, 16, 2, 1),  # never zero
+        (0, 16, 1, 1),
+    ],
+)
+def test_steps_per_epoch_is_ceil_of_samples_over_batch_times_workers(samples, per_step, workers, expected):
+    # Documented as ceil(N / (B * W)) so that all W workers run the same number of steps.
+    assert steps_per_epoch(samples, per_step, workers) == expected
+
+
+def _plan(**kw) -> TrainPlan:
+    base = dict(
+        spec=ModelSpec("test_resnet", randaug_n=0),
+        cfg=TrainConfig(batch_size=16, unlabeled_ratio=3.0),
+        num_classes=10,
+        channels=1,
+        image_size=16,
+        mean=(0.5,),
+        std=(0.5,),
+        labeled=("l.tar",),
+        pseudo=(),
+        labeled_count=100,
+        pseudo_count=1000,
+        metrics_path="m.jsonl",
+    )
+    return TrainPlan(**{**base, **kw})
+
+
+def test_plan_steps_are_driven_by_the_labeled_set_for_a_teacher_and_the_pseudo_set_for_a_student():
+    assert _plan().steps_per_epoch(1) == 7  # ceil(100 / 16)
+    assert _plan().steps_per_epoch(2) == 4  # ceil(100 / 32)
+    student = _plan(pseudo=(PseudoSource("u.tar", "u.parquet"),))
+    assert student.cfg.pseudo_batch == 48  # round(3.0 * 16)
+    assert student.steps_per_epoch(1) == 21  # ceil(1000 / 48)
+    assert student.steps_per_epoch(2) == 11  # ceil(1000 / 96)
+
+
+def test_build_optimizer_exempts_biases_and_norms_from_weight_decay():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
+    for name, cls in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("rmsprop", torch.optim.RMSprop)):
+        opt = build_optimizer(model, TrainConfig(optimizer=name, weight_decay=0.05, lr=0.1))
+        assert type(opt) is cls
+        decay, no_decay = opt.param_groups
+        assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+        assert {p.ndim for p in decay["params"]} == {4, 2}  # conv and linear weights
+        assert {p.ndim for p in no_decay["params"]} == {1}  # biases, BN weight and bias
+        assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+        assert decay["lr"] == 0.1
+    assert build_optimizer(model, TrainConfig(optimizer="sgd")).param_groups[0]["nesterov"] is True
+
+
+# ---------------------------------------------------------------- TrainConfig
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("epochs", 0),
+        ("batch_size", 0),
+        ("lr", 0.0),
+        ("checkpoint_every", 0),
+        ("unlabeled_ratio", -1.0),
+        ("weight_decay", -1e-4),
+        ("warmup_epochs", -1.0),
+        ("pseudo_weight", -0.5),
+        ("grad_clip", -1.0),
+        ("loader_workers", -1),
+        ("optimizer", "adam"),
+        ("momentum", 1.0),
+        ("min_lr_ratio", -0.1),
+        ("label_smoothing", 1.0),
+        ("ema_decay", 1.0),
+        ("randaug_ops", ("Rotate", "Mirror")),
+    ],
+)
+def test_train_config_refuses_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}: ") as info:
+        TrainConfig(**{field: value})
+    assert "\n" not in str(info.value)
+
+
+def test_train_config_accepts_the_documented_values():
+    cfg = TrainConfig(optimizer="rmsprop", momentum=0.0, warmup_epochs=0, randaug_ops=("Rotate", "ShearX"))
+    assert cfg.pseudo_batch == round(3.0 * 32)
+    assert TrainConfig(batch_size=16, unlabeled_ratio=0.5).pseudo_batch == 8
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _tiny_net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+
+def _stepped(optimizer_name: str, steps: int = 3):
+    torch.manual_seed(0)
+    model = _tiny_net()
+    opt = build_optimizer(model, TrainConfig(optimizer=optimizer_name, lr=0.05))
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(5, 3)).pow(2).sum().backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw", "rmsprop"])
+def test_checkpoint_round_trip_restores_identical_state(tmp_path, optimizer_name):
+    model, opt = _stepped(optimizer_name)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5)
+    save_checkpoint(tmp_path, model, opt, ema, {"epoch": 4, "step": 12})
+
+    torch.manual_seed(1)
+    model2, ema2 = _tiny_net(), _tiny_net()
+    opt2 = build_optimizer(model2, TrainConfig(optimizer=optimizer_name, lr=0.05))
+    state = load_checkpoint(tmp_path, model2, opt2, ema2)
+    assert (state["epoch"], state["step"]) == (4, 12)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(ema.state_dict().values(), ema2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    before, after = opt.state_dict(), opt2.state_dict()
+    assert before["state"].keys() == after["state"].keys() and before["state"]
+    for pid, values in before["state"].items():
+        assert values.keys() == after["state"][pid].keys()
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == after["state"][pid][name].dtype, name
+                assert torch.equal(value, after["state"][pid][name]), name
+            else:
+                assert value == after["state"][pid][name], name
+    for g1, g2 in zip(before["param_groups"], after["param_groups"], strict=True):
+        assert {k: list(v) if isinstance(v, tuple) else v for k, v in g1.items()} == g2
+    # and training continues identically
+    x = torch.randn(5, 3)
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        m(x).pow(2).sum().backward()
+        o.step()
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_read_state_refuses_a_truncated_model_file(tmp_path):
+    model, opt = _stepped("adamw")
+    ckpt = save_checkpoint(tmp_path, model, opt, None, {"epoch": 1, "step": 3})
+    assert read_state(ckpt)["epoch"] == 1
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        read_state(ckpt)
+    fresh = _tiny_net()
+    untouched = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(CheckpointError):
+        load_checkpoint(ckpt, fresh, build_optimizer(fresh, TrainConfig()), None)
+    for a, b in zip(untouched.values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_read_state_refuses_a_missing_file_or_state(tmp_path):
+    model, opt = _stepped("sgd")
+    ckpt = save_checkpoint(tmp_path, model, opt, None, {"epoch": 1, "step": 3})
+    (ckpt / "optim.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"optim\.safetensors"):
+        read_state(ckpt)
+    (ckpt / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="state.json"):
+        read_state(ckpt)
+
+
+# ---------------------------------------------------------------- train_model with LocalHooks
+
+
+class RecordingHooks(LocalHooks):
+    """LocalHooks that keep the model handed to ``prepare`` (after any restore, before training)."""
+
+    def prepare(self, model):
+        self.prepared = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.model = model
+        return model
+
+
+def _digits_plan(digits_root: Path, tmp: Path, epochs: int) -> TrainPlan:
+    shards = tuple(str(p) for p in sorted((digits_root / "labeled").glob("*.tar")))
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=16, lr=3e-3, warmup_epochs=0, loader_workers=0, checkpoint_every=1, seed=0
+    )
+    spec = ModelSpec("test_resnet", drop_rate=0.1, drop_path_rate=0.05, randaug_n=0)
+    return _plan(spec=spec, cfg=cfg, labeled=shards, labeled_count=100, metrics_path=str(tmp / "metrics.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def trained(digits_root, tmp_path_factory):
+    """Two epochs, then the same checkpoint folder resumed with a plan of three epochs."""
+    tmp = tmp_path_factory.mktemp("train")
+    ckpt = tmp / "ckpt"
+    first = RecordingHooks(ckpt)
+    first_result = train_model(_digits_plan(digits_root, tmp, epochs=2), first)
+    first_lines = (tmp / "metrics.jsonl").read_text().splitlines()
+    first_ckpts = sorted(p.name for p in ckpt.iterdir())
+    second = RecordingHooks(ckpt)
+    second_result = train_model(_digits_plan(digits_root, tmp, epochs=3), second)
+    return {
+        "tmp": tmp,
+        "ckpt": ckpt,
+        "first": first,
+        "first_result": first_result,
+        "first_lines": [json.loads(ln) for ln in first_lines],
+        "first_ckpts": first_ckpts,
+        "second": second,
+        "second_result": second_result,
+    }
+
+
+def test_training_lowers_the_loss_and_writes_metrics(trained):
+    rows = trained["first_lines"]
+    assert [(r["epoch"], r["step"]) for r in rows] == [(1, 7), (2, 14)]  # 7 = ceil(100 labeled / 16)
+    assert rows[1]["loss"] < rows[0]["loss"] < LN(10) + 0.5
+    assert {"lr", "images", "images_per_s", "seconds", "loss_labeled"} <= set(rows[0])
+    assert "loss_pseudo" not in rows[0]  # a teacher has no pseudo-labeled rows
+    assert rows[0]["images"] == 7 * 16
+    assert trained["first_result"] == rows[-1]
+    assert trained["first_ckpts"] == ["epoch-0001", "epoch-0002"]
+    assert [r["epoch"] for r in trained["first"].reports] == [1, 2]
+
+
+def test_the_trained_model_is_noised(trained):
+    model = trained["first"].model
+    assert model.drop_rate == pytest.approx(0.1)
+    assert model.training
+
+
+def test_resume_continues_at_the_recorded_epoch_and_step(trained):
+    second = trained["second"]
+    assert [(r["epoch"], r["step"]) for r in second.reports] == [(3, 21)], "only one more epoch must run"
+    # it started from the epoch-2 weights, not from a fresh model
+    saved = load_file(trained["ckpt"] / "epoch-0002" / "model.safetensors")
+    for name, tensor in saved.items():
+        assert torch.equal(second.prepared[name], tensor), name
+    rows = [json.loads(ln) for ln in (trained["tmp"] / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in rows] == [(1, 7), (2, 14), (3, 21)]
+    assert rows[:2] == trained["first_lines"]
+    # the schedule continued from step 14 of 21: the last step is 20
+    assert rows[2]["lr"] == pytest.approx(lr_at(20, 21, 0, 3e-3, 0.01))
+    assert sorted(p.name for p in trained["ckpt"].iterdir()) == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    assert read_state(trained["ckpt"] / "epoch-0003")["step"] == 21
+
+
+def test_resume_of_a_finished_run_trains_nothing(trained, digits_root):
+    hooks = RecordingHooks(trained["ckpt"])
+    result = train_model(_digits_plan(digits_root, trained["tmp"], epochs=3), hooks)
+    assert hooks.reports == []
+    assert (result["epoch"], result["step"]) == (3, 21)
+
+
+def test_the_student_stream_is_noised_and_the_clean_transform_is_not(digits_root):
+    spec = ModelSpec("test_resnet", randaug_n=2, randaug_m=7)
+    ops = ("Rotate", "ShearX", "Contrast")
+    plan = _plan(spec=spec, cfg=TrainConfig(loader_workers=0, randaug_ops=ops))
+    transform = build_stream(plan, epoch=0, rank=0, world_size=1).dataset.transform
+    (randaug,) = [t for t in transform.transforms if isinstance(t, RandAugment)]
+    assert randaug.num_layers == 2
+    assert [op.name for op in randaug.ops] == list(ops)
+    assert {op.magnitude for op in randaug.ops} == {7}
+
+    image = Image.fromarray((np.arange(64, dtype=np.uint8).reshape(8, 8) * 4), "L")
+    random.seed(0)
+    noisy = [transform(image) for _ in range(8)]
+    assert any(not torch.equal(noisy[0], n) for n in noisy[1:]), "RandAugment never changed the image"
+
+    clean = clean_transform(16, (0.5,), (0.5,))
+    assert not any(isinstance(t, RandAugment) for t in clean.transforms)
+    out = clean(image)
+    assert out.shape == (1, 16, 16)
+    assert all(torch.equal(out, clean(image)) for _ in range(3))
+    # Normalise((.5,), (.5,)) maps pixel 0 to -1 and 252 to 252/255*2-1
+    assert out.min().item() == pytest.approx(-1.0) and out.max().item() <= 1.0
+    # randaug_n = 0 is the clean transform
+    no_noise = noised_transform(16, (0.5,), (0.5,), 0, 9)
+    assert torch.equal(no_noise(image), out)
+
+
+# ---------------------------------------------------------------- MixedStream, soft_targets, shuffled
+
+
+def test_soft_targets_densifies_topk_renormalised_and_hard_labels():
+    topk = pa.table(
+        {
+            "topk_idx": pa.array([[3, 1], [0, 9]], pa.list_(pa.int32())),
+            "topk_prob": pa.array(np.array([[0.6, 0.2], [0.3, 0.3]], np.float16).tolist(), pa.list_(pa.float16())),
+        }
+    )
+    dense = soft_targets(topk, 10)
+    expected = np.zeros((2, 10), np.float32)
+    expected[0, 3], expected[0, 1] = 0.75, 0.25  # .6 / .8, .2 / .8
+    expected[1, 0], expected[1, 9] = 0.5, 0.5
+    np.testing.assert_allclose(dense, expected, atol=1e-3)
+    assert dense.dtype == np.float32
+
+    hard = soft_targets(pa.table({"label": pa.array([2, 0, 9], pa.int32())}), 10)
+    np.testing.assert_array_equal(hard, np.eye(10, dtype=np.float32)[[2, 0, 9]])
+
+    probs = np.array([[0.1] * 10, [0.0] * 9 + [0.5]], np.float16)  # row 2 sums to .5
+    full = soft_targets(pa.table({"probs": pa.array(probs.tolist(), pa.list_(pa.float16()))}), 10)
+    np.testing.assert_allclose(full.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(full[1], np.eye(10)[9], atol=1e-6)
+
+
+def test_shuffled_is_a_seeded_bounded_permutation():
+    items = list(range(200))
+    out = list(shuffled(iter(items), 16, random.Random(3)))
+    assert sorted(out) == items and out != items
+    assert out == list(shuffled(iter(items), 16, random.Random(3)))
+    assert out != list(shuffled(iter(items), 16, random.Random(4)))
+    # a bounded buffer can delay an item but never move it earlier than buffer places
+    assert all(pos >= item - 16 for pos, item in enumerate(out))
+    assert list(shuffled(iter([1, 2]), 16, random.Random(0))) in ([1, 2], [2, 1])
+
+
+def _labeled_lookup(shards, transform) -> dict[bytes, set[int]]:
+    lookup: dict[bytes, set[int]] = collections.defaultdict(set)
+    for shard in shards:
+        for sample in iter_raw_samples(shard):
+            x = transform(decode_image(image_field(sample), 1))
+            lookup[x.numpy().tobytes()].add(parse_label(sample, 10))
+    return lookup
+
+
+def test_mixed_stream_without_pseudo_data_yields_labeled_batches(digits_root):
+    shards = [str(p) for p in sorted((digits_root / "labeled").glob("*.tar"))]
+    transform = clean_transform(16, (0.5,), (0.5,))
+    stream = iter(MixedStream(shards, [], 5, 7, 10, 1, transform, seed=0, shuffle_buffer=16))
+    lookup = _labeled_lookup(shards, transform)
+    for _ in range(3):
+        batch = next(stream)
+        assert batch["x"].shape == (5, 1, 16, 16) and batch["x"].dtype == torch.float32
+        assert batch["y"].shape == (5,) and batch["y"].dtype == torch.int64
+        assert batch["p"].shape == (0, 10)
+        for x, y in zip(batch["x"], batch["y"].tolist(), strict=True):
+            assert y in lookup[x.numpy().tobytes()], "an image arrived with another sample's label"
+
+
+def test_mixed_stream_honours_copies_and_soft_targets(digits_root, tmp_path):
+    labeled = [str(p) for p in sorted((digits_root / "labeled").glob("*.tar"))]
+    unlabeled = str(digits_root / "unlabeled" / "unlabeled-000001.tar")
+    samples = list(iter_raw_samples(unlabeled))
+    a, b = samples[5], samples[6]
+    probs = np.zeros((2, 10), np.float16)
+    probs[0, 2], probs[1, 7] = 1.0, 1.0
+    selection = tmp_path / "selection.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "key": [a["__key__"], b["__key__"]],
+                "shard": [unlabeled, unlabeled],
+                "copies": pa.array([3, 1], pa.int32()),
+                "label": pa.array([2, 7], pa.int32()),
+                "probs": pa.array(probs.tolist(), pa.list_(pa.float16())),
+            }
+        ),
+        selection,
+    )
+    transform = clean_transform(16, (0.5,), (0.5,))
+    images = {2: transform(decode_image(a["png"], 1)), 7: transform(decode_image(b["png"], 1))}
+    buffer, batches, pseudo_batch = 4, 40, 4
+    sources = [PseudoSource(unlabeled, str(selection))]
+    stream = iter(MixedStream(labeled, sources, 2, pseudo_batch, 10, 1, transform, seed=0, shuffle_buffer=buffer))
+    counts: collections.Counter = collections.Counter()
+    for _ in range(batches):
+        batch = next(stream)
+        assert batch["x"].shape == (2 + pseudo_batch, 1, 16, 16)
+        assert batch["y"].shape == (2,) and batch["p"].shape == (pseudo_batch, 10)
+        assert batch["p"].dtype == torch.float32
+        for x, p in zip(batch["x"][2:], batch["p"], strict=True):
+            cls = int(p.argmax())
+            assert p[cls] == 1.0 and p.sum() == 1.0
+            assert torch.equal(x, images[cls]), "a pseudo-labeled image arrived with another sample's target"
+            counts[cls] += 1
+    total = batches * pseudo_batch
+    assert set(counts) == {2, 7}, "only selected samples may be yielded"
+    # copies 3 : 1, up to what the shuffle buffer still holds
+    assert abs(counts[2] - 0.75 * total) <= buffer, counts
