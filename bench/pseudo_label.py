@@ -23,16 +23,17 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import PeakRss  # noqa: E402
 
 from stages.data import write_shards  # noqa: E402
 
@@ -54,7 +55,9 @@ def save_teacher(out: Path) -> None:
     from stages.models import ModelSpec, create_model, model_card, save_model
 
     spec = ModelSpec(MODEL)
-    save_model(create_model(spec, CLASSES, 3, noised=False), out, model_card(spec, CLASSES, 3, SIZE, (0.5,) * 3, (0.5,) * 3))
+    save_model(
+        create_model(spec, CLASSES, 3, noised=False), out, model_card(spec, CLASSES, 3, SIZE, (0.5,) * 3, (0.5,) * 3)
+    )
 
 
 def bench_bare(model: torch.nn.Module, images: int) -> float:
@@ -86,39 +89,6 @@ def bench_loop(model: torch.nn.Module, shards: list[str]) -> float:
             torch.softmax(model(x), dim=-1)
             n += len(keys)
     return n / (time.perf_counter() - start)
-
-
-class PeakRss:
-    """Max RSS over this process tree and the raylet's (Ray workers), sampled in a thread."""
-
-    def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _procs(self) -> list[psutil.Process]:
-        me = psutil.Process()
-        procs = [me, *me.children(recursive=True)]
-        for p in psutil.process_iter(["name"]):
-            if p.info["name"] and "raylet" in p.info["name"]:
-                procs += p.children(recursive=True)
-        return procs
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for p in self._procs():
-                try:
-                    self.peak = max(self.peak, p.memory_info().rss)
-                except psutil.Error:
-                    pass
-            time.sleep(0.05)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def main() -> None:
@@ -157,12 +127,22 @@ def main() -> None:
         assert summary["rows"] == args.images, summary["rows"]
         stage = args.images / seconds
         print(f"stage {stage:8.0f} img/s ({seconds:.1f} s, actor start-up included)", flush=True)
-    print(json.dumps({
-        "bench": "pseudo_label", "images": args.images, "stage_images_per_s": round(stage, 1),
-        "loop_images_per_s": round(loop, 1) if loop else None, "bare_images_per_s": round(bare, 1),
-        "ratio": round(stage / loop, 3) if loop else None, "ratio_bare": round(stage / bare, 3),
-        "peak_rss_mb": round(rss.peak / 2**20, 1), "threads": args.threads, "actors": args.actors,
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "pseudo_label",
+                "images": args.images,
+                "stage_images_per_s": round(stage, 1),
+                "loop_images_per_s": round(loop, 1) if loop else None,
+                "bare_images_per_s": round(bare, 1),
+                "ratio": round(stage / loop, 3) if loop else None,
+                "ratio_bare": round(stage / bare, 3),
+                "peak_rss_mb": round(rss.peak / 2**20, 1),
+                "threads": args.threads,
+                "actors": args.actors,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -108,9 +108,21 @@ def bench_stage(cfg: TrainConfig, shards: list[str], images: int, root: Path, th
     from stages.train import TrainPlan
 
     init_ray(num_cpus=os.cpu_count())
-    plan = TrainPlan(spec=SPEC, cfg=cfg, num_classes=CLASSES, channels=3, image_size=SIZE, mean=MEAN, std=STD,
-                     labeled=tuple(shards), pseudo=(), labeled_count=images, pseudo_count=0,
-                     metrics_path=str(root / "metrics.jsonl"), threads=threads)
+    plan = TrainPlan(
+        spec=SPEC,
+        cfg=cfg,
+        num_classes=CLASSES,
+        channels=3,
+        image_size=SIZE,
+        mean=MEAN,
+        std=STD,
+        labeled=tuple(shards),
+        pseudo=(),
+        labeled_count=images,
+        pseudo_count=0,
+        metrics_path=str(root / "metrics.jsonl"),
+        threads=threads,
+    )
     start = time.perf_counter()
     run_training(plan, str(root / "ray_train"), "bench", TrainResources(), root / "final")
     wall = time.perf_counter() - start
@@ -127,8 +139,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     per_epoch = 20  # steps per epoch: the stage times epochs 2.., the loop skips as many warm-up steps
     epochs = 1 + max(1, round(args.steps / per_epoch))
-    cfg = TrainConfig(epochs=epochs, batch_size=BATCH, optimizer="adamw", lr=1e-3, warmup_epochs=0,
-                      loader_workers=args.loader_workers, checkpoint_every=epochs, label_smoothing=0.1)
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=BATCH,
+        optimizer="adamw",
+        lr=1e-3,
+        warmup_epochs=0,
+        loader_workers=args.loader_workers,
+        checkpoint_every=epochs,
+        label_smoothing=0.1,
+    )
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
         images = per_epoch * BATCH
@@ -140,12 +160,22 @@ def main() -> None:
         print(f"loop  {loop:7.0f} img/s", flush=True)
         stage, wall = bench_stage(cfg, shards, images, root, args.threads)
         print(f"stage {stage:7.0f} img/s (fit() wall {wall:.1f} s)", flush=True)
-    print(json.dumps({
-        "bench": "train", "stage_images_per_s": round(stage, 1), "loop_images_per_s": round(loop, 1),
-        "bare_images_per_s": round(bare, 1), "ratio": round(stage / loop, 3), "ratio_bare": round(stage / bare, 3),
-        "stage_wall_s": round(wall, 1), "steps_timed": (epochs - 1) * per_epoch, "threads": args.threads,
-        "loader_workers": args.loader_workers,
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "train",
+                "stage_images_per_s": round(stage, 1),
+                "loop_images_per_s": round(loop, 1),
+                "bare_images_per_s": round(bare, 1),
+                "ratio": round(stage / loop, 3),
+                "ratio_bare": round(stage / bare, 3),
+                "stage_wall_s": round(wall, 1),
+                "steps_timed": (epochs - 1) * per_epoch,
+                "threads": args.threads,
+                "loader_workers": args.loader_workers,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,22 +8,24 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
 import json
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from stages.select import SelectConfig
 
 from pipeline.ray_pseudo_label import LabelResources
 from pipeline.ray_train import TrainResources
 from stages.models import ModelSpec
 from stages.pseudo_label import PseudoLabelConfig
+from stages.select import SelectConfig
 from stages.train import TrainConfig
 
 
@@ -193,35 +195,70 @@ def build(cls: type, data: dict, where: str = "config") -> Any:
 
 
 def apply_override(tree: dict, assignment: str) -> None:
-    """``a.b.c=value`` into a nested dict; the value is parsed as YAML (``5``, ``0.1``, ``[a, b]``, ``true``)."""
+    """``a.b.c=value`` into a nested dict; the value is parsed as YAML (``5``, ``0.1``, ``[a, b]``, ``true``).
+
+    A number steps into a list (``ladder.1.model=x``); the entry must already exist.
+    """
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key.path=value")
     path, raw = assignment.split("=", 1)
-    keys = path.strip().split(".")
-    node = tree
-    for key in keys[:-1]:
-        if key.isdigit() and isinstance(node, list):
-            node = node[int(key)]
-            continue
-        node = node.setdefault(key, {})
-        if not isinstance(node, (dict, list)):
+    path = path.strip()
+    keys = path.split(".")
+    node: dict | list = tree
+    for depth, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            child = node[_list_index(node, key, path, ".".join(keys[:depth]))]
+        else:
+            child = node.setdefault(key, {})
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"--set {path}: {key} is not a section")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if keys[-1].isdigit() and isinstance(node, list):
-        node[int(keys[-1])] = value
+        node = child
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"--set {path}: the value {raw!r} is not valid YAML ({_yaml_problem(exc)}); "
+            "quote strings holding { } [ ] , : or #, e.g. data.labeled=['/d/x-{0..3}.tar']"
+        ) from exc
+    if isinstance(node, list):
+        node[_list_index(node, keys[-1], path, ".".join(keys[:-1]))] = value
     else:
         node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> PipelineConfig:
-    tree: dict = dict(base or {})
+def _list_index(items: list, key: str, path: str, where: str) -> int:
+    """``key`` as an index of the list at ``where``, or a ``ConfigError`` saying which indices exist."""
+    valid = f"indices 0..{len(items) - 1}" if items else "it is empty"
+    if not key.isdigit():
+        raise ConfigError(f"--set {path}: {where} is a list ({valid}); put an entry index before {key!r}")
+    if int(key) >= len(items):
+        raise ConfigError(
+            f"--set {path}: {where} has no entry {key} ({valid}); "
+            f"add the entry in the config file or set the whole list ({where}=[...])"
+        )
+    return int(key)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's problem in one line, without its multi-line location excerpt."""
+    context, problem = getattr(exc, "context", None), getattr(exc, "problem", None)
+    if problem is None:
+        return str(exc).splitlines()[0]
+    return f"{context}: {problem}" if context else problem
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), base: dict | None = None) -> PipelineConfig:
+    tree: dict = copy.deepcopy(base or {})  # overrides edit nested sections in place; the caller's base stays as is
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} not found") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML ({exc})") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            hint = "; quote strings holding { } [ ] , or : inside [...]" if "flow" in str(exc) else ""
+            raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(exc)}{hint}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping")
         tree.update(loaded or {})

@@ -64,6 +64,10 @@ def _train_func(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     # Ray Train logs every checkpoint and report at INFO; our own per-epoch line says what a user needs.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray 2.60 logs each ray.train.report at INFO through a logger named by its file path, not "ray.train".
+    from ray.train.v2._internal.execution import context as _train_context
+
+    logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
     train_model(config["plan"], RayHooks())
 
 

@@ -19,7 +19,7 @@ from pipeline.ray_runtime import init_ray
 from pipeline.ray_select import run_selection
 from pipeline.ray_train import run_training
 from pipeline.storage import RoundManifest, atomic_write_json, atomic_write_text, read_json, round_dir, sha256_file
-from stages.data import LabeledSet, expand_shards, load_labeled, shard_id
+from stages.data import DataError, LabeledSet, expand_shards, load_labeled, shard_id
 from stages.evaluate import evaluate
 from stages.loader import PseudoSource
 from stages.models import atomic_save_safetensors, check_classifier, load_model, model_card
@@ -137,6 +137,11 @@ def run_round(ctx: RunContext, r: int, status: dict) -> dict:
             PseudoSource(s, str(rdir / "selection" / f"{shard_id(s)}.parquet")) for s in ctx.unlabeled_shards
         )
         pseudo_count = int(summary["copies_out"])
+        if not pseudo_count:
+            raise DataError(
+                f"round {r}: selection kept no pseudo-labeled sample of {summary['rows_in']} "
+                f"(select.floor={cfg.select.floor}); lower the floor or train a better teacher"
+            )
     _stage(manifest, "train", inputs, timings, lambda: _train(ctx, r, rdir, pseudo, pseudo_count, inputs))
     inputs["train"] = sha256_file(rdir / "model.safetensors")
     return _stage(manifest, "evaluate", inputs, timings, lambda: _evaluate(ctx, r, rdir, pseudo_count, manifest))

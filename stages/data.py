@@ -18,17 +18,20 @@ import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import fsspec
 import numpy as np
 from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale as Pillow opens it
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's archive metadata (skip_meta), not sample files
 
 
 class DataError(ValueError):
@@ -46,24 +49,32 @@ def is_url(path: str) -> bool:
 def expand_shards(patterns: Sequence[str], what: str = "data set") -> list[str]:
     """Expand brace patterns and local globs into a sorted, de-duplicated shard list.
 
-    Raises ``DataError`` naming the pattern when one matches no shard, so that nothing starts on partial data.
+    Every local shard a brace pattern names must exist, and every glob must match at least one file: otherwise
+    ``DataError`` names the shard or pattern, so that nothing starts on partial data. Local shards come back as
+    absolute paths (Ray workers run in other folders). Object-store URLs are kept as written (listing a bucket
+    needs credentials); they are checked when opened.
     """
-    shards: list[str] = []
+    shards: set[str] = set()
     for pattern in patterns:
-        matched: list[str] = []
         for candidate in braceexpand(pattern):
-            if is_url(candidate):
-                matched.append(candidate)  # listing an object store needs credentials; existence is checked on open
-                continue
-            local = candidate.removeprefix("file://")
-            if glob.has_magic(local):
-                matched.extend(sorted(glob.glob(local)))
-            elif os.path.isfile(local):
-                matched.append(local)
+            shards.update(_expand_candidate(candidate, pattern, what))
+    return sorted(shards)
+
+
+def _expand_candidate(candidate: str, pattern: str, what: str) -> list[str]:
+    """The shards one brace-expanded candidate names; a local one matching nothing is a ``DataError``."""
+    if is_url(candidate):
+        return [candidate]
+    local = candidate.removeprefix("file://")
+    source = f"{candidate!r}" if candidate == pattern else f"{candidate!r} (from {pattern!r})"
+    if glob.has_magic(local):
+        matched = glob.glob(local)
         if not matched:
-            raise DataError(f"{what}: no shard matches {pattern!r} (check the path; cwd is {os.getcwd()})")
-        shards.extend(matched)
-    return list(dict.fromkeys(shards))
+            raise DataError(f"{what}: no shard matches {source} (check the path; cwd is {os.getcwd()})")
+        return [os.path.abspath(m) for m in matched]
+    if not os.path.isfile(local):
+        raise DataError(f"{what}: no shard file {source} (check the path; cwd is {os.getcwd()})")
+    return [os.path.abspath(local)]
 
 
 def shard_id(url: str) -> str:
@@ -80,10 +91,29 @@ def iter_raw_samples(url: str) -> Iterator[dict]:
     """
     try:
         with fsspec.open(url, "rb") as stream:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            yield from group_by_keys(files)
+            yield from group_by_keys(_iter_tar_files(stream, url))
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"shard {url}: truncated or corrupt tar ({exc})") from exc
+
+
+def _iter_tar_files(stream: IO[bytes], url: str) -> Iterator[dict]:
+    """The regular files of a tar stream as webdataset's ``{"fname", "data", "__url__"}`` records.
+
+    tarfile's stream mode ends quietly at a missing, short or unreadable header, so a shard cut at a member
+    boundary (or inside a header) would read as a complete shorter shard. A whole archive ends with two zero
+    blocks; tarfile has consumed the first when it stops, so the next block of its (decompressed) stream must be
+    the second. Checking there, rather than at the end of the file, also catches a damaged header mid-archive.
+    """
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    for info in tar:
+        if info.isreg() and not _META_RE.match(info.name):
+            member = tar.extractfile(info)
+            assert member is not None  # a regular file always has a payload
+            yield {"fname": info.name, "data": member.read(), "__url__": url}
+        tar.members = []  # stream mode would otherwise keep every TarInfo of the shard
+    assert tar.fileobj is not None  # set by tarfile.open(fileobj=...)
+    if tar.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError("no end-of-archive marker after the last member: the file is cut short or damaged")
 
 
 def image_field(sample: dict) -> bytes:
@@ -94,15 +124,37 @@ def image_field(sample: dict) -> bytes:
 
 
 def decode_image(data: bytes, channels: int) -> Image.Image:
-    """Decode an image of any mode to ``L`` (channels=1) or ``RGB`` (channels=3)."""
+    """Decode an image of any mode to ``L`` (channels=1) or ``RGB`` (channels=3).
+
+    16-bit grayscale is scaled to 8 bits and transparency is composited onto black before the conversion.
+    """
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadSample(f"undecodable image ({exc.__class__.__name__}: {exc})") from exc
-    if image.mode in ("RGBA", "LA", "P") and channels == 3:
-        image = image.convert("RGBA")  # composite transparency deterministically before dropping alpha
+    if image.mode in WIDE_GRAY_MODES:
+        image = _wide_gray_to_l(image)
+    image = _composite_on_black(image)
     return image.convert("L" if channels == 1 else "RGB")
+
+
+def _wide_gray_to_l(image: Image.Image) -> Image.Image:
+    """Keep the top 8 of 16 bits; ``convert("L")`` would clip everything above 255 to white instead."""
+    # Mode "I" (32-bit) is how older Pillow opened 16-bit PNGs: it is read as 16-bit data, wider values clip.
+    values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+    return Image.fromarray((values >> 8).astype(np.uint8))
+
+
+def _composite_on_black(image: Image.Image) -> Image.Image:
+    """Flatten an alpha band or a transparent colour (``P``/``L``/``RGB`` with tRNS) onto a black background.
+
+    Dropping alpha instead would keep whatever colour the encoder left under transparent pixels.
+    """
+    if not {"A", "a"} & set(image.getbands()) and "transparency" not in image.info:
+        return image
+    black = Image.new("RGBA", image.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, image.convert("RGBA")).convert("RGB")
 
 
 def parse_label(sample: dict, num_classes: int) -> int:

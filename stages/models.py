@@ -10,6 +10,7 @@ A downloaded round loads in one line of user code::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import tempfile
@@ -40,10 +41,9 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if not timm.is_model(self.model):
-            close = timm.list_models(f"*{self.model.split('_')[0][:6]}*")[:8]
-            raise ValueError(
-                f"model: unknown timm model {self.model!r}" + (f" (similar: {', '.join(close)})" if close else "")
-            )
+            close = difflib.get_close_matches(self.model, timm.list_models(), n=5)
+            hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
+            raise ValueError(f"model: unknown timm model {self.model!r}{hint}")
         for name in ("drop_rate", "drop_path_rate"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -67,12 +67,12 @@ class TrainConfig:
             "batch_size": self.batch_size,
             "lr": self.lr,
             "checkpoint_every": self.checkpoint_every,
+            "unlabeled_ratio": self.unlabeled_ratio,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name}: must be > 0, got {value}")
         nonneg = {
-            "unlabeled_ratio": self.unlabeled_ratio,
             "weight_decay": self.weight_decay,
             "warmup_epochs": self.warmup_epochs,
             "pseudo_weight": self.pseudo_weight,
@@ -87,11 +87,17 @@ class TrainConfig:
         for name in ("momentum", "min_lr_ratio", "label_smoothing", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.pseudo_batch < 1:
+            raise ValueError(
+                f"unlabeled_ratio: {self.unlabeled_ratio} x batch_size {self.batch_size} rounds to no pseudo-labeled "
+                "sample per step; raise unlabeled_ratio or batch_size"
+            )
         check_ops(self.randaug_ops)
 
     @property
     def pseudo_batch(self) -> int:
-        return max(1, round(self.unlabeled_ratio * self.batch_size))
+        """Pseudo-labeled samples per step per worker (a student's epoch length is counted in these)."""
+        return round(self.unlabeled_ratio * self.batch_size)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -339,7 +345,8 @@ class LocalHooks:
         return model
 
     def restore(self) -> Path | None:
-        done = sorted(self.root.glob("epoch-*")) if self.root.exists() else []
+        """The latest complete checkpoint; ``.tmp`` ones were cut off mid-copy by a crash."""
+        done = sorted(p for p in self.root.glob("epoch-*") if p.is_dir() and p.suffix != ".tmp")
         return done[-1] if done else None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:

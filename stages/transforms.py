@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import rand_augment_transform
 from timm.data.auto_augment import _RAND_TRANSFORMS
 from torchvision import transforms as T
@@ -46,6 +46,9 @@ def noised_transform(
     randaug = rand_augment_transform(
         f"rand-m{randaug_m:g}-n{randaug_n}-mstd0.5", {"img_mean": fill}, transforms=list(ops) if ops else None
     )
+    for op in randaug.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
     return T.Compose(
         [
             T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
@@ -54,6 +57,14 @@ def noised_transform(
             T.Normalize(mean, std),
         ]
     )
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize keeps 0 bits at low magnitude (``Posterize``) or high (``PosterizeIncreasing``), which
+    Pillow >= 11 refuses (``bits must be between 1 and 8``); one bit is the darkest posterize Pillow allows."""
+    if bits_to_keep >= 8:
+        return img
+    return ImageOps.posterize(img, max(1, int(bits_to_keep)))
 
 
 def check_ops(ops: Sequence[str]) -> None:

@@ -139,11 +139,6 @@ def test_an_unknown_model_name_is_refused_by_name():
         ModelSpec("resnet10x")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): the 'similar' list is the first 8 names, alphabetically, matching *<first 6 chars>* "
-    "(cspresnet50, ...), so a one-letter typo of resnet10t is not told about resnet10t",
-)
 def test_an_unknown_model_name_suggests_the_closest_names():
     with pytest.raises(ValueError, match=r"similar: .*\bresnet10t\b"):
         ModelSpec("resnet10x")

@@ -208,6 +208,8 @@ def test_build_optimizer_exempts_biases_and_norms_from_weight_decay():
         ("lr", 0.0),
         ("checkpoint_every", 0),
         ("unlabeled_ratio", -1.0),
+        ("unlabeled_ratio", 0.0),  # would have trained on one pseudo-labeled sample per step
+        ("unlabeled_ratio", 0.01),  # 0.01 x 32 rounds to none
         ("weight_decay", -1e-4),
         ("warmup_epochs", -1.0),
         ("pseudo_weight", -0.5),
@@ -396,6 +398,15 @@ def test_resume_continues_at_the_recorded_epoch_and_step(trained):
     assert read_state(trained["ckpt"] / "epoch-0003")["step"] == 21
 
 
+def test_local_restore_skips_half_written_checkpoints(tmp_path):
+    hooks = LocalHooks(tmp_path / "ckpt")
+    assert hooks.restore() is None
+    for name in ("epoch-0001", "epoch-0002", "epoch-0003.tmp"):  # a crash mid-copy leaves epoch-0003.tmp
+        (tmp_path / "ckpt" / name).mkdir(parents=True)
+    (tmp_path / "ckpt" / "epoch-0004.tmp").write_text("")
+    assert hooks.restore() == tmp_path / "ckpt" / "epoch-0002"
+
+
 def test_resume_of_a_finished_run_trains_nothing(trained, digits_root):
     hooks = RecordingHooks(trained["ckpt"])
     result = train_model(_digits_plan(digits_root, trained["tmp"], epochs=3), hooks)
@@ -530,3 +541,17 @@ def test_mixed_stream_honours_copies_and_soft_targets(digits_root, tmp_path):
     assert set(counts) == {2, 7}, "only selected samples may be yielded"
     # copies 3 : 1, up to what the shuffle buffer still holds
     assert abs(counts[2] - 0.75 * total) <= buffer, counts
+
+
+@pytest.mark.parametrize("op, magnitude", [("Posterize", 0), ("PosterizeIncreasing", 10), ("PosterizeOriginal", 0)])
+def test_posterize_at_any_magnitude_is_a_valid_image(op, magnitude):
+    # timm maps these magnitudes to 0 bits, which Pillow refuses; the run crashed mid-epoch on it.
+    from PIL import Image
+
+    from stages.transforms import noised_transform
+
+    transform = noised_transform(16, (0.5,), (0.5,), randaug_n=3, randaug_m=magnitude, ops=[op])
+    for seed in range(10):
+        random.seed(seed)  # timm's RandAugment draws from the random module
+        out = transform(Image.new("L", (8, 8), 200))
+        assert out.shape == (1, 16, 16)

@@ -1,0 +1,108 @@
+"""Selection at scale: the real select stage (three passes of Ray tasks) over synthetic pseudo-label sidecars.
+
+    python bench/select.py --rows 10000000 --classes 1000 [--shards 1000] [--topk 5]
+
+Writes ``--shards`` sidecars in the pseudo-label stage's format (top-k soft labels, float16), with class sizes
+drawn from a Zipf-like law (so some classes are cut to K and others duplicated) and confidences from a Beta
+law, then times ``pipeline.ray_select.run_selection`` with the paper's settings (floor 0.3, balanced, K derived)
+on a running local Ray (``ray.init`` and sidecar generation not timed). Peak RSS is the largest resident set of
+this process or any Ray worker during the stage (see ``bench_common.PeakRss``).
+Final line: ``{"bench": "select", "rows": N, "classes": C, "seconds": s, "peak_rss_mb": m, ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import PeakRss  # noqa: E402
+
+from stages.pseudo_label import SIDECAR_FORMAT, write_sidecar  # noqa: E402
+
+
+def make_sidecars(root: Path, rows: int, classes: int, shards: int, topk: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, classes + 1) ** 0.8
+    weights /= weights.sum()
+    paths = []
+    for s, n in enumerate(np.diff(np.linspace(0, rows, shards + 1).astype(np.int64))):
+        labels = rng.choice(classes, size=n, p=weights).astype(np.int32)
+        conf = rng.beta(4.0, 1.5, size=n).astype(np.float32)
+        others = (labels[:, None] + rng.integers(1, classes, size=(n, topk - 1))) % classes
+        idx = np.concatenate([labels[:, None], others], axis=1).astype(np.int32)
+        rest = (1 - conf)[:, None] * rng.dirichlet(np.ones(topk - 1), size=n)
+        prob = np.concatenate([conf[:, None], rest], axis=1).astype(np.float16)
+        table = pa.table(
+            {
+                "key": pa.array([f"{s:06d}-{i:07d}" for i in range(n)], pa.string()),
+                "shard": pa.array([f"unlabeled-{s:06d}.tar"] * n, pa.string()),
+                "label": pa.array(labels),
+                "confidence": pa.array(conf),
+                "true_label": pa.array(np.full(n, -1, np.int32)),
+                "topk_idx": pa.FixedSizeListArray.from_arrays(pa.array(idx.reshape(-1)), topk).cast(
+                    pa.list_(pa.int32())
+                ),
+                "topk_prob": pa.FixedSizeListArray.from_arrays(pa.array(prob.reshape(-1)), topk).cast(
+                    pa.list_(pa.float16())
+                ),
+            }
+        ).replace_schema_metadata({"format": SIDECAR_FORMAT, "rows": str(n), "bad": "[]"})
+        path = root / f"unlabeled-{s:06d}.parquet"
+        write_sidecar(table, path)
+        paths.append(str(path))
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--shards", type=int, default=0, help="default: one per 10,000 rows")
+    ap.add_argument("--topk", type=int, default=5)
+    ap.add_argument("--dir", default="", help="work folder (default: a temporary one)")
+    args = ap.parse_args()
+    shards = args.shards or max(1, args.rows // 10_000)
+
+    from pipeline.ray_runtime import init_ray
+    from pipeline.ray_select import run_selection
+    from stages.select import SelectConfig
+
+    with tempfile.TemporaryDirectory(prefix="bench-select-", dir=args.dir or None) as tmp:
+        root = Path(tmp)
+        print(f"writing {args.rows:,} rows in {shards} sidecars ...", file=sys.stderr)
+        sidecars = make_sidecars(root / "pseudo_labels", args.rows, args.classes, shards, args.topk)
+        init_ray()
+        cfg = SelectConfig()
+        with PeakRss() as rss:
+            summary = run_selection(sidecars, str(root / "selection"), args.classes, cfg)
+        out_mb = sum(f.stat().st_size for f in (root / "selection").glob("*.parquet")) / 2**20
+    result = {
+        "bench": "select",
+        "rows": args.rows,
+        "classes": args.classes,
+        "shards": shards,
+        "seconds": summary["seconds"],
+        "peak_rss_mb": round(rss.peak / 2**20),
+        "rows_per_s": round(args.rows / summary["seconds"]),
+        "K": summary["K"],
+        "kept": summary["kept"],
+        "copies_out": summary["copies_out"],
+        "dropped_by_floor": summary["dropped_by_floor"],
+        "output_mb": round(out_mb, 1),
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The select stage on Ray: three passes of per-shard tasks over the pseudo-label sidecars, never the images.
+
+1. histograms (``classes x bins`` per shard, summed in the driver) -> per-class boundary bins and copy counts;
+2. boundary candidates (a few rows per class and shard) -> exact per-class cutoffs;
+3. per-shard selection sidecars ``<out_dir>/<shard_id>.parquet``: ``key, shard, copies, label, confidence`` and,
+   with ``label_type: soft``, the teacher's soft label (``probs`` or ``topk_idx/topk_prob``). A shard with nothing
+   selected gets an empty file, so every unlabeled shard has exactly one selection sidecar.
+
+The driver holds histograms and cutoffs only. Pass 3 files carry the plan's digest in their footer; a re-run with
+the same inputs skips shards already written (resume), and a half-written file (temp name) is never trusted.
+``selection.json`` (the summary also recorded in the round manifest) and ``selection.png`` sit beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.storage import atomic_write_json
+from stages.pseudo_label import write_sidecar
+from stages.select import (
+    CandidateMerger,
+    SelectConfig,
+    SelectPlan,
+    plan_selection,
+    shard_candidates,
+    shard_copies,
+    shard_histogram,
+)
+
+log = logging.getLogger(__name__)
+
+SELECTION_FORMAT = "selection/v1"
+SOFT_COLUMNS = ("probs", "topk_idx", "topk_prob")
+
+
+def _read(path: str, columns: list[str]) -> pa.Table:
+    return pq.read_table(path, columns=columns)
+
+
+def _histogram_task(path: str, num_classes: int, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 1 for one shard; the histogram travels sparse (a shard fills few of the classes x bins cells)."""
+    t = _read(path, ["label", "confidence"])
+    try:
+        hist, above = shard_histogram(t.column("label").to_numpy(), t.column("confidence").to_numpy(), num_classes, cfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    cells = np.flatnonzero(hist)
+    return cells, hist.reshape(-1)[cells], above
+
+
+def _candidates_task(path: str, plan: SelectPlan, cfg: SelectConfig) -> dict:
+    t = _read(path, ["key", "label", "confidence"])
+    labels, conf = t.column("label").to_numpy(), t.column("confidence").to_numpy()
+    return shard_candidates(t.column("key").to_numpy(zero_copy_only=False), labels, conf, plan, cfg)
+
+
+def _write_task(path: str, out_path: str, plan: SelectPlan, cfg: SelectConfig, digest: str) -> dict:
+    """Writes one selection sidecar (unless a valid one with this plan exists); returns per-class counts."""
+    num_classes = len(plan.boundary)
+    existing = _selection_counts(out_path, digest, num_classes)
+    if existing is not None:
+        return existing | {"resumed": True}
+    t = pq.read_table(path)
+    keys = t.column("key").to_numpy(zero_copy_only=False)
+    labels, conf = t.column("label").to_numpy(), t.column("confidence").to_numpy()
+    copies = shard_copies(keys, labels, conf, plan, cfg)
+    kept = np.flatnonzero(copies > 0)
+    columns = ["key", "shard", "label", "confidence"]
+    if cfg.label_type == "soft":
+        columns += [c for c in SOFT_COLUMNS if c in t.column_names]
+    out = t.select(columns).take(pa.array(kept, pa.int64()))
+    out = out.add_column(2, "copies", pa.array(copies[kept].astype(np.int32)))
+    counts = {
+        "kept": np.bincount(labels[kept], minlength=num_classes).tolist(),
+        "after": np.bincount(labels[kept], weights=copies[kept], minlength=num_classes).astype(int).tolist(),
+    }
+    meta = {"format": SELECTION_FORMAT, "rows": str(len(kept)), "plan": digest, "counts": json.dumps(counts)}
+    write_sidecar(out.replace_schema_metadata(meta), Path(out_path))
+    return counts | {"resumed": False}
+
+
+def _selection_counts(path: str, digest: str, num_classes: int) -> dict | None:
+    """Per-class counts of a complete selection sidecar written for this plan, or None."""
+    try:
+        meta, kv = pq.read_metadata(path), pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    if kv.get(b"format") != SELECTION_FORMAT.encode() or kv.get(b"plan") != digest.encode():
+        return None
+    if int(kv.get(b"rows", b"-1")) != meta.num_rows:
+        return None
+    counts = json.loads(kv[b"counts"])
+    return counts if len(counts["kept"]) == num_classes else None
+
+
+def plan_digest(plan: SelectPlan, cfg: SelectConfig, sidecars: list[str]) -> str:
+    h = hashlib.sha256(repr(cfg).encode())
+    for name in ("boundary", "need", "base", "extra", "cut_conf", "cut_hash", "dup_cut"):
+        h.update(np.ascontiguousarray(getattr(plan, name)).tobytes())
+    for s in sidecars:
+        stat = Path(s).stat()
+        h.update(f"{Path(s).name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _run_tasks(fn: Callable, args: Iterable[tuple], total: int, desc: str, progress: bool) -> Iterator:
+    """Runs ``fn`` as Ray tasks with a bounded number in flight; yields results as they finish."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
+    window = max(2, 2 * int(ray.available_resources().get("CPU", 1)))
+    pending: list = []
+    bar = tqdm(total=total, unit="shard", desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    for a in args:
+        pending.append(remote.remote(*a))
+        if len(pending) >= window:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(1)
+            yield ray.get(done[0])
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        bar.update(1)
+        yield ray.get(done[0])
+    bar.close()
+
+
+def run_selection(
+    sidecars: list[str], out_dir: str, num_classes: int, cfg: SelectConfig, progress: bool = True
+) -> dict:
+    """Selects pseudo-labeled samples from per-shard sidecars; returns the summary (also ``selection.json``)."""
+    import ray
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(sidecars)
+    hist = np.zeros((num_classes, cfg.bins), dtype=np.int64)
+    above = np.zeros(num_classes, dtype=np.int64)
+    pass1 = ((s, num_classes, cfg) for s in sidecars)
+    for cells, counts, a in _run_tasks(_histogram_task, pass1, n, "select 1/3", progress):
+        hist.reshape(-1)[cells] += counts
+        above += a
+    plan = plan_selection(hist, above, cfg)
+    plan_ref = ray.put(plan)
+    merger = CandidateMerger(plan)
+    if (plan.need > 0).any() or (plan.extra > 0).any():
+        for cand in _run_tasks(_candidates_task, ((s, plan_ref, cfg) for s in sidecars), n, "select 2/3", progress):
+            merger.add(cand)
+    plan = merger.finalize()
+    digest = plan_digest(plan, cfg, sidecars)
+    plan_ref = ray.put(plan)
+    kept = np.zeros(num_classes, dtype=np.int64)
+    after = np.zeros(num_classes, dtype=np.int64)
+    resumed = 0
+    args = ((s, str(out / Path(s).name), plan_ref, cfg, digest) for s in sidecars)
+    for counts in _run_tasks(_write_task, args, n, "select 3/3", progress):
+        kept += counts["kept"]
+        after += counts["after"]
+        resumed += counts["resumed"]
+    summary = summarize(hist, plan, kept, after, cfg)
+    summary.update({"shards": n, "shards_resumed": resumed, "seconds": round(time.perf_counter() - start, 3)})
+    atomic_write_json(out / "selection.json", summary)
+    plot_selection(summary, out / "selection.png")
+    log.info(
+        "select: %d of %d rows kept (%d below the floor), %d copies with K=%d",
+        summary["kept"],
+        summary["rows_in"],
+        summary["dropped_by_floor"],
+        summary["copies_out"],
+        plan.k,
+    )
+    return summary
+
+
+def summarize(hist: np.ndarray, plan: SelectPlan, kept: np.ndarray, after: np.ndarray, cfg: SelectConfig) -> dict:
+    """The stage summary: per-class counts before/after, thresholds, duplication, and a coarse histogram."""
+    before = hist.sum(axis=1)
+    thresholds = np.where(plan.boundary >= 0, plan.cut_conf, cfg.floor).astype(float)
+    duplication = np.divide(after, kept, out=np.zeros(len(kept)), where=kept > 0)
+    edges = np.linspace(0, cfg.bins, 33).astype(int)
+    coarse = np.add.reduceat(hist.sum(axis=0), edges[:-1])
+    return {
+        "mode": cfg.mode,
+        "floor": cfg.floor,
+        "label_type": cfg.label_type,
+        "K": int(plan.k),
+        "rows_in": int(before.sum()),
+        "dropped_by_floor": int(before.sum() - plan.above_floor.sum()),
+        "kept": int(kept.sum()),
+        "copies_out": int(after.sum()),
+        "per_class_before": before.tolist(),
+        "per_class_candidates": plan.above_floor.tolist(),
+        "per_class_kept": kept.tolist(),
+        "per_class_after": after.tolist(),
+        "thresholds": [round(t, 6) for t in thresholds.tolist()],
+        "duplication": [round(d, 4) for d in duplication.tolist()],
+        "confidence_histogram": {"edges": (edges / cfg.bins).round(6).tolist(), "counts": coarse.tolist()},
+    }
+
+
+def plot_selection(summary: dict, path: Path) -> None:
+    """Class counts before/after selection and the confidence histogram with the floor, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    classes = np.arange(len(summary["per_class_before"]))
+    for key, label in (
+        ("per_class_before", "teacher argmax"),
+        ("per_class_candidates", "above floor"),
+        ("per_class_after", "selected (with copies)"),
+    ):
+        ax1.step(classes, summary[key], where="mid", label=label)
+    ax1.axhline(summary["K"], color="grey", ls=":", label=f"K = {summary['K']}")
+    ax1.set(xlabel="class", ylabel="samples", title="class counts")
+    ax1.legend(fontsize=8)
+    hist = summary["confidence_histogram"]
+    edges = np.asarray(hist["edges"])
+    ax2.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="tab:blue")
+    ax2.axvline(summary["floor"], color="tab:red", ls="--", label=f"floor {summary['floor']}")
+    ax2.set(xlabel="teacher confidence", ylabel="samples", title="pseudo-label confidence", yscale="log")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)

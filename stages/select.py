@@ -1,0 +1,252 @@
+"""Selection of pseudo-labeled samples, as in Noisy Student (Xie et al. 2020, section 3 and appendix A.1).
+
+1. Confidence floor (paper 0.3): a sample whose teacher confidence is below it is never kept.
+2. Per-class budget ``K`` (paper 130,000 per class on ImageNet): ``select.per_class``, or when 0, derived from the
+   data as ``ceil(per_class_factor * rows_above_floor / num_classes)``, the per-class size of a balanced set.
+3. Mode ``none`` keeps everything above the floor once. ``topk`` keeps, per class, the ``K`` most confident
+   samples above the floor. ``balanced`` (the paper) does the same and then duplicates the samples of a class
+   that has ``n < K`` of them: each gets ``K // n`` copies and ``K % n`` of them, drawn by a seeded hash of the
+   key, one more, so the class totals exactly ``K``.
+
+Ranking is by confidence, descending; ties are broken by a seeded 64-bit hash of the sample key (ascending), so the
+result depends only on the seed and the rows, never on shard order or file layout.
+
+``select_in_memory`` is the reference: a few lines over whole arrays. The sharded path computes the same result
+with bounded memory, as three passes over the pseudo-label sidecars (``pipeline/ray_select.py`` runs each pass
+as Ray tasks, one per shard):
+
+* ``shard_histogram``: per-class confidence histograms (``classes x bins``) and counts above the floor.
+* ``plan_selection`` (driver) finds each class's boundary bin: every row above it is kept, the rows in it compete.
+* ``shard_candidates``: each shard's best ``need`` rows of the boundary bin, and for duplicated classes its
+  smallest duplication hashes; ``finalize_plan`` merges them into exact per-class cutoffs. Only histograms and
+  these few candidates ever reach the driver, never the rows.
+* ``shard_copies``: the per-row copy counts for one shard (0 = dropped), written as its selection sidecar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+
+MODES = ("none", "topk", "balanced")
+LABEL_TYPES = ("soft", "hard")
+# Keys are hashed twice with different salts: one hash breaks confidence ties, the other draws extra copies.
+_RANK_SALT, _DUP_SALT = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """Selection settings; the defaults are the paper's (floor 0.3, balanced), with K derived from the data."""
+
+    mode: str = "balanced"
+    floor: float = 0.3
+    per_class: int = 0
+    per_class_factor: float = 1.0
+    label_type: str = "soft"
+    seed: int = 0
+    bins: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0.0 <= self.floor <= 1.0:
+            raise ValueError(f"floor: a confidence in [0, 1], got {self.floor}")
+        if self.per_class < 0:
+            raise ValueError(f"per_class: K must be >= 0 (0 = derived from the data), got {self.per_class}")
+        if self.per_class_factor <= 0:
+            raise ValueError(f"per_class_factor: must be > 0, got {self.per_class_factor}")
+        if self.label_type not in LABEL_TYPES:
+            raise ValueError(f"label_type: must be soft or hard, got {self.label_type!r}")
+        if not 16 <= self.bins <= 1 << 16:
+            raise ValueError(f"bins: must be in [16, 65536], got {self.bins}")
+
+
+def key_hash(keys, seed: int, salt: int) -> np.ndarray:
+    """A seeded 64-bit hash per key (SipHash via pandas, vectorised), as uint64."""
+    hash_key = f"{seed & 0xFFFFFFFF:08x}{salt:08x}"
+    return pd.util.hash_array(np.asarray(keys, dtype=object), hash_key=hash_key, categorize=False)
+
+
+def per_class_budget(above_floor: np.ndarray, cfg: SelectConfig) -> int:
+    """K: the configured ``per_class``, or the mean class size above the floor times ``per_class_factor``."""
+    if cfg.per_class:
+        return cfg.per_class
+    return max(1, math.ceil(cfg.per_class_factor * int(above_floor.sum()) / len(above_floor)))
+
+
+def select_in_memory(keys, labels, confidence, num_classes: int, cfg: SelectConfig) -> np.ndarray:
+    """The reference selection over whole arrays: the number of copies of each row (0 = not selected)."""
+    labels, confidence = np.asarray(labels), np.asarray(confidence, dtype=np.float32)
+    copies = np.zeros(len(labels), dtype=np.int64)
+    above = confidence >= cfg.floor
+    copies[above] = 1
+    if cfg.mode == "none":
+        return copies
+    k = per_class_budget(np.bincount(labels[above], minlength=num_classes), cfg)
+    rank_hash, dup_hash = key_hash(keys, cfg.seed, _RANK_SALT), key_hash(keys, cfg.seed, _DUP_SALT)
+    for c in range(num_classes):
+        rows = np.flatnonzero(above & (labels == c))
+        if len(rows) > k:
+            order = np.lexsort((rank_hash[rows], -confidence[rows]))
+            copies[rows[order[k:]]] = 0
+        elif cfg.mode == "balanced" and 0 < len(rows) < k:
+            base, extra = divmod(k, len(rows))
+            copies[rows] = base
+            copies[rows[np.argsort(dup_hash[rows], kind="stable")[:extra]]] += 1
+    return copies
+
+
+# ---- the sharded path ------------------------------------------------------------------------------------------
+
+
+def confidence_bin(confidence: np.ndarray, bins: int) -> np.ndarray:
+    """Histogram bin of each confidence; bins are equal-width on [0, 1], the last one closed."""
+    return np.minimum((np.asarray(confidence, dtype=np.float64) * bins).astype(np.int64), bins - 1)
+
+
+def shard_histogram(labels, confidence, num_classes: int, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 1 for one shard: ``(classes x bins)`` confidence counts, and counts at or above the floor."""
+    labels, confidence = np.asarray(labels), np.asarray(confidence, dtype=np.float32)
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"pseudo-labels outside [0, {num_classes}): min {labels.min()}, max {labels.max()}")
+    flat = labels.astype(np.int64) * cfg.bins + confidence_bin(confidence, cfg.bins)
+    hist = np.bincount(flat, minlength=num_classes * cfg.bins).reshape(num_classes, cfg.bins)
+    above = np.bincount(labels[confidence >= cfg.floor], minlength=num_classes)
+    return hist, above
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectPlan:
+    """Per-class decisions from the histograms. ``boundary[c] = -1``: keep every row of class c above the floor.
+
+    Otherwise rows in bins above ``boundary[c]`` are kept, and the best ``need[c]`` rows inside it compete
+    (confidence, then rank hash); ``cut_conf/cut_hash`` are filled in by ``finalize_plan``. Duplicated classes get
+    ``base[c]`` copies per row, plus one for the ``extra[c]`` rows with the smallest duplication hash
+    (``dup_cut[c]`` is the largest such hash).
+    """
+
+    k: int
+    above_floor: np.ndarray
+    boundary: np.ndarray
+    need: np.ndarray
+    base: np.ndarray
+    extra: np.ndarray
+    cut_conf: np.ndarray | None = None
+    cut_hash: np.ndarray | None = None
+    dup_cut: np.ndarray | None = None
+
+
+def plan_selection(hist: np.ndarray, above_floor: np.ndarray, cfg: SelectConfig) -> SelectPlan:
+    """Pass-1 reduction (driver): boundary bins and copy counts per class, from histograms only."""
+    num_classes = hist.shape[0]
+    boundary = np.full(num_classes, -1, dtype=np.int64)
+    need = np.zeros(num_classes, dtype=np.int64)
+    base = np.ones(num_classes, dtype=np.int64)
+    extra = np.zeros(num_classes, dtype=np.int64)
+    k = 0 if cfg.mode == "none" else per_class_budget(above_floor, cfg)
+    floor_bin = int(confidence_bin(np.array([cfg.floor]), cfg.bins)[0])
+    for c in range(num_classes):
+        n = int(above_floor[c])
+        if cfg.mode == "none" or n == 0:
+            continue
+        if n > k:
+            # Rows at or above the boundary bin number >= k; those strictly above it number < k.
+            above_bin = np.cumsum(hist[c, ::-1])[::-1]  # above_bin[b] = rows in bins >= b
+            b = int(np.flatnonzero(above_bin >= k).max())
+            b = max(b, floor_bin)
+            boundary[c] = b
+            need[c] = k - (int(above_bin[b + 1]) if b + 1 < cfg.bins else 0)
+        elif cfg.mode == "balanced" and n < k:
+            base[c], extra[c] = divmod(k, n)
+    return SelectPlan(k, np.asarray(above_floor), boundary, need, base, extra)
+
+
+def shard_candidates(keys, labels, confidence, plan: SelectPlan, cfg: SelectConfig) -> dict[int, tuple]:
+    """Pass 2 for one shard: per class, its best ``need`` boundary rows ``("rank", conf, hash)`` and its ``extra``
+    smallest duplication hashes ``("dup", hash)``. A shard can't contribute more than that to the global cut."""
+    labels, confidence = np.asarray(labels), np.asarray(confidence, dtype=np.float32)
+    above = confidence >= cfg.floor
+    bins = confidence_bin(confidence, cfg.bins)
+    out: dict[int, tuple] = {}
+    compete = above & (plan.boundary[labels] == bins) if len(labels) else above
+    if compete.any():
+        rows = np.flatnonzero(compete)
+        rank_hash = key_hash(np.asarray(keys, dtype=object)[rows], cfg.seed, _RANK_SALT)
+        for c in np.unique(labels[rows]):
+            mine = labels[rows] == c
+            conf, h = confidence[rows][mine], rank_hash[mine]
+            best = np.lexsort((h, -conf))[: plan.need[c]]
+            out[int(c)] = ("rank", conf[best], h[best])
+    dup = above & (plan.extra[labels] > 0) if len(labels) else above
+    if dup.any():
+        rows = np.flatnonzero(dup)
+        dup_hash = key_hash(np.asarray(keys, dtype=object)[rows], cfg.seed, _DUP_SALT)
+        for c in np.unique(labels[rows]):
+            h = np.sort(dup_hash[labels[rows] == c])[: plan.extra[c]]
+            out[int(c)] = ("dup", h)
+    return out
+
+
+class CandidateMerger:
+    """Folds shard candidates into the global best per class, keeping at most ``need``/``extra`` per class."""
+
+    def __init__(self, plan: SelectPlan) -> None:
+        self.plan = plan
+        self.rank: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.dup: dict[int, np.ndarray] = {}
+
+    def add(self, candidates: dict[int, tuple]) -> None:
+        for c, item in candidates.items():
+            if item[0] == "rank":
+                conf, h = self.rank.get(c, (np.empty(0, np.float32), np.empty(0, np.uint64)))
+                conf, h = np.concatenate([conf, item[1]]), np.concatenate([h, item[2]])
+                best = np.lexsort((h, -conf))[: self.plan.need[c]]
+                self.rank[c] = (conf[best], h[best])
+            else:
+                h = np.concatenate([self.dup.get(c, np.empty(0, np.uint64)), item[1]])
+                self.dup[c] = np.sort(h)[: self.plan.extra[c]]
+
+    def finalize(self) -> SelectPlan:
+        """The plan with exact cutoffs: the last kept boundary row and the largest hash given an extra copy."""
+        n = len(self.plan.boundary)
+        cut_conf = np.full(n, np.inf, dtype=np.float32)
+        cut_hash = np.zeros(n, dtype=np.uint64)
+        dup_cut = np.zeros(n, dtype=np.uint64)
+        for c, (conf, h) in self.rank.items():
+            if len(conf) != self.plan.need[c]:
+                raise RuntimeError(f"selection: class {c}: {len(conf)} boundary rows, expected {self.plan.need[c]}")
+            cut_conf[c], cut_hash[c] = conf[-1], h[-1]
+        for c, h in self.dup.items():
+            if len(h) != self.plan.extra[c]:
+                raise RuntimeError(f"selection: class {c}: {len(h)} duplication draws, expected {self.plan.extra[c]}")
+            dup_cut[c] = h[-1]
+        return dataclasses.replace(self.plan, cut_conf=cut_conf, cut_hash=cut_hash, dup_cut=dup_cut)
+
+
+def shard_copies(keys, labels, confidence, plan: SelectPlan, cfg: SelectConfig) -> np.ndarray:
+    """Pass 3 for one shard: copies per row (0 = dropped), given a finalized plan."""
+    if plan.cut_conf is None:
+        raise ValueError("shard_copies needs a finalized plan (CandidateMerger.finalize)")
+    labels, confidence = np.asarray(labels), np.asarray(confidence, dtype=np.float32)
+    copies = (confidence >= cfg.floor).astype(np.int64)
+    if cfg.mode == "none" or not len(labels):
+        return copies
+    boundary = plan.boundary[labels]
+    bins = confidence_bin(confidence, cfg.bins)
+    copies[(boundary >= 0) & (bins < boundary)] = 0
+    tied = np.flatnonzero((copies > 0) & (boundary >= 0) & (bins == boundary))
+    if len(tied):
+        h = key_hash(np.asarray(keys, dtype=object)[tied], cfg.seed, _RANK_SALT)
+        cc, ch, conf = plan.cut_conf[labels[tied]], plan.cut_hash[labels[tied]], confidence[tied]
+        copies[tied] = (conf > cc) | ((conf == cc) & (h <= ch))
+    dup = np.flatnonzero((copies > 0) & ((plan.base[labels] > 1) | (plan.extra[labels] > 0)))
+    if len(dup):
+        copies[dup] = plan.base[labels[dup]]
+        has_extra = dup[plan.extra[labels[dup]] > 0]
+        if len(has_extra):
+            h = key_hash(np.asarray(keys, dtype=object)[has_extra], cfg.seed, _DUP_SALT)
+            copies[has_extra] += h <= plan.dup_cut[labels[has_extra]]
+    return copies

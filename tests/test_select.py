@@ -1,0 +1,239 @@
+"""Selection: properties of the reference, a hand-worked example, and sharded/Ray == in-memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stages.pseudo_label import build_table, write_sidecar
+from stages.select import (
+    CandidateMerger,
+    SelectConfig,
+    per_class_budget,
+    plan_selection,
+    select_in_memory,
+    shard_candidates,
+    shard_copies,
+    shard_histogram,
+)
+
+# Few distinct confidences, so ties (broken by the key hash) are common.
+CONFIDENCES = [0.05, 0.2, 0.3, 0.31, 0.5, 0.5001, 0.75, 0.9, 0.99, 1.0]
+
+
+@st.composite
+def selection_inputs(draw):
+    num_classes = draw(st.integers(1, 6))
+    n = draw(st.integers(0, 120))
+    labels = np.array(draw(st.lists(st.integers(0, num_classes - 1), min_size=n, max_size=n)), dtype=np.int64)
+    conf = np.array(draw(st.lists(st.sampled_from(CONFIDENCES), min_size=n, max_size=n)), dtype=np.float32)
+    keys = np.array([f"k{i:05d}" for i in range(n)], dtype=object)
+    cfg = SelectConfig(
+        mode=draw(st.sampled_from(["none", "topk", "balanced"])),
+        floor=draw(st.sampled_from([0.0, 0.3, 0.5, 0.95])),
+        per_class=draw(st.integers(0, 25)),
+        per_class_factor=draw(st.sampled_from([0.5, 1.0, 2.0])),
+        seed=draw(st.integers(0, 3)),
+        bins=draw(st.sampled_from([16, 64, 2048])),
+    )
+    return keys, labels, conf, num_classes, cfg
+
+
+def sharded(keys, labels, conf, num_classes, cfg, shards: int, seed: int = 0) -> np.ndarray:
+    """The three-pass path, in-process, over a random split of the rows into shards."""
+    parts = np.array_split(np.random.default_rng(seed).permutation(len(keys)), shards)
+    hist = np.zeros((num_classes, cfg.bins), dtype=np.int64)
+    above = np.zeros(num_classes, dtype=np.int64)
+    for p in parts:
+        h, a = shard_histogram(labels[p], conf[p], num_classes, cfg)
+        hist, above = hist + h, above + a
+    merger = CandidateMerger(plan_selection(hist, above, cfg))
+    for p in parts:
+        merger.add(shard_candidates(keys[p], labels[p], conf[p], merger.plan, cfg))
+    plan = merger.finalize()
+    copies = np.zeros(len(keys), dtype=np.int64)
+    for p in parts:
+        copies[p] = shard_copies(keys[p], labels[p], conf[p], plan, cfg)
+    return copies
+
+
+@settings(max_examples=300, deadline=None)
+@given(selection_inputs())
+def test_reference_properties(inputs):
+    keys, labels, conf, num_classes, cfg = inputs
+    copies = select_in_memory(keys, labels, conf, num_classes, cfg)
+    above = conf >= cfg.floor
+    assert (copies >= 0).all() and len(copies) == len(keys)
+    assert (conf[copies > 0] >= cfg.floor).all(), "a sample below the floor was kept"
+    assert (copies[above] >= 1).all() if cfg.mode == "none" else True
+    k = per_class_budget(np.bincount(labels[above], minlength=num_classes), cfg)
+    for c in range(num_classes):
+        mine = labels == c
+        n_above = int((mine & above).sum())
+        unique, total = int((copies[mine] > 0).sum()), int(copies[mine].sum())
+        if cfg.mode == "none":
+            assert unique == total == n_above
+            continue
+        assert unique == min(n_above, k), "no class exceeds K unique samples; none is dropped below K"
+        if cfg.mode == "balanced" and n_above:
+            assert total == k, "balanced: every non-empty class totals exactly K"
+        else:
+            assert total == unique, "topk never duplicates"
+        if total > unique:
+            assert n_above < k, "duplication only in scarce classes"
+            assert copies[mine].max() - copies[mine & (copies > 0)].min() <= 1, "copies are floor(K/n) or ceil(K/n)"
+        kept, dropped = mine & (copies > 0), mine & above & (copies == 0)
+        if kept.any() and dropped.any():
+            assert conf[kept].min() >= conf[dropped].max(), "the K most confident are kept"
+    # Same seed, same output, whatever the row order.
+    order = np.random.default_rng(0).permutation(len(keys))
+    again = select_in_memory(keys[order], labels[order], conf[order], num_classes, cfg)
+    np.testing.assert_array_equal(again, copies[order])
+
+
+@settings(max_examples=300, deadline=None)
+@given(selection_inputs(), st.integers(1, 7))
+def test_sharded_three_pass_equals_reference(inputs, shards):
+    keys, labels, conf, num_classes, cfg = inputs
+    expected = select_in_memory(keys, labels, conf, num_classes, cfg)
+    np.testing.assert_array_equal(sharded(keys, labels, conf, num_classes, cfg, shards), expected)
+
+
+def test_seed_changes_only_tie_breaks_and_draws():
+    keys = np.array([f"k{i}" for i in range(40)], dtype=object)
+    labels = np.zeros(40, dtype=np.int64)
+    conf = np.full(40, 0.8, dtype=np.float32)  # all tied: the seed decides which 10 are kept
+    picks = {
+        tuple(np.flatnonzero(select_in_memory(keys, labels, conf, 1, SelectConfig(per_class=10, seed=s))))
+        for s in range(4)
+    }
+    assert len(picks) > 1
+
+
+def test_golden_hand_worked_example():
+    # class 0: a..d above the floor (4 > K=3): keep the three most confident a, b, c; e is below the floor.
+    # class 1: f, g (2 < K=4): duplicated, 4 // 2 = 2 copies each, no remainder.
+    # class 2: h below the floor: nothing. class 3: i, j, k tied at 0.6 with K=3: all kept once.
+    keys = np.array(list("abcdefghijk"), dtype=object)
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 2, 3, 3, 3])
+    conf = np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.95, 0.5, 0.29, 0.6, 0.6, 0.6], dtype=np.float32)
+    expect = {
+        "balanced": ([1, 1, 1, 0, 0, 2, 2, 0, 1, 1, 1], 4),
+        "topk": ([1, 1, 1, 0, 0, 1, 1, 0, 1, 1, 1], 4),
+        "none": ([1, 1, 1, 1, 0, 1, 1, 0, 1, 1, 1], 4),
+    }
+    for mode, (copies, _) in expect.items():
+        cfg = SelectConfig(mode=mode, floor=0.3, per_class=3 if mode != "balanced" else 3)
+        got = select_in_memory(keys, labels, conf, 4, cfg)
+        if mode == "balanced":  # K=3: class 1 has n=2 -> one of f, g gets the third copy
+            assert got[:5].tolist() == [1, 1, 1, 0, 0] and sorted(got[5:7].tolist()) == [1, 2]
+            got = select_in_memory(keys, labels, conf, 4, dataclasses.replace(cfg, per_class=4))
+            # K=4: class 0 keeps all four above the floor, class 3 duplicates 3 rows to 4 (one gets 2).
+            assert got[:5].tolist() == [1, 1, 1, 1, 0] and got[5:8].tolist() == [2, 2, 0]
+            assert sorted(got[8:].tolist()) == [1, 1, 2]
+            continue
+        assert got.tolist() == copies, mode
+    # Derived K: 9 rows above the floor over 4 classes, factor 1 -> ceil(9 / 4) = 3.
+    assert per_class_budget(np.array([4, 2, 0, 3]), SelectConfig()) == 3
+
+
+def test_bad_config_values_are_refused():
+    for bad in ({"mode": "paper"}, {"floor": 1.5}, {"per_class": -1}, {"label_type": "fuzzy"}, {"bins": 4}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SelectConfig(**bad)
+
+
+def test_labels_outside_the_classes_are_refused():
+    with pytest.raises(ValueError, match="outside"):
+        shard_histogram(np.array([0, 7]), np.array([0.5, 0.5]), 3, SelectConfig())
+
+
+# ---- through Ray, on sidecars -------------------------------------------------------------------------------
+
+
+def write_random_sidecars(root, rows_per_shard, num_classes, seed, topk=0):
+    rng = np.random.default_rng(seed)
+    paths, n = [], 0
+    for s, rows in enumerate(rows_per_shard):
+        logits = torch.tensor(rng.normal(0, 2.5, (rows, num_classes)), dtype=torch.float32)
+        probs = torch.softmax(logits, dim=-1)
+        keys = [f"s{s}-{i:05d}" for i in range(rows)]
+        n += rows
+        table = build_table(f"shard-{s}.tar", keys, probs, [-1] * rows, topk, [])
+        path = root / f"shard-{s}.parquet"
+        write_sidecar(table, path)
+        paths.append(str(path))
+    return paths
+
+
+def read_all(paths):
+    tables = [pq.read_table(p) for p in paths]
+    keys = np.concatenate([t.column("key").to_numpy(zero_copy_only=False) for t in tables])
+    labels = np.concatenate([t.column("label").to_numpy() for t in tables])
+    conf = np.concatenate([t.column("confidence").to_numpy() for t in tables])
+    return keys, labels, conf
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SelectConfig(mode="balanced", floor=0.3, bins=16),
+        SelectConfig(mode="topk", floor=0.5, per_class=20, label_type="hard"),
+        SelectConfig(mode="none", floor=0.6, seed=3),
+    ],
+    ids=["balanced", "topk-hard", "none"],
+)
+def test_ray_stage_equals_reference(ray_session, tmp_path, cfg):
+    from pipeline.ray_select import run_selection
+
+    sidecars = write_random_sidecars(tmp_path / "pl", [90, 0, 57, 130], 5, seed=1)
+    summary = run_selection(sidecars, str(tmp_path / "sel"), 5, cfg, progress=False)
+    keys, labels, conf = read_all(sidecars)
+    expected = dict(zip(keys, select_in_memory(keys, labels, conf, 5, cfg), strict=True))
+    got = {}
+    for s in sidecars:
+        t = pq.read_table(tmp_path / "sel" / (s.rsplit("/", 1)[1]))
+        assert ("probs" in t.column_names) == (cfg.label_type == "soft")
+        for k, c in zip(t.column("key").to_pylist(), t.column("copies").to_pylist(), strict=True):
+            assert k not in got, "a key appears twice in the selection"
+            got[k] = c
+    assert got == {k: int(c) for k, c in expected.items() if c > 0}
+    assert summary["copies_out"] == sum(got.values()) and summary["kept"] == len(got)
+    assert summary["rows_in"] == len(keys)
+    assert summary["dropped_by_floor"] == int((conf < cfg.floor).sum())
+    assert sum(summary["per_class_after"]) == summary["copies_out"]
+    recorded = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert recorded["per_class_kept"] == summary["per_class_kept"]
+    assert (tmp_path / "sel" / "selection.png").stat().st_size > 1000
+
+
+def test_ray_stage_resumes_and_redoes_a_damaged_sidecar(ray_session, tmp_path):
+    from pipeline.ray_select import run_selection
+
+    sidecars = write_random_sidecars(tmp_path / "pl", [40, 40, 40], 4, seed=2, topk=2)
+    cfg = SelectConfig()
+    first = run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False)
+    assert first["shards_resumed"] == 0
+    damaged = tmp_path / "sel" / "shard-1.parquet"
+    before = pq.read_table(damaged)
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    second = run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False)
+    assert second["shards_resumed"] == 2
+    assert pq.read_table(damaged).equals(before)
+    assert "topk_idx" in before.column_names
+    assert second["per_class_after"] == first["per_class_after"]
+
+
+def test_ray_stage_names_the_sidecar_with_bad_labels(ray_session, tmp_path):
+    from pipeline.ray_select import run_selection
+
+    sidecars = write_random_sidecars(tmp_path / "pl", [10], 4, seed=0)
+    with pytest.raises(Exception, match="shard-0.parquet"):
+        run_selection(sidecars, str(tmp_path / "sel"), 3, SelectConfig(), progress=False)
