@@ -12,10 +12,16 @@ Final line: ``{"bench": "select", "rows": N, "classes": C, "seconds": s, "peak_r
 
 from __future__ import annotations
 
+import sys
+
+# This folder comes first on sys.path and its select.py would shadow the standard library's select module
+# (imported by subprocess, which Ray uses): move it to the end.
+_here = sys.path.pop(0)
+sys.path.append(_here)
+
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +29,6 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import PeakRss  # noqa: E402
 

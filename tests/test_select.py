@@ -54,7 +54,7 @@ def sharded(keys, labels, conf, num_classes, cfg, shards: int, seed: int = 0) ->
     for p in parts:
         h, a = shard_histogram(labels[p], conf[p], num_classes, cfg)
         hist, above = hist + h, above + a
-    merger = CandidateMerger(plan_selection(hist, above, cfg))
+    merger = CandidateMerger(plan_selection(hist, above, cfg), compact_at=5)  # compacts between shards too
     for p in parts:
         merger.add(shard_candidates(keys[p], labels[p], conf[p], merger.plan, cfg))
     plan = merger.finalize()
