@@ -8,7 +8,7 @@ ROUNDS ?= 3
 RUN ?=
 SET ?=
 
-.PHONY: venv data iterate test lint bench clean
+.PHONY: venv data iterate report report-check test lint bench clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -22,6 +22,17 @@ data: $(STAMP)
 
 iterate: $(STAMP)
 	$(PY) -m pipeline iterate --config $(CONFIG) --rounds $(ROUNDS) $(if $(RUN),--run $(RUN)) $(foreach s,$(SET),--set $(s))
+
+# RUN: a run name under runs/ or a run folder. report rebuilds <run>/report.html (and its TensorBoard events);
+# report-check opens it in headless Chromium (Debian's chromium package), screenshots it to <run>/report.png and
+# checks that every image loaded and every number equals the run's files.
+report: $(STAMP)
+	$(if $(RUN),,$(error make report needs RUN=<run name or folder>))
+	$(PY) -m pipeline report $(RUN)
+
+report-check: $(STAMP)
+	$(if $(RUN),,$(error make report-check needs RUN=<run name or folder>))
+	$(PY) -m pipeline.report_check $(RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

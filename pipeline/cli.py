@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {iterate,prepare-digits,...} --help``.
+"""Command line: ``python -m pipeline {iterate,report,compare,prepare-digits} --help``.
 
 Only this module prints; errors a user can fix (bad config, bad data, unwritable storage) end in one line
 ``error: ...`` and exit status 2.
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
+from pipeline.report_data import ReportError
 from pipeline.storage import StorageError
 from stages.data import DataError
 
@@ -48,11 +49,33 @@ def _add_prepare(sub) -> None:
     p.set_defaults(func=cmd_prepare)
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="rebuild a run's report.html and TensorBoard events",
+        description="Rewrites <run>/report.html (static, offline) and <run>/tensorboard/ from the run's files.",
+    )
+    p.add_argument("run", metavar="RUN", help="run name under --storage, or a path to a run folder")
+    p.add_argument("--storage", default="runs", help="folder holding the runs (default runs)")
+    p.set_defaults(func=cmd_report)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="per-round test top-1 of two runs side by side, plus a plot")
+    p.add_argument("run_a", metavar="RUN_A", help="run name under --storage, or a path to a run folder")
+    p.add_argument("run_b", metavar="RUN_B", help="the run to compare it with")
+    p.add_argument("--storage", default="runs", help="folder holding the runs (default runs)")
+    p.add_argument("--out", help="plot to write (default compare-<A>-vs-<B>.png beside RUN_A)")
+    p.set_defaults(func=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_iterate(sub)
+    _add_report(sub)
+    _add_compare(sub)
     _add_prepare(sub)
     return parser
 
@@ -81,13 +104,61 @@ def cmd_iterate(args) -> int:
     cfg = load_config(args.config, overrides)
     ensure_digits(cfg.data.prepare_digits)
     run = args.run or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     rows = run_pipeline(cfg, run, progress=not args.no_progress)
     print()
     print(format_table(rows))
     run_dir = Path(cfg.storage).resolve() / run
     print(f"\nrun {run} finished in {time.perf_counter() - start:.0f} s; outputs in {run_dir}")
+    report = run_dir / "report.html"
+    if report.is_file() and report.stat().st_mtime >= started:
+        print(f"report: {report}")
+    else:
+        print(f"report: not updated (see the warnings above); rebuild it with python -m pipeline report {run_dir}")
     return 0
+
+
+def cmd_report(args) -> int:
+    from pipeline.report import build_report
+    from pipeline.report_data import resolve_run
+    from pipeline.tb_events import write_tensorboard
+
+    run_dir = resolve_run(args.run, args.storage)
+    write_tensorboard(run_dir)
+    print(build_report(run_dir))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pipeline.report import compare_runs
+    from pipeline.report_data import resolve_run
+
+    run_a, run_b = resolve_run(args.run_a, args.storage), resolve_run(args.run_b, args.storage)
+    out = Path(args.out) if args.out else run_a.parent / f"compare-{run_a.name}-vs-{run_b.name}.png"
+    rows = compare_runs(run_a, run_b, out)
+    print(format_comparison(rows, run_a.name, run_b.name))
+    print(f"\nplot: {out}")
+    return 0
+
+
+def format_comparison(rows: list[dict], name_a: str, name_b: str) -> str:
+    """Per-round test top-1 of two runs; the last column is B minus A in percentage points."""
+    header = ("round", f"{name_a} model", f"{name_a} top-1", f"{name_b} model", f"{name_b} top-1", "B - A")
+    lines = []
+    for m in rows:
+        a, b = m["a_top1"], m["b_top1"]
+        diff = f"{(b - a) * 100:+.2f} pp" if a is not None and b is not None else "-"
+        lines.append(
+            (
+                str(m["round"]),
+                m["a_model"] or "-",
+                f"{a * 100:.2f}%" if a is not None else "-",
+                m["b_model"] or "-",
+                f"{b * 100:.2f}%" if b is not None else "-",
+                diff,
+            )
+        )
+    return _columns(header, lines)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -107,6 +178,10 @@ def format_table(rows: list[dict]) -> str:
                 f"{seconds:.0f}",
             )
         )
+    return _columns(header, lines)
+
+
+def _columns(header: tuple[str, ...], lines: list[tuple[str, ...]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in lines])
@@ -121,6 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, DataError, StorageError) as exc:
+    except (ConfigError, DataError, StorageError, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

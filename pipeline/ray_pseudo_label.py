@@ -49,7 +49,7 @@ def run_pseudo_label(
     resumed = len(shards) - len(todo)
     if resumed:
         log.info("pseudo-label: %d of %d shards already labeled, resuming with %d", resumed, len(shards), len(todo))
-    start, rows_new, errors = time.perf_counter(), 0, []
+    start, rows_new, shards_done, errors = time.perf_counter(), 0, 0, []
     if todo:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # our own bar counts shards and images
@@ -74,9 +74,11 @@ def run_pseudo_label(
             rows_new += int(row["rows"])
             if row["error"]:
                 errors.append(row["error"])
-            elapsed = time.perf_counter() - start
-            bar.set_postfix_str(f"{rows_new} images, {rows_new / max(elapsed, 1e-9):.0f} img/s")
+            elapsed, shards_done = time.perf_counter() - start, shards_done + 1
             bar.update(1)
+            # Shards don't record their size: the image total is estimated from the shards done so far.
+            estimate = round(rows_new / shards_done * len(todo))
+            bar.set_postfix_str(f"{rows_new}/~{estimate} images, {rows_new / max(elapsed, 1e-9):.0f} img/s")
         bar.close()
     seconds = time.perf_counter() - start
     if errors:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SELECTION_FORMAT = "selection/v1"
 SOFT_COLUMNS = ("probs", "topk_idx", "topk_prob")
+INLINE_BYTES = 16 << 20  # below this much sidecar data, the passes run in the driver
 
 
 def _read(path: str, columns: list[str]) -> pa.Table:
@@ -113,8 +114,12 @@ def plan_digest(plan: SelectPlan, cfg: SelectConfig, sidecars: list[str]) -> str
     return h.hexdigest()
 
 
-def _run_tasks(fn: Callable, args: Iterable[tuple], total: int, desc: str, progress: bool) -> Iterator:
-    """Runs ``fn`` as Ray tasks with a bounded number in flight; yields results as they finish."""
+def _run_tasks(fn: Callable, args: Iterable[tuple], total: int, desc: str, progress: bool, inline: bool) -> Iterator:
+    """Runs ``fn`` as Ray tasks with a bounded number in flight (or in this process when ``inline``); yields
+    results as they finish."""
+    if inline:
+        yield from (fn(*a) for a in args)
+        return
     import ray
 
     remote = ray.remote(num_cpus=1, max_retries=3)(fn)
@@ -135,40 +140,53 @@ def _run_tasks(fn: Callable, args: Iterable[tuple], total: int, desc: str, progr
 
 
 def run_selection(
-    sidecars: list[str], out_dir: str, num_classes: int, cfg: SelectConfig, progress: bool = True
+    sidecars: list[str],
+    out_dir: str,
+    num_classes: int,
+    cfg: SelectConfig,
+    progress: bool = True,
+    inline_bytes: int = INLINE_BYTES,
 ) -> dict:
-    """Selects pseudo-labeled samples from per-shard sidecars; returns the summary (also ``selection.json``)."""
+    """Selects pseudo-labeled samples from per-shard sidecars; returns the summary (also ``selection.json``).
+
+    Sidecars totalling less than ``inline_bytes`` are processed in this process with the same functions: Ray
+    tasks would cost seconds of worker start-up for milliseconds of work (the digits default).
+    """
     import ray
 
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = len(sidecars)
+    inline = sum(Path(s).stat().st_size for s in sidecars) < inline_bytes
+    put = (lambda x: x) if inline else ray.put
     hist = np.zeros((num_classes, cfg.bins), dtype=np.int64)
     above = np.zeros(num_classes, dtype=np.int64)
     pass1 = ((s, num_classes, cfg) for s in sidecars)
-    for cells, counts, a in _run_tasks(_histogram_task, pass1, n, "select 1/3", progress):
+    for cells, counts, a in _run_tasks(_histogram_task, pass1, n, "select 1/3", progress, inline):
         hist.reshape(-1)[cells] += counts
         above += a
     plan = plan_selection(hist, above, cfg)
-    plan_ref = ray.put(plan)
+    plan_ref = put(plan)
     merger = CandidateMerger(plan)
     if (plan.need > 0).any() or (plan.extra > 0).any():
-        for cand in _run_tasks(_candidates_task, ((s, plan_ref, cfg) for s in sidecars), n, "select 2/3", progress):
+        pass2 = ((s, plan_ref, cfg) for s in sidecars)
+        for cand in _run_tasks(_candidates_task, pass2, n, "select 2/3", progress, inline):
             merger.add(cand)
     plan = merger.finalize()
     digest = plan_digest(plan, cfg, sidecars)
-    plan_ref = ray.put(plan)
+    plan_ref = put(plan)
     kept = np.zeros(num_classes, dtype=np.int64)
     after = np.zeros(num_classes, dtype=np.int64)
     resumed = 0
     args = ((s, str(out / Path(s).name), plan_ref, cfg, digest) for s in sidecars)
-    for counts in _run_tasks(_write_task, args, n, "select 3/3", progress):
+    for counts in _run_tasks(_write_task, args, n, "select 3/3", progress, inline):
         kept += counts["kept"]
         after += counts["after"]
         resumed += counts["resumed"]
     summary = summarize(hist, plan, kept, after, cfg)
     summary.update({"shards": n, "shards_resumed": resumed, "seconds": round(time.perf_counter() - start, 3)})
+    summary["ran_as"] = "in-process" if inline else "ray tasks"
     atomic_write_json(out / "selection.json", summary)
     plot_selection(summary, out / "selection.png")
     log.info(

@@ -18,6 +18,7 @@ from pipeline.ray_pseudo_label import run_pseudo_label
 from pipeline.ray_runtime import init_ray
 from pipeline.ray_select import run_selection
 from pipeline.ray_train import run_training
+from pipeline.report import refresh_report
 from pipeline.storage import RoundManifest, atomic_write_json, atomic_write_text, read_json, round_dir, sha256_file
 from stages.data import DataError, LabeledSet, expand_shards, load_labeled, shard_id
 from stages.evaluate import evaluate
@@ -94,6 +95,7 @@ def run_pipeline(cfg: PipelineConfig, run_name: str, progress: bool = True) -> l
             rows.append(run_round(ctx, r, status))
             status["rounds_completed"] = r + 1
             _save_status(run_dir, status)
+            refresh_report(run_dir)  # report.html + TensorBoard events; logs a warning on failure, never raises
     except BaseException as exc:
         status["status"] = f"failed: {exc.__class__.__name__}: {str(exc)[:300]}"
         _save_status(run_dir, status)

@@ -10,6 +10,8 @@ Layout (users and later tools rely on it)::
     <storage>/<run>/round-NNN/pseudo_labels/     soft labels from the previous model (Parquet per shard)
     <storage>/<run>/round-NNN/selection/         what was kept (Parquet per shard) + selection.json/png
     <storage>/<run>/round-NNN/manifest.json      stages completed, inputs, sha256 of each file
+    <storage>/<run>/report.html                  the run report (pipeline/report.py), rewritten after every round
+    <storage>/<run>/tensorboard/                 TensorBoard events (pipeline/tb_events.py)
 
 Every file is written to a temporary name in its directory and renamed, so a reader never sees half a file;
 ``manifest.json`` records each file's size and sha256 so a resume can tell a complete file from a damaged one.

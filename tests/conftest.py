@@ -1,4 +1,5 @@
-"""Shared fixtures: a temporary HOME for Ray's auth token, one session-scoped Ray, tiny digits shards."""
+"""Shared fixtures: a temporary HOME for Ray's auth token, one session-scoped Ray, tiny digits shards, and one
+finished one-round run (used by test_pipeline.py and test_report.py, trained once per session)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 
 # Ray writes its auth token under HOME; keep the user's real token out of the tests (and vice versa).
-_HOME = tempfile.mkdtemp(prefix="ns-test-home-")
-os.environ["HOME"] = _HOME
+# Once per session: test modules that import this file as ``tests.conftest`` must not move HOME again.
+if "NS_TEST_HOME" not in os.environ:
+    os.environ["NS_TEST_HOME"] = tempfile.mkdtemp(prefix="ns-test-home-")
+os.environ["HOME"] = os.environ["NS_TEST_HOME"]
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -73,3 +76,19 @@ def tiny_config(digits_root, tmp_path):
         return load_config(None, list(overrides), base=tiny_tree(digits_root, tmp_path / "runs"))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def finished_run(ray_session, digits_root, tmp_path_factory):
+    """A tiny run of rounds 0 and 1 through Ray on the real digits data: ``(cfg, run_dir, rows)``.
+
+    Shared by the whole session because training it is the slow part; tests that change the run must leave it as
+    they found it (test_pipeline.py's damage test redoes the round it damages), or work on a copy.
+    """
+    from pipeline.config import load_config
+    from pipeline.rounds import run_pipeline
+
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = load_config(None, [], base=tiny_tree(digits_root, storage))
+    rows = run_pipeline(cfg, "one-round", progress=False)
+    return cfg, storage / "one-round", rows

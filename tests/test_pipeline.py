@@ -1,4 +1,7 @@
-"""One full Noisy Student round through Ray (Ray Train + Ray Data + selection tasks) on the real digits data."""
+"""One full Noisy Student round through Ray (Ray Train + Ray Data + selection tasks) on the real digits data.
+
+The run itself is the session fixture ``finished_run`` in conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +17,6 @@ from stages.evaluate import evaluate
 from stages.models import load_model
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def finished_run(ray_session, digits_root, tmp_path_factory):
-    from pipeline.config import load_config
-    from tests.conftest import tiny_tree
-
-    storage = tmp_path_factory.mktemp("runs")
-    cfg = load_config(None, [], base=tiny_tree(digits_root, storage))
-    rows = run_pipeline(cfg, "one-round", progress=False)
-    return cfg, storage / "one-round", rows
 
 
 def test_run_writes_the_documented_layout(finished_run):

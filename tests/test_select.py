@@ -182,19 +182,23 @@ def read_all(paths):
 
 
 @pytest.mark.parametrize(
-    "cfg",
+    "cfg, inline",
     [
-        SelectConfig(mode="balanced", floor=0.3, bins=16),
-        SelectConfig(mode="topk", floor=0.5, per_class=20, label_type="hard"),
-        SelectConfig(mode="none", floor=0.6, seed=3),
+        (SelectConfig(mode="balanced", floor=0.3, bins=16), False),
+        (SelectConfig(mode="topk", floor=0.5, per_class=20, label_type="hard"), False),
+        (SelectConfig(mode="none", floor=0.6, seed=3), False),
+        (SelectConfig(mode="balanced", floor=0.3, bins=16), True),
     ],
-    ids=["balanced", "topk-hard", "none"],
+    ids=["balanced", "topk-hard", "none", "balanced-in-process"],
 )
-def test_ray_stage_equals_reference(ray_session, tmp_path, cfg):
+def test_ray_stage_equals_reference(ray_session, tmp_path, cfg, inline):
     from pipeline.ray_select import run_selection
 
     sidecars = write_random_sidecars(tmp_path / "pl", [90, 0, 57, 130], 5, seed=1)
-    summary = run_selection(sidecars, str(tmp_path / "sel"), 5, cfg, progress=False)
+    summary = run_selection(
+        sidecars, str(tmp_path / "sel"), 5, cfg, progress=False, inline_bytes=1 << 30 if inline else 0
+    )
+    assert summary["ran_as"] == ("in-process" if inline else "ray tasks")
     keys, labels, conf = read_all(sidecars)
     expected = dict(zip(keys, select_in_memory(keys, labels, conf, 5, cfg), strict=True))
     got = {}
@@ -219,12 +223,12 @@ def test_ray_stage_resumes_and_redoes_a_damaged_sidecar(ray_session, tmp_path):
 
     sidecars = write_random_sidecars(tmp_path / "pl", [40, 40, 40], 4, seed=2, topk=2)
     cfg = SelectConfig()
-    first = run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False)
+    first = run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False, inline_bytes=0)
     assert first["shards_resumed"] == 0
     damaged = tmp_path / "sel" / "shard-1.parquet"
     before = pq.read_table(damaged)
     damaged.write_bytes(damaged.read_bytes()[:100])
-    second = run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False)
+    second = run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False, inline_bytes=0)
     assert second["shards_resumed"] == 2
     assert pq.read_table(damaged).equals(before)
     assert "topk_idx" in before.column_names
@@ -236,4 +240,4 @@ def test_ray_stage_names_the_sidecar_with_bad_labels(ray_session, tmp_path):
 
     sidecars = write_random_sidecars(tmp_path / "pl", [10], 4, seed=0)
     with pytest.raises(Exception, match="shard-0.parquet"):
-        run_selection(sidecars, str(tmp_path / "sel"), 3, SelectConfig(), progress=False)
+        run_selection(sidecars, str(tmp_path / "sel"), 3, SelectConfig(), progress=False, inline_bytes=0)

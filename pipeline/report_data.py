@@ -1,0 +1,246 @@
+"""What the run report reads: a run's per-round files, calibration on the test set, example pseudo-labeled images.
+
+Everything here comes from the run folder (``config.yaml``, ``run.json``, ``round-NNN/{metrics,manifest,model}.json``,
+``train_metrics.jsonl``, ``selection/``) and from the shards it names. The reliability diagram needs per-sample test
+probabilities, which no stage stores, so they are recomputed from each round's model on the test shards of the run's
+``config.yaml`` and the per-bin summary is cached in ``<run>/report_cache/`` keyed by the model's sha256.
+
+Used by ``pipeline/report.py``; run ``python -m pipeline report RUN``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from pipeline.storage import atomic_write_json, read_json, sha256_file
+from stages.data import (
+    BadSample,
+    DataError,
+    decode_image,
+    expand_shards,
+    image_field,
+    is_url,
+    iter_raw_samples,
+    load_labeled,
+)
+
+log = logging.getLogger(__name__)
+
+RELIABILITY_BINS = 15  # the bins of stages.evaluate.expected_calibration_error, so the diagram matches test_ece
+
+
+class ReportError(ValueError):
+    """A run that cannot be reported: missing folder, no finished round. The message says what to do."""
+
+
+@dataclass(frozen=True)
+class RoundFiles:
+    """One round's recorded files, parsed."""
+
+    index: int
+    dir: Path
+    metrics: dict
+    manifest: dict
+    card: dict
+    selection: dict | None  # selection/selection.json (student rounds)
+    train_log: list[dict]  # train_metrics.jsonl, one record per epoch
+
+    @property
+    def rel(self) -> str:
+        """The round folder relative to the run folder, as the report's data-file attributes name it."""
+        return self.dir.name
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    dir: Path
+    config: dict
+    status: dict
+    rounds: list[RoundFiles]
+
+
+def resolve_run(run: str, storage: str = "runs") -> Path:
+    """A run name under ``storage`` or a path to a run folder; ``ReportError`` when neither holds a run."""
+    for candidate in (Path(storage) / run, Path(run)):
+        if (candidate / "config.yaml").is_file():
+            return candidate.resolve()
+    raise ReportError(f"no run {run!r}: neither {Path(storage) / run} nor {run} holds a run's config.yaml")
+
+
+def load_run(run_dir: str | Path) -> RunFiles:
+    """Read every round that has a ``metrics.json`` (a round still in progress is left out)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ReportError(f"{run_dir} is not a run folder (no config.yaml)")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    status = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    rounds = [_load_round(d) for d in sorted(run_dir.glob("round-[0-9][0-9][0-9]")) if (d / "metrics.json").is_file()]
+    if not rounds:
+        raise ReportError(f"run {run_dir} has no evaluated round yet (no round-NNN/metrics.json)")
+    return RunFiles(run_dir, config, status, rounds)
+
+
+def _load_round(rdir: Path) -> RoundFiles:
+    selection = rdir / "selection" / "selection.json"
+    log_path = rdir / "train_metrics.jsonl"
+    train_log = (
+        [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
+    )
+    manifest = read_json(rdir / "manifest.json") if (rdir / "manifest.json").is_file() else {"stages": {}}
+    return RoundFiles(
+        index=int(rdir.name.split("-")[1]),
+        dir=rdir,
+        metrics=read_json(rdir / "metrics.json"),
+        manifest=manifest,
+        card=read_json(rdir / "model.json"),
+        selection=read_json(selection) if selection.is_file() else None,
+        train_log=train_log,
+    )
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = RELIABILITY_BINS) -> dict:
+    """Per equal-width confidence bin: count, accuracy, mean confidence (None for empty bins), and the ECE."""
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    count, accuracy, confidence = [], [], []
+    for b in range(bins):
+        mask = which == b
+        count.append(int(mask.sum()))
+        accuracy.append(float((pred[mask] == labels[mask]).mean()) if mask.any() else None)
+        confidence.append(float(conf[mask].mean()) if mask.any() else None)
+    n = max(len(labels), 1)
+    ece = sum(c / n * abs(a - m) for c, a, m in zip(count, accuracy, confidence, strict=True) if c)
+    return {
+        "bins": bins,
+        "count": count,
+        "accuracy": accuracy,
+        "confidence": confidence,
+        "ece": float(ece),
+        "top1": float((pred == labels).mean()),
+    }
+
+
+def calibration(run: RunFiles) -> dict[int, dict]:
+    """Reliability bins per round, from the cache when the model and test shards are unchanged.
+
+    Rounds whose calibration cannot be computed (test shards moved, say) are left out with a warning.
+    """
+    out: dict[int, dict] = {}
+    missing = []
+    shards = _test_shards(run)
+    for rf in run.rounds:
+        key = {"model_sha256": _model_sha(rf), "test_shards": shards, "bins": RELIABILITY_BINS}
+        cached = _cache_path(run, rf)
+        if cached.is_file():
+            entry = read_json(cached)
+            if entry.get("key") == key:
+                out[rf.index] = entry["reliability"]
+                continue
+        missing.append((rf, key))
+    if missing and shards is None:
+        log.warning(
+            "report: test shards of %s not found; no reliability diagram for rounds %s",
+            run.dir,
+            [rf.index for rf, _ in missing],
+        )
+        return out
+    if missing:
+        from stages.evaluate import predict_probs
+        from stages.models import load_model
+
+        data = run.config.get("data", {})
+        bad = float(data.get("max_bad_fraction", 0.0))
+        test = load_labeled(shards, int(data["num_classes"]), int(data["channels"]), bad, "data.test")
+        for rf, key in missing:
+            model, card = load_model(rf.dir)
+            out[rf.index] = reliability_bins(predict_probs(model, test.images, card), test.labels)
+            atomic_write_json(_cache_path(run, rf), {"key": key, "reliability": out[rf.index]})
+    return out
+
+
+def _cache_path(run: RunFiles, rf: RoundFiles) -> Path:
+    return run.dir / "report_cache" / f"calibration-{rf.rel}.json"
+
+
+def _model_sha(rf: RoundFiles) -> str:
+    recorded = rf.manifest.get("stages", {}).get("evaluate", {}).get("inputs", {}).get("train")
+    return recorded or sha256_file(rf.dir / "model.safetensors")
+
+
+def _test_shards(run: RunFiles) -> list[str] | None:
+    """The config's test shards, relative paths tried from the working folder, then from the storage's parent."""
+    patterns = list(run.config.get("data", {}).get("test", []))
+    for base in (Path.cwd(), run.dir.parent.parent):
+        rooted = [p if is_url(p) or os.path.isabs(p) else str(base / p) for p in patterns]
+        try:
+            return expand_shards(rooted, "data.test")
+        except DataError:
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class Example:
+    image: Image.Image
+    confidence: float
+    key: str
+
+
+def example_images(rf: RoundFiles, per_side: int = 4, max_classes: int = 20, max_shards: int = 4) -> dict:
+    """``{class: {"most": [Example], "least": [Example]}}`` of kept pseudo-labeled samples of round ``rf``.
+
+    Only the first ``max_shards`` selection sidecars are considered, so that the report reads a bounded amount of
+    the unlabeled data however large it is; classes beyond ``max_classes`` are left out.
+    """
+    import pyarrow.parquet as pq
+
+    sidecars = sorted((rf.dir / "selection").glob("*.parquet"))[:max_shards]
+    if not sidecars:
+        return {}
+    cols = ["key", "shard", "label", "confidence"]
+    rows = [r for p in sidecars for r in pq.read_table(p, columns=cols).to_pylist()]
+    chosen: dict[int, dict[str, list[dict]]] = {}
+    for c in sorted({r["label"] for r in rows})[:max_classes]:
+        ranked = sorted((r for r in rows if r["label"] == c), key=lambda r: -r["confidence"])
+        least = ranked[max(per_side, len(ranked) - per_side) :][::-1]  # disjoint from "most" when there are few
+        chosen[c] = {"most": ranked[:per_side], "least": least}
+    wanted: dict[str, set[str]] = {}
+    for sides in chosen.values():
+        for r in sides["most"] + sides["least"]:
+            wanted.setdefault(r["shard"], set()).add(r["key"])
+    images = _read_images(wanted, channels=int(rf.card["input_size"][0]))
+    return {
+        c: {
+            side: [Example(images[r["key"]], float(r["confidence"]), r["key"]) for r in picked if r["key"] in images]
+            for side, picked in sides.items()
+        }
+        for c, sides in chosen.items()
+    }
+
+
+def _read_images(wanted: dict[str, set[str]], channels: int) -> dict[str, Image.Image]:
+    """Decode the wanted keys of each shard, stopping each shard's scan once all its keys are found."""
+    images: dict[str, Image.Image] = {}
+    for shard, keys in wanted.items():
+        left = set(keys)
+        try:
+            for sample in iter_raw_samples(shard):
+                if sample["__key__"] in left:
+                    left.discard(sample["__key__"])
+                    try:
+                        images[sample["__key__"]] = decode_image(image_field(sample), channels)
+                    except BadSample:
+                        pass  # the pseudo-label stage skipped it too; it cannot be in the selection
+                    if not left:
+                        break
+        except DataError as exc:  # a moved or damaged shard costs the report its examples only
+            log.warning("report: cannot read examples from %s: %s", shard, exc)
+    return images
