@@ -8,9 +8,12 @@ Prints a table, then one JSON line ``{"bench": "peers", ...}``.
 
 from __future__ import annotations
 
+import sys
+
+sys.path.append(sys.path.pop(0))  # this folder last: bench/select.py must not shadow the stdlib select module
+
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path

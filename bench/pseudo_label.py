@@ -17,11 +17,14 @@ Final line: ``{"bench": "pseudo_label", "images": N, "stage_images_per_s": ..., 
 
 from __future__ import annotations
 
+import sys
+
+sys.path.append(sys.path.pop(0))  # this folder last: bench/select.py must not shadow the stdlib select module
+
 import argparse
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +34,6 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import PeakRss  # noqa: E402
 

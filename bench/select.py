@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import sys
 
-# This folder comes first on sys.path and its select.py would shadow the standard library's select module
-# (imported by subprocess, which Ray uses): move it to the end.
-_here = sys.path.pop(0)
-sys.path.append(_here)
+sys.path.append(sys.path.pop(0))  # this folder last: this file must not shadow the stdlib select module
 
 import argparse
 import json

@@ -18,11 +18,14 @@ Final line: ``{"bench": "train", "stage_images_per_s": s, "loop_images_per_s": l
 
 from __future__ import annotations
 
+import sys
+
+sys.path.append(sys.path.pop(0))  # this folder last: bench/select.py must not shadow the stdlib select module
+
 import argparse
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path

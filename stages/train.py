@@ -261,10 +261,10 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
                 metrics["lr"],
             )
         last = epoch + 1 == cfg.epochs
+        # Only checkpoints are reported: under Ray Train each report waits for the controller's next poll, and
+        # the per-epoch metrics are already in the log and metrics_path.
         if (epoch + 1) % cfg.checkpoint_every == 0 or last:
             _report(hooks, metrics, model, optimizer, ema, epoch + 1, step)
-        else:
-            hooks.report(metrics, None)
     return metrics
 
 
