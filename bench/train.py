@@ -88,7 +88,8 @@ def bench_loop(cfg: TrainConfig, shards: list[str], steps: int, warmup: int) -> 
         data = sample.get("png") or sample.get("jpg")
         return transform(Image.open(io.BytesIO(data)).convert("RGB")), int(sample["cls"])
 
-    ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False, repeat=True).shuffle(2048).map(decode)
+    # resampled: an endless stream of shards (repeat=True alone stopped after one pass here)
+    ds = wds.WebDataset(shards, resampled=True, shardshuffle=False, empty_check=False).shuffle(2048).map(decode)
     loader = DataLoader(ds.batched(BATCH), batch_size=None, num_workers=cfg.loader_workers, prefetch_factor=4)
     model = create_model(SPEC, CLASSES, 3, noised=True).train()
     opt = build_optimizer(model, cfg)

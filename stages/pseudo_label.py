@@ -194,7 +194,10 @@ class ShardLabeler:
         probs: list[torch.Tensor] = []
         truth: list[int] = []
         try:
-            for k, x, y in _prefetch(_decoded_batches(shard, self.channels, self.transform, self.cfg.batch_size, bad)):
+            batches = _decoded_batches(shard, self.channels, self.transform, self.cfg.batch_size, bad)
+            # Overlap decoding with inference only when a GPU runs the model: on CPU the decode thread and torch's
+            # intra-op threads fight over the same cores.
+            for k, x, y in _prefetch(batches) if self.device.type == "cuda" else batches:
                 probs.append(self._infer(x))
                 keys += k
                 truth += y

@@ -252,13 +252,14 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
         if hooks.rank == 0:
             _append_metrics(plan.metrics_path, metrics, keep_until_epoch=epoch if epoch == start_epoch else None)
             log.info(
-                "epoch %d/%d loss %.4f %s %.0f img/s lr %.2e",
+                "epoch %d/%d loss %.4f %s %.0f img/s lr %.2e eta %.0f s",
                 epoch + 1,
                 cfg.epochs,
                 metrics["loss"],
                 " ".join(f"{k[5:]} {metrics[k]:.4f}" for k in ("loss_labeled", "loss_pseudo") if k in metrics),
                 metrics["images_per_s"],
                 metrics["lr"],
+                metrics["seconds"] * (cfg.epochs - epoch - 1),
             )
         last = epoch + 1 == cfg.epochs
         # Only checkpoints are reported: under Ray Train each report waits for the controller's next poll, and
