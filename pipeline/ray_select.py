@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.storage import atomic_write_json
-from stages.pseudo_label import write_sidecar
+from stages.pseudo_label import read_footer, write_sidecar
 from stages.select import (
     CandidateMerger,
     SelectConfig,
@@ -92,15 +92,10 @@ def _write_task(path: str, out_path: str, plan: SelectPlan, cfg: SelectConfig, d
 
 def _selection_counts(path: str, digest: str, num_classes: int) -> dict | None:
     """Per-class counts of a complete selection sidecar written for this plan, or None."""
-    try:
-        meta, kv = pq.read_metadata(path), pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowInvalid):
+    footer = read_footer(path, SELECTION_FORMAT)
+    if footer is None or footer[1].get(b"plan") != digest.encode():
         return None
-    if kv.get(b"format") != SELECTION_FORMAT.encode() or kv.get(b"plan") != digest.encode():
-        return None
-    if int(kv.get(b"rows", b"-1")) != meta.num_rows:
-        return None
-    counts = json.loads(kv[b"counts"])
+    counts = json.loads(footer[1][b"counts"])
     return counts if len(counts["kept"]) == num_classes else None
 
 

@@ -65,21 +65,31 @@ def sidecar_path(out_dir: str | Path, shard: str) -> Path:
     return Path(out_dir) / f"{shard_id(shard)}.parquet"
 
 
-def sidecar_info(path: str | Path, topk: int) -> dict | None:
-    """``{"rows", "bad"}`` of a complete, valid sidecar, or None (missing, half-written, other schema)."""
+def read_footer(path: str | Path, fmt: str) -> tuple[list[str], dict[bytes, bytes]] | None:
+    """Column names and footer metadata of a complete Parquet sidecar in format ``fmt``, or None when it is
+    missing, half-written, of another format, or holds a different number of rows than its footer records."""
     try:
         meta = pq.read_metadata(path)
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowInvalid):
         return None
     kv = schema.metadata or {}
-    needed = {"key", "shard", "label", "confidence"} | ({"topk_idx", "topk_prob"} if topk else {"probs"})
-    if kv.get(b"format") != SIDECAR_FORMAT.encode() or not needed <= set(schema.names):
+    if kv.get(b"format") != fmt.encode() or int(kv.get(b"rows", b"-1")) != meta.num_rows:
         return None
-    if int(kv.get(b"rows", b"-1")) != meta.num_rows:
+    return schema.names, kv
+
+
+def sidecar_info(path: str | Path, topk: int) -> dict | None:
+    """``{"rows", "bad"}`` of a complete, valid sidecar, or None (missing, half-written, other schema)."""
+    footer = read_footer(path, SIDECAR_FORMAT)
+    if footer is None:
+        return None
+    names, kv = footer
+    needed = {"key", "shard", "label", "confidence"} | ({"topk_idx", "topk_prob"} if topk else {"probs"})
+    if not needed <= set(names):
         return None
     return {
-        "rows": meta.num_rows,
+        "rows": int(kv[b"rows"]),
         "bad": json.loads(kv.get(b"bad", b"[]")),
         "with_truth": int(kv.get(b"with_truth", b"0")),
         "correct": int(kv.get(b"correct", b"0")),

@@ -18,8 +18,8 @@ as Ray tasks, one per shard):
 * ``shard_histogram``: per-class confidence histograms (``classes x bins``) and counts above the floor.
 * ``plan_selection`` (driver) finds each class's boundary bin: every row above it is kept, the rows in it compete.
 * ``shard_candidates``: each shard's best ``need`` rows of the boundary bin, and for duplicated classes its
-  smallest duplication hashes; ``finalize_plan`` merges them into exact per-class cutoffs. Only histograms and
-  these few candidates ever reach the driver, never the rows.
+  smallest duplication hashes; ``CandidateMerger.finalize`` merges them into exact per-class cutoffs. Only
+  histograms and these few candidates ever reach the driver, never the rows.
 * ``shard_copies``: the per-row copy counts for one shard (0 = dropped), written as its selection sidecar.
 """
 
@@ -123,9 +123,9 @@ class SelectPlan:
     """Per-class decisions from the histograms. ``boundary[c] = -1``: keep every row of class c above the floor.
 
     Otherwise rows in bins above ``boundary[c]`` are kept, and the best ``need[c]`` rows inside it compete
-    (confidence, then rank hash); ``cut_conf/cut_hash`` are filled in by ``finalize_plan``. Duplicated classes get
-    ``base[c]`` copies per row, plus one for the ``extra[c]`` rows with the smallest duplication hash
-    (``dup_cut[c]`` is the largest such hash).
+    (confidence, then rank hash); ``cut_conf/cut_hash`` are filled in by ``CandidateMerger.finalize``.
+    Duplicated classes get ``base[c]`` copies per row, plus one for the ``extra[c]`` rows with the smallest
+    duplication hash (``dup_cut[c]`` is the largest such hash).
     """
 
     k: int
