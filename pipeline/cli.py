@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {iterate,report,compare,prepare-digits} --help``.
+"""Noisy Student rounds on Ray: ``python -m pipeline COMMAND --help`` describes each command.
 
 Only this module prints; errors a user can fix (bad config, bad data, unwritable storage) end in one line
 ``error: ...`` and exit status 2.
@@ -7,25 +7,24 @@ Only this module prints; errors a user can fix (bad config, bad data, unwritable
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
+from pipeline.jobs import JobError
 from pipeline.report_data import ReportError
+from pipeline.run_store import RunStoreError
 from pipeline.storage import StorageError
 from stages.data import DataError
 
 DEFAULT_CONFIG = "configs/digits.yaml"
 
 
-def _add_iterate(sub) -> None:
-    p = sub.add_parser(
-        "iterate",
-        help="run (or resume) Noisy Student rounds in-process on Ray",
-        description="Runs on RAY_ADDRESS if set, else on a local Ray started here.",
-    )
+def _add_run_options(p) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
     p.add_argument("--rounds", type=int, help="student rounds after the round-0 teacher (overrides config)")
     p.add_argument("--run", help="run name; an existing run with the same config is resumed (default <name>-<time>)")
@@ -37,8 +36,86 @@ def _add_iterate(sub) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set student.epochs=5 (repeatable)",
     )
+
+
+def _add_iterate(sub) -> None:
+    p = sub.add_parser(
+        "iterate",
+        help="run (or resume) Noisy Student rounds in-process on Ray",
+        description="Runs on RAY_ADDRESS if set, else on a local Ray started here.",
+    )
+    _add_run_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_iterate)
+
+
+def _add_address(p) -> None:
+    p.add_argument(
+        "--address",
+        help="Ray dashboard / Jobs address, e.g. http://HOST:8265 (default: RAY_ADDRESS); the auth token is read "
+        "from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token",
+    )
+
+
+def _add_jobs(sub) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="submit the run to a Ray cluster as a Ray Job",
+        description="Validates the config here, resolves relative paths against this folder (preparing the "
+        "default data if the config asks for it), ships the project and the resolved config as the job's "
+        "working_dir, and prints job, run and storage. The job runs `python -m pipeline iterate` on the cluster.",
+    )
+    _add_address(p)
+    _add_run_options(p)
+    p.add_argument("--python", default="python", help="interpreter the job runs on the cluster (default python)")
+    p.set_defaults(func=cmd_submit)
+    for name, func, text in (
+        ("status", cmd_status, "a submitted job's status, run and storage"),
+        ("logs", cmd_logs, "a submitted job's driver log"),
+        ("stop", cmd_stop, "stop a submitted job (a later iterate/submit with the same RUN resumes it)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("job", metavar="JOB", help="the job id printed by submit")
+        _add_address(p)
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="stream the log until the job ends")
+        p.set_defaults(func=func)
+
+
+def _add_run_location(p) -> None:
+    p.add_argument("run", metavar="RUN", help="run name under --storage, or a path to a run folder")
+    p.add_argument("--storage", default="runs", help="storage root: folder, file://, s3://, gs:// (default runs)")
+
+
+def _add_storage_commands(sub) -> None:
+    p = sub.add_parser("rounds", help="list a run's rounds with their metrics, from the run's storage")
+    _add_run_location(p)
+    p.set_defaults(func=cmd_rounds)
+
+    p = sub.add_parser(
+        "download",
+        help="copy a round's model, metrics and manifest, verifying every sha256",
+        description="Copies <storage>/<RUN>/round-NNN/{model.safetensors,model.json,metrics.json,manifest.json} "
+        "to DIR/round-NNN (default: the latest finished round) and refuses any file whose size or sha256 differs "
+        "from the round's manifest.",
+    )
+    _add_run_location(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--round", type=int, dest="round_index", help="round to download (default: latest finished)")
+    which.add_argument("--all", action="store_true", help="every finished round")
+    p.add_argument("--to", required=True, help="local folder to download into")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser(
+        "predict",
+        help="classify image files with a round's model",
+        description="Loads DIR/model.json + DIR/model.safetensors (a round folder or a download) un-noised and "
+        "prints the top classes of each image.",
+    )
+    p.add_argument("--model", required=True, help="a round folder holding model.json and model.safetensors")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--topk", type=int, default=3, help="classes shown per image (default 3)")
+    p.set_defaults(func=cmd_predict)
 
 
 def _add_prepare(sub) -> None:
@@ -74,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_iterate(sub)
+    _add_jobs(sub)
+    _add_storage_commands(sub)
     _add_report(sub)
     _add_compare(sub)
     _add_prepare(sub)
@@ -97,13 +176,19 @@ def ensure_digits(root: str) -> None:
         print(f"prepared the default digits data in {root}: {counts}", file=sys.stderr)
 
 
+def _load_run(args, prepare: bool = True):
+    """The config (with --rounds/--set applied), the default data prepared if asked for, and the run name."""
+    overrides = list(args.overrides) + ([f"rounds={args.rounds}"] if args.rounds is not None else [])
+    cfg = load_config(args.config, overrides)
+    if prepare:
+        ensure_digits(cfg.data.prepare_digits)
+    return cfg, args.run or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def cmd_iterate(args) -> int:
     from pipeline.rounds import run_pipeline
 
-    overrides = list(args.overrides) + ([f"rounds={args.rounds}"] if args.rounds is not None else [])
-    cfg = load_config(args.config, overrides)
-    ensure_digits(cfg.data.prepare_digits)
-    run = args.run or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg, run = _load_run(args)
     start, started = time.perf_counter(), time.time()
     rows = run_pipeline(cfg, run, progress=not args.no_progress)
     print()
@@ -115,6 +200,111 @@ def cmd_iterate(args) -> int:
         print(f"report: {report}")
     else:
         print(f"report: not updated (see the warnings above); rebuild it with python -m pipeline report {run_dir}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from pipeline import jobs
+
+    cfg, run = _load_run(args, prepare=False)
+    # A relative default-data folder lives beside the submitter (a local cluster shares this disk): prepare it
+    # here. An absolute one (e.g. /mnt/runs/data on the cluster's volume) is prepared by the job itself.
+    if cfg.data.prepare_digits and not os.path.isabs(os.path.expanduser(cfg.data.prepare_digits)):
+        ensure_digits(cfg.data.prepare_digits)
+    cfg = jobs.resolve_paths(cfg, Path.cwd())
+    submission = jobs.submit(cfg, run, args.address, python=args.python)
+    print(f"job: {submission.job_id}")
+    print(f"run: {submission.run}")
+    print(f"storage: {submission.storage}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipeline import jobs
+
+    info = jobs.job_info(args.address, args.job)
+    for key in ("job", "status", "run", "storage", "message"):
+        if info[key]:
+            print(f"{key}: {info[key]}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from pipeline import jobs
+
+    if not args.follow:
+        sys.stdout.write(jobs.logs(args.address, args.job))
+        return 0
+    for chunk in jobs.follow(args.address, args.job):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    status = jobs.job_info(args.address, args.job)["status"]
+    print(f"\njob {args.job}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_stop(args) -> int:
+    from pipeline import jobs
+
+    sent = jobs.stop(args.address, args.job)
+    print(f"job {args.job}: {'stop requested' if sent else 'already finished'}")
+    return 0
+
+
+def cmd_rounds(args) -> int:
+    from pipeline.run_store import RunStore
+
+    store = RunStore(args.run, args.storage)
+    status = store.status()
+    planned = status.get("rounds_planned")
+    total = f" of {planned + 1}" if isinstance(planned, int) else ""
+    print(
+        f"run {store.name} ({store.location}): {status.get('status', 'unknown')}, "
+        f"{status.get('rounds_completed', 0)}{total} rounds done"
+    )
+    rows = store.rounds()
+    finished = [r for r in rows if r["finished"]]
+    if finished:
+        print(format_table(finished))
+    for r in rows:
+        if not r["finished"]:
+            print(f"round {r['round']}: in progress (done: {', '.join(r['stages_done']) or 'nothing yet'})")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from pipeline.run_store import RunStore
+
+    store = RunStore(args.run, args.storage)
+    for folder in store.download(args.to, args.round_index, args.all):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        print(f"{folder}: {metrics['model']}, test top-1 {metrics['test_top1'] * 100:.2f}% (sha256 verified)")
+    print(f"load it with: model, card = stages.models.load_model({str(folder)!r})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from stages.data import BadSample, decode_image
+    from stages.evaluate import predict_probs
+    from stages.models import load_model
+
+    model_dir = Path(args.model)
+    if not (model_dir / "model.json").is_file() or not (model_dir / "model.safetensors").is_file():
+        raise DataError(f"--model {model_dir}: needs model.json and model.safetensors (a round folder or download)")
+    model, card = load_model(model_dir)
+    images = []
+    for path in args.images:
+        try:
+            images.append(decode_image(Path(path).read_bytes(), card["input_size"][0]))
+        except (OSError, BadSample) as exc:
+            raise DataError(f"{path}: not a readable image ({exc})") from exc
+    probs = predict_probs(model, images, card)
+    k = max(1, min(args.topk, probs.shape[1]))
+    lines = []
+    for path, p in zip(args.images, probs, strict=True):
+        top = p.argsort()[::-1][:k]
+        lines.append((path, str(int(top[0])), f"{p[top[0]]:.3f}", ", ".join(f"{int(c)}:{p[c]:.3f}" for c in top)))
+    print(_columns(("image", "class", "probability", f"top-{k}"), lines))
     return 0
 
 
@@ -196,6 +386,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, DataError, StorageError, ReportError) as exc:
+    except (ConfigError, DataError, StorageError, ReportError, JobError, RunStoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -178,7 +178,11 @@ def _model_sha(rf: RoundFiles) -> str:
 def _test_shards(run: RunFiles) -> list[str] | None:
     """The config's test shards, relative paths tried from the working folder, then from the storage's parent."""
     patterns = list(run.config.get("data", {}).get("test", []))
-    for base in (Path.cwd(), run.dir.parent.parent):
+    try:
+        bases = [Path.cwd(), run.dir.parent.parent]
+    except FileNotFoundError:  # the working folder was removed (e.g. a Ray Job's working_dir after the job)
+        bases = [run.dir.parent.parent]
+    for base in bases:
         rooted = [p if is_url(p) or os.path.isabs(p) else str(base / p) for p in patterns]
         try:
             return expand_shards(rooted, "data.test")

@@ -1,0 +1,223 @@
+"""Ray Jobs: submit a run to a cluster, follow it, stop it (``python -m pipeline submit|status|logs|stop``).
+
+``submit`` validates the config here, resolves every relative path in it (storage root, shard patterns, the
+default-data folder) against the submitter's working directory, prepares the default digits data if the config
+asks for it, and ships the project source plus that resolved config as the job's ``working_dir``. The job runs
+``python -m pipeline iterate`` on the cluster, so a submitted run and a local one are the same code path.
+
+Token authentication (on by default in Ray 2.60) stays on. The token is looked up the way Ray's own clients do —
+``RAY_AUTH_TOKEN``, then the file named by ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token`` — and sent as an
+``Authorization: Bearer`` header, so it never appears in the job's runtime environment, metadata or logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.config import PipelineConfig, dump_config
+from stages.data import is_url
+
+# Never shipped to the cluster: environments, outputs, data (read from storage instead), caches.
+SHIP_EXCLUDES = (
+    ".venv",
+    "venv",
+    "runs",
+    "data",
+    ".git",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+    "build",
+    "docs",
+)
+SUBMITTED_CONFIG = "submitted-config.yaml"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 120.0  # how long submit waits for a freshly started head's job agent
+
+
+class JobError(RuntimeError):
+    """A cluster/job problem a user can fix (address, token, unknown job); the CLI prints it as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Submission:
+    job_id: str
+    run: str
+    storage: str
+
+
+def find_token() -> str | None:
+    """The Ray auth token, looked up as Ray's clients do: env var, then token file path, then ~/.ray/auth_token."""
+    if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    try:
+        return Path(path).expanduser().read_text().strip() or None
+    except OSError:
+        return None
+
+
+def connect(address: str | None):
+    """A ``JobSubmissionClient`` for ``address`` (default ``RAY_ADDRESS``) carrying the auth token."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        raise JobError("no cluster address: pass --address http://HOST:8265 or set RAY_ADDRESS")
+    token = find_token()
+    if token is None:
+        raise JobError(
+            "no Ray auth token: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in "
+            "~/.ray/auth_token (on the head node: ray get-auth-token)"
+        )
+    try:
+        return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+    except AuthenticationError as exc:
+        raise JobError(f"the cluster at {address} refused the auth token ({_first_line(exc)})") from exc
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise JobError(f"cannot reach the Ray Jobs API at {address}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
+    """Make the storage root, shard patterns and default-data folder absolute (object-store URLs stay as written).
+
+    A job runs in Ray's temporary copy of the working dir: a relative path there would read nothing and write
+    into a folder that vanishes with the job."""
+
+    def absolute(path: str) -> str:
+        if not path or is_url(path):
+            return path
+        local = path.removeprefix("file://")
+        return os.path.normpath(base / os.path.expanduser(local))
+
+    data = dataclasses.replace(
+        cfg.data,
+        labeled=tuple(absolute(p) for p in cfg.data.labeled),
+        unlabeled=tuple(absolute(p) for p in cfg.data.unlabeled),
+        test=tuple(absolute(p) for p in cfg.data.test),
+        prepare_digits=absolute(cfg.data.prepare_digits),
+    )
+    return dataclasses.replace(cfg, storage=absolute(cfg.storage), data=data)
+
+
+def project_root() -> Path:
+    """The source checkout holding this package (what a job ships); a clear error for an installed copy."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file() or not (root / "stages").is_dir():
+        raise JobError(f"submit ships the project source, but {root} is not a source checkout (no pyproject.toml)")
+    return root
+
+
+def stage_working_dir(cfg: PipelineConfig, out: Path) -> Path:
+    """Copy the project (minus ``SHIP_EXCLUDES``) to ``out`` and add the resolved config; returns ``out``."""
+    shutil.copytree(project_root(), out, ignore=shutil.ignore_patterns(*SHIP_EXCLUDES))
+    (out / SUBMITTED_CONFIG).write_text(dump_config(cfg))
+    return out
+
+
+def entrypoint(run: str, python: str = "python") -> str:
+    return f"{python} -m pipeline iterate --config {SUBMITTED_CONFIG} --run {run} --no-progress"
+
+
+def submit(cfg: PipelineConfig, run: str, address: str | None, python: str = "python") -> Submission:
+    """Submit ``cfg`` (already resolved) as a Ray Job; returns its id, run name and storage root."""
+    client = connect(address)
+    job_id = f"noisy-student-{run}-{uuid.uuid4().hex[:6]}"
+    with tempfile.TemporaryDirectory(prefix="ns-submit-") as tmp:
+        working_dir = stage_working_dir(cfg, Path(tmp) / "project")
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                client.submit_job(
+                    entrypoint=entrypoint(run, python),
+                    submission_id=job_id,
+                    runtime_env={"working_dir": str(working_dir), "excludes": list(SHIP_EXCLUDES)},
+                    metadata={"run": run, "storage": cfg.storage, "config_digest": cfg.digest()},
+                )
+                break
+            except Exception as exc:  # the SDK raises RuntimeError/AuthenticationError/requests errors
+                # a cluster that just started answers 500 "No available agent" until its job agent is up
+                if "No available agent" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(2.0)
+                    continue
+                raise JobError(f"submitting to {client.get_address()} failed: {_first_line(exc)}") from exc
+    return Submission(job_id, run, cfg.storage)
+
+
+def _call(what: str, job_id: str, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:
+        text = _first_line(exc)
+        if "does not exist" in text or "404" in text:
+            raise JobError(f"no job {job_id!r} on this cluster (list them with: ray job list)") from exc
+        raise JobError(f"{what} {job_id}: {text}") from exc
+
+
+def job_info(address: str | None, job_id: str) -> dict:
+    client = connect(address)
+    info = _call("status of", job_id, client.get_job_info, job_id)
+    meta = info.metadata or {}
+    return {
+        "job": job_id,
+        "status": str(getattr(info.status, "value", info.status)),
+        "run": meta.get("run", "-"),
+        "storage": meta.get("storage", "-"),
+        "message": (info.message or "").strip(),
+    }
+
+
+def stop(address: str | None, job_id: str) -> bool:
+    """True when a stop was sent, False when the job had already finished."""
+    client = connect(address)
+    return bool(_call("stop", job_id, client.stop_job, job_id))
+
+
+def logs(address: str | None, job_id: str) -> str:
+    client = connect(address)
+    return _call("logs of", job_id, client.get_job_logs, job_id)
+
+
+def follow(address: str | None, job_id: str) -> Iterator[str]:
+    """Yield log chunks as the job writes them, until it ends."""
+    client = connect(address)
+    _call("logs of", job_id, client.get_job_status, job_id)  # a clear error for an unknown id
+    agen = client.tail_job_logs(job_id)
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(agen.aclose())
+        loop.close()
+
+
+def wait(address: str | None, job_id: str, timeout_s: float = 3600.0, poll_s: float = 1.0) -> str:
+    """Poll until the job ends; returns its final status."""
+    client = connect(address)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = str(getattr(s := _call("status of", job_id, client.get_job_status, job_id), "value", s))
+        if status in TERMINAL:
+            return status
+        time.sleep(poll_s)
+    raise JobError(f"job {job_id} still running after {timeout_s:.0f} s")
