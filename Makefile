@@ -8,7 +8,7 @@ ROUNDS ?= 3
 RUN ?=
 SET ?=
 
-.PHONY: venv data iterate report report-check test lint bench clean
+.PHONY: venv data iterate submit download report report-check test lint bench clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -22,6 +22,15 @@ data: $(STAMP)
 
 iterate: $(STAMP)
 	$(PY) -m pipeline iterate --config $(CONFIG) --rounds $(ROUNDS) $(if $(RUN),--run $(RUN)) $(foreach s,$(SET),--set $(s))
+
+# submit: the same run as a Ray Job on a cluster (ADDRESS defaults to RAY_ADDRESS); prints job, run and storage.
+submit: $(STAMP)
+	$(PY) -m pipeline submit $(if $(ADDRESS),--address $(ADDRESS)) --config $(CONFIG) --rounds $(ROUNDS) $(if $(RUN),--run $(RUN)) $(foreach s,$(SET),--set $(s))
+
+# download: ROUND=N (default: the latest finished round) or ROUND=all, into TO (default checkpoints/<run>).
+download: $(STAMP)
+	$(if $(RUN),,$(error make download needs RUN=<run name>))
+	$(PY) -m pipeline download $(RUN) $(if $(filter all,$(ROUND)),--all,$(if $(ROUND),--round $(ROUND))) --to $(or $(TO),checkpoints/$(RUN)) --storage $(or $(STORAGE),runs)
 
 # RUN: a run name under runs/ or a run folder. report rebuilds <run>/report.html (and its TensorBoard events);
 # report-check opens it in headless Chromium (Debian's chromium package), screenshots it to <run>/report.png and

@@ -136,6 +136,18 @@ def test_rounds_download_and_predict(finished_run, tmp_path, capsys, digits_root
     probs = predict_probs(model, [decode_image(Path(p).read_bytes(), 1) for p in images], card)
     assert [int(line.split()[1]) for line in lines] == [int(c) for c in probs.argmax(axis=1)]
 
+    # the README's line for users without this package: timm + safetensors give the same model
+    import safetensors.torch
+    import timm
+    import torch
+
+    folder = tmp_path / "dl" / "round-001"
+    m = timm.create_model(**json.load(open(folder / "model.json"))["create"])
+    safetensors.torch.load_model(m, str(folder / "model.safetensors"))
+    x = torch.randn(2, 1, 16, 16)
+    with torch.inference_mode():
+        assert torch.equal(m.eval()(x), model(x))
+
 
 def test_download_refuses_a_file_that_differs_from_the_manifest(finished_run, tmp_path, capsys):
     _, run_dir, _ = finished_run
