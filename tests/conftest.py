@@ -19,6 +19,26 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Object-store tests talk to a local S3 (moto) on this port; set before Ray starts so its workers inherit it.
+# Fake credentials only: nothing here can reach a real bucket.
+if "NS_TEST_S3_PORT" not in os.environ:
+    os.environ["NS_TEST_S3_PORT"] = str(_free_port())
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{os.environ['NS_TEST_S3_PORT']}",
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole session (a per-test Ray costs ~5 s each)."""
@@ -31,6 +51,20 @@ def ray_session():
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A local S3 server (moto) with an empty bucket; yields ``(fsspec filesystem, bucket name)``."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(os.environ["NS_TEST_S3_PORT"]), verbose=False)
+    server.start()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("ns-test")
+    yield fs, "ns-test"
+    server.stop()
 
 
 @pytest.fixture(scope="session")
