@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import types
@@ -23,7 +24,8 @@ import yaml
 
 from pipeline.ray_pseudo_label import LabelResources
 from pipeline.ray_train import TrainResources
-from stages.models import ModelSpec
+from stages.distill import needs_features, pair_stages, term_pairs
+from stages.models import ModelSpec, check_classifier
 from stages.pseudo_label import PseudoLabelConfig
 from stages.select import SelectConfig
 from stages.train import TrainConfig
@@ -38,6 +40,8 @@ class DataConfig:
     """Shard lists (paths, globs, brace patterns, object-store URLs) and how images enter the model.
 
     ``prepare_digits``: a folder; when set and its shards are missing, the built-in digits data is written there.
+    ``allow_test_overlap``: go on (with a warning) when training images have the same decoded pixels as test images;
+    by default that stops the run before round 0 (``pipeline/data_check.py``).
     """
 
     labeled: tuple[str, ...] = ()
@@ -50,6 +54,7 @@ class DataConfig:
     std: tuple[float, ...] = (0.5,)
     max_bad_fraction: float = 0.01
     prepare_digits: str = ""
+    allow_test_overlap: bool = False
 
     def __post_init__(self) -> None:
         for name in ("labeled", "unlabeled", "test"):
@@ -105,15 +110,28 @@ class ResourcesConfig:
         )
 
 
+LADDER_MODES = ("any", "expand", "compress")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """One Noisy Student run: ``rounds`` student rounds after the round-0 teacher."""
+    """One Noisy Student run: ``rounds`` student rounds after the round-0 teacher.
+
+    ``storage``: where the run is written, a path every node sees. ``publish``: optional folder or fsspec URL
+    (``s3://bucket/runs``) that receives each finished round's model, metrics and manifest (``rounds`` and
+    ``download`` read from it).
+    ``ladder_mode``: ``expand`` (each rung has at least as many parameters as the one before: Noisy Student's
+    equal-or-larger students), ``compress`` (never more: knowledge compression into smaller students), ``any``
+    (unchecked). Equal sizes pass both, since a ladder shorter than the run repeats its last rung.
+    """
 
     name: str = "run"
     storage: str = "runs"
+    publish: str = ""
     rounds: int = 3
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     ladder: tuple[ModelSpec, ...] = (ModelSpec(),)
+    ladder_mode: str = "any"
     teacher: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     student: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = dataclasses.field(default_factory=PseudoLabelConfig)
@@ -121,12 +139,58 @@ class PipelineConfig:
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
 
     def __post_init__(self) -> None:
+        if "://" in self.storage and not self.storage.startswith("file://"):
+            raise ValueError(
+                f"storage: {self.storage!r} is an object-store URL, but a run is written to a path every node sees "
+                f"(a local folder; a shared filesystem on a cluster). Keep storage on such a path and set "
+                f"publish: {self.storage} to upload every finished round there"
+            )
         if self.rounds < 1:
             raise ValueError(
                 f"rounds: must be >= 1 (round 0 trains the teacher, rounds 1..N the students), got {self.rounds}"
             )
         if not self.ladder:
             raise ValueError("ladder: give at least one model")
+        if self.ladder_mode not in LADDER_MODES:
+            raise ValueError(f"ladder_mode: must be one of {', '.join(LADDER_MODES)}, got {self.ladder_mode!r}")
+        if self.teacher.distill or self.teacher.online_teacher:
+            raise ValueError(
+                "teacher.distill: round 0 has no earlier model to distil from; put distill and online_teacher under "
+                "student"
+            )
+        if self.ladder_mode != "any":
+            self._check_ladder_sizes()
+        if any(needs_features(t.name) for t in self.student.distill):
+            self._check_stage_pairs()
+
+    def _check_ladder_sizes(self) -> None:
+        d = self.data
+        params = [_rung_params(spec.model, d.num_classes, d.channels, d.image_size) for spec in self.ladder]
+        for i in range(1, len(self.ladder)):
+            grows, shrinks = params[i] > params[i - 1], params[i] < params[i - 1]
+            if (self.ladder_mode == "compress" and grows) or (self.ladder_mode == "expand" and shrinks):
+                change, other = ("grows", "expand") if grows else ("shrinks", "compress")
+                raise ValueError(
+                    f"ladder_mode: the {self.ladder_mode} ladder {change} at ladder[{i}]: {self.ladder[i].model} has "
+                    f"{params[i]:,} parameters, {self.ladder[i - 1].model} before it {params[i - 1]:,}; "
+                    f"reorder the ladder or set ladder_mode: {other} (or any)"
+                )
+
+    def _check_stage_pairs(self) -> None:
+        """Feature losses need stages of equal size in every (teacher, student) rung pair the run trains."""
+        d = self.data
+        for r in range(1, min(self.rounds, len(self.ladder)) + 1):  # later rounds repeat the last rung's pair
+            teacher, student = self.spec(r - 1), self.spec(r)
+            s_shapes = _rung_shapes(student.model, d.num_classes, d.channels, d.image_size)
+            t_shapes = _rung_shapes(teacher.model, d.num_classes, d.channels, d.image_size)
+            try:
+                pairs = pair_stages(s_shapes, t_shapes, student.model, teacher.model)
+                for term in self.student.distill:
+                    if needs_features(term.name):
+                        term_pairs(term.name, pairs, s_shapes, t_shapes, student.model, teacher.model)
+            except ValueError as exc:
+                where = f"round {r}, {teacher.model} teaching {student.model}"
+                raise ValueError(f"student.distill: {where}: {exc}") from exc
 
     def spec(self, round_index: int) -> ModelSpec:
         """Round k's model; a ladder shorter than the run repeats its last entry."""
@@ -137,6 +201,20 @@ class PipelineConfig:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Cached by timm name: noise settings change neither the parameter count nor the stage shapes.
+@functools.lru_cache(maxsize=64)
+def _rung_params(model: str, num_classes: int, channels: int, image_size: int) -> int:
+    return check_classifier(ModelSpec(model), num_classes, channels, image_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _rung_shapes(model: str, num_classes: int, channels: int, image_size: int) -> list:
+    from stages.online_distill import probe_shapes
+
+    _rung_params(model, num_classes, channels, image_size)  # a model that cannot take this input says so first
+    return probe_shapes(ModelSpec(model), num_classes, channels, image_size)
 
 
 def _plain(obj: Any) -> Any:

@@ -95,7 +95,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
-    """Make the storage root, shard patterns and default-data folder absolute (object-store URLs stay as written).
+    """Make storage, publish, shard patterns and the default-data folder absolute (object-store URLs stay as written).
 
     A job runs in Ray's temporary copy of the working dir: a relative path there would read nothing and write
     into a folder that vanishes with the job."""
@@ -113,7 +113,7 @@ def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
         test=tuple(absolute(p) for p in cfg.data.test),
         prepare_digits=absolute(cfg.data.prepare_digits),
     )
-    return dataclasses.replace(cfg, storage=absolute(cfg.storage), data=data)
+    return dataclasses.replace(cfg, storage=absolute(cfg.storage), publish=absolute(cfg.publish), data=data)
 
 
 def project_root() -> Path:

@@ -3,11 +3,14 @@
 One actor per GPU on a cluster (``gpus_per_label_actor: 1``, ``label_actors: N``), CPU actors locally. The
 driver only sees one small summary row per shard, never labels. A shard whose sidecar already validates is
 skipped (resume); an actor that dies has its shard retried by Ray Data, which rewrites the same complete
-sidecar atomically, so each unlabeled sample ends up in exactly one row.
+sidecar atomically, so each unlabeled sample ends up in exactly one row. A sidecar that cannot be written (disk
+full, read-only) stops the stage with a ``StorageError`` naming it; the sidecars written before it are complete
+and are kept for the resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.storage import StorageError
 from stages.data import DataError
 from stages.pseudo_label import PseudoLabelConfig, ShardLabeler, sidecar_info, sidecar_path
 
@@ -70,16 +74,19 @@ def run_pseudo_label(
             num_gpus=resources.gpus_per_actor or None,
         )
         bar = tqdm(total=len(todo), unit="shard", desc="pseudo-label", disable=not progress, dynamic_ncols=True)
-        for row in ds.iter_rows():
-            rows_new += int(row["rows"])
-            if row["error"]:
-                errors.append(row["error"])
-            elapsed, shards_done = time.perf_counter() - start, shards_done + 1
-            bar.update(1)
-            # Shards don't record their size: the image total is estimated from the shards done so far.
-            estimate = round(rows_new / shards_done * len(todo))
-            bar.set_postfix_str(f"{rows_new}/~{estimate} images, {rows_new / max(elapsed, 1e-9):.0f} img/s")
-        bar.close()
+        # closing() ends the dataset's execution when the loop is left early, so no actor labels on in the background
+        with bar, contextlib.closing(iter(ds.iter_rows())) as rows:
+            for row in rows:
+                if row["storage_error"]:  # stop at once: every later sidecar would fail the same way
+                    raise StorageError(f"pseudo-label: {row['storage_error']}")
+                rows_new += int(row["rows"])
+                if row["error"]:
+                    errors.append(row["error"])
+                elapsed, shards_done = time.perf_counter() - start, shards_done + 1
+                bar.update(1)
+                # Shards don't record their size: the image total is estimated from the shards done so far.
+                estimate = round(rows_new / shards_done * len(todo))
+                bar.set_postfix_str(f"{rows_new}/~{estimate} images, {rows_new / max(elapsed, 1e-9):.0f} img/s")
     seconds = time.perf_counter() - start
     if errors:
         raise DataError(f"pseudo-label: {len(errors)} unreadable shard(s): " + "; ".join(errors[:5]))

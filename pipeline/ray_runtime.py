@@ -3,12 +3,18 @@
 ``RAY_ADDRESS`` set (or an address in config) joins that cluster; otherwise a local Ray is started with its
 dashboard bound to 127.0.0.1. Token authentication, on by default in Ray 2.60, is left on: a fresh local
 Ray writes its token to ``~/.ray/auth_token`` (or ``RAY_AUTH_TOKEN_PATH``) and clients read it from there.
+
+Also the small Ray edges the stages share: ``run_tasks`` (per-shard tasks, bounded in flight) and ``causes`` (the
+exceptions a Ray task, Ray Data or Ray Train error wraps).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator
+
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +54,53 @@ def cluster_resources() -> dict[str, float]:
     import ray
 
     return dict(ray.cluster_resources())
+
+
+def run_tasks(fn: Callable, args: Iterable[tuple], total: int, desc: str, progress: bool, inline: bool) -> Iterator:
+    """Runs ``fn(*a)`` for each ``a`` in ``args`` as Ray tasks (1 CPU each, retried on worker death) with a bounded
+    number in flight, or in this process when ``inline``; yields results as they finish. A task's exception comes
+    back as Ray's ``RayTaskError(cause)``; ``rounds.user_error`` turns it back into the one-line cause."""
+    if inline:
+        yield from (fn(*a) for a in args)
+        return
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
+    window = max(2, 2 * int(ray.available_resources().get("CPU", 1)))
+    pending: list = []
+    bar = tqdm(total=total, unit="shard", desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    try:
+        for a in args:
+            pending.append(remote.remote(*a))
+            if len(pending) >= window:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(1)
+                yield ray.get(done[0])
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(1)
+            yield ray.get(done[0])
+    finally:  # a failed task (e.g. a full disk) stops the pass: the tasks still in flight are not left writing
+        for ref in pending:
+            ray.cancel(ref)
+        bar.close()
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps, outermost first: a task's ``RayTaskError.cause``, Ray Train's per-worker and
+    controller failures, and ``__cause__`` chains. Ray's own wrappers are walked through but not yielded: a
+    ``RayTaskError(StorageError)`` is also a ``StorageError``, but its message is a whole remote traceback."""
+    from ray.exceptions import RayError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if not isinstance(current, RayError) and type(current).__module__.split(".")[0] != "ray":
+            yield current
+        todo += [getattr(current, "cause", None), getattr(current, "controller_failure", None)]
+        todo += list((getattr(current, "worker_failures", None) or {}).values())
+        todo.append(current.__cause__)

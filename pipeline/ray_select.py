@@ -14,18 +14,18 @@ the same inputs skips shards already written (resume), and a half-written file (
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
-from pipeline.storage import atomic_write_json
+from pipeline.ray_runtime import run_tasks
+from pipeline.storage import atomic_write_bytes, atomic_write_json
 from stages.pseudo_label import read_footer, write_sidecar
 from stages.select import (
     CandidateMerger,
@@ -109,31 +109,6 @@ def plan_digest(plan: SelectPlan, cfg: SelectConfig, sidecars: list[str]) -> str
     return h.hexdigest()
 
 
-def _run_tasks(fn: Callable, args: Iterable[tuple], total: int, desc: str, progress: bool, inline: bool) -> Iterator:
-    """Runs ``fn`` as Ray tasks with a bounded number in flight (or in this process when ``inline``); yields
-    results as they finish."""
-    if inline:
-        yield from (fn(*a) for a in args)
-        return
-    import ray
-
-    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
-    window = max(2, 2 * int(ray.available_resources().get("CPU", 1)))
-    pending: list = []
-    bar = tqdm(total=total, unit="shard", desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-    for a in args:
-        pending.append(remote.remote(*a))
-        if len(pending) >= window:
-            done, pending = ray.wait(pending, num_returns=1)
-            bar.update(1)
-            yield ray.get(done[0])
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        bar.update(1)
-        yield ray.get(done[0])
-    bar.close()
-
-
 def run_selection(
     sidecars: list[str],
     out_dir: str,
@@ -158,7 +133,7 @@ def run_selection(
     hist = np.zeros((num_classes, cfg.bins), dtype=np.int64)
     above = np.zeros(num_classes, dtype=np.int64)
     pass1 = ((s, num_classes, cfg) for s in sidecars)
-    for cells, counts, a in _run_tasks(_histogram_task, pass1, n, "select 1/3", progress, inline):
+    for cells, counts, a in run_tasks(_histogram_task, pass1, n, "select 1/3", progress, inline):
         hist.reshape(-1)[cells] += counts
         above += a
     plan = plan_selection(hist, above, cfg)
@@ -166,7 +141,7 @@ def run_selection(
     merger = CandidateMerger(plan)
     if (plan.need > 0).any() or (plan.extra > 0).any():
         pass2 = ((s, plan_ref, cfg) for s in sidecars)
-        for cand in _run_tasks(_candidates_task, pass2, n, "select 2/3", progress, inline):
+        for cand in run_tasks(_candidates_task, pass2, n, "select 2/3", progress, inline):
             merger.add(cand)
     plan = merger.finalize()
     digest = plan_digest(plan, cfg, sidecars)
@@ -175,7 +150,7 @@ def run_selection(
     after = np.zeros(num_classes, dtype=np.int64)
     resumed = 0
     args = ((s, str(out / Path(s).name), plan_ref, cfg, digest) for s in sidecars)
-    for counts in _run_tasks(_write_task, args, n, "select 3/3", progress, inline):
+    for counts in run_tasks(_write_task, args, n, "select 3/3", progress, inline):
         kept += counts["kept"]
         after += counts["after"]
         resumed += counts["resumed"]
@@ -246,7 +221,7 @@ def plot_selection(summary: dict, path: Path) -> None:
     ax2.set(xlabel="teacher confidence", ylabel="samples", title="pseudo-label confidence", yscale="log")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue())

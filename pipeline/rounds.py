@@ -3,23 +3,43 @@
 Every stage of every round is recorded in ``round-NNN/manifest.json`` with the sha256 of its files and the
 identity of its inputs (e.g. the teacher's weights). Re-running the same run skips what is done and verifies,
 and redoes the first stage that is missing, damaged or stale, plus every stage after it.
+
+Before round 0 the data check (``pipeline/data_check.py``) refuses test images in the training data and records
+what it found in ``run.json``. Errors a user can act on (bad data, a full or read-only disk) reach the CLI as one
+line even when a Ray task, actor or training worker raised them (``user_error``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig, dump_config, load_config
+from pipeline.data_check import check_data
 from pipeline.ray_pseudo_label import run_pseudo_label
-from pipeline.ray_runtime import init_ray
+from pipeline.ray_runtime import causes, init_ray
 from pipeline.ray_select import run_selection
 from pipeline.ray_train import run_training
 from pipeline.report import refresh_report
-from pipeline.storage import RoundManifest, atomic_write_json, atomic_write_text, read_json, round_dir, sha256_file
+from pipeline.run_store import publish_round
+from pipeline.storage import (
+    RoundManifest,
+    StorageError,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    remove_temp_files,
+    round_dir,
+    sha256_file,
+    storage_error,
+)
 from stages.data import DataError, LabeledSet, expand_shards, load_labeled, shard_id
 from stages.evaluate import evaluate
 from stages.loader import PseudoSource
@@ -41,6 +61,8 @@ class RunContext:
     test: LabeledSet
     params: dict[int, int]
     progress: bool = True
+    test_shards: list[str] = field(default_factory=list)
+    stages_run: int = 0  # stages this process ran (not skipped as done)
 
 
 def preflight(cfg: PipelineConfig, progress: bool = True) -> RunContext:
@@ -59,55 +81,118 @@ def preflight(cfg: PipelineConfig, progress: bool = True) -> RunContext:
     if min(counts) == 0:
         missing = [c for c, n in enumerate(counts) if n == 0]
         log.warning("data.labeled has no samples of class(es) %s; per-class counts: %s", missing, counts)
-    return RunContext(cfg, Path(), labeled_shards, unlabeled_shards, labeled, test, params, progress)
+    return RunContext(cfg, Path(), labeled_shards, unlabeled_shards, labeled, test, params, progress, test_shards)
+
+
+def run_folder(cfg: PipelineConfig, run_name: str) -> Path:
+    return Path(cfg.storage).expanduser().resolve() / run_name
+
+
+def stage_config_digest(cfg: PipelineConfig) -> str:
+    """The config as the stages see it. Left out: ``rounds`` (a resumed run may grow), ``name``, ``storage`` and
+    ``publish`` (what the run is called, where it lives and is copied to) and ``data.allow_test_overlap`` (it only
+    lets the data check pass): none changes what a stage computes, so none makes a finished stage stale."""
+    tree = cfg.to_dict()
+    for key in ("rounds", "name", "storage", "publish"):
+        tree.pop(key)
+    tree["data"].pop("allow_test_overlap")
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_config(cfg: PipelineConfig, run_dir: Path) -> None:
+    """An existing run resumes only with the settings it was started with (rounds may change)."""
+    config_path = run_dir / "config.yaml"
+    if config_path.exists() and stage_config_digest(load_config(config_path)) != stage_config_digest(cfg):
+        raise ConfigError(
+            f"run {run_dir} was started with a different config; resume it with the same settings "
+            f"(only rounds may change) or choose a new RUN name"
+        )
 
 
 def prepare_run_dir(cfg: PipelineConfig, run_name: str) -> Path:
     """Create the run folder, or check that an existing one was made by the same config (rounds may grow)."""
-    run_dir = Path(cfg.storage).expanduser().resolve() / run_name
-    config_path = run_dir / "config.yaml"
-    if config_path.exists():
-        previous = load_config(config_path)
-        if previous.digest() != _with_rounds(cfg, previous.rounds).digest():
-            raise ConfigError(
-                f"run {run_dir} was started with a different config; resume it with the same settings "
-                f"(only rounds may change) or choose a new RUN name"
-            )
-    atomic_write_text(config_path, dump_config(cfg))
+    run_dir = run_folder(cfg, run_name)
+    check_same_config(cfg, run_dir)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     return run_dir
-
-
-def _with_rounds(cfg: PipelineConfig, rounds: int) -> PipelineConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, rounds=rounds)
 
 
 def run_pipeline(cfg: PipelineConfig, run_name: str, progress: bool = True) -> list[dict]:
     """Run (or resume) all rounds; returns one metrics dict per round."""
     ctx = preflight(cfg, progress)  # refuse bad data before anything is written
-    run_dir = ctx.run_dir = prepare_run_dir(cfg, run_name)
-    status = _load_status(run_dir, cfg)
+    run_dir = ctx.run_dir = run_folder(cfg, run_name)
+    check_same_config(cfg, run_dir)
     log.info("ray: %s", init_ray(cfg.resources.address or None, cfg.resources.num_cpus or None))
+    shards = {"labeled": ctx.labeled_shards, "unlabeled": ctx.unlabeled_shards, "test": ctx.test_shards}
+    previous = _read_status(run_dir).get("data_check")
+    with one_line_errors(run_dir):  # a refusal here still leaves no run folder behind
+        data_check = check_data(cfg.data, ctx.labeled, ctx.test, shards, previous, ctx.progress)
+    prepare_run_dir(cfg, run_name)
+    status = _load_status(run_dir, cfg)
+    status["data_check"] = data_check
+    _save_status(run_dir, status)
     rows = []
     try:
         for r in range(cfg.rounds + 1):
+            ran = ctx.stages_run
             rows.append(run_round(ctx, r, status))
             status["rounds_completed"] = r + 1
             _save_status(run_dir, status)
-            refresh_report(run_dir)  # report.html + TensorBoard events; logs a warning on failure, never raises
+            if cfg.publish:
+                log.info("round-%03d published to %s", r, publish_round(run_dir, r, cfg.publish))
+            # report.html + TensorBoard events (a warning on failure, never raises), a few seconds each: after a round
+            # that did work, and after the last round; a resume does not rewrite it for every round it skips.
+            if ctx.stages_run > ran or r == cfg.rounds:
+                refresh_report(run_dir)
     except BaseException as exc:
         status["status"] = f"failed: {exc.__class__.__name__}: {str(exc)[:300]}"
-        _save_status(run_dir, status)
+        try:
+            _save_status(run_dir, status)
+        except StorageError as unrecorded:  # the disk that failed the stage: keep the stage's error, not this one
+            log.warning("could not record the failure in run.json: %s", unrecorded)
         raise
     status["status"] = "finished"
     _save_status(run_dir, status)
+    if cfg.publish:
+        publish_round(run_dir, cfg.rounds, cfg.publish)  # again, for the final run.json
     return rows
 
 
-def _load_status(run_dir: Path, cfg: PipelineConfig) -> dict:
+def user_error(exc: BaseException, where: Path) -> Exception | None:
+    """The error a user can act on inside ``exc``, however Ray wrapped it: a ``ConfigError``, ``DataError`` or
+    ``StorageError``, or an ``OSError`` saying the disk is full or read-only (as a ``StorageError``; the path is
+    the failing file when known, else ``where``). None when there is none."""
+    for cause in causes(exc):
+        if isinstance(cause, (ConfigError, DataError, StorageError)):
+            return cause
+        if (storage := storage_error(cause, where)) is not None:
+            return storage
+    return None
+
+
+@contextlib.contextmanager
+def one_line_errors(where: Path) -> Iterator[None]:
+    """Re-raise what ``user_error`` finds, so that the CLI prints one line instead of a remote traceback."""
+    try:
+        yield
+    except Exception as exc:
+        clear = user_error(exc, where)
+        if clear is None or clear is exc:
+            raise
+        raise clear from exc
+
+
+def _read_status(run_dir: Path) -> dict:
     path = run_dir / "run.json"
-    status = read_json(path) if path.exists() else {"run": run_dir.name, "started_at": _now(), "rounds": {}}
+    try:
+        return read_json(path) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s is damaged; starting a new one (the round manifests still say what is done)", path)
+        return {}
+
+
+def _load_status(run_dir: Path, cfg: PipelineConfig) -> dict:
+    status = _read_status(run_dir) or {"run": run_dir.name, "started_at": _now(), "rounds": {}}
     status.update({"status": "running", "rounds_planned": cfg.rounds, "config_digest": cfg.digest()})
     return status
 
@@ -127,13 +212,13 @@ def run_round(ctx: RunContext, r: int, status: dict) -> dict:
     manifest.data["round"] = r
     timings = status["rounds"].setdefault(str(r), {})
     pseudo: tuple[PseudoSource, ...] = ()
-    pseudo_count, inputs = 0, {"config": cfg.digest()}
+    pseudo_count, inputs = 0, {"config": stage_config_digest(cfg)}
     if r > 0:
         teacher = round_dir(ctx.run_dir, r - 1)
         inputs["teacher"] = sha256_file(teacher / "model.safetensors")
-        _stage(manifest, "pseudo_label", inputs, timings, lambda: _pseudo_label(ctx, teacher, rdir))
+        _stage(ctx, manifest, "pseudo_label", inputs, timings, lambda: _pseudo_label(ctx, teacher, rdir))
         inputs["pseudo_label"] = manifest.stage("pseudo_label")["digest"]
-        summary = _stage(manifest, "select", inputs, timings, lambda: _select(ctx, rdir))
+        summary = _stage(ctx, manifest, "select", inputs, timings, lambda: _select(ctx, rdir))
         inputs["select"] = manifest.stage("select")["digest"]
         pseudo = tuple(
             PseudoSource(s, str(rdir / "selection" / f"{shard_id(s)}.parquet")) for s in ctx.unlabeled_shards
@@ -144,12 +229,12 @@ def run_round(ctx: RunContext, r: int, status: dict) -> dict:
                 f"round {r}: selection kept no pseudo-labeled sample of {summary['rows_in']} "
                 f"(select.floor={cfg.select.floor}); lower the floor or train a better teacher"
             )
-    _stage(manifest, "train", inputs, timings, lambda: _train(ctx, r, rdir, pseudo, pseudo_count, inputs))
+    _stage(ctx, manifest, "train", inputs, timings, lambda: _train(ctx, r, rdir, pseudo, pseudo_count, inputs))
     inputs["train"] = sha256_file(rdir / "model.safetensors")
-    return _stage(manifest, "evaluate", inputs, timings, lambda: _evaluate(ctx, r, rdir, pseudo_count, manifest))
+    return _stage(ctx, manifest, "evaluate", inputs, timings, lambda: _evaluate(ctx, r, rdir, pseudo_count, manifest))
 
 
-def _stage(manifest: RoundManifest, stage: str, inputs: dict, timings: dict, work) -> dict:
+def _stage(ctx: RunContext, manifest: RoundManifest, stage: str, inputs: dict, timings: dict, work) -> dict:
     """Run ``work`` unless the stage is done for these inputs; ``work`` returns ``(files, info)``."""
     if manifest.stage_done(stage, inputs):
         log.info("%s %s: done, skipping", manifest.dir.name, stage)
@@ -158,7 +243,13 @@ def _stage(manifest: RoundManifest, stage: str, inputs: dict, timings: dict, wor
         manifest.forget(later)  # redoing a stage makes every later one stale
     start = time.perf_counter()
     log.info("%s %s: starting", manifest.dir.name, stage)
-    files, result = work()
+    # A writer that does not name its file (Ray Train uploading a checkpoint into <run>/ray_train, a plain open())
+    # is reported as the run folder, which holds both.
+    with one_line_errors(manifest.dir.parent):
+        if removed := remove_temp_files(manifest.dir):
+            log.info("%s: removed %d temporary file(s) an interrupted write left", manifest.dir.name, len(removed))
+        files, result = work()
+    ctx.stages_run += 1
     seconds = time.perf_counter() - start
     digest = sha256_file(files[0]) if len(files) == 1 else _digest_files(files)
     manifest.record(stage, files, seconds, inputs=dict(inputs), digest=digest, result=result)
@@ -221,6 +312,7 @@ def _train(ctx: RunContext, r: int, rdir: Path, pseudo, pseudo_count: int, input
         pseudo_count=pseudo_count,
         metrics_path=str(metrics_path),
         init_weights=init,
+        teacher_dir=str(round_dir(ctx.run_dir, r - 1)) if r > 0 and train_cfg.online_teacher else "",
         threads=cfg.resources.torch_threads,
     )
     key = _digest_dict(inputs)[:10]

@@ -15,15 +15,21 @@ Layout (users and later tools rely on it)::
 
 Every file is written to a temporary name in its directory and renamed, so a reader never sees half a file;
 ``manifest.json`` records each file's size and sha256 so a resume can tell a complete file from a damaged one.
+A write that fails (disk full, read-only, quota) raises ``StorageError`` naming the file and removes its temporary;
+temporaries left by a killed process (``.<name>.*.tmp``) are swept by ``remove_temp_files`` before a stage reruns.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +38,75 @@ class StorageError(OSError):
     """A write to the run's storage failed (disk full, read-only, permissions); names the path."""
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+TEMP_SUFFIX = ".tmp"
+# errnos that mean "this storage cannot take the write", whatever wrote it (ours, pyarrow's, Ray Train's)
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG})
+
+
+def write_error(path: str | Path, exc: BaseException) -> StorageError:
+    """One line naming ``path`` and the reason (``No space left on device``), for a failed write of ``path``."""
+    if isinstance(exc, StorageError):
+        return exc
+    code = getattr(exc, "errno", None)
+    if not code and (found := re.search(r"os error (\d+)", str(exc))):  # Rust writers (safetensors) say it in words
+        code = int(found.group(1))
+    reason = os.strerror(code) if code else (str(exc).splitlines() or [type(exc).__name__])[0]
+    error = StorageError(f"cannot write {path}: {reason}")
+    error.errno = code  # kept for callers; the message stays the one line above
+    return error
+
+
+def storage_error(exc: BaseException, where: str | Path) -> StorageError | None:
+    """``exc`` as a ``StorageError`` when it is an ``OSError`` saying the storage is full or read-only, else None.
+
+    For writers we do not own (pyarrow inside Ray Train, a plain ``open``): the path is the error's own file name
+    when it has one, else the folder ``where``.
+    """
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return write_error(exc.filename or f"under {where}", exc)
+    return None
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path`` to write; renames it onto ``path`` when the block succeeds.
+
+    On any failure the temporary is removed; an ``OSError`` becomes a ``StorageError`` naming ``path``.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        os.close(fd)
     except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise write_error(path, exc) from exc
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise write_error(path, exc) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temporaries a killed writer left under ``folder`` (never trusted, but they take space)."""
+    removed = []
+    for tmp in Path(folder).rglob(f".*{TEMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -2,7 +2,9 @@
 
 A checkpoint directory holds ``model.safetensors`` (raw weights), ``ema.safetensors`` (when EMA is on),
 ``optim.safetensors`` + ``optim.json`` (optimizer state split into tensors and structure) and ``state.json``
-(epoch, step, sha256 of each file). ``load_checkpoint`` verifies the hashes, so a truncated file is refused.
+(epoch, step, sha256 of each file), and ``aux.safetensors`` when training has learnable parts beside the model
+(online distillation's hint regressors, loss weights and DML peer). ``load_checkpoint`` verifies the hashes, so a
+truncated file is refused.
 """
 
 from __future__ import annotations
@@ -47,12 +49,19 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], structure: dict) -> di
 
 
 def save_checkpoint(
-    out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None, state: dict
+    out_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: nn.Module | None,
+    state: dict,
+    aux: nn.Module | None = None,
 ) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(unwrap(model).state_dict(), out_dir / "model.safetensors")
     if ema is not None:
         atomic_save_safetensors(unwrap(ema).state_dict(), out_dir / "ema.safetensors")
+    if aux is not None:
+        atomic_save_safetensors(aux.state_dict(), out_dir / "aux.safetensors")
     tensors, structure = optimizer_to_flat(optimizer.state_dict())
     atomic_save_safetensors(tensors, out_dir / "optim.safetensors")
     atomic_write_json(out_dir / "optim.json", structure)
@@ -77,12 +86,22 @@ def read_state(ckpt_dir: Path) -> dict:
     return state
 
 
-def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None) -> dict:
-    """Restore weights, EMA and optimizer in place (strict); returns ``state.json``."""
+def load_checkpoint(
+    ckpt_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: nn.Module | None,
+    aux: nn.Module | None = None,
+) -> dict:
+    """Restore weights, EMA, ``aux`` and optimizer in place (strict); returns ``state.json``."""
     state = read_state(ckpt_dir)
+    if aux is not None and "aux.safetensors" not in state.get("sha256", {}):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: no aux.safetensors, but this training has distillation state")
     unwrap(model).load_state_dict(load_file(ckpt_dir / "model.safetensors"), strict=True)
     if ema is not None:
         unwrap(ema).load_state_dict(load_file(ckpt_dir / "ema.safetensors"), strict=True)
+    if aux is not None:
+        aux.load_state_dict(load_file(ckpt_dir / "aux.safetensors"), strict=True)
     structure = json.loads((ckpt_dir / "optim.json").read_text())
     optimizer.load_state_dict(optimizer_from_flat(load_file(ckpt_dir / "optim.safetensors"), structure))
     return state

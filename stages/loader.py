@@ -73,6 +73,8 @@ class MixedStream(IterableDataset):
     """Yields ready batches ``{"x": float [B,C,H,W], "y": int64 [B_l], "p": float [B_u, classes]}``.
 
     The first ``B_l`` rows of ``x`` are labeled (targets ``y``), the rest pseudo-labeled (soft targets ``p``).
+    With ``clean_transform`` set, batches also hold ``"x_clean"``: the same images through that transform, row for
+    row (the online teacher's un-noised view of what the student sees noised).
     """
 
     def __init__(
@@ -88,8 +90,10 @@ class MixedStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         shuffle_buffer: int = 2048,
+        clean_transform: Callable | None = None,
     ):
         self.labeled, self.pseudo = list(labeled), list(pseudo)
+        self.clean_transform = clean_transform
         self.labeled_batch, self.pseudo_batch = labeled_batch, pseudo_batch if pseudo else 0
         self.num_classes, self.channels, self.transform = num_classes, channels, transform
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
@@ -140,10 +144,15 @@ class MixedStream(IterableDataset):
                     f"training slot {slot}/{slots} got no pseudo-labeled samples from {len(sources)} shard(s)"
                 )
 
-    def _decoded(self, items: Iterator[tuple[bytes, object]]) -> Iterator[tuple[torch.Tensor, object]]:
+    def _decoded(self, items: Iterator[tuple[bytes, object]]) -> Iterator[tuple[object, object]]:
         for data, target in items:
             try:
-                yield self.transform(decode_image(data, self.channels)), target
+                image = decode_image(data, self.channels)
+                if self.clean_transform is None:
+                    yield self.transform(image), target
+                else:  # the clean view first: it is deterministic, the noised one draws RandAugment's randomness
+                    clean = self.clean_transform(image)
+                    yield (self.transform(image), clean), target
             except BadSample:
                 continue  # undecodable: already counted by the pre-flight scan or the pseudo-label stage
 
@@ -165,5 +174,9 @@ class MixedStream(IterableDataset):
                 batch["p"] = torch.from_numpy(np.stack([p for _, p in pse]))
             else:
                 batch["p"] = torch.zeros(0, self.num_classes)
-            batch["x"] = torch.stack(xs)
+            if self.clean_transform is None:
+                batch["x"] = torch.stack(xs)
+            else:
+                batch["x"] = torch.stack([x for x, _ in xs])
+                batch["x_clean"] = torch.stack([c for _, c in xs])
             yield batch

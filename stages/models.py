@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import timm
@@ -101,16 +99,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write to a temporary beside ``path`` and rename; a failed write is a ``StorageError`` naming ``path``."""
+    from safetensors import SafetensorError
+
+    from pipeline.storage import atomic_target, write_error
+
+    with atomic_target(path) as tmp:
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as exc:  # safetensors reports I/O failures (disk full) as its own error, not OSError
+            raise write_error(path, exc) from exc
 
 
 def save_model(model: nn.Module, out_dir: str | Path, card: dict) -> None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.storage import StorageError, atomic_target
 from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, optional_label, shard_id
 from stages.models import load_model
 from stages.transforms import clean_transform
@@ -136,15 +135,9 @@ def _list_column(matrix: np.ndarray, dtype: pa.DataType) -> pa.Array:
 
 
 def write_sidecar(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Write to a temporary beside ``path`` and rename; a failed write is a ``StorageError`` naming ``path``."""
+    with atomic_target(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _decoded_batches(shard: str, channels: int, transform, batch_size: int, bad: list[dict]) -> Iterator[tuple]:
@@ -199,10 +192,14 @@ class ShardLabeler:
         self.out_dir, self.cfg, self.channels = Path(out_dir), cfg, channels
 
     def label_shard(self, shard: str) -> dict:
+        """Label one shard and write its sidecar. An unreadable shard comes back as ``error``, a sidecar that
+        cannot be written (disk full, read-only) as ``storage_error``: both are one line for the driver to raise,
+        since an exception would reach it only as a Ray Data traceback."""
         start, bad = time.perf_counter(), []
         keys: list[str] = []
         probs: list[torch.Tensor] = []
         truth: list[int] = []
+        result = {"shard": shard, "rows": 0, "bad": bad, "error": "", "storage_error": ""}
         try:
             batches = _decoded_batches(shard, self.channels, self.transform, self.cfg.batch_size, bad)
             # Overlap decoding with inference only when a GPU runs the model: on CPU the decode thread and torch's
@@ -212,13 +209,16 @@ class ShardLabeler:
                 keys += k
                 truth += y
         except DataError as exc:
-            return {"shard": shard, "rows": 0, "bad": bad, "error": str(exc), "seconds": time.perf_counter() - start}
+            return result | {"error": str(exc), "seconds": time.perf_counter() - start}
         num_classes = probs[0].shape[1] if probs else self.model.num_classes
         table = build_table(
             shard, keys, torch.cat(probs) if probs else torch.zeros(0, num_classes), truth, self.cfg.topk, bad
         )
-        write_sidecar(table, sidecar_path(self.out_dir, shard))
-        return {"shard": shard, "rows": len(keys), "bad": bad, "error": "", "seconds": time.perf_counter() - start}
+        try:
+            write_sidecar(table, sidecar_path(self.out_dir, shard))
+        except StorageError as exc:
+            return result | {"storage_error": str(exc), "seconds": time.perf_counter() - start}
+        return result | {"rows": len(keys), "seconds": time.perf_counter() - start}
 
     @torch.inference_mode()
     def _infer(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,5 +236,6 @@ class ShardLabeler:
             "rows": np.array([r["rows"] for r in results], dtype=np.int64),
             "bad": np.array([json.dumps(r["bad"]) for r in results], dtype=object),
             "error": np.array([r["error"] for r in results], dtype=object),
+            "storage_error": np.array([r["storage_error"] for r in results], dtype=object),
             "seconds": np.array([r["seconds"] for r in results], dtype=np.float64),
         }

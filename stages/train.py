@@ -7,8 +7,14 @@ ones, so a student epoch is ``ceil(pseudo_total / (pseudo_batch * W))`` steps an
 ``ceil(labeled_total / (batch_size * W))`` steps, on every worker alike (``steps_per_epoch``).
 
 Loss: ``CE(labeled, label_smoothing) + pseudo_weight * soft-target CE(pseudo)``, computed over one forward
-pass of the mixed batch. The loop is plain PyTorch; the distributed edge (Ray Train) comes in through
-``TrainHooks``: ``prepare`` (DDP), ``restore`` (latest checkpoint) and ``report`` (metrics + checkpoint).
+pass of the mixed batch. With ``distill`` terms (``stages/distill.py``) the student stage adds the weighted
+distillation objective: the frozen previous-round model runs beside the noised student on the clean view of the
+same batch when ``online_teacher`` is on, a DML peer trains alongside with the same supervised loss
+(``stages/online_distill.py``). ``pseudo_weight: 0`` then distils instead of learning from the stored soft labels
+(the selected images are still what the student reads).
+
+The loop is plain PyTorch; the distributed edge (Ray Train) comes in through ``TrainHooks``: ``prepare`` (DDP),
+``restore`` (latest checkpoint) and ``report`` (metrics + checkpoint).
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stages.checkpoint import load_checkpoint, read_state, save_checkpoint
+from stages.distill import DistillTermConfig, check_terms
 from stages.loader import MixedStream, PseudoSource
 from stages.models import ModelSpec, create_model, unwrap
-from stages.transforms import check_ops, noised_transform
+from stages.online_distill import OnlineTeacher, prepare_distill
+from stages.transforms import check_ops, clean_transform, noised_transform
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,9 @@ class TrainConfig:
     grad_clip: float = 0.0
     ema_decay: float = 0.0
     init_from_teacher: bool = False
+    distill: tuple[DistillTermConfig, ...] = ()
+    distill_weighting: str = "fixed"
+    online_teacher: bool = False
     randaug_ops: tuple[str, ...] = ()
     loader_workers: int = 1
     checkpoint_every: int = 1
@@ -93,6 +104,7 @@ class TrainConfig:
                 "sample per step; raise unlabeled_ratio or batch_size"
             )
         check_ops(self.randaug_ops)
+        check_terms(self.distill, self.distill_weighting, self.online_teacher)
 
     @property
     def pseudo_batch(self) -> int:
@@ -146,7 +158,11 @@ def steps_per_epoch(driving_samples: int, per_step: int, world_size: int) -> int
 
 @dataclasses.dataclass(frozen=True)
 class TrainPlan:
-    """Everything one training run needs; plain data, so it can travel to Ray Train workers."""
+    """Everything one training run needs; plain data, so it can travel to Ray Train workers.
+
+    ``teacher_dir``: the previous round's model folder (``model.json`` + ``model.safetensors``), the frozen
+    teacher of ``cfg.online_teacher``; ``""`` otherwise.
+    """
 
     spec: ModelSpec
     cfg: TrainConfig
@@ -162,6 +178,7 @@ class TrainPlan:
     metrics_path: str
     init_weights: str = ""
     threads: int = 0
+    teacher_dir: str = ""
 
     def steps_per_epoch(self, world_size: int) -> int:
         if self.pseudo:
@@ -195,6 +212,7 @@ def build_stream(plan: TrainPlan, epoch: int, rank: int, world_size: int) -> Dat
     transform = noised_transform(
         plan.image_size, plan.mean, plan.std, spec.randaug_n, spec.randaug_m, plan.cfg.randaug_ops
     )
+    clean = clean_transform(plan.image_size, plan.mean, plan.std) if plan.cfg.online_teacher else None
     stream = MixedStream(
         plan.labeled,
         plan.pseudo,
@@ -206,6 +224,7 @@ def build_stream(plan: TrainPlan, epoch: int, rank: int, world_size: int) -> Dat
         seed=plan.cfg.seed * 100_003 + epoch,
         rank=rank,
         world_size=world_size,
+        clean_transform=clean,
     )
     workers = plan.cfg.loader_workers
     return DataLoader(
@@ -226,6 +245,10 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
     model = create_model(plan.spec, plan.num_classes, plan.channels, noised=True)
     if plan.init_weights:
         model.load_state_dict(load_file(plan.init_weights), strict=True)
+    teacher, aux = None, None
+    if cfg.distill:  # the student becomes a DistillStudent: student + objective (+ DML peer), one DDP unit
+        model, teacher = prepare_distill(plan, model, device)
+        aux = model.aux
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -234,10 +257,10 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
     if cfg.ema_decay:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=cfg.ema_decay)
+        ema = ModelEmaV3(unwrap(model), decay=cfg.ema_decay)
     start_epoch, step, restored = 0, 0, hooks.restore()
     if restored is not None:
-        state = load_checkpoint(restored, model, optimizer, ema.module if ema else None)
+        state = load_checkpoint(restored, model, optimizer, ema.module if ema else None, aux)
         start_epoch, step = state["epoch"], state["step"]
         log.info("resumed from %s at epoch %d, step %d", restored, start_epoch, step)
     model = hooks.prepare(model)
@@ -247,7 +270,9 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
     # One endless stream for the whole run (seeded by the start epoch, so a resume does not replay old batches).
     batches = iter(build_stream(plan, start_epoch, hooks.rank, hooks.world_size))
     for epoch in range(start_epoch, cfg.epochs):
-        metrics = _train_one_epoch(model, optimizer, ema, batches, plan, hooks, epoch, step, per_epoch, total, warmup)
+        metrics = _train_one_epoch(
+            model, teacher, optimizer, ema, batches, plan, hooks, epoch, step, per_epoch, total, warmup
+        )
         step = metrics["step"]
         if hooks.rank == 0:
             _append_metrics(plan.metrics_path, metrics, keep_until_epoch=epoch if epoch == start_epoch else None)
@@ -256,7 +281,7 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
                 epoch + 1,
                 cfg.epochs,
                 metrics["loss"],
-                " ".join(f"{k[5:]} {metrics[k]:.4f}" for k in ("loss_labeled", "loss_pseudo") if k in metrics),
+                " ".join(f"{k[5:]} {metrics[k]:.4f}" for k in LOGGED_PARTS if k in metrics),
                 metrics["images_per_s"],
                 metrics["lr"],
                 metrics["seconds"] * (cfg.epochs - epoch - 1),
@@ -265,12 +290,37 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
         # Only checkpoints are reported: under Ray Train each report waits for the controller's next poll, and
         # the per-epoch metrics are already in the log and metrics_path.
         if (epoch + 1) % cfg.checkpoint_every == 0 or last:
-            _report(hooks, metrics, model, optimizer, ema, epoch + 1, step)
+            _report(hooks, metrics, model, optimizer, ema, epoch + 1, step, aux)
     return metrics
+
+
+LOGGED_PARTS = ("loss_labeled", "loss_pseudo", "loss_distill", "loss_peer")
+
+
+def _step_loss(model, teacher: OnlineTeacher | None, batch: dict, x, cfg: TrainConfig, device, use_bf16: bool):
+    """The supervised loss, plus the distillation objective and the DML peer's own supervised loss when on."""
+    y, p = batch["y"].to(device), batch["p"].to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        if not cfg.distill:
+            logits = model(x)
+        else:
+            seen = teacher(batch["x_clean"].to(device, non_blocking=True)) if teacher is not None else None
+            logits, peer_logits, distill_loss, distill_parts = model(x, seen)
+    loss, parts = noisy_student_loss(logits, y, p, cfg)
+    if not cfg.distill:
+        return loss, parts
+    loss = loss + distill_loss
+    parts = {**parts, "loss_distill": distill_loss.item(), **distill_parts}
+    if peer_logits is not None:
+        peer_loss, _ = noisy_student_loss(peer_logits, y, p, cfg)
+        loss = loss + peer_loss
+        parts["loss_peer"] = peer_loss.item()
+    return loss, parts
 
 
 def _train_one_epoch(
     model,
+    teacher: OnlineTeacher | None,
     optimizer,
     ema,
     batches,
@@ -295,9 +345,7 @@ def _train_one_epoch(
         x = batch["x"].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(x)
-        loss, parts = noisy_student_loss(logits, batch["y"].to(device), batch["p"].to(device), cfg)
+        loss, parts = _step_loss(model, teacher, batch, x, cfg, device, use_bf16)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -321,13 +369,18 @@ def _train_one_epoch(
     }
 
 
-def _report(hooks: TrainHooks, metrics: dict, model, optimizer, ema, epoch: int, step: int) -> None:
+def _report(hooks: TrainHooks, metrics: dict, model, optimizer, ema, epoch: int, step: int, aux=None) -> None:
     if hooks.rank != 0:
         hooks.report(metrics, None)
         return
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
         ckpt = save_checkpoint(
-            Path(tmp), model, optimizer, ema.module if ema else None, {"epoch": epoch, "step": step, "metrics": metrics}
+            Path(tmp),
+            model,
+            optimizer,
+            ema.module if ema else None,
+            {"epoch": epoch, "step": step, "metrics": metrics},
+            aux,
         )
         read_state(ckpt)  # never hand Ray a checkpoint that does not verify
         hooks.report(metrics, ckpt)

@@ -122,7 +122,7 @@ def finished_run(ray_session, digits_root, tmp_path_factory):
     from pipeline.config import load_config
     from pipeline.rounds import run_pipeline
 
-    storage = tmp_path_factory.mktemp("runs")
-    cfg = load_config(None, [], base=tiny_tree(digits_root, storage))
+    storage, published = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("published")
+    cfg = load_config(None, [f"publish={published}"], base=tiny_tree(digits_root, storage))
     rows = run_pipeline(cfg, "one-round", progress=False)
     return cfg, storage / "one-round", rows

@@ -84,8 +84,11 @@ def test_resolve_paths_makes_local_paths_absolute_and_keeps_urls(tmp_path):
     assert cfg.data.labeled == (f"{tmp_path}/d/labeled-{{000000..000003}}.tar",)
     assert cfg.data.unlabeled == ("s3://bucket/unlabeled-{000..999}.tar", f"{Path.home()}/u/*.tar")
     assert cfg.data.test == ("/abs/test.tar",) and cfg.data.prepare_digits == str(tmp_path / "d")
-    tree["storage"] = "gs://bucket/runs"
-    assert resolve_paths(load_config(None, [], base=tree), tmp_path).storage == "gs://bucket/runs"
+    assert cfg.publish == ""
+    tree["publish"] = "gs://bucket/runs"
+    assert resolve_paths(load_config(None, [], base=tree), tmp_path).publish == "gs://bucket/runs"
+    tree["publish"] = "published"
+    assert resolve_paths(load_config(None, [], base=tree), tmp_path).publish == str(tmp_path / "published")
 
 
 def test_shipped_working_dir_has_the_code_and_config_but_no_outputs(tmp_path, tiny_config):

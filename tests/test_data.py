@@ -262,6 +262,17 @@ def test_load_labeled_refuses_an_out_of_range_class(tmp_path):
     assert shard in str(info.value)
 
 
+def test_a_labeled_set_missing_a_class_is_a_warning_with_counts(digits_root, tmp_path, tiny_config, caplog):
+    from pipeline.rounds import preflight
+
+    shards = sorted((digits_root / "labeled").glob("*.tar"))
+    no_sevens = [s for p in shards for s in iter_raw_samples(str(p)) if s["cls"] != b"7"]
+    shard = write_shards([{k: v for k, v in s.items() if k != "__url__"} for s in no_sevens], tmp_path, "no7", 1)[0]
+    preflight(tiny_config(f"data.labeled=[{shard}]"), progress=False)  # a warning, not an error: the run may go on
+    assert "no samples of class(es) [7]" in caplog.text
+    assert "per-class counts: [10, 10, 10, 10, 10, 10, 10, 0, 10, 10]" in caplog.text
+
+
 def test_an_empty_shard_is_a_data_error(tmp_path, digits_root):
     good = f"{digits_root}/labeled/labeled-000000.tar"
     empty = write_shards([], tmp_path, "empty", 1)[0]  # a valid tar with no members

@@ -16,11 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.data import iter_raw_samples, write_shards
+from stages.data import expand_shards, iter_raw_samples, write_shards
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,3 +192,245 @@ def test_two_workers_split_each_epoch_as_documented(ray_session, digits_root, tm
     assert [r["step"] for r in lines] == [4, 8]  # ceil(100 / (16 * 2)) = 4, where one worker takes 7
     assert lines[0]["images"] == 4 * 16 * 2  # both ranks' samples are counted
     assert (tmp_path / "final" / "final-model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- a student round, killed and resumed
+
+
+def copy_finished_run(finished_run, storage: Path, rounds: int = 2):
+    """The session's finished rounds 0-1 copied under ``storage`` (without Ray Train's checkpoints), with a config
+    asking for ``rounds``: resuming it runs only the new student round(s), so the teacher is not trained again."""
+    import dataclasses
+    import shutil
+
+    cfg, run_dir, _ = finished_run
+    shutil.copytree(run_dir, storage / "r", ignore=shutil.ignore_patterns("ray_train", "report*", "tensorboard"))
+    return dataclasses.replace(cfg, storage=str(storage), rounds=rounds), storage / "r"
+
+
+def check_student_round(run_dir: Path, r: int, cfg, unlabeled_shards: list[str]) -> dict:
+    """A finished student round holds each unlabeled key exactly once in its pseudo-labels, and a selection equal to
+    the in-memory reference over those pseudo-labels, row for row and copy for copy, matching ``selection.json``."""
+    import numpy as np
+
+    from pipeline.storage import RoundManifest, verify_entry
+    from stages.pseudo_label import read_footer
+    from stages.select import select_in_memory
+
+    rdir = run_dir / f"round-{r:03d}"
+    manifest = RoundManifest(rdir)
+    for stage in ("pseudo_label", "select", "train", "evaluate"):
+        assert all(verify_entry(f, rdir) is None for f in manifest.stage(stage)["files"]), stage
+    assert not list(rdir.rglob(".*.tmp")), "temporary files left behind"
+    expected = [s["__key__"] for shard in unlabeled_shards for s in iter_raw_samples(shard)]
+    pseudo = pa.concat_tables(pq.read_table(f) for f in sorted((rdir / "pseudo_labels").glob("*.parquet")))
+    keys = pseudo.column("key").to_pylist()
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(expected), "pseudo-labels lost or duplicated"
+    labels, confidence = pseudo.column("label").to_numpy(), pseudo.column("confidence").to_numpy()
+    reference = select_in_memory(keys, labels, confidence, cfg.data.num_classes, cfg.select)
+    files = sorted((rdir / "selection").glob("*.parquet"))
+    for f in files:
+        assert int(read_footer(f, "selection/v1")[1][b"rows"]) == pq.read_metadata(f).num_rows, f
+    selection = pa.concat_tables(pq.read_table(f) for f in files)
+    copies = dict(zip(selection.column("key").to_pylist(), selection.column("copies").to_pylist(), strict=True))
+    assert len(copies) == selection.num_rows, "a selection row is duplicated"
+    assert copies == {k: int(c) for k, c in zip(keys, reference, strict=True) if c}, "selection differs from reference"
+    summary = json.loads((rdir / "selection" / "selection.json").read_text())
+    kept = np.bincount(selection.column("label").to_numpy(), minlength=cfg.data.num_classes)
+    assert summary["kept"] == selection.num_rows and summary["copies_out"] == int(reference.sum())
+    assert summary["per_class_kept"] == kept.tolist()
+    return {
+        "pseudo_label rows": len(keys),
+        "selection rows": selection.num_rows,
+        "copies": summary["copies_out"],
+        "pseudo_label shards resumed": manifest.stage("pseudo_label")["result"]["shards_resumed"],
+        "select shards resumed": manifest.stage("select")["result"]["shards_resumed"],
+    }
+
+
+def test_driver_killed_at_every_boundary_and_mid_stage_resumes_losing_nothing(ray_session, finished_run, tmp_path):
+    """A subprocess driver runs round 2 on a copy of the session's finished run and is SIGKILLed at each stage
+    boundary and mid pseudo-label and mid train, relaunched (same RUN) after each kill, then let finish.
+
+    The boundary before round 2's pseudo-label is where the copy starts (round 1 recorded, round 2 not begun, as
+    after a kill there), so the first launch resumes from it without a kill of its own (each launch costs ~6 s of
+    imports). Mid select and mid evaluate are not targeted: on the tiny data each takes well under a second, so a
+    kill "in the middle" could not be aimed; the kills at their boundaries land within ~20 ms of the stage starting
+    (its log line), which is as close to mid-stage as they can be hit reliably.
+    """
+    from pipeline.config import dump_config
+    from pipeline.storage import RoundManifest
+
+    cfg, run = copy_finished_run(finished_run, tmp_path / "runs")
+    before = {r: (run / f"round-{r:03d}" / "manifest.json").read_text() for r in (0, 1)}
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(cfg))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pipeline", "iterate", "--config", str(config), "--run", "r", "--no-progress"]
+    rdir = run / "round-002"
+
+    def stages_done() -> list[str]:
+        return list(RoundManifest(rdir).data["stages"]) if (rdir / "manifest.json").exists() else []
+
+    def checkpointed() -> bool:
+        snapshots = list((run / "ray_train").glob("round-002-*/checkpoint_manager_snapshot.json"))
+        return any(json.loads(p.read_text() or "{}").get("checkpoint_results") for p in snapshots)
+
+    def started(stage: str) -> Callable[[str], bool]:
+        return lambda log: f"round-002 {stage}: starting" in log
+
+    points = [  # (where the driver is killed, when that is: a predicate over this launch's log)
+        ("mid pseudo_label (a sidecar written)", lambda log: any((rdir / "pseudo_labels").glob("*.parquet"))),
+        ("boundary pseudo_label -> select", started("select")),
+        ("boundary select -> train", started("train")),
+        ("mid train (checkpoint registered)", lambda log: checkpointed()),
+        ("boundary train -> evaluate", started("evaluate")),
+        ("after evaluate (round 2 recorded, report being written)", lambda log: "evaluate" in stages_done()),
+    ]
+    for i, (where, ready) in enumerate(points):
+        log_path = tmp_path / f"launch-{i}.log"
+        with log_path.open("w") as out:
+            driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not ready(log_path.read_text()):
+            assert driver.poll() is None, f"launch {i} ended before '{where}': " + log_path.read_text()[-2000:]
+            assert time.monotonic() < deadline, f"launch {i}: '{where}' never came"
+            time.sleep(0.02)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        sidecars = len(list((rdir / "pseudo_labels").glob("*.parquet")))
+        print(f"\ninjected: SIGKILL at {where}; stages recorded then {stages_done()}, {sidecars}/4 sidecars")
+        if where.startswith("mid"):
+            stage = where.split()[1]
+            assert stage not in stages_done(), f"the kill meant for mid {stage} came after the stage was recorded"
+    final = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    (tmp_path / "final.log").write_text(final.stdout + final.stderr)
+    assert final.returncode == 0, final.stderr[-3000:]
+
+    status = json.loads((run / "run.json").read_text())
+    epochs = [json.loads(line)["epoch"] for line in (rdir / "train_metrics.jsonl").read_text().splitlines()]
+    observed = check_student_round(run, 2, cfg, expand_shards(cfg.data.unlabeled))
+    resumed = [
+        line for p in sorted(tmp_path.glob("*.log")) for line in p.read_text().splitlines() if "resumed from" in line
+    ]
+    print(f"observed: run {status['status']}, {status['rounds_completed']} rounds; round 2 {observed}")
+    print(f"observed: round-002 epochs in train_metrics.jsonl {epochs}; {resumed[-1:] or 'no checkpoint resume'}")
+    assert status["status"] == "finished" and status["rounds_completed"] == 3
+    assert {r: (run / f"round-{r:03d}" / "manifest.json").read_text() for r in (0, 1)} == before, "rounds 0-1 redone"
+    assert epochs == [1] and resumed, "the student was trained again instead of resuming from its checkpoint"
+
+
+# ---------------------------------------------------------------- the storage fills up or turns read-only
+
+
+class SmallDisk:
+    """A tmpfs mounted for one test: a real filesystem whose writes fail with the kernel's own ENOSPC / EROFS."""
+
+    def __init__(self, path: Path, size_mb: int = 512) -> None:
+        path.mkdir(parents=True)
+        self.path, self.filler = path, path / "filler"
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True
+        )
+        if done.returncode:
+            pytest.skip(f"needs mount (root with CAP_SYS_ADMIN) for a real full/read-only disk: {done.stderr.decode()}")
+
+    def fill(self, leave_pages: int) -> int:
+        """Take all free space but ``leave_pages`` pages; returns the bytes left."""
+        st = os.statvfs(self.path)
+        with open(self.filler, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, (st.f_bavail - leave_pages) * st.f_frsize)
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def read_only(self, on: bool) -> None:
+        subprocess.run(["mount", "-o", f"remount,{'ro' if on else 'rw'}", str(self.path)], check=True)
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = SmallDisk(tmp_path / "disk")
+    yield disk
+    disk.unmount()
+
+
+def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_resumes(
+    ray_session, finished_run, small_disk, tmp_path, capsys, monkeypatch
+):
+    """Round 2 of a copy of the session's run, on a tmpfs. (1) The disk fills up mid pseudo-label: the labeling actor
+    writes one sidecar, the next fails with ENOSPC. (2) With space again, the disk turns read-only mid select, after
+    two of its four sidecars. Each time: exit 2 and one ``error:`` line naming the file, no temporary left, the stage
+    not in the manifest. (3) Writable again, the run resumes the stages from the files they had completed."""
+    import pipeline.ray_select
+    import pipeline.rounds
+    from pipeline.cli import main
+    from pipeline.config import dump_config
+    from pipeline.storage import RoundManifest
+    from stages.pseudo_label import sidecar_info
+
+    cfg, run = copy_finished_run(finished_run, small_disk.path)
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(cfg))
+    argv = ["iterate", "--config", str(config), "--run", "r", "--no-progress"]
+    rdir = run / "round-002"
+    # A pseudo-label sidecar takes the pages of its round-1 twin (same rows and columns): leave room for one only.
+    pages = max(-(-p.stat().st_size // 4096) for p in (run / "round-001" / "pseudo_labels").glob("*.parquet"))
+    label, write_sidecar = pipeline.rounds.run_pseudo_label, pipeline.ray_select.write_sidecar
+    left = []
+
+    def fill_then_label(*args, **kwargs):
+        left.append(small_disk.fill(leave_pages=pages + (pages - 1) // 2))
+        return label(*args, **kwargs)
+
+    def say(text: str) -> None:  # capsys holds the CLI's stderr; these lines go straight to the terminal
+        with capsys.disabled():
+            print(text)
+
+    def refused(reason: str, folder: str) -> None:
+        assert main(argv) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        stages = list(RoundManifest(rdir).data["stages"])
+        temps = list(rdir.rglob(".*.tmp"))
+        say(f"observed: {line!r}; round-002 stages recorded {stages}; temporary files {temps}")
+        assert line.startswith("error: ") and line.endswith(reason) and str(rdir / folder) in line, line
+        assert not temps
+
+    monkeypatch.setattr(pipeline.rounds, "run_pseudo_label", fill_then_label)
+    say("\ninjected: the disk filled up at the start of round-002 pseudo_label, room left for one sidecar")
+    refused("No space left on device", "pseudo_labels")
+    sidecars = sorted((rdir / "pseudo_labels").glob("*.parquet"))
+    complete = [sidecar_info(p, cfg.pseudo_label.topk) is not None for p in sidecars]
+    say(f"observed: {left[0]} bytes were free; {len(sidecars)}/4 sidecars kept, complete: {complete}")
+    assert 1 <= len(sidecars) < 4 and all(complete)
+    assert "pseudo_label" not in RoundManifest(rdir).data["stages"]
+
+    small_disk.free()
+    monkeypatch.setattr(pipeline.rounds, "run_pseudo_label", label)
+    calls = []
+
+    def turn_read_only_on_the_third(table, path):
+        calls.append(path)
+        if len(calls) == 3:
+            small_disk.read_only(True)
+        return write_sidecar(table, path)
+
+    monkeypatch.setattr(pipeline.ray_select, "write_sidecar", turn_read_only_on_the_third)
+    say("injected: space freed, then the disk remounted read-only before the 3rd of 4 selection sidecars")
+    refused("Read-only file system", "selection")
+    written = sorted((rdir / "selection").glob("*.parquet"))
+    say(f"observed: {len(written)} selection sidecars kept")
+    assert len(written) == 2 and "select" not in RoundManifest(rdir).data["stages"]
+
+    small_disk.read_only(False)
+    monkeypatch.setattr(pipeline.ray_select, "write_sidecar", write_sidecar)
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    observed = check_student_round(run, 2, cfg, expand_shards(cfg.data.unlabeled))
+    say(f"observed after the resume on a writable disk: {observed}")
+    assert observed["pseudo_label shards resumed"] == len(sidecars) and observed["select shards resumed"] == 2
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"

@@ -3,7 +3,6 @@ by the pseudo-label stage through Ray, and ``rounds`` / ``download`` reading a r
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -44,12 +43,20 @@ def test_a_missing_s3_shard_is_named(s3_bucket):
 
 
 def test_rounds_and_download_from_s3(finished_run, s3_bucket, tmp_path, capsys):
+    """Rounds published to s3:// (``publish:``) are listed and downloaded from there, sha256-verified."""
+    from pipeline.run_store import publish_round
+
     _, run_dir, rows = finished_run
     fs, bucket = s3_bucket
-    copy = tmp_path / run_dir.name
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("ray_train", "pseudo_labels", "tensorboard"))
-    fs.put(str(copy), f"{bucket}/runs/", recursive=True)
     storage = f"s3://{bucket}/runs"
+    for r in (0, 1):
+        assert publish_round(run_dir, r, storage) == f"{storage}/{run_dir.name}"
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/{run_dir.name}/round-001")) == [
+        "manifest.json",
+        "metrics.json",
+        "model.json",
+        "model.safetensors",
+    ]
 
     assert main(["rounds", run_dir.name, "--storage", storage]) == 0
     assert f"{rows[-1]['test_top1'] * 100:.2f}%" in capsys.readouterr().out
@@ -62,3 +69,22 @@ def test_rounds_and_download_from_s3(finished_run, s3_bucket, tmp_path, capsys):
     assert main(["download", run_dir.name, "--round", "1", "--to", str(tmp_path / "dl2"), "--storage", storage]) == 2
     assert "model.json does not match the manifest" in capsys.readouterr().err
     assert not Path(tmp_path / "dl2" / "round-001").exists()
+    publish_round(run_dir, 1, storage)  # publishing again repairs it
+    assert main(["download", run_dir.name, "--round", "1", "--to", str(tmp_path / "dl2"), "--storage", storage]) == 0
+
+
+def test_the_run_publishes_every_round(finished_run, tmp_path):
+    """The session's finished run has ``publish:`` set to a folder: both rounds arrived there and verify."""
+    from pipeline.run_store import RunStore
+
+    cfg, run_dir, _ = finished_run
+    store = RunStore(run_dir.name, cfg.publish)
+    assert store.status()["status"] == "finished"
+    assert [p.name for p in store.download(tmp_path / "dl", all_rounds=True)] == ["round-000", "round-001"]
+
+
+def test_object_store_storage_is_refused_with_the_way_out(tiny_config):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"storage: 's3://b/runs' is an object-store URL.*publish: s3://b/runs"):
+        tiny_config("storage=s3://b/runs")

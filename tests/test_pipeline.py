@@ -24,6 +24,8 @@ def test_run_writes_the_documented_layout(finished_run):
     assert (run_dir / "config.yaml").is_file()
     status = read_json(run_dir / "run.json")
     assert status["status"] == "finished" and status["rounds_completed"] == 2
+    check = status["data_check"]  # the contamination guard ran before round 0 and left its counts
+    assert (check["labeled"]["in_test"], check["unlabeled"]["in_test"], check["unlabeled"]["images"]) == (0, 0, 1337)
     assert [r["round"] for r in rows] == [0, 1]
     for r in (0, 1):
         rdir = run_dir / f"round-{r:03d}"

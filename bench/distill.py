@@ -1,0 +1,214 @@
+"""Distillation losses against plain Noisy Student: one student round on the digits default, each loss in turn.
+
+    python bench/distill.py [--epochs 5] [--methods kd,at] [--config configs/digits.yaml] [--set key=value ...]
+
+One teacher (round 0 of the config's ladder, ``--teacher-epochs``, default the config's) pseudo-labels the
+unlabeled shards and the config's selection runs once; then every method trains the round-1 student from the same
+seed on the same selected data for ``--epochs`` student epochs, in this process (``stages.train.train_model``
+with ``LocalHooks``: the pipeline's training stage without Ray), and is evaluated on the test shards. Methods:
+``noisy_student`` (no distillation term), one per registered loss (``kd``, ``dml``, ``fitnet``, ``at``, ``sp``,
+``fsp``; weights in ``METHODS``, which says why), each beside the offline pseudo-label loss, and ``uncertainty``
+(kd + at + sp, weights learned). The teacher, its sidecars and the selection are kept in ``--work`` (default
+``runs/bench-distill``) and reused while the teacher settings are unchanged.
+
+Prints a table of test top-1 per method, then one JSON line ``{"bench": "distill", "teacher_top1": t,
+"methods": {name: {"top1": ..., "seconds": ..., "terms": ...}}, ...}``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+sys.path.append(sys.path.pop(0))  # this folder last: bench/select.py must not shadow the stdlib select module
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import PipelineConfig, load_config  # noqa: E402
+from stages.data import expand_shards, load_labeled, shard_id  # noqa: E402
+from stages.distill import DistillTermConfig, describe, needs_teacher  # noqa: E402
+from stages.evaluate import evaluate  # noqa: E402
+from stages.loader import PseudoSource  # noqa: E402
+from stages.models import create_model, model_card, save_model  # noqa: E402
+from stages.train import LocalHooks, TrainPlan, train_model  # noqa: E402
+
+KD, AT, SP = DistillTermConfig("kd", 1.0, 4.0), DistillTermConfig("at", 100.0), DistillTermConfig("sp", 300.0)
+# name: (terms, weighting). Weights put each term near the cross-entropy's size (about 1.5 in a first epoch) with the
+# default's trained resnet10t teacher: kd T=4 (Hinton's range; term 1.3), dml 1 (the paper's), fitnet and fsp 1
+# (their terms are means: 0.25, 0.41). at and sp at a tenth of their papers' beta=1000 / gamma=3000: at is a mean over
+# positions of unit-norm maps, about 16x larger on 16x16 inputs' 8x8-and-smaller maps than on CIFAR's 32x32 ones,
+# and the papers' weights made at and sp six times the cross-entropy here (raw terms 0.0098 and 0.0035).
+METHODS: dict[str, tuple[tuple[DistillTermConfig, ...], str]] = {
+    "noisy_student": ((), "fixed"),
+    "kd": ((KD,), "fixed"),
+    "dml": ((DistillTermConfig("dml", 1.0),), "fixed"),
+    "fitnet": ((DistillTermConfig("fitnet", 1.0),), "fixed"),
+    "at": ((AT,), "fixed"),
+    "sp": ((SP,), "fixed"),
+    "fsp": ((DistillTermConfig("fsp", 1.0),), "fixed"),
+    "uncertainty": ((KD, AT, SP), "uncertainty"),
+}
+
+
+def ensure_data(cfg: PipelineConfig) -> None:
+    root = cfg.data.prepare_digits
+    if root and not all(any((Path(root) / s).glob("*.tar")) for s in ("labeled", "unlabeled", "test")):
+        from stages.digits import write_digits_shards
+
+        print(f"preparing the digits data in {root}: {write_digits_shards(root)}", flush=True)
+
+
+def plan_for(cfg: PipelineConfig, r: int, train_cfg, labeled: list[str], work: Path, **kw) -> TrainPlan:
+    d = cfg.data
+    return TrainPlan(
+        spec=cfg.spec(r),
+        cfg=train_cfg,
+        num_classes=d.num_classes,
+        channels=d.channels,
+        image_size=d.image_size,
+        mean=d.mean,
+        std=d.std,
+        labeled=tuple(labeled),
+        labeled_count=kw.pop("labeled_count"),
+        metrics_path=str(work / "train_metrics.jsonl"),
+        threads=cfg.resources.torch_threads,
+        **{"pseudo": (), "pseudo_count": 0, **kw},
+    )
+
+
+def fit(plan: TrainPlan, work: Path) -> tuple[Path, float]:
+    """Train from scratch into ``work`` (an earlier attempt is removed, so nothing resumes); the final weights."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    start = time.perf_counter()
+    train_model(plan, LocalHooks(work / "ckpt"))
+    seconds = time.perf_counter() - start
+    last = sorted((work / "ckpt").glob("epoch-*"))[-1]
+    return last / ("ema.safetensors" if plan.cfg.ema_decay else "model.safetensors"), seconds
+
+
+def top1(cfg: PipelineConfig, r: int, weights: Path, test, out_dir: Path | None = None) -> float:
+    from safetensors.torch import load_file
+
+    d = cfg.data
+    model = create_model(cfg.spec(r), d.num_classes, d.channels, noised=False)
+    model.load_state_dict(load_file(weights), strict=True)
+    card = model_card(cfg.spec(r), d.num_classes, d.channels, d.image_size, d.mean, d.std)
+    if out_dir is not None:
+        save_model(model, out_dir, card)
+    return evaluate(model.eval(), card, test)["test_top1"]
+
+
+def teacher_round(
+    cfg: PipelineConfig, labeled: list[str], count: int, unlabeled: list[str], test, work: Path, epochs: int
+):
+    """Round 0, pseudo-labels and selection, reused from ``work`` while the teacher's settings are the same."""
+    from pipeline.ray_select import run_selection
+    from stages.pseudo_label import ShardLabeler
+
+    teacher_cfg = dataclasses.replace(cfg.teacher, epochs=epochs)
+    key = json.dumps(
+        [dataclasses.asdict(x) for x in (cfg.data, cfg.spec(0), teacher_cfg, cfg.pseudo_label, cfg.select)],
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    round0, stamp = work / "round-000", work / "teacher.json"
+    if stamp.exists() and json.loads(stamp.read_text())["digest"] == digest:
+        print(f"teacher: reusing {round0}", flush=True)
+        return json.loads(stamp.read_text())
+    plan = plan_for(cfg, 0, teacher_cfg, labeled, work / "teacher", labeled_count=count)
+    weights, seconds = fit(plan, work / "teacher")
+    teacher_top1 = top1(cfg, 0, weights, test, round0)
+    print(f"teacher {cfg.spec(0).model}: {100 * teacher_top1:.2f}% in {seconds:.0f} s", flush=True)
+    labeler = ShardLabeler(str(round0), str(work / "pseudo_labels"), cfg.pseudo_label, cfg.data.channels)
+    for shard in unlabeled:
+        labeler.label_shard(shard)
+    sidecars = [str(work / "pseudo_labels" / f"{shard_id(s)}.parquet") for s in unlabeled]
+    shutil.rmtree(work / "selection", ignore_errors=True)
+    summary = run_selection(sidecars, str(work / "selection"), cfg.data.num_classes, cfg.select, progress=False)
+    info = {"digest": digest, "teacher_top1": teacher_top1, "teacher_seconds": seconds}
+    info["pseudo_count"] = int(summary["copies_out"])
+    stamp.write_text(json.dumps(info))
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/digits.yaml")
+    parser.add_argument("--epochs", type=int, default=5, help="student epochs per method")
+    parser.add_argument("--teacher-epochs", type=int, default=0, help="0 = the config's teacher.epochs")
+    parser.add_argument("--methods", default="all", help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--work", default="runs/bench-distill", help="teacher, sidecars, selection, per-method runs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    cfg = load_config(args.config, args.overrides)
+    ensure_data(cfg)
+    torch.set_num_threads(cfg.resources.torch_threads or os.cpu_count() or 1)
+    d, work = cfg.data, Path(args.work).resolve()
+    labeled = expand_shards(d.labeled, "data.labeled")
+    unlabeled = expand_shards(d.unlabeled, "data.unlabeled")
+    count = len(load_labeled(labeled, d.num_classes, d.channels, d.max_bad_fraction, "data.labeled"))
+    test = load_labeled(expand_shards(d.test, "data.test"), d.num_classes, d.channels, d.max_bad_fraction, "data.test")
+    info = teacher_round(cfg, labeled, count, unlabeled, test, work, args.teacher_epochs or cfg.teacher.epochs)
+    pseudo = tuple(PseudoSource(s, str(work / "selection" / f"{shard_id(s)}.parquet")) for s in unlabeled)
+    results = {}
+    for name in methods:
+        terms, weighting = METHODS[name]
+        online = any(needs_teacher(t.name) for t in terms)
+        student_cfg = dataclasses.replace(
+            cfg.student,
+            epochs=args.epochs,
+            checkpoint_every=args.epochs,
+            distill=terms,
+            distill_weighting=weighting,
+            online_teacher=online,
+        )
+        teacher_dir = str(work / "round-000") if online else ""
+        extra = {"pseudo": pseudo, "pseudo_count": info["pseudo_count"], "teacher_dir": teacher_dir}
+        plan = plan_for(cfg, 1, student_cfg, labeled, work / name, labeled_count=count, **extra)
+        weights, seconds = fit(plan, work / name)
+        acc = top1(cfg, 1, weights, test)
+        results[name] = {
+            "top1": round(acc, 4),
+            "seconds": round(seconds, 1),
+            "terms": describe(terms, weighting) if terms else "pseudo-labels only",
+        }
+        print(f"{name}: {100 * acc:.2f}% in {seconds:.0f} s", flush=True)
+    print()
+    print(f"teacher {cfg.spec(0).model}: {100 * info['teacher_top1']:.2f}% test top-1; students {cfg.spec(1).model},")
+    print(f"{args.epochs} epochs each on {info['pseudo_count']} pseudo-labeled copies + {count} labeled images")
+    print(f"{'method':<15} {'test top-1':>10} {'train s':>8}  terms (beside the pseudo-label loss)")
+    for name, r in results.items():
+        print(f"{name:<15} {100 * r['top1']:>9.2f}% {r['seconds']:>8.0f}  {r['terms']}")
+    print(
+        json.dumps(
+            {
+                "bench": "distill",
+                "config": args.config,
+                "epochs": args.epochs,
+                "teacher": cfg.spec(0).model,
+                "student": cfg.spec(1).model,
+                "teacher_top1": round(info["teacher_top1"], 4),
+                "pseudo_count": info["pseudo_count"],
+                "methods": results,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

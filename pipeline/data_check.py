@@ -1,0 +1,137 @@
+"""The contamination guard, run before round 0: test images in the training data, duplicates in the unlabeled set.
+
+The test and labeled splits are already decoded in memory (preflight loads them) and are hashed here. The unlabeled
+shards are scanned by ``stages.contamination.scan_shard``: in this process when they are small local files (under
+``INLINE_BYTES``; the digits default, 1,337 images, takes well under a second), otherwise one Ray task per shard with
+a bounded number in flight, so a cluster decodes millions of images in parallel and the driver only merges 16 bytes
+an image. The report is recorded in ``run.json`` as ``data_check`` and reused on resume while the shards (names,
+sizes, modification times) and ``data.channels`` are unchanged.
+
+Test images found in the labeled or unlabeled data stop the run with one ``DataError`` line naming counts and
+examples, unless ``data.allow_test_overlap`` is true (then a warning); unlabeled duplicates are only reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+from pipeline.config import DataConfig
+from pipeline.ray_runtime import run_tasks
+from stages.contamination import DuplicateCounter, find_in_test, index_test_images, merge_scans, scan_shard
+from stages.data import DataError, LabeledSet, is_url
+
+log = logging.getLogger(__name__)
+
+INLINE_BYTES = 64 << 20  # below this much local unlabeled data the scan runs in the driver (Ray tasks cost seconds)
+METHOD = "sha256 of decoded pixels after conversion to data.channels, at the stored size"
+
+
+def data_inputs(data: DataConfig, shards: dict[str, Sequence[str]]) -> str:
+    """What a data check depends on: channels and every shard's name, size and modification time."""
+
+    def stat(shard: str) -> list:
+        if is_url(shard):
+            return [shard]  # object stores: the name only (a listing per shard would cost a request each)
+        st = os.stat(shard.removeprefix("file://"))
+        return [shard, st.st_size, st.st_mtime_ns]
+
+    listing = {split: [stat(s) for s in names] for split, names in sorted(shards.items())}
+    blob = json.dumps({"channels": data.channels, "shards": listing}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def check_data(
+    data: DataConfig,
+    labeled: LabeledSet,
+    test: LabeledSet,
+    shards: dict[str, Sequence[str]],
+    previous: dict | None = None,
+    progress: bool = True,
+    inline_bytes: int = INLINE_BYTES,
+) -> dict:
+    """Scan (or reuse ``previous`` when its inputs match), then enforce ``data.allow_test_overlap``; returns the
+    report for ``run.json``. ``shards`` maps ``labeled``/``unlabeled``/``test`` to the expanded shard lists."""
+    inputs = data_inputs(data, shards)
+    if previous and previous.get("inputs") == inputs:
+        log.info("data check: shards unchanged since %s, reusing its result", previous.get("checked_at", "?"))
+        report = previous
+    else:
+        report = scan_data(data.channels, labeled, test, list(shards["unlabeled"]), progress, inline_bytes)
+        report["inputs"] = inputs
+    enforce(report, data.allow_test_overlap)
+    return report
+
+
+def scan_data(
+    channels: int,
+    labeled: LabeledSet,
+    test: LabeledSet,
+    unlabeled: list[str],
+    progress: bool = True,
+    inline_bytes: int = INLINE_BYTES,
+) -> dict:
+    start = time.perf_counter()
+    index = index_test_images(test.keys, test.images)
+    inline = not any(map(is_url, unlabeled)) and sum(os.path.getsize(s) for s in unlabeled) < inline_bytes
+    if inline:
+        scans = (scan_shard(s, channels, index) for s in unlabeled)
+    else:
+        import ray
+
+        index_ref = ray.put(index)  # shipped once, not once per task
+        args = ((s, channels, index_ref) for s in unlabeled)
+        scans = run_tasks(scan_shard, args, len(unlabeled), "data check", progress, inline=False)
+    report = {
+        "method": METHOD,
+        "test": {"images": len(test), "distinct": len(index)},
+        "labeled": find_in_test(labeled.keys, labeled.images, index),
+        "unlabeled": merge_scans(scans, unlabeled, DuplicateCounter()),
+        "ran_as": "in-process" if inline else "ray tasks",
+        "seconds": round(time.perf_counter() - start, 3),
+        "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    u = report["unlabeled"]
+    log.info(
+        "data check (%s, %.1f s): %d test images; in test: labeled %d of %d, unlabeled %d of %d; "
+        "unlabeled duplicates %d in %d groups%s",
+        report["ran_as"],
+        report["seconds"],
+        len(test),
+        report["labeled"]["in_test"],
+        len(labeled),
+        u["in_test"],
+        u["images"],
+        u["duplicates"],
+        u["duplicate_groups"],
+        "" if u["duplicates_exact"] else f" (estimated from a {u['duplicates_sampled_fraction']:.2%} hash sample)",
+    )
+    return report
+
+
+def enforce(report: dict, allow_test_overlap: bool) -> None:
+    """Test images in the training data: a ``DataError`` (one line), or a warning when they are allowed."""
+    lab, unl = report["labeled"], report["unlabeled"]
+    total = lab["in_test"] + unl["in_test"]
+    if unl["duplicates"]:
+        log.warning(
+            "data.unlabeled: %d image(s) repeat another unlabeled image (%d groups; e.g. %s); reported in run.json",
+            unl["duplicates"],
+            unl["duplicate_groups"],
+            unl["duplicate_examples"][0],
+        )
+    if not total:
+        return
+    example = (lab["examples"] or unl["examples"])[0]
+    found = (
+        f"{total} training image(s) have the same decoded pixels as a test image (labeled {lab['in_test']}, "
+        f"unlabeled {unl['in_test']}; e.g. {example[0]} = test {example[1]})"
+    )
+    if allow_test_overlap:
+        log.warning("%s; data.allow_test_overlap is true, so the run goes on and test top-1 is optimistic", found)
+        return
+    raise DataError(f"{found}: remove them from the training shards, or set data.allow_test_overlap: true")
