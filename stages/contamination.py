@@ -109,7 +109,8 @@ class DuplicateCounter:
         """``duplicates`` (images beyond the first of each group), ``duplicate_groups``, and up to ``EXAMPLES``
         groups as ``shard#index`` positions (keys are not kept: 16 bytes an image is what makes millions affordable)."""
         entries = np.concatenate(self.parts) if self.parts else np.empty(0, dtype=HASH_DTYPE)
-        entries = entries[np.argsort(entries["hash"], kind="stable")]  # the copies of an image become neighbours
+        # the copies of an image become neighbours, in shard order whatever order the shards were scanned in
+        entries = entries[np.lexsort((entries["index"], entries["shard"], entries["hash"]))]
         _, first, counts = np.unique(entries["hash"], return_index=True, return_counts=True)
         scale = 1 << self.level
         examples = [

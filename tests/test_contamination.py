@@ -169,3 +169,21 @@ def test_the_cli_refuses_the_run_with_one_line_and_makes_no_run_folder(
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: 3 training image(s) have the same decoded pixels as a test image"), line
     assert not (tmp_path / "runs").exists()
+
+
+def test_duplicate_examples_do_not_depend_on_the_order_shards_finish_in():
+    """Ray tasks finish in any order: the reported groups and their members are in shard order regardless."""
+    hashes = {
+        0: np.array([7, 1, 2], dtype=np.uint64),
+        1: np.array([3, 7], dtype=np.uint64),
+        2: np.array([7, 3], dtype=np.uint64),
+    }
+    results = []
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        counter = DuplicateCounter()
+        for shard in order:
+            counter.add(hashes[shard], shard)
+        results.append(counter.result(["a", "b", "c"]))
+    assert results[0] == results[1] == results[2]
+    assert results[0]["duplicate_examples"] == [["b#0", "c#1"], ["a#0", "b#1", "c#0"]]
+    assert results[0]["duplicates"] == 3
