@@ -10,7 +10,6 @@ Used by ``pipeline/report.py``; run ``python -m pipeline report RUN``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from stages.data import (
     iter_raw_samples,
     load_labeled,
 )
+from stages.train import read_metrics_lines
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,7 @@ def load_run(run_dir: str | Path) -> RunFiles:
 def _load_round(rdir: Path) -> RoundFiles:
     selection = rdir / "selection" / "selection.json"
     log_path = rdir / "train_metrics.jsonl"
-    train_log = (
-        [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
-    )
+    train_log = read_metrics_lines(log_path.read_text()) if log_path.exists() else []
     manifest = read_json(rdir / "manifest.json") if (rdir / "manifest.json").is_file() else {"stages": {}}
     return RoundFiles(
         index=int(rdir.name.split("-")[1]),

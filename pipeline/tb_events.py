@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from stages.train import read_metrics_lines
+
 log = logging.getLogger(__name__)
 
 TRAIN_TAGS = ("loss", "loss_labeled", "loss_pseudo", "lr", "images_per_s")  # train/<tag>, step = global step
@@ -32,7 +34,7 @@ def write_tensorboard(run_dir: str | Path) -> list[Path]:
     for rdir in rounds:
         jsonl = rdir / "train_metrics.jsonl"
         if jsonl.is_file():
-            records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+            records = read_metrics_lines(jsonl.read_text())
             if _write_if_changed(out / rdir.name, records, _train_scalars):
                 written.append(out / rdir.name)
     results = [json.loads((r / "metrics.json").read_text()) for r in rounds if (r / "metrics.json").is_file()]

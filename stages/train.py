@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -197,14 +198,29 @@ class TrainHooks(Protocol):
 
 
 def _append_metrics(path: str, row: dict, keep_until_epoch: int | None = None) -> None:
-    """Append a JSON line; on resume, first drop lines past the restored epoch (they will be redone)."""
+    """Append a JSON line. On resume, first drop lines past the restored epoch (they will be redone); a line cut
+    short by a kill mid-write is dropped too (the file is rewritten through a temporary and a rename)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    if keep_until_epoch is not None and p.exists():
-        lines = [ln for ln in p.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= keep_until_epoch]
-        p.write_text("".join(ln + "\n" for ln in lines))
+    text = p.read_text() if p.exists() else ""
+    if keep_until_epoch is not None or (text and not text.endswith("\n")):
+        rows = [r for r in read_metrics_lines(text) if keep_until_epoch is None or r["epoch"] <= keep_until_epoch]
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, p)
     with p.open("a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def read_metrics_lines(text: str) -> list[dict]:
+    """The complete records of a ``train_metrics.jsonl`` text (a line cut short by a kill is skipped)."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def build_stream(plan: TrainPlan, epoch: int, rank: int, world_size: int) -> DataLoader:

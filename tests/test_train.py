@@ -555,3 +555,23 @@ def test_posterize_at_any_magnitude_is_a_valid_image(op, magnitude):
         random.seed(seed)  # timm's RandAugment draws from the random module
         out = transform(Image.new("L", (8, 8), 200))
         assert out.shape == (1, 16, 16)
+
+
+def test_metrics_log_survives_a_line_cut_short_by_a_kill(tmp_path):
+    """A driver or worker killed mid-append leaves half a JSON line: the next append (or resume) drops it, and
+    readers skip it, instead of crashing the resumed training or the report."""
+    from stages.train import _append_metrics, read_metrics_lines
+
+    path = tmp_path / "train_metrics.jsonl"
+    path.write_text('{"epoch": 1, "loss": 2.0}\n{"epoch": 2, "loss": 1.5}\n{"epoch": 3, "lo')
+    assert [r["epoch"] for r in read_metrics_lines(path.read_text())] == [1, 2]
+    _append_metrics(str(path), {"epoch": 3, "loss": 1.2}, keep_until_epoch=2)  # a resume from epoch 2
+    assert [r["epoch"] for r in read_metrics_lines(path.read_text())] == [1, 2, 3]
+    path.write_text(path.read_text() + '{"epoch": 4, "lo')
+    _append_metrics(str(path), {"epoch": 4, "loss": 1.1})  # no resume, but the cut line still goes
+    assert path.read_text().splitlines() == [
+        '{"epoch": 1, "loss": 2.0}',
+        '{"epoch": 2, "loss": 1.5}',
+        '{"epoch": 3, "loss": 1.2}',
+        '{"epoch": 4, "loss": 1.1}',
+    ]
