@@ -165,7 +165,7 @@ class PipelineConfig:
 
     def _check_ladder_sizes(self) -> None:
         d = self.data
-        params = [_rung_params(spec.model, d.num_classes, d.channels, d.image_size) for spec in self.ladder]
+        params = [check_classifier(spec, d.num_classes, d.channels, d.image_size) for spec in self.ladder]
         for i in range(1, len(self.ladder)):
             grows, shrinks = params[i] > params[i - 1], params[i] < params[i - 1]
             if (self.ladder_mode == "compress" and grows) or (self.ladder_mode == "expand" and shrinks):
@@ -205,16 +205,12 @@ class PipelineConfig:
 
 # Cached by timm name: noise settings change neither the parameter count nor the stage shapes.
 @functools.lru_cache(maxsize=64)
-def _rung_params(model: str, num_classes: int, channels: int, image_size: int) -> int:
-    return check_classifier(ModelSpec(model), num_classes, channels, image_size)
-
-
-@functools.lru_cache(maxsize=64)
 def _rung_shapes(model: str, num_classes: int, channels: int, image_size: int) -> list:
     from stages.online_distill import probe_shapes
 
-    _rung_params(model, num_classes, channels, image_size)  # a model that cannot take this input says so first
-    return probe_shapes(ModelSpec(model), num_classes, channels, image_size)
+    spec = ModelSpec(model)
+    check_classifier(spec, num_classes, channels, image_size)  # a model that cannot take this input says so first
+    return probe_shapes(spec, num_classes, channels, image_size)
 
 
 def _plain(obj: Any) -> Any:

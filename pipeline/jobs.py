@@ -41,7 +41,6 @@ SHIP_EXCLUDES = (
     "docs",
 )
 SUBMITTED_CONFIG = "submitted-config.yaml"
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_S = 120.0  # how long submit waits for a freshly started head's job agent
 
 
@@ -209,15 +208,3 @@ def follow(address: str | None, job_id: str) -> Iterator[str]:
     finally:
         loop.run_until_complete(agen.aclose())
         loop.close()
-
-
-def wait(address: str | None, job_id: str, timeout_s: float = 3600.0, poll_s: float = 1.0) -> str:
-    """Poll until the job ends; returns its final status."""
-    client = connect(address)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = str(getattr(s := _call("status of", job_id, client.get_job_status, job_id), "value", s))
-        if status in TERMINAL:
-            return status
-        time.sleep(poll_s)
-    raise JobError(f"job {job_id} still running after {timeout_s:.0f} s")

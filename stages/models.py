@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 from pathlib import Path
 
@@ -62,7 +63,16 @@ def create_model(spec: ModelSpec, num_classes: int, in_chans: int, noised: bool)
 
 
 def check_classifier(spec: ModelSpec, num_classes: int, in_chans: int, image_size: int) -> int:
-    """Fail early when a ladder entry cannot classify this input; returns its parameter count."""
+    """Fail early when a ladder entry cannot classify this input; returns its parameter count.
+
+    The check builds the un-noised model and runs it once, so it depends only on the timm name and the input: it
+    is cached on those (config validation and the run's preflight ask for the same rungs, the ladder repeats)."""
+    return _classifier_params(spec.model, num_classes, in_chans, image_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _classifier_params(name: str, num_classes: int, in_chans: int, image_size: int) -> int:
+    spec = ModelSpec(name)
     try:
         model = create_model(spec, num_classes, in_chans, noised=False).eval()
         with torch.inference_mode():

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -199,15 +198,15 @@ class TrainHooks(Protocol):
 
 def _append_metrics(path: str, row: dict, keep_until_epoch: int | None = None) -> None:
     """Append a JSON line. On resume, first drop lines past the restored epoch (they will be redone); a line cut
-    short by a kill mid-write is dropped too (the file is rewritten through a temporary and a rename)."""
+    short by a kill mid-write is dropped too (the file is rewritten atomically)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     text = p.read_text() if p.exists() else ""
     if keep_until_epoch is not None or (text and not text.endswith("\n")):
+        from pipeline.storage import atomic_write_text  # storage is the one home of atomic writes
+
         rows = [r for r in read_metrics_lines(text) if keep_until_epoch is None or r["epoch"] <= keep_until_epoch]
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, p)
+        atomic_write_text(p, "".join(json.dumps(r) + "\n" for r in rows))
     with p.open("a") as f:
         f.write(json.dumps(row) + "\n")
 
