@@ -97,10 +97,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--actors", type=int, default=0, help="label actors (0 = the stage's default: one per CPU)")
+    parser.add_argument("--actor-threads", type=int, default=0, help="torch threads per actor (0 = one per CPU held)")
     parser.add_argument("--skip-loop", action="store_true", help="only the stage (for memory runs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+
+    import ray
 
     from pipeline.ray_pseudo_label import LabelResources, run_pseudo_label
     from pipeline.ray_runtime import init_ray
@@ -121,7 +124,7 @@ def main() -> None:
             print(f"loop  {loop:8.0f} img/s", flush=True)
         init_ray(num_cpus=os.cpu_count())
         cfg = PseudoLabelConfig(batch_size=BATCH)
-        resources = LabelResources(actors=args.actors, cpus_per_actor=1.0, threads=args.threads)
+        resources = LabelResources(actors=args.actors, cpus_per_actor=1.0, threads=args.actor_threads)
         with PeakRss() as rss:
             start = time.perf_counter()
             summary = run_pseudo_label(str(root / "teacher"), shards, str(root / "out"), cfg, 3, resources)
@@ -141,7 +144,8 @@ def main() -> None:
                 "ratio_bare": round(stage / bare, 3),
                 "peak_rss_mb": round(rss.peak / 2**20, 1),
                 "threads": args.threads,
-                "actors": args.actors,
+                "actors": resources.actor_count(ray.cluster_resources()),
+                "actor_threads": resources.torch_threads(),
             }
         )
     )

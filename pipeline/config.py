@@ -77,7 +77,12 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ResourcesConfig:
-    """Where and how wide to run. ``address: ""`` uses ``RAY_ADDRESS`` if set, else starts a local Ray."""
+    """Where and how wide to run. ``address: ""`` uses ``RAY_ADDRESS`` if set, else starts a local Ray.
+
+    ``label_actors: 0`` starts one pseudo-label actor per ``gpus_per_label_actor`` GPUs of the cluster, or on a
+    CPU-only cluster one per ``cpus_per_label_actor`` CPUs; ``label_threads: 0`` gives each actor one torch thread
+    per CPU it holds. ``torch_threads`` is for the training workers (0 = Ray's default, one per CPU held).
+    """
 
     address: str = ""
     num_cpus: int = 0
@@ -85,16 +90,23 @@ class ResourcesConfig:
     cpus_per_train_worker: float = 1.0
     use_gpu: bool = False
     max_failures: int = 2
-    label_actors: int = 1
+    label_actors: int = 0
     cpus_per_label_actor: float = 1.0
     gpus_per_label_actor: float = 0.0
+    label_threads: int = 0
     torch_threads: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("train_workers", "label_actors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("num_cpus", "max_failures", "torch_threads", "gpus_per_label_actor"):
+        if self.train_workers < 1:
+            raise ValueError(f"train_workers: must be >= 1, got {self.train_workers}")
+        for name in (
+            "num_cpus",
+            "max_failures",
+            "torch_threads",
+            "label_actors",
+            "label_threads",
+            "gpus_per_label_actor",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("cpus_per_train_worker", "cpus_per_label_actor"):
@@ -106,7 +118,7 @@ class ResourcesConfig:
 
     def label(self) -> LabelResources:
         return LabelResources(
-            self.label_actors, self.cpus_per_label_actor, self.gpus_per_label_actor, self.torch_threads
+            self.label_actors, self.cpus_per_label_actor, self.gpus_per_label_actor, self.label_threads
         )
 
 

@@ -27,10 +27,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LabelResources:
-    actors: int = 1
+    """``actors: 0`` fills the cluster (one per ``gpus_per_actor`` GPUs, else per ``cpus_per_actor`` CPUs);
+    ``threads: 0`` gives each actor one torch thread per CPU it holds."""
+
+    actors: int = 0
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     threads: int = 0
+
+    def actor_count(self, cluster: dict[str, float]) -> int:
+        if self.actors:
+            return self.actors
+        if self.gpus_per_actor:
+            return max(1, int(cluster.get("GPU", 0) // self.gpus_per_actor))
+        return max(1, int(cluster.get("CPU", 1) // self.cpus_per_actor))
+
+    def torch_threads(self) -> int:
+        return self.threads or max(1, int(self.cpus_per_actor))
 
 
 def run_pseudo_label(
@@ -66,10 +79,10 @@ def run_pseudo_label(
                 "out_dir": str(out),
                 "cfg": cfg,
                 "channels": channels,
-                "threads": resources.threads,
+                "threads": resources.torch_threads(),
             },
             batch_size=1,
-            compute=ActorPoolStrategy(size=min(resources.actors, len(todo))),
+            compute=ActorPoolStrategy(size=min(resources.actor_count(ray.cluster_resources()), len(todo))),
             num_cpus=resources.cpus_per_actor,
             num_gpus=resources.gpus_per_actor or None,
         )

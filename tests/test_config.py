@@ -192,6 +192,8 @@ def test_a_single_value_is_accepted_where_a_list_is_expected(tree):
         ("data.std=[0]", "config.data.std"),
         ("data.mean=[0.5, 0.5]", "config.data.mean"),
         ("resources.train_workers=0", "config.resources.train_workers"),
+        ("resources.label_actors=-1", "config.resources.label_actors"),
+        ("resources.label_threads=-2", "config.resources.label_threads"),
         ("student.unlabeled_ratio=0", "config.student.unlabeled_ratio"),
         ("student.unlabeled_ratio=0.01", "config.student.unlabeled_ratio"),
         ("ladder=[]", "config.ladder"),

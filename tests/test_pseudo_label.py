@@ -265,3 +265,27 @@ def test_the_ray_batch_interface_wraps_label_shard(teacher_dir, digits_root, tmp
     assert out["rows"].dtype == np.int64 and out["rows"].tolist() == [90, 90]
     assert out["error"].tolist() == ["", ""] and [json.loads(b) for b in out["bad"]] == [[], []]
     assert all(sidecar_info(sidecar_path(tmp_path, s), topk=0)["rows"] == 90 for s in shards)
+
+
+@pytest.mark.parametrize(
+    ("resources", "cluster", "actors", "threads"),
+    [
+        # auto on a CPU-only box: one single-threaded actor per CPU (two processes beat one with two threads here)
+        (dict(), {"CPU": 2.0}, 2, 1),
+        (dict(cpus_per_actor=2.0), {"CPU": 8.0}, 4, 2),
+        # auto on a GPU cluster: one actor per GPU, whatever the CPU count
+        (dict(gpus_per_actor=1.0, cpus_per_actor=4.0), {"CPU": 64.0, "GPU": 8.0}, 8, 4),
+        (dict(gpus_per_actor=0.5), {"CPU": 4.0, "GPU": 2.0}, 4, 1),
+        # an autoscaling GPU group at zero still gets one actor (it asks for a GPU and Ray scales up)
+        (dict(gpus_per_actor=1.0), {"CPU": 2.0}, 1, 1),
+        (dict(cpus_per_actor=4.0), {"CPU": 2.0}, 1, 4),
+        # explicit values win
+        (dict(actors=3, threads=2), {"CPU": 16.0}, 3, 2),
+    ],
+)
+def test_label_resources_resolve_actor_count_and_threads(resources, cluster, actors, threads):
+    from pipeline.ray_pseudo_label import LabelResources
+
+    res = LabelResources(**resources)
+    assert res.actor_count(cluster) == actors
+    assert res.torch_threads() == threads
