@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -100,7 +101,22 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=0, help="label actors (0 = the stage's default: one per CPU)")
     parser.add_argument("--actor-threads", type=int, default=0, help="torch threads per actor (0 = one per CPU held)")
     parser.add_argument("--skip-loop", action="store_true", help="only the stage (for memory runs)")
+    parser.add_argument(
+        "--loop-script",
+        action="store_true",
+        help="also time the loop as a fresh process (imports and model load included, as the stage's actors pay)",
+    )
+    parser.add_argument(
+        "--_loop-only", dest="loop_only", nargs=2, metavar=("TEACHER", "SHARDS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.loop_only:  # the child of --loop-script: what a user's script does from its first line
+        torch.set_num_threads(args.threads)
+        from stages.models import load_model
+
+        model, _ = load_model(args.loop_only[0])
+        bench_loop(model, json.loads(args.loop_only[1]))
+        return
     torch.set_num_threads(args.threads)
 
     import ray
@@ -122,6 +138,13 @@ def main() -> None:
         loop = None if args.skip_loop else bench_loop(model, shards)
         if loop:
             print(f"loop  {loop:8.0f} img/s", flush=True)
+        loop_script = None
+        if args.loop_script:
+            start = time.perf_counter()
+            child = [sys.executable, __file__, "--threads", str(args.threads), "--_loop-only", str(root / "teacher")]
+            subprocess.run([*child, json.dumps(shards)], check=True)
+            loop_script = args.images / (time.perf_counter() - start)
+            print(f"loop as a script {loop_script:8.0f} img/s (process start, imports, model load included)")
         init_ray(num_cpus=os.cpu_count())
         cfg = PseudoLabelConfig(batch_size=BATCH)
         resources = LabelResources(actors=args.actors, cpus_per_actor=1.0, threads=args.actor_threads)
@@ -131,7 +154,8 @@ def main() -> None:
             seconds = time.perf_counter() - start
         assert summary["rows"] == args.images, summary["rows"]
         stage = args.images / seconds
-        print(f"stage {stage:8.0f} img/s ({seconds:.1f} s, actor start-up included)", flush=True)
+        startup = summary["startup_seconds"]
+        print(f"stage {stage:8.0f} img/s ({seconds:.1f} s, of which {startup:.1f} s actor start-up)", flush=True)
     print(
         json.dumps(
             {
@@ -143,6 +167,11 @@ def main() -> None:
                 "ratio": round(stage / loop, 3) if loop else None,
                 "ratio_bare": round(stage / bare, 3),
                 "peak_rss_mb": round(rss.peak / 2**20, 1),
+                "loop_script_images_per_s": round(loop_script, 1) if loop_script else None,
+                "ratio_script": round(stage / loop_script, 3) if loop_script else None,
+                "stage_seconds": round(seconds, 1),
+                "stage_startup_s": round(startup, 1),
+                "stage_after_startup_images_per_s": round(args.images / (seconds - startup), 1),
                 "threads": args.threads,
                 "actors": resources.actor_count(ray.cluster_resources()),
                 "actor_threads": resources.torch_threads(),

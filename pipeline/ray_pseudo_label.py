@@ -67,6 +67,7 @@ def run_pseudo_label(
     if resumed:
         log.info("pseudo-label: %d of %d shards already labeled, resuming with %d", resumed, len(shards), len(todo))
     start, rows_new, shards_done, errors = time.perf_counter(), 0, 0, []
+    startup = None  # seconds until the first actor began labeling: process start, imports, model load
     if todo:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # our own bar counts shards and images
@@ -93,6 +94,8 @@ def run_pseudo_label(
                 if row["storage_error"]:  # stop at once: every later sidecar would fail the same way
                     raise StorageError(f"pseudo-label: {row['storage_error']}")
                 rows_new += int(row["rows"])
+                if startup is None:
+                    startup = max(0.0, time.perf_counter() - start - float(row["seconds"]))
                 if row["error"]:
                     errors.append(row["error"])
                 elapsed, shards_done = time.perf_counter() - start, shards_done + 1
@@ -126,5 +129,6 @@ def run_pseudo_label(
         "bad_samples": bad,
         "seconds": round(seconds, 3),
         "images_per_s": round(rows_new / seconds, 1) if rows_new else None,
+        "startup_seconds": round(startup, 3) if startup is not None else None,
         "sidecars": [str(sidecar_path(out, s)) for s in shards],
     }
