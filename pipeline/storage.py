@@ -119,9 +119,16 @@ def _fs_path(location: str):
 
 
 def check_storage(location: Location) -> None:
-    """Cheap check at config load (no network): a URL's protocol is known and its fsspec package installed."""
-    if is_url(location):
-        filesystem(str(location))
+    """Cheap check at config load (no network, no import): fsspec knows the URL's protocol. Whether its package
+    (s3fs, gcsfs) is installed is checked where the run starts (``probe_storage``): ``submit`` validates a config
+    on a laptop that need not have the cluster's packages."""
+    if not is_url(location):
+        return
+    import fsspec
+
+    protocol = str(location).split("://", 1)[0]
+    if protocol not in fsspec.available_protocols():
+        raise StorageError(f"cannot open storage {location}: unknown protocol {protocol!r} (not one fsspec knows)")
 
 
 def probe_storage(location: Location) -> None:
@@ -129,13 +136,11 @@ def probe_storage(location: Location) -> None:
     wrong credentials or an unreachable endpoint stop the run with one line instead of failing its first stage."""
     if not is_url(location):
         return
-    probe = join(location, ".write-check")
+    fs, root = filesystem(str(location))  # the protocol's package missing: a StorageError saying which to install
+    path = f"{root.rstrip('/')}/.write-check"
     try:
-        fs, path = _fs_path(str(probe))
         fs.pipe_file(path, b"ok\n")
         fs.rm_file(path)
-    except StorageError:
-        raise
     except Exception as exc:  # fsspec back ends raise OSError subclasses, botocore/aiohttp errors, ...
         raise StorageError(f"cannot write to storage {location}: {_reason(exc)}") from exc
 
@@ -350,8 +355,9 @@ def stamp(location: Location) -> str:
         return f"{stat.st_size}:{stat.st_mtime_ns}"
     fs, path = _fs_path(str(location))
     info = fs.info(path)
-    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-    return f"{info['size']}:{version}"
+    keys = ("ETag", "etag", "generation", "LastModified", "mtime", "updated")
+    version = next((str(info[k]) for k in keys if info.get(k)), None)
+    return f"{info['size']}:{version or sha256_file(location)}"  # no version field: the content itself
 
 
 def modified(location: Location) -> float | None:

@@ -172,11 +172,27 @@ def test_a_bad_storage_url_is_one_line_at_config_load_or_preflight(tiny_config, 
     from pipeline.config import ConfigError
     from pipeline.storage import probe_storage
 
-    with pytest.raises(ConfigError, match=r"^config\.storage: cannot open storage nope://b/runs: .*nope"):
+    with pytest.raises(ConfigError, match=r"^config\.storage: cannot open storage nope://b/runs: unknown protocol"):
         tiny_config("storage=nope://b/runs")
     assert tiny_config("storage=s3://b/runs").storage == "s3://b/runs"  # accepted: no network at load
+    # a known protocol whose package is missing: one line where the run starts, naming what to install
+    import fsspec
+
+    missing = next(p for p in ("gs", "abfs", "hf", "oci") if p in fsspec.available_protocols() and not _has(p))
+    with pytest.raises(StorageError, match=rf"^cannot open storage {missing}://b/runs: .*install"):
+        probe_storage(f"{missing}://b/runs")
     with pytest.raises(StorageError, match=r"^cannot write to storage s3://no-such-bucket/runs: .*bucket"):
         probe_storage("s3://no-such-bucket/runs")
     fs, bucket = s3_bucket
     probe_storage(f"s3://{bucket}/runs")
     assert not fs.exists(f"{bucket}/runs/.write-check")
+
+
+def _has(protocol: str) -> bool:
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+        return True
+    except ImportError:
+        return False
