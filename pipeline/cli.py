@@ -18,7 +18,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.jobs import JobError
 from pipeline.report_data import ReportError
 from pipeline.run_store import RunStoreError
-from pipeline.storage import StorageError
+from pipeline.storage import StorageError, exists, is_url, join, modified
 from stages.data import DataError
 
 DEFAULT_CONFIG = "configs/digits.yaml"
@@ -132,8 +132,8 @@ def _add_report(sub) -> None:
         help="rebuild a run's report.html and TensorBoard events",
         description="Rewrites <run>/report.html (static, offline) and <run>/tensorboard/ from the run's files.",
     )
-    p.add_argument("run", metavar="RUN", help="run name under --storage, or a path to a run folder")
-    p.add_argument("--storage", default="runs", help="folder holding the runs (default runs)")
+    p.add_argument("run", metavar="RUN", help="run name under --storage, or a path or URL of a run folder")
+    p.add_argument("--storage", default="runs", help="folder or URL (s3://, gs://) holding the runs (default runs)")
     p.set_defaults(func=cmd_report)
 
 
@@ -186,17 +186,19 @@ def _load_run(args, prepare: bool = True):
 
 
 def cmd_iterate(args) -> int:
-    from pipeline.rounds import run_pipeline
+    from pipeline.rounds import run_folder, run_pipeline
 
     cfg, run = _load_run(args)
     start, started = time.perf_counter(), time.time()
     rows = run_pipeline(cfg, run, progress=not args.no_progress)
     print()
     print(format_table(rows))
-    run_dir = Path(cfg.storage).resolve() / run
+    run_dir = run_folder(cfg, run)
     print(f"\nrun {run} finished in {time.perf_counter() - start:.0f} s; outputs in {run_dir}")
-    report = run_dir / "report.html"
-    if report.is_file() and report.stat().st_mtime >= started:
+    report = join(run_dir, "report.html")
+    # an object store stamps the upload with its own clock: allow it a little skew
+    written = modified(report)
+    if written is not None and written >= started - (60 if is_url(report) else 0):
         print(f"report: {report}")
     else:
         print(f"report: not updated (see the warnings above); rebuild it with python -m pipeline report {run_dir}")
@@ -309,10 +311,18 @@ def cmd_predict(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline.report import build_report
+    from pipeline.report import build_report, refresh_report
     from pipeline.report_data import resolve_run
     from pipeline.tb_events import write_tensorboard
 
+    if is_url(args.run) or is_url(args.storage):  # built on a local copy of the run, then uploaded
+        url = args.run if is_url(args.run) else str(join(args.storage, args.run))
+        if not exists(join(url, "config.yaml")):
+            raise ReportError(f"no run at {url} (no config.yaml there; check RUN and --storage)")
+        if (report := refresh_report(url)) is None:
+            raise ReportError(f"the report of {url} was not written (see the warnings above)")
+        print(report)
+        return 0
     run_dir = resolve_run(args.run, args.storage)
     write_tensorboard(run_dir)
     print(build_report(run_dir))

@@ -24,6 +24,7 @@ import yaml
 
 from pipeline.ray_pseudo_label import LabelResources
 from pipeline.ray_train import TrainResources
+from pipeline.storage import StorageError, check_storage
 from stages.distill import needs_features, pair_stages, term_pairs
 from stages.models import ModelSpec, check_classifier
 from stages.pseudo_label import PseudoLabelConfig
@@ -129,7 +130,9 @@ LADDER_MODES = ("any", "expand", "compress")
 class PipelineConfig:
     """One Noisy Student run: ``rounds`` student rounds after the round-0 teacher.
 
-    ``storage``: where the run is written, a path every node sees. ``publish``: optional folder or fsspec URL
+    ``storage``: where the run is written and read, by every node: a local folder, a shared filesystem, or an
+    object-store URL (``s3://bucket/runs``, ``gs://…``, any fsspec URL; ``pipeline/storage.py``).
+    ``publish``: optional folder or fsspec URL
     (``s3://bucket/runs``) that receives each finished round's model, metrics and manifest (``rounds`` and
     ``download`` read from it).
     ``ladder_mode``: ``expand`` (each rung has at least as many parameters as the one before: Noisy Student's
@@ -151,12 +154,11 @@ class PipelineConfig:
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
 
     def __post_init__(self) -> None:
-        if "://" in self.storage and not self.storage.startswith("file://"):
-            raise ValueError(
-                f"storage: {self.storage!r} is an object-store URL, but a run is written to a path every node sees "
-                f"(a local folder; a shared filesystem on a cluster). Keep storage on such a path and set "
-                f"publish: {self.storage} to upload every finished round there"
-            )
+        for name in ("storage", "publish"):
+            try:
+                check_storage(getattr(self, name))
+            except StorageError as exc:
+                raise ValueError(f"{name}: {exc}") from exc
         if self.rounds < 1:
             raise ValueError(
                 f"rounds: must be >= 1 (round 0 trains the teacher, rounds 1..N the students), got {self.rounds}"

@@ -14,11 +14,10 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.storage import StorageError
+from pipeline.storage import StorageError, join, makedirs
 from stages.data import DataError
 from stages.pseudo_label import PseudoLabelConfig, ShardLabeler, sidecar_info, sidecar_path
 
@@ -59,8 +58,8 @@ def run_pseudo_label(
     import ray
     from ray.data import ActorPoolStrategy
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = join(out_dir)
+    makedirs(out)
     done = {s: sidecar_info(sidecar_path(out, s), cfg.topk) for s in shards}
     todo = [s for s, info in done.items() if info is None]
     resumed = len(shards) - len(todo)

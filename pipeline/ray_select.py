@@ -18,14 +18,22 @@ import io
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.ray_runtime import run_tasks
-from pipeline.storage import atomic_write_bytes, atomic_write_json
+from pipeline.storage import (
+    Location,
+    atomic_write_bytes,
+    atomic_write_json,
+    join,
+    makedirs,
+    name,
+    read_table,
+    size,
+    stamp,
+)
 from stages.pseudo_label import read_footer, write_sidecar
 from stages.select import (
     CandidateMerger,
@@ -45,7 +53,7 @@ INLINE_BYTES = 16 << 20  # below this much sidecar data, the passes run in the d
 
 
 def _read(path: str, columns: list[str]) -> pa.Table:
-    return pq.read_table(path, columns=columns)
+    return read_table(path, columns=columns)
 
 
 def _histogram_task(path: str, num_classes: int, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,7 +79,7 @@ def _write_task(path: str, out_path: str, plan: SelectPlan, cfg: SelectConfig, d
     existing = _selection_counts(out_path, digest, num_classes)
     if existing is not None:
         return existing | {"resumed": True}
-    t = pq.read_table(path)
+    t = read_table(path)
     keys = t.column("key").to_numpy(zero_copy_only=False)
     labels, conf = t.column("label").to_numpy(), t.column("confidence").to_numpy()
     copies = shard_copies(keys, labels, conf, plan, cfg)
@@ -86,7 +94,7 @@ def _write_task(path: str, out_path: str, plan: SelectPlan, cfg: SelectConfig, d
         "after": np.bincount(labels[kept], weights=copies[kept], minlength=num_classes).astype(int).tolist(),
     }
     meta = {"format": SELECTION_FORMAT, "rows": str(len(kept)), "plan": digest, "counts": json.dumps(counts)}
-    write_sidecar(out.replace_schema_metadata(meta), Path(out_path))
+    write_sidecar(out.replace_schema_metadata(meta), out_path)
     return counts | {"resumed": False}
 
 
@@ -101,11 +109,10 @@ def _selection_counts(path: str, digest: str, num_classes: int) -> dict | None:
 
 def plan_digest(plan: SelectPlan, cfg: SelectConfig, sidecars: list[str]) -> str:
     h = hashlib.sha256(repr(cfg).encode())
-    for name in ("boundary", "need", "base", "extra", "cut_conf", "cut_hash", "dup_cut"):
-        h.update(np.ascontiguousarray(getattr(plan, name)).tobytes())
+    for part in ("boundary", "need", "base", "extra", "cut_conf", "cut_hash", "dup_cut"):
+        h.update(np.ascontiguousarray(getattr(plan, part)).tobytes())
     for s in sidecars:
-        stat = Path(s).stat()
-        h.update(f"{Path(s).name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        h.update(f"{name(s)}:{stamp(s)}".encode())
     return h.hexdigest()
 
 
@@ -125,10 +132,10 @@ def run_selection(
     import ray
 
     start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = join(out_dir)
+    makedirs(out)
     n = len(sidecars)
-    inline = sum(Path(s).stat().st_size for s in sidecars) < inline_bytes
+    inline = sum(size(s) for s in sidecars) < inline_bytes
     put = (lambda x: x) if inline else ray.put
     hist = np.zeros((num_classes, cfg.bins), dtype=np.int64)
     above = np.zeros(num_classes, dtype=np.int64)
@@ -149,7 +156,7 @@ def run_selection(
     kept = np.zeros(num_classes, dtype=np.int64)
     after = np.zeros(num_classes, dtype=np.int64)
     resumed = 0
-    args = ((s, str(out / Path(s).name), plan_ref, cfg, digest) for s in sidecars)
+    args = ((s, str(join(out, name(s))), plan_ref, cfg, digest) for s in sidecars)
     for counts in run_tasks(_write_task, args, n, "select 3/3", progress, inline):
         kept += counts["kept"]
         after += counts["after"]
@@ -157,8 +164,8 @@ def run_selection(
     summary = summarize(hist, plan, kept, after, cfg)
     summary.update({"shards": n, "shards_resumed": resumed, "seconds": round(time.perf_counter() - start, 3)})
     summary["ran_as"] = "in-process" if inline else "ray tasks"
-    atomic_write_json(out / "selection.json", summary)
-    plot_selection(summary, out / "selection.png")
+    atomic_write_json(join(out, "selection.json"), summary)
+    plot_selection(summary, join(out, "selection.png"))
     log.info(
         "select: %d of %d rows kept (%d below the floor), %d copies with K=%d",
         summary["kept"],
@@ -196,7 +203,7 @@ def summarize(hist: np.ndarray, plan: SelectPlan, kept: np.ndarray, after: np.nd
     }
 
 
-def plot_selection(summary: dict, path: Path) -> None:
+def plot_selection(summary: dict, path: Location) -> None:
     """Class counts before/after selection and the confidence histogram with the floor, as one PNG."""
     import matplotlib
 

@@ -3,6 +3,8 @@
 Checkpoints go through ``ray.train.report`` into ``<run>/ray_train/<round>``; Ray restores the latest one
 after a worker failure (``FailureConfig``), and because each round's Ray Train run has a fixed name under the
 run's storage, re-running the pipeline after the driver died resumes that round from its last checkpoint.
+On an object-store run the checkpoints go to the same URL through the same fsspec filesystem as every other file
+(``storage_filesystem``), so Ray Train uses the credentials and endpoint the rest of the run uses.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.storage import filesystem, is_url, local_path
 from stages.train import TrainPlan, train_model
 
 log = logging.getLogger(__name__)
@@ -71,11 +74,25 @@ def _train_func(config: dict) -> None:
     train_model(config["plan"], RayHooks())
 
 
+def ray_storage(storage_path: str) -> tuple[str, object | None]:
+    """``(storage_path, storage_filesystem)`` for ``RunConfig``: a local folder as it is; a URL as its path inside
+    a pyarrow wrapper of the fsspec filesystem that opens it (Ray would otherwise pick pyarrow's own S3/GCS client,
+    with its own idea of endpoint and credentials, and knows no other protocol)."""
+    if not is_url(storage_path):
+        return str(local_path(storage_path)), None
+    import pyarrow.fs
+
+    fs, path = filesystem(storage_path)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
 def run_training(plan: TrainPlan, storage_path: str, name: str, resources: TrainResources, out_dir: Path) -> dict:
-    """Fit (or resume) one model through Ray Train; copies the final checkpoint's files into ``out_dir``."""
+    """Fit (or resume) one model through Ray Train; copies the final checkpoint's files into ``out_dir``
+    (node-local scratch). ``storage_path``: a local folder or a URL, where the checkpoints live."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    path, filesystem_ = ray_storage(storage_path)
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})}
     trainer = TorchTrainer(
         _train_func,
@@ -85,7 +102,8 @@ def run_training(plan: TrainPlan, storage_path: str, name: str, resources: Train
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=path,
+            storage_filesystem=filesystem_,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=resources.max_failures),
         ),

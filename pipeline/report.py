@@ -20,8 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import report_plots as plots
+from pipeline import storage
 from pipeline.report_data import RoundFiles, RunFiles, calibration, example_images, load_run
-from pipeline.storage import atomic_write_bytes, atomic_write_text
+from pipeline.storage import Location, atomic_write_bytes, atomic_write_text
 from pipeline.tb_events import write_tensorboard
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,19 @@ def build_report(run_dir: str | Path) -> Path:
     return path
 
 
-def refresh_report(run_dir: str | Path) -> Path | None:
-    """TensorBoard events and report.html for the round loop: a failure is logged, never raised."""
+# What the report and the TensorBoard events never read: a URL run's node-local copy leaves them out.
+MIRROR_SKIP = ("ray_train", "pseudo_labels", "tensorboard")
+
+
+def refresh_report(run_dir: Location) -> Location | None:
+    """TensorBoard events and report.html for the round loop: a failure is logged, never raised.
+
+    A run at a URL: both writers work on files, so they run on a node-local copy of the run (without Ray Train's
+    checkpoints and the pseudo-label sidecars) and what they wrote is uploaded: ``report.html`` as one object, the
+    calibration cache, and each event folder that changed (its old objects removed first, so TensorBoard does not
+    show a point twice; a reader between the two sees that folder empty for a moment)."""
+    if storage.is_url(run_dir):
+        return _refresh_copy(str(run_dir))
     try:
         write_tensorboard(run_dir)
     except Exception as exc:  # the run's results matter more than its charts
@@ -73,6 +85,38 @@ def refresh_report(run_dir: str | Path) -> Path | None:
     except Exception as exc:
         log.warning("report for %s not written: %s", run_dir, exc, exc_info=True)
         return None
+
+
+def _refresh_copy(url: str) -> Location | None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ns-report-") as tmp:
+        local = Path(tmp) / storage.name(url)  # the report names the run after its folder
+        try:
+            storage.download_tree(url, local, skip=MIRROR_SKIP)
+            # the events' source stamps only: unchanged folders are neither rewritten nor uploaded again
+            for events in storage.listdir(storage.join(url, "tensorboard")):
+                source = storage.join(url, "tensorboard", events, ".source.sha256")
+                if storage.exists(source):
+                    (local / "tensorboard" / events).mkdir(parents=True, exist_ok=True)
+                    (local / "tensorboard" / events / ".source.sha256").write_bytes(storage.read_bytes(source))
+        except Exception as exc:
+            log.warning("report for %s not written: cannot copy the run (%s)", url, exc, exc_info=True)
+            return None
+        try:
+            for folder in write_tensorboard(local):
+                storage.upload_tree(folder, str(storage.join(url, "tensorboard", folder.name)), replace=True)
+        except Exception as exc:
+            log.warning("tensorboard events for %s not written: %s", url, exc, exc_info=True)
+        try:
+            report = build_report(local)
+            if (local / "report_cache").is_dir():
+                storage.upload_tree(local / "report_cache", str(storage.join(url, "report_cache")))
+            storage.upload(report, str(storage.join(url, "report.html")))
+        except Exception as exc:
+            log.warning("report for %s not written: %s", url, exc, exc_info=True)
+            return None
+    return storage.join(url, "report.html")
 
 
 def compare_runs(run_a: Path, run_b: Path, out: Path) -> list[dict]:

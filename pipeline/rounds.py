@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from pipeline.config import ConfigError, PipelineConfig, dump_config, load_config
 from pipeline.data_check import check_data
 from pipeline.ray_pseudo_label import run_pseudo_label
@@ -30,11 +32,19 @@ from pipeline.ray_train import run_training
 from pipeline.report import refresh_report
 from pipeline.run_store import publish_round
 from pipeline.storage import (
+    Location,
     RoundManifest,
     StorageError,
     atomic_write_json,
     atomic_write_text,
+    exists,
+    is_url,
+    join,
+    name,
+    parent,
+    probe_storage,
     read_json,
+    read_text,
     remove_temp_files,
     round_dir,
     sha256_file,
@@ -54,7 +64,7 @@ STAGES = ("pseudo_label", "select", "train", "evaluate")
 @dataclass
 class RunContext:
     cfg: PipelineConfig
-    run_dir: Path
+    run_dir: Location  # a local folder, or a URL (pipeline/storage.py)
     labeled_shards: list[str]
     unlabeled_shards: list[str]
     labeled: LabeledSet
@@ -66,7 +76,9 @@ class RunContext:
 
 
 def preflight(cfg: PipelineConfig, progress: bool = True) -> RunContext:
-    """Everything that can be checked before any work: shards exist, labels in range, models classify."""
+    """Everything that can be checked before any work: storage writable, shards exist, labels in range, models
+    classify."""
+    probe_storage(cfg.storage)  # an object-store URL: bucket, credentials and endpoint, before anything else
     data = cfg.data
     labeled_shards = expand_shards(data.labeled, "data.labeled")
     unlabeled_shards = expand_shards(data.unlabeled, "data.unlabeled")
@@ -84,8 +96,11 @@ def preflight(cfg: PipelineConfig, progress: bool = True) -> RunContext:
     return RunContext(cfg, Path(), labeled_shards, unlabeled_shards, labeled, test, params, progress, test_shards)
 
 
-def run_folder(cfg: PipelineConfig, run_name: str) -> Path:
-    return Path(cfg.storage).expanduser().resolve() / run_name
+def run_folder(cfg: PipelineConfig, run_name: str) -> Location:
+    """``<storage>/<run>``: an absolute ``Path`` for a local root, a URL string for an object store."""
+    if is_url(cfg.storage):
+        return join(cfg.storage, run_name)
+    return Path(cfg.storage.removeprefix("file://")).expanduser().resolve() / run_name
 
 
 def stage_config_digest(cfg: PipelineConfig) -> str:
@@ -99,21 +114,27 @@ def stage_config_digest(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_same_config(cfg: PipelineConfig, run_dir: Path) -> None:
+def check_same_config(cfg: PipelineConfig, run_dir: Location) -> None:
     """An existing run resumes only with the settings it was started with (rounds may change)."""
-    config_path = run_dir / "config.yaml"
-    if config_path.exists() and stage_config_digest(load_config(config_path)) != stage_config_digest(cfg):
+    config_path = join(run_dir, "config.yaml")
+    if not exists(config_path):
+        return
+    if is_url(config_path):
+        started = load_config(None, base=yaml.safe_load(read_text(config_path)))
+    else:
+        started = load_config(config_path)
+    if stage_config_digest(started) != stage_config_digest(cfg):
         raise ConfigError(
             f"run {run_dir} was started with a different config; resume it with the same settings "
             f"(only rounds may change) or choose a new RUN name"
         )
 
 
-def prepare_run_dir(cfg: PipelineConfig, run_name: str) -> Path:
+def prepare_run_dir(cfg: PipelineConfig, run_name: str) -> Location:
     """Create the run folder, or check that an existing one was made by the same config (rounds may grow)."""
     run_dir = run_folder(cfg, run_name)
     check_same_config(cfg, run_dir)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    atomic_write_text(join(run_dir, "config.yaml"), dump_config(cfg))
     return run_dir
 
 
@@ -158,7 +179,7 @@ def run_pipeline(cfg: PipelineConfig, run_name: str, progress: bool = True) -> l
     return rows
 
 
-def user_error(exc: BaseException, where: Path) -> Exception | None:
+def user_error(exc: BaseException, where: Location) -> Exception | None:
     """The error a user can act on inside ``exc``, however Ray wrapped it: a ``ConfigError``, ``DataError`` or
     ``StorageError``, or an ``OSError`` saying the disk is full or read-only (as a ``StorageError``; the path is
     the failing file when known, else ``where``). None when there is none."""
@@ -171,7 +192,7 @@ def user_error(exc: BaseException, where: Path) -> Exception | None:
 
 
 @contextlib.contextmanager
-def one_line_errors(where: Path) -> Iterator[None]:
+def one_line_errors(where: Location) -> Iterator[None]:
     """Re-raise what ``user_error`` finds, so that the CLI prints one line instead of a remote traceback."""
     try:
         yield
@@ -182,24 +203,24 @@ def one_line_errors(where: Path) -> Iterator[None]:
         raise clear from exc
 
 
-def _read_status(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
+def _read_status(run_dir: Location) -> dict:
+    path = join(run_dir, "run.json")
     try:
-        return read_json(path) if path.exists() else {}
+        return read_json(path) if exists(path) else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("%s is damaged; starting a new one (the round manifests still say what is done)", path)
         return {}
 
 
-def _load_status(run_dir: Path, cfg: PipelineConfig) -> dict:
-    status = _read_status(run_dir) or {"run": run_dir.name, "started_at": _now(), "rounds": {}}
+def _load_status(run_dir: Location, cfg: PipelineConfig) -> dict:
+    status = _read_status(run_dir) or {"run": name(run_dir), "started_at": _now(), "rounds": {}}
     status.update({"status": "running", "rounds_planned": cfg.rounds, "config_digest": cfg.digest()})
     return status
 
 
-def _save_status(run_dir: Path, status: dict) -> None:
+def _save_status(run_dir: Location, status: dict) -> None:
     status["updated_at"] = _now()
-    atomic_write_json(run_dir / "run.json", status)
+    atomic_write_json(join(run_dir, "run.json"), status)
 
 
 def _now() -> str:
@@ -215,13 +236,13 @@ def run_round(ctx: RunContext, r: int, status: dict) -> dict:
     pseudo_count, inputs = 0, {"config": stage_config_digest(cfg)}
     if r > 0:
         teacher = round_dir(ctx.run_dir, r - 1)
-        inputs["teacher"] = sha256_file(teacher / "model.safetensors")
+        inputs["teacher"] = sha256_file(join(teacher, "model.safetensors"))
         _stage(ctx, manifest, "pseudo_label", inputs, timings, lambda: _pseudo_label(ctx, teacher, rdir))
         inputs["pseudo_label"] = manifest.stage("pseudo_label")["digest"]
         summary = _stage(ctx, manifest, "select", inputs, timings, lambda: _select(ctx, rdir))
         inputs["select"] = manifest.stage("select")["digest"]
         pseudo = tuple(
-            PseudoSource(s, str(rdir / "selection" / f"{shard_id(s)}.parquet")) for s in ctx.unlabeled_shards
+            PseudoSource(s, str(join(rdir, "selection", f"{shard_id(s)}.parquet"))) for s in ctx.unlabeled_shards
         )
         pseudo_count = int(summary["copies_out"])
         if not pseudo_count:
@@ -230,24 +251,24 @@ def run_round(ctx: RunContext, r: int, status: dict) -> dict:
                 f"(select.floor={cfg.select.floor}); lower the floor or train a better teacher"
             )
     _stage(ctx, manifest, "train", inputs, timings, lambda: _train(ctx, r, rdir, pseudo, pseudo_count, inputs))
-    inputs["train"] = sha256_file(rdir / "model.safetensors")
+    inputs["train"] = sha256_file(join(rdir, "model.safetensors"))
     return _stage(ctx, manifest, "evaluate", inputs, timings, lambda: _evaluate(ctx, r, rdir, pseudo_count, manifest))
 
 
 def _stage(ctx: RunContext, manifest: RoundManifest, stage: str, inputs: dict, timings: dict, work) -> dict:
     """Run ``work`` unless the stage is done for these inputs; ``work`` returns ``(files, info)``."""
     if manifest.stage_done(stage, inputs):
-        log.info("%s %s: done, skipping", manifest.dir.name, stage)
+        log.info("%s %s: done, skipping", name(manifest.dir), stage)
         return manifest.stage(stage).get("result", {})
     for later in STAGES[STAGES.index(stage) :]:
         manifest.forget(later)  # redoing a stage makes every later one stale
     start = time.perf_counter()
-    log.info("%s %s: starting", manifest.dir.name, stage)
+    log.info("%s %s: starting", name(manifest.dir), stage)
     # A writer that does not name its file (Ray Train uploading a checkpoint into <run>/ray_train, a plain open())
     # is reported as the run folder, which holds both.
-    with one_line_errors(manifest.dir.parent):
+    with one_line_errors(parent(manifest.dir)):
         if removed := remove_temp_files(manifest.dir):
-            log.info("%s: removed %d temporary file(s) an interrupted write left", manifest.dir.name, len(removed))
+            log.info("%s: removed %d temporary file(s) an interrupted write left", name(manifest.dir), len(removed))
         files, result = work()
     ctx.stages_run += 1
     seconds = time.perf_counter() - start
@@ -257,47 +278,47 @@ def _stage(ctx: RunContext, manifest: RoundManifest, stage: str, inputs: dict, t
     return result
 
 
-def _digest_files(files: list[Path]) -> str:
-    import hashlib
-
+def _digest_files(files: list[Location]) -> str:
     h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f.name.encode() + sha256_file(f).encode())
+    for f in sorted(files):  # type: ignore[type-var]  # all Paths or all URL strings
+        h.update(name(f).encode() + sha256_file(f).encode())
     return h.hexdigest()
 
 
-def _pseudo_label(ctx: RunContext, teacher: Path, rdir: Path) -> tuple[list[Path], dict]:
+def _pseudo_label(ctx: RunContext, teacher: Location, rdir: Location) -> tuple[list[Location], dict]:
     cfg = ctx.cfg
     summary = run_pseudo_label(
         str(teacher),
         ctx.unlabeled_shards,
-        str(rdir / "pseudo_labels"),
+        str(join(rdir, "pseudo_labels")),
         cfg.pseudo_label,
         cfg.data.channels,
         cfg.resources.label(),
         progress=ctx.progress,
     )
-    files = [Path(p) for p in summary.pop("sidecars")]
+    files = [join(p) for p in summary.pop("sidecars")]
     return files, summary
 
 
-def _select(ctx: RunContext, rdir: Path) -> tuple[list[Path], dict]:
+def _select(ctx: RunContext, rdir: Location) -> tuple[list[Location], dict]:
     cfg = ctx.cfg
-    sidecars = [str(rdir / "pseudo_labels" / f"{shard_id(s)}.parquet") for s in ctx.unlabeled_shards]
-    summary = run_selection(sidecars, str(rdir / "selection"), cfg.data.num_classes, cfg.select)
-    files = [rdir / "selection" / Path(p).name for p in sidecars]
-    files += [p for p in (rdir / "selection" / "selection.json", rdir / "selection" / "selection.png") if p.exists()]
+    sidecars = [str(join(rdir, "pseudo_labels", f"{shard_id(s)}.parquet")) for s in ctx.unlabeled_shards]
+    summary = run_selection(sidecars, str(join(rdir, "selection")), cfg.data.num_classes, cfg.select)
+    files = [join(rdir, "selection", name(p)) for p in sidecars]
+    files += [
+        p for p in (join(rdir, "selection", "selection.json"), join(rdir, "selection", "selection.png")) if exists(p)
+    ]
     return files, summary
 
 
-def _train(ctx: RunContext, r: int, rdir: Path, pseudo, pseudo_count: int, inputs: dict) -> tuple[list[Path], dict]:
+def _train(ctx: RunContext, r: int, rdir: Location, pseudo, pseudo_count: int, inputs: dict) -> tuple[list, dict]:
     cfg, data = ctx.cfg, ctx.cfg.data
     train_cfg = cfg.teacher if r == 0 else cfg.student
     spec = cfg.spec(r)
     init = ""
     if r > 0 and train_cfg.init_from_teacher:
-        init = str(round_dir(ctx.run_dir, r - 1) / "model.safetensors")
-    metrics_path = rdir / "train_metrics.jsonl"
+        init = str(join(round_dir(ctx.run_dir, r - 1), "model.safetensors"))
+    metrics_path = join(rdir, "train_metrics.jsonl")
     plan = TrainPlan(
         spec=spec,
         cfg=train_cfg,
@@ -316,18 +337,18 @@ def _train(ctx: RunContext, r: int, rdir: Path, pseudo, pseudo_count: int, input
         threads=cfg.resources.torch_threads,
     )
     key = _digest_dict(inputs)[:10]
-    with tempfile.TemporaryDirectory(prefix="ns-final-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ns-final-") as tmp:  # node-local scratch, whatever the storage
         final = run_training(
-            plan, str(ctx.run_dir / "ray_train"), f"round-{r:03d}-{key}", cfg.resources.train(), Path(tmp)
+            plan, str(join(ctx.run_dir, "ray_train")), f"round-{r:03d}-{key}", cfg.resources.train(), Path(tmp)
         )
         weights = Path(tmp) / ("final-ema.safetensors" if train_cfg.ema_decay else "final-model.safetensors")
         from safetensors.torch import load_file
 
-        atomic_save_safetensors(load_file(weights), rdir / "model.safetensors")
+        atomic_save_safetensors(load_file(weights), join(rdir, "model.safetensors"))
     card = model_card(spec, data.num_classes, data.channels, data.image_size, data.mean, data.std)
     card["round"], card["params"] = r, ctx.params[r]
-    atomic_write_json(rdir / "model.json", card)
-    files = [rdir / "model.safetensors", rdir / "model.json"]
+    atomic_write_json(join(rdir, "model.json"), card)
+    files = [join(rdir, "model.safetensors"), join(rdir, "model.json")]
     return files, {
         "final_epoch": final.get("epoch"),
         "steps": final.get("step"),
@@ -337,13 +358,10 @@ def _train(ctx: RunContext, r: int, rdir: Path, pseudo, pseudo_count: int, input
 
 
 def _digest_dict(d: dict) -> str:
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def _evaluate(ctx: RunContext, r: int, rdir: Path, pseudo_count: int, manifest: RoundManifest):
+def _evaluate(ctx: RunContext, r: int, rdir: Location, pseudo_count: int, manifest: RoundManifest):
     model, card = load_model(rdir)
     metrics = evaluate(model, card, ctx.test)
     metrics.update(
@@ -358,9 +376,9 @@ def _evaluate(ctx: RunContext, r: int, rdir: Path, pseudo_count: int, manifest: 
         }
     )
     if r > 0:
-        teacher_metrics = read_json(round_dir(ctx.run_dir, r - 1) / "metrics.json")
+        teacher_metrics = read_json(join(round_dir(ctx.run_dir, r - 1), "metrics.json"))
         metrics["teacher_top1"] = teacher_metrics["test_top1"]
         pl = manifest.stage("pseudo_label")["result"]
         metrics["pseudo_label_accuracy"] = pl.get("accuracy")
-    atomic_write_json(rdir / "metrics.json", metrics)
-    return [rdir / "metrics.json"], metrics
+    atomic_write_json(join(rdir, "metrics.json"), metrics)
+    return [join(rdir, "metrics.json")], metrics

@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import fsspec
+from pipeline import storage
+from pipeline.storage import Location, StorageError
 
 ROUND_RE = re.compile(r"^round-(\d{3,})$")
 DOWNLOAD_STAGES = ("train", "evaluate")  # model.safetensors + model.json, metrics.json
@@ -27,36 +28,36 @@ class RunStoreError(RuntimeError):
 
 
 class RunStore:
-    """One run's folder under a storage root, read through fsspec."""
+    """One run's folder under a storage root, read through ``pipeline.storage`` (a folder or any fsspec URL)."""
 
-    def __init__(self, run: str, storage: str = "runs"):
+    def __init__(self, run: str, storage_root: str = "runs"):
         if "://" not in run and Path(run).expanduser().is_dir() and (Path(run).expanduser() / "config.yaml").exists():
-            location = str(Path(run).expanduser().resolve())  # a path to the run folder itself
+            location: Location = Path(run).expanduser().resolve()  # a path to the run folder itself
+        elif storage.is_url(storage_root):
+            location = storage.join(storage_root, run)
         else:
-            base = storage if "://" in storage else str(Path(storage).expanduser().resolve())
-            location = f"{base.rstrip('/')}/{run}"
+            location = storage.local_path(storage_root).expanduser().resolve() / run
         self.location = location
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(location)
-        except (ImportError, ValueError) as exc:
-            raise RunStoreError(f"cannot open storage {location}: {exc}") from exc
+            storage.check_storage(location)
+        except StorageError as exc:
+            raise RunStoreError(str(exc)) from exc
         if not self._exists("config.yaml"):
             raise RunStoreError(f"no run at {location} (no config.yaml there; check RUN and --storage)")
-        self.name = self.root.rstrip("/").rsplit("/", 1)[-1]
+        self.name = storage.name(location)
 
-    def _path(self, rel: str) -> str:
-        return f"{self.root.rstrip('/')}/{rel}"
+    def _path(self, rel: str) -> Location:
+        return storage.join(self.location, rel)
 
     def _exists(self, rel: str) -> bool:
         try:
-            return bool(self.fs.exists(self._path(rel)))
+            return storage.exists(self._path(rel))
         except OSError as exc:
             raise RunStoreError(f"cannot read {self.location}/{rel}: {exc}") from exc
 
     def read_json(self, rel: str) -> Any:
         try:
-            with self.fs.open(self._path(rel), "rb") as f:
-                return json.loads(f.read())
+            return storage.read_json(self._path(rel))
         except FileNotFoundError as exc:
             raise RunStoreError(f"{self.location}/{rel} is missing") from exc
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -66,8 +67,7 @@ class RunStore:
         return self.read_json("run.json") if self._exists("run.json") else {}
 
     def round_indices(self) -> list[int]:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
-        return sorted(int(m.group(1)) for n in names if (m := ROUND_RE.match(n)))
+        return sorted(int(m.group(1)) for n in storage.listdir(self.location) if (m := ROUND_RE.match(n)))
 
     def manifest(self, r: int) -> dict:
         rel = f"round-{r:03d}/manifest.json"
@@ -116,7 +116,7 @@ class RunStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         digest, size = hashlib.sha256(), 0
         try:
-            with self.fs.open(self._path(rel), "rb") as src, open(target, "wb") as out:
+            with storage.open_read(self._path(rel)) as src, open(target, "wb") as out:
                 while block := src.read(1 << 20):
                     digest.update(block)
                     size += len(block)
@@ -146,49 +146,42 @@ class RunStore:
         dest.mkdir(parents=True, exist_ok=True)
         for rel in ("config.yaml", "run.json"):
             if self._exists(rel):
-                with self.fs.open(self._path(rel), "rb") as src:
-                    (dest / rel).write_bytes(src.read())
+                (dest / rel).write_bytes(storage.read_bytes(self._path(rel)))
         return [self.download_round(r, dest) for r in chosen]
 
 
-def publish_round(run_dir: str | Path, round_index: int, target: str) -> str:
+def publish_round(run_dir: Location, round_index: int, target: str) -> str:
     """Upload a finished round's model files, metrics and manifest, plus the run's config and status, to
     ``<target>/<run>/`` (any fsspec URL: ``s3://bucket/runs``, ``gs://…``, a folder), where ``rounds`` and
-    ``download`` read them. Each object is written whole (object stores have no partial objects); the manifest
-    goes last, so a reader never sees a manifest whose files are not there yet. Returns the run's URL."""
-    run_dir = Path(run_dir)
+    ``download`` read them. The run itself may be in a folder or at a URL. Each file is written whole (an object
+    store has no partial objects; a folder gets a temporary and a rename); the manifest goes last, so a reader never
+    sees a manifest whose files are not there yet. Returns the run's location under ``target``."""
     rel = f"round-{round_index:03d}"
-    manifest = json.loads((run_dir / rel / "manifest.json").read_text())
-    location = f"{target.rstrip('/')}/{run_dir.name}"
+    source = storage.join(run_dir, rel)
+    location = storage.join(target if storage.is_url(target) else storage.local_path(target), storage.name(run_dir))
     try:
-        fs, root = fsspec.core.url_to_fs(location)
-        if _published(fs, f"{root}/{rel}", manifest, (run_dir / rel / "manifest.json").read_bytes()):
-            for name in ("config.yaml", "run.json"):  # the round is there already; the run's status may have moved
-                _put(fs, run_dir / name, f"{root}/{name}")
-            return location
-        for stage in DOWNLOAD_STAGES:
-            for entry in manifest["stages"][stage]["files"]:
-                _put(fs, run_dir / rel / entry["path"], f"{root}/{rel}/{entry['path']}")
-        _put(fs, run_dir / rel / "manifest.json", f"{root}/{rel}/manifest.json")
+        manifest_bytes = storage.read_bytes(storage.join(source, "manifest.json"))
+        manifest = json.loads(manifest_bytes)
+        if not _published(storage.join(location, rel), manifest, manifest_bytes):
+            for stage in DOWNLOAD_STAGES:
+                for entry in manifest["stages"][stage]["files"]:
+                    storage.copy_file(storage.join(source, entry["path"]), storage.join(location, rel, entry["path"]))
+            storage.copy_file(storage.join(source, "manifest.json"), storage.join(location, rel, "manifest.json"))
+        # the run's config and status, also when the round was there already (the status may have moved)
         for name in ("config.yaml", "run.json"):
-            _put(fs, run_dir / name, f"{root}/{name}")
+            storage.copy_file(storage.join(run_dir, name), storage.join(location, name))
     except (OSError, ImportError, ValueError) as exc:
-        raise RunStoreError(f"cannot publish {run_dir.name}/{rel} to {location}: {exc}") from exc
-    return location
+        raise RunStoreError(f"cannot publish {storage.name(run_dir)}/{rel} to {location}: {exc}") from exc
+    return str(location)
 
 
-def _put(fs, src: Path, dst: str) -> None:
-    fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)  # folders need it; object stores ignore it
-    fs.put_file(str(src), dst)
-
-
-def _published(fs, remote_round: str, manifest: dict, manifest_bytes: bytes) -> bool:
+def _published(remote_round: Location, manifest: dict, manifest_bytes: bytes) -> bool:
     """The round is already there: same manifest, and every file it lists has the recorded size (a same-size
     corruption is still caught where it matters: ``download`` checks each sha256)."""
     try:
-        if fs.cat_file(f"{remote_round}/manifest.json") != manifest_bytes:
+        if storage.read_bytes(storage.join(remote_round, "manifest.json")) != manifest_bytes:
             return False
         entries = [e for stage in DOWNLOAD_STAGES for e in manifest["stages"][stage]["files"]]
-        return all(fs.size(f"{remote_round}/{e['path']}") == e["bytes"] for e in entries)
+        return all(storage.size(storage.join(remote_round, e["path"])) == e["bytes"] for e in entries)
     except FileNotFoundError:
         return False

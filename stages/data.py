@@ -26,11 +26,12 @@ from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import group_by_keys
 
+from pipeline.storage import is_url  # noqa: F401 (one definition of "a URL"; also imported from here)
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale as Pillow opens it
-_URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's archive metadata (skip_meta), not sample files
 
 
@@ -40,10 +41,6 @@ class DataError(ValueError):
 
 class BadSample(ValueError):
     """One sample that cannot be used (no image, undecodable image); counted and skipped by callers."""
-
-
-def is_url(path: str) -> bool:
-    return bool(_URL_RE.match(path)) and not path.startswith("file://")
 
 
 def expand_shards(patterns: Sequence[str], what: str = "data set") -> list[str]:

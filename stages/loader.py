@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.storage import read_table
 from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, parse_label
 
 
@@ -125,7 +125,7 @@ class MixedStream(IterableDataset):
         for _ in itertools.count():
             found = 0
             for source in rng.sample(sources, len(sources)):
-                table = pq.read_table(source.selection)
+                table = read_table(source.selection)  # a local file or a URL
                 if table.num_rows == 0:
                     continue
                 targets = soft_targets(table, self.num_classes)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 # timm's RandAugment magnitude runs 0..10 (its _LEVEL_DENOM); the paper's M=27 is on a 0..30 scale, so timm M = M/3.
@@ -109,7 +109,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """Write to a temporary beside ``path`` and rename; a failed write is a ``StorageError`` naming ``path``."""
+    """Write atomically (``pipeline.storage.atomic_target``: a local folder or a URL); a failed write is a
+    ``StorageError`` naming ``path``."""
     from safetensors import SafetensorError
 
     from pipeline.storage import atomic_target, write_error
@@ -123,16 +124,26 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
 
 def save_model(model: nn.Module, out_dir: str | Path, card: dict) -> None:
     """Write ``model.safetensors`` then ``model.json``, each atomically."""
-    from pipeline.storage import atomic_write_json  # storage is the one home of JSON writes
+    from pipeline.storage import atomic_write_json, join  # storage is the one home of writes
 
-    atomic_save_safetensors(unwrap(model).state_dict(), Path(out_dir) / "model.safetensors")
-    atomic_write_json(Path(out_dir) / "model.json", card)
+    atomic_save_safetensors(unwrap(model).state_dict(), join(out_dir, "model.safetensors"))
+    atomic_write_json(join(out_dir, "model.json"), card)
+
+
+def load_weights(location: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file from a local path (memory-mapped) or a URL (read whole through fsspec); no pickle."""
+    from pipeline.storage import is_url, local_path, read_bytes
+
+    if not is_url(location):
+        return load_file(local_path(location), device=str(device))
+    return {k: v.to(device) for k, v in load(read_bytes(location)).items()}
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load a round's model un-noised, in eval mode, with ``strict=True`` and no unpickling."""
-    model_dir = Path(model_dir)
-    card = json.loads((model_dir / "model.json").read_text())
+    """Load a round's model (a local folder or a URL) un-noised, in eval mode, ``strict=True``, no unpickling."""
+    from pipeline.storage import join, read_text
+
+    card = json.loads(read_text(join(model_dir, "model.json")))
     model = timm.create_model(pretrained=False, **card["create"])
-    model.load_state_dict(load_file(model_dir / "model.safetensors", device=str(device)), strict=True)
+    model.load_state_dict(load_weights(join(model_dir, "model.safetensors"), device), strict=True)
     return model.to(device).eval(), card

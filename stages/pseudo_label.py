@@ -20,14 +20,13 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.storage import StorageError, atomic_target
+from pipeline.storage import Location, StorageError, atomic_target, join, open_read
 from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, optional_label, shard_id
 from stages.models import load_model
 from stages.transforms import clean_transform
@@ -60,16 +59,19 @@ def soft_labels(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
-def sidecar_path(out_dir: str | Path, shard: str) -> Path:
-    return Path(out_dir) / f"{shard_id(shard)}.parquet"
+def sidecar_path(out_dir: Location, shard: str) -> Location:
+    """``<out_dir>/<shard_id>.parquet``: a ``Path`` under a local folder, a URL under a URL."""
+    return join(out_dir, f"{shard_id(shard)}.parquet")
 
 
-def read_footer(path: str | Path, fmt: str) -> tuple[list[str], dict[bytes, bytes]] | None:
+def read_footer(path: Location, fmt: str) -> tuple[list[str], dict[bytes, bytes]] | None:
     """Column names and footer metadata of a complete Parquet sidecar in format ``fmt``, or None when it is
-    missing, half-written, of another format, or holds a different number of rows than its footer records."""
+    missing, half-written, of another format, or holds a different number of rows than its footer records.
+    Only the footer is read (a few ranged reads on an object store)."""
     try:
-        meta = pq.read_metadata(path)
-        schema = pq.read_schema(path)
+        with open_read(path) as f:
+            parquet = pq.ParquetFile(f)
+            meta, schema = parquet.metadata, parquet.schema_arrow
     except (OSError, pa.ArrowInvalid):
         return None
     kv = schema.metadata or {}
@@ -78,7 +80,7 @@ def read_footer(path: str | Path, fmt: str) -> tuple[list[str], dict[bytes, byte
     return schema.names, kv
 
 
-def sidecar_info(path: str | Path, topk: int) -> dict | None:
+def sidecar_info(path: Location, topk: int) -> dict | None:
     """``{"rows", "bad"}`` of a complete, valid sidecar, or None (missing, half-written, other schema)."""
     footer = read_footer(path, SIDECAR_FORMAT)
     if footer is None:
@@ -134,8 +136,8 @@ def _list_column(matrix: np.ndarray, dtype: pa.DataType) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, width).cast(pa.list_(dtype))
 
 
-def write_sidecar(table: pa.Table, path: Path) -> None:
-    """Write to a temporary beside ``path`` and rename; a failed write is a ``StorageError`` naming ``path``."""
+def write_sidecar(table: pa.Table, path: Location) -> None:
+    """Write atomically (``pipeline.storage.atomic_target``); a failed write is a ``StorageError`` naming ``path``."""
     with atomic_target(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -189,7 +191,7 @@ class ShardLabeler:
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.transform = clean_transform(card["input_size"][-1], card["mean"], card["std"])
-        self.out_dir, self.cfg, self.channels = Path(out_dir), cfg, channels
+        self.out_dir, self.cfg, self.channels = join(out_dir), cfg, channels  # a folder or a URL, from any node
 
     def label_shard(self, shard: str) -> dict:
         """Label one shard and write its sidecar. An unreadable shard comes back as ``error``, a sidecar that

@@ -30,14 +30,13 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
 from stages.checkpoint import load_checkpoint, read_state, save_checkpoint
 from stages.distill import DistillTermConfig, check_terms
 from stages.loader import MixedStream, PseudoSource
-from stages.models import ModelSpec, create_model, unwrap
+from stages.models import ModelSpec, create_model, load_weights, unwrap
 from stages.online_distill import OnlineTeacher, prepare_distill
 from stages.transforms import check_ops, clean_transform, noised_transform
 
@@ -199,16 +198,15 @@ class TrainHooks(Protocol):
 def _append_metrics(path: str, row: dict, keep_until_epoch: int | None = None) -> None:
     """Append a JSON line. On resume, first drop lines past the restored epoch (they will be redone); a line cut
     short by a kill mid-write is dropped too (the file is rewritten atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    text = p.read_text() if p.exists() else ""
-    if keep_until_epoch is not None or (text and not text.endswith("\n")):
-        from pipeline.storage import atomic_write_text  # storage is the one home of atomic writes
+    from pipeline import storage  # the one home of reads and writes (a local folder or an object-store URL)
 
+    p = storage.join(path)
+    storage.makedirs(storage.parent(p))
+    text = storage.read_text(p) if storage.exists(p) else ""
+    if keep_until_epoch is not None or (text and not text.endswith("\n")):
         rows = [r for r in read_metrics_lines(text) if keep_until_epoch is None or r["epoch"] <= keep_until_epoch]
-        atomic_write_text(p, "".join(json.dumps(r) + "\n" for r in rows))
-    with p.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        storage.atomic_write_text(p, "".join(json.dumps(r) + "\n" for r in rows))
+    storage.append_text(p, json.dumps(row) + "\n")
 
 
 def read_metrics_lines(text: str) -> list[dict]:
@@ -259,7 +257,7 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
     cfg, device = plan.cfg, hooks.device
     model = create_model(plan.spec, plan.num_classes, plan.channels, noised=True)
     if plan.init_weights:
-        model.load_state_dict(load_file(plan.init_weights), strict=True)
+        model.load_state_dict(load_weights(plan.init_weights), strict=True)
     teacher, aux = None, None
     if cfg.distill:  # the student becomes a DistillStudent: student + objective (+ DML peer), one DDP unit
         model, teacher = prepare_distill(plan, model, device)

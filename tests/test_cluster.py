@@ -296,15 +296,19 @@ def loopback_cluster():
 
 
 @pytest.mark.slow
-def test_submitted_run_on_a_two_node_cluster(loopback_cluster, tmp_path, monkeypatch, capsys):
-    """Submit a one-round run with relative paths from a user folder, follow it, download it, re-evaluate it."""
+def test_submitted_run_on_a_two_node_cluster(loopback_cluster, s3_bucket, tmp_path, monkeypatch, capsys):
+    """Submit a one-round run with relative shard paths from a user folder and its storage in a bucket, follow it,
+    download it from the bucket, re-evaluate it. The nodes share no run folder: every stage, on whichever node it
+    runs, writes through the ``s3://`` root (the nodes inherit the test's loopback S3 endpoint and fake keys)."""
     cluster, work = loopback_cluster, tmp_path / "work"
     work.mkdir()
+    fs, bucket = s3_bucket
+    url = f"s3://{bucket}/cluster-runs"
     spec = {"model": "resnet10t", "drop_rate": 0.1, "drop_path_rate": 0.05, "randaug_n": 1, "randaug_m": 3}
     train = {"epochs": 1, "batch_size": 16, "lr": 0.003, "loader_workers": 0, "checkpoint_every": 1}
     config = {
         "name": "cluster",
-        "storage": "runs",  # relative: must land in work/runs, not in the job's temporary copy of the project
+        "storage": url,
         "rounds": 1,
         "data": {
             "labeled": ["digits/labeled/labeled-{000000..000003}.tar"],
@@ -328,7 +332,7 @@ def test_submitted_run_on_a_two_node_cluster(loopback_cluster, tmp_path, monkeyp
     lines = out.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["job", "run", "storage"], lines
     job = lines[0].split(": ", 1)[1]
-    assert lines[1] == "run: c1" and lines[2] == f"storage: {work / 'runs'}"
+    assert lines[1] == "run: c1" and lines[2] == f"storage: {url}"
     assert (work / "digits" / "test").is_dir(), "submit prepares the default data before submitting"
 
     follow = cluster.cli("logs", job, "--follow", "--address", cluster.address, cwd=work)
@@ -342,12 +346,16 @@ def test_submitted_run_on_a_two_node_cluster(loopback_cluster, tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "status: SUCCEEDED" in out and "run: c1" in out
 
-    # the run is in the user's storage, not in a temporary copy
-    assert main(["rounds", "c1", "--storage", "runs"]) == 0
+    # the run is in the bucket, nowhere on the nodes' disks or in the user's folder
+    assert main(["rounds", "c1", "--storage", url]) == 0
     assert "2 of 2 rounds done" in capsys.readouterr().out
-    assert not list((cluster.dir).glob("**/runtime_resources/**/runs/c1"))
+    objects = [p.split("/c1/", 1)[1] for p in fs.find(f"{bucket}/cluster-runs/c1")]
+    assert any(p.startswith("round-001/pseudo_labels/") for p in objects), "the labeling actor wrote to the bucket"
+    assert any(p.startswith("ray_train/round-001-") and "/checkpoint_" in p for p in objects), "Ray Train too"
+    assert not list(cluster.dir.glob("**/c1/round-*")) and not list(cluster.dir.glob("**/s3:"))
+    assert sorted(p.name for p in work.iterdir()) == ["digits", "tiny.yaml"]
 
-    assert main(["download", "c1", "--all", "--to", "ckpt", "--storage", "runs"]) == 0
+    assert main(["download", "c1", "--all", "--to", "ckpt", "--storage", url]) == 0
     from stages.data import expand_shards, load_labeled
     from stages.evaluate import evaluate
     from stages.models import load_model
@@ -359,9 +367,9 @@ def test_submitted_run_on_a_two_node_cluster(loopback_cluster, tmp_path, monkeyp
         assert np.isclose(evaluate(model, card, test)["test_top1"], recorded), r
 
     # the token is never written into the run's files or the job's log
-    for path in (work / "runs" / "c1").rglob("*"):
-        if path.is_file() and path.stat().st_size < 5_000_000:
-            assert cluster.token.encode() not in path.read_bytes(), path
+    for path in fs.find(f"{bucket}/cluster-runs/c1"):
+        if fs.size(path) < 5_000_000:
+            assert cluster.token.encode() not in fs.cat_file(path), path
     assert cluster.token not in follow.stdout
 
     # without the token, or with a wrong one, the cluster refuses the job

@@ -1,10 +1,12 @@
 """Object-store URLs against a real S3 protocol server on loopback (moto): unlabeled shards read from ``s3://``
-by the pseudo-label stage through Ray, and ``rounds`` / ``download`` reading a run from ``s3://``."""
+by the pseudo-label stage through Ray, ``rounds`` / ``download`` reading a run from ``s3://``, and a whole run
+whose storage root is ``s3://`` (every stage writing into the bucket, then resuming from it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -83,8 +85,65 @@ def test_the_run_publishes_every_round(finished_run, tmp_path):
     assert [p.name for p in store.download(tmp_path / "dl", all_rounds=True)] == ["round-000", "round-001"]
 
 
-def test_object_store_storage_is_refused_with_the_way_out(tiny_config):
-    from pipeline.config import ConfigError
+def test_a_run_whose_storage_is_a_bucket(ray_session, s3_bucket, digits_root, tmp_path, monkeypatch, caplog):
+    """``storage: s3://…``: every stage writes into the bucket (the pseudo-label actors, the selection, Ray Train's
+    checkpoints), nothing lands in the working folder, the rounds load back from the URL and re-evaluate to their
+    recorded top-1, and a second run of the same RUN resumes from the manifests it reads back from the bucket."""
+    import logging
 
-    with pytest.raises(ConfigError, match=r"storage: 's3://b/runs' is an object-store URL.*publish: s3://b/runs"):
-        tiny_config("storage=s3://b/runs")
+    from pipeline.config import load_config
+    from pipeline.rounds import run_pipeline
+    from pipeline.run_store import RunStore
+    from stages.data import expand_shards, load_labeled
+    from stages.evaluate import evaluate
+    from stages.models import load_model
+    from tests.conftest import tiny_tree
+
+    fs, bucket = s3_bucket
+    url = f"s3://{bucket}/runs"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = load_config(None, [f"storage={url}", "teacher.epochs=1"], base=tiny_tree(digits_root, tmp_path / "unused"))
+    rows = run_pipeline(cfg, "in-s3", progress=False)
+
+    files = {p.split("/in-s3/", 1)[1] for p in fs.find(f"{bucket}/runs/in-s3")}
+    for expected in ("config.yaml", "run.json", "report.html", "round-000/train_metrics.jsonl",
+                     "round-001/selection/selection.json", "round-001/selection/selection.png"):  # fmt: skip
+        assert expected in files, expected
+    for r in (0, 1):
+        assert {"manifest.json", "metrics.json", "model.json", "model.safetensors"} <= {
+            f.split("/", 1)[1] for f in files if f.startswith(f"round-{r:03d}/")
+        }
+    n_shards = len(expand_shards(cfg.data.unlabeled))
+    for stage in ("pseudo_labels", "selection"):
+        assert len([f for f in files if f.startswith(f"round-001/{stage}/") and f.endswith(".parquet")]) == n_shards
+    assert any(f.startswith("ray_train/round-001-") and "/checkpoint_" in f for f in files), "Ray Train's checkpoints"
+    assert any(f.startswith("tensorboard/round-000/events.") for f in files)
+    assert not any(f.endswith(".tmp") for f in files)
+    assert list(work.iterdir()) == [] and not (tmp_path / "unused").exists(), "nothing written outside the bucket"
+
+    store = RunStore("in-s3", url)
+    assert store.status()["status"] == "finished"
+    test = load_labeled(expand_shards(cfg.data.test), 10, 1, 0.0, "test")
+    for folder, row in zip(store.download(tmp_path / "dl", all_rounds=True), rows, strict=True):
+        model, card = load_model(folder)
+        assert np.isclose(evaluate(model, card, test)["test_top1"], row["test_top1"]), folder.name
+    model, card = load_model(f"{url}/in-s3/round-001")  # straight from the URL too
+    assert np.isclose(evaluate(model, card, test)["test_top1"], rows[1]["test_top1"])
+
+    manifests = {r: fs.cat_file(f"{bucket}/runs/in-s3/round-{r:03d}/manifest.json") for r in (0, 1)}
+    weights = fs.info(f"{bucket}/runs/in-s3/round-001/model.safetensors")["ETag"]
+    caplog.set_level(logging.INFO, logger="pipeline.rounds")
+    again = run_pipeline(cfg, "in-s3", progress=False)
+    skipped = [m for m in caplog.messages if m.endswith(": done, skipping")]
+    assert len(skipped) == 6, caplog.messages  # train + evaluate of round 0, all four stages of round 1
+    assert [r["test_top1"] for r in again] == [r["test_top1"] for r in rows]
+    assert {r: fs.cat_file(f"{bucket}/runs/in-s3/round-{r:03d}/manifest.json") for r in (0, 1)} == manifests
+    assert fs.info(f"{bucket}/runs/in-s3/round-001/model.safetensors")["ETag"] == weights
+    assert list(work.iterdir()) == []
+
+    # the report rebuilt from the URL by the CLI (on a local copy, uploaded back)
+    fs.rm_file(f"{bucket}/runs/in-s3/report.html")
+    assert main(["report", "in-s3", "--storage", url]) == 0
+    assert b"in-s3" in fs.cat_file(f"{bucket}/runs/in-s3/report.html")

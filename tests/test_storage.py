@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.rounds import one_line_errors, stage_config_digest, user_error
-from pipeline.storage import StorageError, atomic_write_bytes, remove_temp_files, storage_error
+from pipeline.storage import StorageError, atomic_write_bytes, remove_temp_files, storage_error, verify_entry
 from stages.data import DataError
-from stages.models import atomic_save_safetensors
+from stages.models import atomic_save_safetensors, load_weights
 from stages.pseudo_label import build_table, write_sidecar
 
 
@@ -99,3 +99,100 @@ def test_a_damaged_manifest_is_never_trusted(tmp_path):
     whole = (tmp_path / "manifest.json").read_bytes()
     (tmp_path / "manifest.json").write_bytes(whole[: len(whole) // 2])  # cut short, as by a copy that died
     assert not RoundManifest(tmp_path).stage_done("evaluate", {"config": "x"})
+
+
+# ---------------------------------------------------------------- one storage root: a local folder or an s3:// URL
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path, monkeypatch):
+    """A fresh storage root of each kind; the working folder is empty, so a URL mistaken for a path shows up."""
+    monkeypatch.chdir(tmp_path)
+    if request.param == "local":
+        yield tmp_path / "store"
+    else:
+        import uuid
+
+        _, bucket = request.getfixturevalue("s3_bucket")
+        yield f"s3://{bucket}/unit-{uuid.uuid4().hex[:8]}"
+    assert not Path("s3:").exists() and sorted(p.name for p in tmp_path.iterdir()) in ([], ["store"])
+
+
+def test_write_read_verify_on_a_folder_and_a_bucket(root):
+    import torch
+
+    from pipeline import storage
+    from pipeline.storage import RoundManifest
+
+    rdir = storage.round_dir(storage.join(root, "run"), 1)
+    assert isinstance(rdir, str if storage.is_url(root) else Path)  # a URL never becomes a local path
+    card, weights = storage.join(rdir, "model.json"), storage.join(rdir, "model.safetensors")
+    assert not storage.exists(card) and storage.listdir(rdir) == []
+    storage.atomic_write_json(card, {"timm_name": "resnet10t"})
+    atomic_save_safetensors({"w": torch.arange(4.0)}, weights)
+    assert storage.read_json(card) == {"timm_name": "resnet10t"} and storage.is_file(card)
+    assert torch.equal(load_weights(weights)["w"], torch.arange(4.0))
+    assert storage.size(card) == len(storage.read_bytes(card))
+
+    # a write that fails half-way leaves no object/file and no temporary
+    half = storage.join(rdir, "selection", "half.parquet")
+    with pytest.raises(RuntimeError), storage.atomic_target(half) as tmp:
+        tmp.write_bytes(b"PAR1 half")
+        raise RuntimeError("killed")
+    assert not storage.exists(half) and storage.listdir(storage.join(rdir, "selection")) == []
+
+    manifest = RoundManifest(rdir)
+    manifest.record("train", [weights, card], 1.0, inputs={"config": "c"})
+    assert [e["path"] for e in storage.read_json(storage.join(rdir, "manifest.json"))["stages"]["train"]["files"]] == [
+        "model.json",
+        "model.safetensors",
+    ]
+    assert RoundManifest(rdir).stage_done("train", {"config": "c"})
+    assert not RoundManifest(rdir).stage_done("train", {"config": "other"})
+    # an object store has no empty folders: the failed write left nothing at all there
+    assert storage.listdir(rdir) == ["manifest.json", "model.json", "model.safetensors"] + (
+        [] if storage.is_url(root) else ["selection"]
+    )
+
+    # same size, other bytes: caught by the sha256 read back from storage; then missing
+    storage.atomic_write_json(card, {"timm_name": "resnet10X"})
+    assert "sha256 differs" in verify_entry(RoundManifest(rdir).stage("train")["files"][0], rdir)
+    assert not RoundManifest(rdir).stage_done("train", {"config": "c"})
+    storage.atomic_write_bytes(card, b"{}")
+    assert "bytes, manifest says" in verify_entry(RoundManifest(rdir).stage("train")["files"][0], rdir)
+
+    log = storage.join(rdir, "train_metrics.jsonl")
+    storage.append_text(log, "a\n")
+    storage.append_text(log, "b\n")
+    assert storage.read_text(log) == "a\nb\n"
+    assert storage.remove_temp_files(rdir) == []
+
+
+def test_a_bad_storage_url_is_one_line_at_config_load_or_preflight(tiny_config, s3_bucket):
+    from pipeline.config import ConfigError
+    from pipeline.storage import probe_storage
+
+    with pytest.raises(ConfigError, match=r"^config\.storage: cannot open storage nope://b/runs: unknown protocol"):
+        tiny_config("storage=nope://b/runs")
+    assert tiny_config("storage=s3://b/runs").storage == "s3://b/runs"  # accepted: no network at load
+    # a known protocol whose package is missing: one line where the run starts, naming what to install
+    import fsspec
+
+    missing = next(p for p in ("gs", "abfs", "hf", "oci") if p in fsspec.available_protocols() and not _has(p))
+    with pytest.raises(StorageError, match=rf"^cannot open storage {missing}://b/runs: .*install"):
+        probe_storage(f"{missing}://b/runs")
+    with pytest.raises(StorageError, match=r"^cannot write to storage s3://no-such-bucket/runs: .*bucket"):
+        probe_storage("s3://no-such-bucket/runs")
+    fs, bucket = s3_bucket
+    probe_storage(f"s3://{bucket}/runs")
+    assert not fs.exists(f"{bucket}/runs/.write-check")
+
+
+def _has(protocol: str) -> bool:
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+        return True
+    except ImportError:
+        return False
