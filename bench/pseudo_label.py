@@ -1,6 +1,6 @@
 """Pseudo-label throughput: the real Ray stage vs a hand-written webdataset loop vs the bare forward pass.
 
-    python bench/pseudo_label.py --images 20000 [--threads 2] [--actors 1]
+    python bench/pseudo_label.py --images 20000 [--threads 2] [--actors 0] [--actor-threads 0] [--loop-script]
 
 Generates synthetic shards (32x32 RGB, PNG and JPEG mixed, 1,000 per shard), saves an untrained ``resnet18``,
 and times, with the same model, batch size (256) and torch thread count:
@@ -10,8 +10,10 @@ and times, with the same model, batch size (256) and torch thread count:
 - ``loop``: one process reading the shards with the webdataset library, decoding, batching, forward;
 - ``bare``: the forward pass alone on tensors already in memory.
 
-Peak RSS is the largest resident set of this process and every Ray worker process, sampled every 50 ms
-(psutil, over the process tree of this process and of the raylet), during the stage.
+Shards are generated in a forked child, so this process's RSS is not inflated by the samples. Ray is left to
+finish booting (dashboard, agents) before the stage is timed. Peak RSS is the largest resident set of one
+process (this one or any Ray worker), less the object store's shared pages (reported apart), polled every 0.5 s
+during the stage.
 Final line: ``{"bench": "pseudo_label", "images": N, "stage_images_per_s": ..., ...}``.
 """
 
@@ -24,6 +26,7 @@ sys.path.append(sys.path.pop(0))  # this folder last: bench/select.py must not s
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import subprocess
 import tempfile
@@ -36,7 +39,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import PeakRss  # noqa: E402
+from bench_common import PeakRss, wait_until_idle  # noqa: E402
 
 from stages.data import write_shards  # noqa: E402
 
@@ -129,7 +132,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pl-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        shards = make_shards(root / "shards", args.images)
+        # Generated in a child process: the samples it holds would otherwise stay in this process's RSS.
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            shards = pool.apply(make_shards, (root / "shards", args.images))
         save_teacher(root / "teacher")
         print(f"generated {args.images} images in {len(shards)} shards ({time.perf_counter() - t0:.1f} s)", flush=True)
         model, _ = load_model(root / "teacher")
@@ -146,6 +151,7 @@ def main() -> None:
             loop_script = args.images / (time.perf_counter() - start)
             print(f"loop as a script {loop_script:8.0f} img/s (process start, imports, model load included)")
         init_ray(num_cpus=os.cpu_count())
+        print(f"Ray booted and idle after {wait_until_idle():.1f} s more", flush=True)
         cfg = PseudoLabelConfig(batch_size=BATCH)
         resources = LabelResources(actors=args.actors, cpus_per_actor=1.0, threads=args.actor_threads)
         with PeakRss() as rss:
@@ -167,6 +173,8 @@ def main() -> None:
                 "ratio": round(stage / loop, 3) if loop else None,
                 "ratio_bare": round(stage / bare, 3),
                 "peak_rss_mb": round(rss.peak / 2**20, 1),
+                "peak_rss_process": rss.peak_process.split()[0] if rss.peak_process else "",
+                "peak_object_store_shared_mb": round(rss.peak_shared / 2**20, 1),
                 "loop_script_images_per_s": round(loop_script, 1) if loop_script else None,
                 "ratio_script": round(stage / loop_script, 3) if loop_script else None,
                 "stage_seconds": round(seconds, 1),
