@@ -1,6 +1,6 @@
 """Training throughput: the real Ray Train stage vs a hand-written PyTorch loop vs the bare step.
 
-    python bench/train.py [--steps 60] [--threads 2]
+    python bench/train.py [--steps 60] [--threads 2] [--repeat 3]
 
 Same model (``resnet18``, 32x32 RGB, 10 classes), batch size (128), optimizer (AdamW) and noise
 (RandAugment n2 m9, dropout 0.2, drop path 0.1), on synthetic PNG/JPEG shards:
@@ -11,6 +11,9 @@ Same model (``resnet18``, 32x32 RGB, 10 classes), batch size (128), optimizer (A
 - ``loop``: webdataset + DataLoader with the same decoding and RandAugment, the same steps (first epoch's
   worth excluded the same way);
 - ``bare``: forward + backward + step on tensors already in memory.
+
+With ``--repeat N`` loop and stage alternate N times and the medians are reported (with each pair's ratio): this
+machine's speed drifts by 10-20% between minutes, more than the difference being measured.
 
 Final line: ``{"bench": "train", "stage_images_per_s": s, "loop_images_per_s": l, "bare_images_per_s": b,
 "ratio": s/l, "ratio_bare": s/b, ...}``.
@@ -26,6 +29,7 @@ import argparse
 import io
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -106,12 +110,16 @@ def bench_loop(cfg: TrainConfig, shards: list[str], steps: int, warmup: int) -> 
     return steps * BATCH / (time.perf_counter() - start)
 
 
-def bench_stage(cfg: TrainConfig, shards: list[str], images: int, root: Path, threads: int) -> tuple[float, float]:
+def bench_stage(
+    cfg: TrainConfig, shards: list[str], images: int, root: Path, threads: int, name: str = "bench"
+) -> tuple[float, float]:
     from pipeline.ray_runtime import init_ray
     from pipeline.ray_train import TrainResources, run_training
     from stages.train import TrainPlan
 
     init_ray(num_cpus=os.cpu_count())
+    root = root / name
+    root.mkdir(parents=True, exist_ok=True)
     plan = TrainPlan(
         spec=SPEC,
         cfg=cfg,
@@ -128,7 +136,7 @@ def bench_stage(cfg: TrainConfig, shards: list[str], images: int, root: Path, th
         threads=threads,
     )
     start = time.perf_counter()
-    run_training(plan, str(root / "ray_train"), "bench", TrainResources(), root / "final")
+    run_training(plan, str(root / "ray_train"), name, TrainResources(), root / "final")
     wall = time.perf_counter() - start
     epochs = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()][1:]
     return sum(e["images"] for e in epochs) / sum(e["seconds"] for e in epochs), wall
@@ -139,6 +147,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="steady-state steps timed in each of stage and loop")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--loader-workers", type=int, default=1)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="loop and stage alternated this many times; the medians are reported (this machine drifts 10-20%%)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     per_epoch = 20  # steps per epoch: the stage times epochs 2.., the loop skips as many warm-up steps
@@ -160,10 +174,15 @@ def main() -> None:
         label_shards(shards)
         bare = bench_bare(cfg, min(args.steps, 30))
         print(f"bare  {bare:7.0f} img/s", flush=True)
-        loop = bench_loop(cfg, shards, (epochs - 1) * per_epoch, per_epoch)
-        print(f"loop  {loop:7.0f} img/s", flush=True)
-        stage, wall = bench_stage(cfg, shards, images, root, args.threads)
-        print(f"stage {stage:7.0f} img/s (fit() wall {wall:.1f} s)", flush=True)
+        loops, stages, walls = [], [], []
+        for i in range(args.repeat):
+            loops.append(bench_loop(cfg, shards, (epochs - 1) * per_epoch, per_epoch))
+            print(f"loop  {loops[-1]:7.0f} img/s", flush=True)
+            stage, wall = bench_stage(cfg, shards, images, root, args.threads, name=f"bench-{i}")
+            stages.append(stage)
+            walls.append(wall)
+            print(f"stage {stage:7.0f} img/s (fit() wall {wall:.1f} s)", flush=True)
+        loop, stage, wall = (statistics.median(v) for v in (loops, stages, walls))
     print(
         json.dumps(
             {
@@ -174,6 +193,7 @@ def main() -> None:
                 "ratio": round(stage / loop, 3),
                 "ratio_bare": round(stage / bare, 3),
                 "stage_wall_s": round(wall, 1),
+                "ratios": [round(s / lo, 3) for s, lo in zip(stages, loops, strict=True)],
                 "steps_timed": (epochs - 1) * per_epoch,
                 "threads": args.threads,
                 "loader_workers": args.loader_workers,
