@@ -1,10 +1,42 @@
-"""Shared by the bench scripts: peak memory over this process and the Ray workers."""
+"""Shared by the bench scripts: peak memory over this process and the Ray workers; the device of the hand loops."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import psutil
+import torch
+
+
+class Accel:
+    """Where a bench's hand-written loop and bare pass run: the CPU, or with ``gpu`` the first CUDA device with
+    bf16 autocast and channels_last, as the stages do there (so the peers do the same work as the stage)."""
+
+    def __init__(self, gpu: bool) -> None:
+        if gpu and not torch.cuda.is_available():
+            raise SystemExit("--gpu: no CUDA device is visible to torch")
+        self.device = torch.device("cuda" if gpu else "cpu")
+        self.cuda = gpu
+
+    def model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.cuda else model
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda)
+
+    def sync(self) -> None:
+        """Wait for queued GPU work, so that a clock read after it counts it."""
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def describe(self) -> str:
+        return torch.cuda.get_device_name(0) if self.cuda else "cpu"
 
 
 def _status(proc: psutil.Process) -> dict[str, int]:

@@ -1,6 +1,11 @@
 """Pseudo-label throughput: the real Ray stage vs a hand-written webdataset loop vs the bare forward pass.
 
     python bench/pseudo_label.py --images 20000 [--threads 2] [--actors 0] [--actor-threads 0] [--loop-script]
+    python bench/pseudo_label.py --gpu --images 100000 --actors 4 --cpus-per-actor 3 --shards /tmp/pl-shards
+
+With ``--gpu`` the loop and bare runs use the GPU with bf16 autocast and channels_last (as the stage's actors
+do there) and the stage's ``--actors`` share one GPU (``gpus_per_actor = 1 / actors``; default one actor).
+``--shards DIR`` keeps the generated shards in DIR and reuses them on the next run.
 
 Generates synthetic shards (32x32 RGB, PNG and JPEG mixed, 1,000 per shard), saves an untrained ``resnet18``,
 and times, with the same model, batch size (256) and torch thread count:
@@ -39,7 +44,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import PeakRss, wait_until_idle  # noqa: E402
+from bench_common import Accel, PeakRss, wait_until_idle  # noqa: E402
 
 from stages.data import write_shards  # noqa: E402
 
@@ -54,7 +59,16 @@ def make_shards(root: Path, images: int, seed: int = 0) -> list[str]:
         buf, fmt = io.BytesIO(), ("png", "jpg")[i % 2]
         Image.fromarray(array).save(buf, format="PNG" if fmt == "png" else "JPEG", quality=90)
         samples.append({"__key__": f"s{i:08d}", fmt: buf.getvalue()})
-    return write_shards(samples, root, "unlabeled", max(1, images // PER_SHARD))
+    shards = write_shards(samples, root, "unlabeled", max(1, images // PER_SHARD))
+    (root / "count").write_text(str(images))  # for --shards: these shards may be reused
+    return shards
+
+
+def kept_shards(folder: Path | None, images: int) -> list[str] | None:
+    """The shards a previous ``--shards`` run left in ``folder``, if they hold ``images`` samples."""
+    if folder is None or not (folder / "count").exists() or (folder / "count").read_text() != str(images):
+        return None
+    return sorted(str(p) for p in folder.glob("*.tar"))
 
 
 def save_teacher(out: Path) -> None:
@@ -66,17 +80,20 @@ def save_teacher(out: Path) -> None:
     )
 
 
-def bench_bare(model: torch.nn.Module, images: int) -> float:
-    x = torch.randn(BATCH, 3, SIZE, SIZE)
-    with torch.inference_mode():
-        model(x)  # warm-up
+def bench_bare(model: torch.nn.Module, images: int, accel: Accel) -> float:
+    x = accel.batch(torch.randn(BATCH, 3, SIZE, SIZE))
+    with torch.inference_mode(), accel.autocast():
+        for _ in range(3):
+            model(x)  # warm-up (on a GPU: kernel selection, allocator)
+        accel.sync()
         start = time.perf_counter()
         for _ in range(max(1, images // BATCH)):
             model(x)
+        accel.sync()
     return max(1, images // BATCH) * BATCH / (time.perf_counter() - start)
 
 
-def bench_loop(model: torch.nn.Module, shards: list[str]) -> float:
+def bench_loop(model: torch.nn.Module, shards: list[str], accel: Accel) -> float:
     """What a user writes by hand: webdataset pipeline, PIL decode, clean transform, batched forward."""
     import webdataset as wds
 
@@ -92,7 +109,9 @@ def bench_loop(model: torch.nn.Module, shards: list[str]) -> float:
     n, start = 0, time.perf_counter()
     with torch.inference_mode():
         for keys, x in ds:
-            torch.softmax(model(x), dim=-1)
+            with accel.autocast():
+                logits = model(accel.batch(x))
+            torch.softmax(logits.float(), dim=-1).cpu()  # the labels come back to the host, as the stage's do
             n += len(keys)
     return n / (time.perf_counter() - start)
 
@@ -103,6 +122,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--actors", type=int, default=0, help="label actors (0 = the stage's default: one per CPU)")
     parser.add_argument("--actor-threads", type=int, default=0, help="torch threads per actor (0 = one per CPU held)")
+    parser.add_argument("--gpu", action="store_true", help="loop and bare on the GPU; the stage's actors share it")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each label actor holds")
+    parser.add_argument("--shards", type=Path, help="keep the generated shards here and reuse them next time")
     parser.add_argument("--skip-loop", action="store_true", help="only the stage (for memory runs)")
     parser.add_argument(
         "--loop-script",
@@ -113,12 +135,13 @@ def main() -> None:
         "--_loop-only", dest="loop_only", nargs=2, metavar=("TEACHER", "SHARDS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    accel = Accel(args.gpu)
     if args.loop_only:  # the child of --loop-script: what a user's script does from its first line
         torch.set_num_threads(args.threads)
         from stages.models import load_model
 
         model, _ = load_model(args.loop_only[0])
-        bench_loop(model, json.loads(args.loop_only[1]))
+        bench_loop(accel.model(model), json.loads(args.loop_only[1]), accel)
         return
     torch.set_num_threads(args.threads)
 
@@ -132,28 +155,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pl-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        # Generated in a child process: the samples it holds would otherwise stay in this process's RSS.
-        with multiprocessing.get_context("fork").Pool(1) as pool:
-            shards = pool.apply(make_shards, (root / "shards", args.images))
+        shards = kept_shards(args.shards, args.images)
+        if shards is None:
+            for stale in args.shards.glob("*.tar") if args.shards else ():
+                stale.unlink()
+            # Generated in a child process: the samples it holds would otherwise stay in this process's RSS.
+            with multiprocessing.get_context("fork").Pool(1) as pool:
+                shards = pool.apply(make_shards, (args.shards or root / "shards", args.images))
+            print(f"generated {args.images} images in {len(shards)} shards ({time.perf_counter() - t0:.1f} s)")
         save_teacher(root / "teacher")
-        print(f"generated {args.images} images in {len(shards)} shards ({time.perf_counter() - t0:.1f} s)", flush=True)
         model, _ = load_model(root / "teacher")
-        bare = bench_bare(model, min(args.images, 5_000))
-        print(f"bare  {bare:8.0f} img/s", flush=True)
-        loop = None if args.skip_loop else bench_loop(model, shards)
+        model = accel.model(model)
+        bare = bench_bare(model, min(args.images, 5_000 if not args.gpu else 50_000), accel)
+        print(f"bare  {bare:8.0f} img/s on {accel.describe()}", flush=True)
+        loop = None if args.skip_loop else bench_loop(model, shards, accel)
         if loop:
             print(f"loop  {loop:8.0f} img/s", flush=True)
         loop_script = None
         if args.loop_script:
             start = time.perf_counter()
-            child = [sys.executable, __file__, "--threads", str(args.threads), "--_loop-only", str(root / "teacher")]
+            child = [sys.executable, __file__, "--threads", str(args.threads), *(["--gpu"] if args.gpu else [])]
+            child += ["--_loop-only", str(root / "teacher")]
             subprocess.run([*child, json.dumps(shards)], check=True)
             loop_script = args.images / (time.perf_counter() - start)
             print(f"loop as a script {loop_script:8.0f} img/s (process start, imports, model load included)")
         init_ray(num_cpus=os.cpu_count())
         print(f"Ray booted and idle after {wait_until_idle():.1f} s more", flush=True)
         cfg = PseudoLabelConfig(batch_size=BATCH)
-        resources = LabelResources(actors=args.actors, cpus_per_actor=1.0, threads=args.actor_threads)
+        actors = args.actors or (1 if args.gpu else 0)
+        resources = LabelResources(
+            actors=actors,
+            cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=1 / actors if args.gpu else 0.0,
+            threads=args.actor_threads,
+        )
         with PeakRss() as rss:
             start = time.perf_counter()
             summary = run_pseudo_label(str(root / "teacher"), shards, str(root / "out"), cfg, 3, resources)
@@ -183,6 +218,8 @@ def main() -> None:
                 "threads": args.threads,
                 "actors": resources.actor_count(ray.cluster_resources()),
                 "actor_threads": resources.torch_threads(),
+                "cpus_per_actor": args.cpus_per_actor,
+                "device": accel.describe(),
             }
         )
     )

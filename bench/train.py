@@ -1,6 +1,7 @@
 """Training throughput: the real Ray Train stage vs a hand-written PyTorch loop vs the bare step.
 
     python bench/train.py [--steps 60] [--threads 2] [--repeat 3]
+    python bench/train.py --gpu --loader-workers 8 --batch 512 --steps 100
 
 Same model (``resnet18``, 32x32 RGB, 10 classes), batch size (128), optimizer (AdamW) and noise
 (RandAugment n2 m9, dropout 0.2, drop path 0.1), on synthetic PNG/JPEG shards:
@@ -11,6 +12,9 @@ Same model (``resnet18``, 32x32 RGB, 10 classes), batch size (128), optimizer (A
 - ``loop``: webdataset + DataLoader with the same decoding and RandAugment, the same steps (first epoch's
   worth excluded the same way);
 - ``bare``: forward + backward + step on tensors already in memory.
+
+With ``--gpu`` all three run on the GPU with bf16 autocast and channels_last, as the stage does there (the stage's
+one worker holds the GPU: ``use_gpu``).
 
 With ``--repeat N`` loop and stage alternate N times and the medians are reported (with each pair's ratio): this
 machine's speed drifts by 10-20% between minutes, more than the difference being measured.
@@ -38,11 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import Accel  # noqa: E402
+
 from bench.pseudo_label import make_shards  # noqa: E402
 from stages.models import ModelSpec, create_model  # noqa: E402
 from stages.train import TrainConfig, build_optimizer, noisy_student_loss  # noqa: E402
 
-MODEL, BATCH, SIZE, CLASSES = "resnet18", 128, 32, 10
+MODEL, SIZE, CLASSES = "resnet18", 32, 10
 SPEC = ModelSpec(MODEL, drop_rate=0.2, drop_path_rate=0.1, randaug_n=2, randaug_m=9)
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -64,22 +70,31 @@ def label_shards(shards: list[str]) -> None:
                 tar.addfile(info, io.BytesIO(cls))
 
 
-def bench_bare(cfg: TrainConfig, steps: int) -> float:
-    model = create_model(SPEC, CLASSES, 3, noised=True).train()
+def train_step(model, opt, x, y, cfg: TrainConfig, accel: Accel) -> None:
+    """One step as the stage takes it: autocast forward and loss, backward, optimizer step."""
+    x, y = accel.batch(x), y.to(accel.device, non_blocking=True)
+    with accel.autocast():
+        loss, _ = noisy_student_loss(model(x), y, torch.zeros(0, CLASSES, device=accel.device), cfg)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def bench_bare(cfg: TrainConfig, steps: int, accel: Accel) -> float:
+    model = accel.model(create_model(SPEC, CLASSES, 3, noised=True).train())
     opt = build_optimizer(model, cfg)
-    x, y = torch.randn(BATCH, 3, SIZE, SIZE), torch.randint(0, CLASSES, (BATCH,))
-    empty = torch.zeros(0, CLASSES)
+    x, y = torch.randn(cfg.batch_size, 3, SIZE, SIZE), torch.randint(0, CLASSES, (cfg.batch_size,))
+    x, y = accel.batch(x), y.to(accel.device)
     for i in range(steps + 3):
         if i == 3:
+            accel.sync()
             start = time.perf_counter()
-        loss, _ = noisy_student_loss(model(x), y, empty, cfg)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return steps * BATCH / (time.perf_counter() - start)
+        train_step(model, opt, x, y, cfg, accel)
+    accel.sync()
+    return steps * cfg.batch_size / (time.perf_counter() - start)
 
 
-def bench_loop(cfg: TrainConfig, shards: list[str], steps: int, warmup: int) -> float:
+def bench_loop(cfg: TrainConfig, shards: list[str], steps: int, warmup: int, accel: Accel) -> float:
     import webdataset as wds
     from PIL import Image
     from torch.utils.data import DataLoader
@@ -94,24 +109,28 @@ def bench_loop(cfg: TrainConfig, shards: list[str], steps: int, warmup: int) -> 
 
     # resampled: an endless stream of shards (repeat=True alone stopped after one pass here)
     ds = wds.WebDataset(shards, resampled=True, shardshuffle=False, empty_check=False).shuffle(2048).map(decode)
-    loader = DataLoader(ds.batched(BATCH), batch_size=None, num_workers=cfg.loader_workers, prefetch_factor=4)
-    model = create_model(SPEC, CLASSES, 3, noised=True).train()
+    loader = DataLoader(
+        ds.batched(cfg.batch_size),
+        batch_size=None,
+        num_workers=cfg.loader_workers,
+        prefetch_factor=4,
+        pin_memory=accel.cuda,
+    )
+    model = accel.model(create_model(SPEC, CLASSES, 3, noised=True).train())
     opt = build_optimizer(model, cfg)
-    empty = torch.zeros(0, CLASSES)
     for i, (x, y) in enumerate(loader):
         if i == warmup:
+            accel.sync()
             start = time.perf_counter()
         if i == warmup + steps:
             break
-        loss, _ = noisy_student_loss(model(x), y, empty, cfg)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return steps * BATCH / (time.perf_counter() - start)
+        train_step(model, opt, x, y, cfg, accel)
+    accel.sync()
+    return steps * cfg.batch_size / (time.perf_counter() - start)
 
 
 def bench_stage(
-    cfg: TrainConfig, shards: list[str], images: int, root: Path, threads: int, name: str = "bench"
+    cfg: TrainConfig, shards: list[str], images: int, root: Path, threads: int, gpu: bool, name: str = "bench"
 ) -> tuple[float, float]:
     from pipeline.ray_runtime import init_ray
     from pipeline.ray_train import TrainResources, run_training
@@ -136,7 +155,7 @@ def bench_stage(
         threads=threads,
     )
     start = time.perf_counter()
-    run_training(plan, str(root / "ray_train"), name, TrainResources(), root / "final")
+    run_training(plan, str(root / "ray_train"), name, TrainResources(use_gpu=gpu), root / "final")
     wall = time.perf_counter() - start
     epochs = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()][1:]
     return sum(e["images"] for e in epochs) / sum(e["seconds"] for e in epochs), wall
@@ -147,6 +166,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="steady-state steps timed in each of stage and loop")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--loader-workers", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--gpu", action="store_true", help="all three on the GPU (the stage with use_gpu)")
     parser.add_argument(
         "--repeat",
         type=int,
@@ -154,12 +175,13 @@ def main() -> None:
         help="loop and stage alternated this many times; the medians are reported (this machine drifts 10-20%%)",
     )
     args = parser.parse_args()
+    accel = Accel(args.gpu)
     torch.set_num_threads(args.threads)
     per_epoch = 20  # steps per epoch: the stage times epochs 2.., the loop skips as many warm-up steps
     epochs = 1 + max(1, round(args.steps / per_epoch))
     cfg = TrainConfig(
         epochs=epochs,
-        batch_size=BATCH,
+        batch_size=args.batch,
         optimizer="adamw",
         lr=1e-3,
         warmup_epochs=0,
@@ -169,16 +191,16 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
-        images = per_epoch * BATCH
+        images = per_epoch * args.batch
         shards = make_shards(root / "shards", images)
         label_shards(shards)
-        bare = bench_bare(cfg, min(args.steps, 30))
-        print(f"bare  {bare:7.0f} img/s", flush=True)
+        bare = bench_bare(cfg, min(args.steps, 30), accel)
+        print(f"bare  {bare:7.0f} img/s on {accel.describe()}", flush=True)
         loops, stages, walls = [], [], []
         for i in range(args.repeat):
-            loops.append(bench_loop(cfg, shards, (epochs - 1) * per_epoch, per_epoch))
+            loops.append(bench_loop(cfg, shards, (epochs - 1) * per_epoch, per_epoch, accel))
             print(f"loop  {loops[-1]:7.0f} img/s", flush=True)
-            stage, wall = bench_stage(cfg, shards, images, root, args.threads, name=f"bench-{i}")
+            stage, wall = bench_stage(cfg, shards, images, root, args.threads, args.gpu, name=f"bench-{i}")
             stages.append(stage)
             walls.append(wall)
             print(f"stage {stage:7.0f} img/s (fit() wall {wall:.1f} s)", flush=True)
@@ -197,6 +219,8 @@ def main() -> None:
                 "steps_timed": (epochs - 1) * per_epoch,
                 "threads": args.threads,
                 "loader_workers": args.loader_workers,
+                "batch": args.batch,
+                "device": accel.describe(),
             }
         )
     )

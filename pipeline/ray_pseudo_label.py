@@ -66,6 +66,7 @@ def run_pseudo_label(
     if resumed:
         log.info("pseudo-label: %d of %d shards already labeled, resuming with %d", resumed, len(shards), len(todo))
     start, rows_new, shards_done, errors = time.perf_counter(), 0, 0, []
+    devices: dict[str, int] = {}  # shards labeled per device type ("cuda", "cpu")
     startup = None  # seconds until the first actor began labeling: process start, imports, model load
     if todo:
         context = ray.data.DataContext.get_current()
@@ -93,6 +94,7 @@ def run_pseudo_label(
                 if row["storage_error"]:  # stop at once: every later sidecar would fail the same way
                     raise StorageError(f"pseudo-label: {row['storage_error']}")
                 rows_new += int(row["rows"])
+                devices[row["device"]] = devices.get(row["device"], 0) + 1
                 if startup is None:
                     startup = max(0.0, time.perf_counter() - start - float(row["seconds"]))
                 if row["error"]:
@@ -129,5 +131,6 @@ def run_pseudo_label(
         "seconds": round(seconds, 3),
         "images_per_s": round(rows_new / seconds, 1) if rows_new else None,
         "startup_seconds": round(startup, 3) if startup is not None else None,
+        "devices": devices,
         "sidecars": [str(sidecar_path(out, s)) for s in shards],
     }

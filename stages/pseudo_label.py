@@ -201,7 +201,7 @@ class ShardLabeler:
         keys: list[str] = []
         probs: list[torch.Tensor] = []
         truth: list[int] = []
-        result = {"shard": shard, "rows": 0, "bad": bad, "error": "", "storage_error": ""}
+        result = {"shard": shard, "rows": 0, "bad": bad, "error": "", "storage_error": "", "device": self.device.type}
         try:
             batches = _decoded_batches(shard, self.channels, self.transform, self.cfg.batch_size, bad)
             # Overlap decoding with inference only when a GPU runs the model: on CPU the decode thread and torch's
@@ -240,4 +240,5 @@ class ShardLabeler:
             "error": np.array([r["error"] for r in results], dtype=object),
             "storage_error": np.array([r["storage_error"] for r in results], dtype=object),
             "seconds": np.array([r["seconds"] for r in results], dtype=np.float64),
+            "device": np.array([r["device"] for r in results], dtype=object),
         }

@@ -94,6 +94,7 @@ def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, dig
         keys += table.column("key").to_pylist()
     print(f"observed: {summary['rows']} rows in {len(shards)} sidecars, {len(set(keys))} distinct keys")
     assert summary["rows"] == len(keys) == len(set(keys)) == len(samples)
+    assert summary["devices"] == {"cpu": 24}  # one result row per shard: a killed actor's shard counts once
 
 
 def digits_train_plan(digits_root: Path, tmp_path: Path, epochs: int):

@@ -264,6 +264,7 @@ def test_the_ray_batch_interface_wraps_label_shard(teacher_dir, digits_root, tmp
     assert out["shard"].tolist() == shards
     assert out["rows"].dtype == np.int64 and out["rows"].tolist() == [90, 90]
     assert out["error"].tolist() == ["", ""] and [json.loads(b) for b in out["bad"]] == [[], []]
+    assert out["device"].tolist() == ["cuda" if torch.cuda.is_available() else "cpu"] * 2
     assert all(sidecar_info(sidecar_path(tmp_path, s), topk=0)["rows"] == 90 for s in shards)
 
 
