@@ -8,10 +8,12 @@ import threading
 import psutil
 import torch
 
+from stages.device import autocast, place_batch, place_model
+
 
 class Accel:
     """Where a bench's hand-written loop and bare pass run: the CPU, or with ``gpu`` the first CUDA device with
-    bf16 autocast and channels_last, as the stages do there (so the peers do the same work as the stage)."""
+    bf16 autocast and channels_last, through the stages' own ``stages.device`` (so the peers do the stage's work)."""
 
     def __init__(self, gpu: bool) -> None:
         if gpu and not torch.cuda.is_available():
@@ -20,15 +22,13 @@ class Accel:
         self.cuda = gpu
 
     def model(self, model: torch.nn.Module) -> torch.nn.Module:
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.cuda else model
+        return place_model(model, self.device)
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+        return place_batch(x, self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda)
+        return autocast(self.device)
 
     def sync(self) -> None:
         """Wait for queued GPU work, so that a clock read after it counts it."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from stages.device import place_model
 from stages.distill import DistillLoss, DistillTermConfig, Shape, Tap, describe, needs_features
 from stages.models import ModelSpec, create_model, load_model
 
@@ -65,10 +66,8 @@ class OnlineTeacher:
     """The frozen teacher: un-noised, eval mode, no grad, never DDP-wrapped; reads the clean view."""
 
     def __init__(self, model_dir: str | Path, device: torch.device, features: bool):
-        self.model, self.card = load_model(model_dir, device)  # built without dropout / drop path, in eval mode
-        self.model.requires_grad_(False)
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        model, self.card = load_model(model_dir, device)  # built without dropout / drop path, in eval mode
+        self.model = place_model(model.requires_grad_(False), device)
         self.features, self.name = features, self.card["timm_name"]
 
     def check_input(self, num_classes: int, channels: int, image_size: int, mean, std) -> None:

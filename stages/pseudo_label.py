@@ -28,6 +28,7 @@ import torch
 
 from pipeline.storage import Location, StorageError, atomic_target, join, open_read
 from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, optional_label, shard_id
+from stages.device import autocast, place_batch, place_model
 from stages.models import load_model
 from stages.transforms import clean_transform
 
@@ -187,9 +188,8 @@ class ShardLabeler:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, card = load_model(model_dir, self.device)  # eval(): no dropout, no stochastic depth
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        model, card = load_model(model_dir, self.device)  # eval(): no dropout, no stochastic depth
+        self.model = place_model(model, self.device)
         self.transform = clean_transform(card["input_size"][-1], card["mean"], card["std"])
         self.out_dir, self.cfg, self.channels = join(out_dir), cfg, channels  # a folder or a URL, from any node
 
@@ -224,11 +224,8 @@ class ShardLabeler:
 
     @torch.inference_mode()
     def _infer(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.model(x)
+        with autocast(self.device):
+            logits = self.model(place_batch(x, self.device))
         return soft_labels(logits, self.cfg.temperature).cpu()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

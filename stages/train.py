@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stages.checkpoint import load_checkpoint, read_state, save_checkpoint
+from stages.device import autocast, place_batch, place_model
 from stages.distill import DistillTermConfig, check_terms
 from stages.loader import MixedStream, PseudoSource
 from stages.models import ModelSpec, create_model, load_weights, unwrap
@@ -263,9 +264,7 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
     if cfg.distill:  # the student becomes a DistillStudent: student + objective (+ DML peer), one DDP unit
         model, teacher = prepare_distill(plan, model, device)
         aux = model.aux
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(model, device)
     optimizer = build_optimizer(model, cfg)
     ema = None
     if cfg.ema_decay:
@@ -311,10 +310,10 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
 LOGGED_PARTS = ("loss_labeled", "loss_pseudo", "loss_distill", "loss_peer")
 
 
-def _step_loss(model, teacher: OnlineTeacher | None, batch: dict, x, cfg: TrainConfig, device, use_bf16: bool):
+def _step_loss(model, teacher: OnlineTeacher | None, batch: dict, x, cfg: TrainConfig, device):
     """The supervised loss, plus the distillation objective and the DML peer's own supervised loss when on."""
     y, p = batch["y"].to(device), batch["p"].to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with autocast(device):
         if not cfg.distill:
             logits = model(x)
         else:
@@ -350,16 +349,13 @@ def _train_one_epoch(
     model.train()
     sums: dict[str, float] = {}
     images, start = 0, time.perf_counter()
-    use_bf16 = device.type == "cuda"
     for _ in range(per_epoch):
         batch = next(batches)
         lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x = batch["x"].to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss, parts = _step_loss(model, teacher, batch, x, cfg, device, use_bf16)
+        x = place_batch(batch["x"], device)
+        loss, parts = _step_loss(model, teacher, batch, x, cfg, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
