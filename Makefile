@@ -8,7 +8,7 @@ ROUNDS ?= 3
 RUN ?=
 SET ?=
 
-.PHONY: venv data iterate submit download report report-check test lint bench clean
+.PHONY: venv data iterate submit download report report-check test lint clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -41,7 +41,7 @@ report: $(STAMP)
 
 report-check: $(STAMP)
 	$(if $(RUN),,$(error make report-check needs RUN=<run name or folder>))
-	$(PY) -m pipeline.report_check $(RUN)
+	$(PY) -m pipeline.report.check $(RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

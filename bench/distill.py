@@ -113,7 +113,7 @@ def teacher_round(
     cfg: PipelineConfig, labeled: list[str], count: int, unlabeled: list[str], test, work: Path, epochs: int
 ):
     """Round 0, pseudo-labels and selection, reused from ``work`` while the teacher's settings are the same."""
-    from pipeline.ray_select import run_selection
+    from pipeline.distributed.select import run_selection
     from stages.pseudo_label import ShardLabeler
 
     teacher_cfg = dataclasses.replace(cfg.teacher, epochs=epochs)

@@ -1,6 +1,6 @@
 """scikit-learn's semi-supervised peers on exactly the pipeline's digits split, beside the pipeline's rounds.
 
-    python bench/peers.py --run runs/<run>        # or: make peers RUN=<run>
+    python bench/peers.py --run runs/<run>
 
 Peers see the same 100 labeled + 1,337 unlabeled images (features: pixels / 255) and the same 360 test images.
 Prints a table, then one JSON line ``{"bench": "peers", ...}``.

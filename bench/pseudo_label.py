@@ -10,7 +10,7 @@ do there) and the stage's ``--actors`` share one GPU (``gpus_per_actor = 1 / act
 Generates synthetic shards (32x32 RGB, PNG and JPEG mixed, 1,000 per shard), saves an untrained ``resnet18``,
 and times, with the same model, batch size (256) and torch thread count:
 
-- ``stage``: ``pipeline.ray_pseudo_label.run_pseudo_label`` on a running local Ray, writing its sidecars
+- ``stage``: ``pipeline.distributed.pseudo_label.run_pseudo_label`` on a running local Ray, writing its sidecars
   (actor start-up included, ``ray.init`` not);
 - ``loop``: one process reading the shards with the webdataset library, decoding, batching, forward;
 - ``bare``: the forward pass alone on tensors already in memory.
@@ -147,8 +147,8 @@ def main() -> None:
 
     import ray
 
-    from pipeline.ray_pseudo_label import LabelResources, run_pseudo_label
-    from pipeline.ray_runtime import init_ray
+    from pipeline.distributed.pseudo_label import LabelResources, run_pseudo_label
+    from pipeline.distributed.runtime import init_ray
     from stages.models import load_model
     from stages.pseudo_label import PseudoLabelConfig
 

@@ -4,7 +4,7 @@
 
 Writes ``--shards`` sidecars in the pseudo-label stage's format (top-k soft labels, float16), with class sizes
 drawn from a Zipf-like law (so some classes are cut to K and others duplicated) and confidences from a Beta
-law, then times ``pipeline.ray_select.run_selection`` with the paper's settings (floor 0.3, balanced, K derived)
+law, then times ``pipeline.distributed.select.run_selection`` with the paper's settings (floor 0.3, balanced, K derived)
 on a running local Ray (``ray.init`` and sidecar generation not timed). Peak RSS is the largest resident set of
 this process or any Ray worker during the stage (see ``bench_common.PeakRss``).
 Final line: ``{"bench": "select", "rows": N, "classes": C, "seconds": s, "peak_rss_mb": m, ...}``.
@@ -75,8 +75,8 @@ def main() -> None:
     args = ap.parse_args()
     shards = args.shards or max(1, args.rows // 10_000)
 
-    from pipeline.ray_runtime import init_ray
-    from pipeline.ray_select import run_selection
+    from pipeline.distributed.runtime import init_ray
+    from pipeline.distributed.select import run_selection
     from stages.select import SelectConfig
 
     with tempfile.TemporaryDirectory(prefix="bench-select-", dir=args.dir or None) as tmp:

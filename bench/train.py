@@ -6,7 +6,7 @@
 Same model (``resnet18``, 32x32 RGB, 10 classes), batch size (128), optimizer (AdamW) and noise
 (RandAugment n2 m9, dropout 0.2, drop path 0.1), on synthetic PNG/JPEG shards:
 
-- ``stage``: ``pipeline.ray_train.run_training`` through Ray Train, one worker, reading shards; images/s is
+- ``stage``: ``pipeline.distributed.train.run_training`` through Ray Train, one worker, reading shards; images/s is
   the steady-state rate measured by the worker over its epochs (the first epoch, with DataLoader start-up,
   excluded), and ``stage_wall_s`` the whole ``fit()`` including Ray Train start-up;
 - ``loop``: webdataset + DataLoader with the same decoding and RandAugment, the same steps (first epoch's
@@ -132,8 +132,8 @@ def bench_loop(cfg: TrainConfig, shards: list[str], steps: int, warmup: int, acc
 def bench_stage(
     cfg: TrainConfig, shards: list[str], images: int, root: Path, threads: int, gpu: bool, name: str = "bench"
 ) -> tuple[float, float]:
-    from pipeline.ray_runtime import init_ray
-    from pipeline.ray_train import TrainResources, run_training
+    from pipeline.distributed.runtime import init_ray
+    from pipeline.distributed.train import TrainResources, run_training
     from stages.train import TrainPlan
 
     init_ray(num_cpus=os.cpu_count())

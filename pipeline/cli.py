@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.cluster.jobs import JobError
+from pipeline.cluster.run_store import RunStoreError
 from pipeline.config import ConfigError, load_config
-from pipeline.jobs import JobError
-from pipeline.report_data import ReportError
-from pipeline.run_store import RunStoreError
-from pipeline.storage import StorageError, exists, is_url, join, modified
+from pipeline.report.data import ReportError
 from stages.data import DataError
+from stages.storage import StorageError, is_url, join, locate_run, modified
 
 DEFAULT_CONFIG = "configs/digits.yaml"
 
@@ -206,7 +206,7 @@ def cmd_iterate(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from pipeline import jobs
+    from pipeline.cluster import jobs
 
     cfg, run = _load_run(args, prepare=False)
     # A relative default-data folder lives beside the submitter (a local cluster shares this disk): prepare it
@@ -222,7 +222,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from pipeline import jobs
+    from pipeline.cluster import jobs
 
     info = jobs.job_info(args.address, args.job)
     for key in ("job", "status", "run", "storage", "message"):
@@ -232,7 +232,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from pipeline import jobs
+    from pipeline.cluster import jobs
 
     if not args.follow:
         sys.stdout.write(jobs.logs(args.address, args.job))
@@ -246,7 +246,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from pipeline import jobs
+    from pipeline.cluster import jobs
 
     sent = jobs.stop(args.address, args.job)
     print(f"job {args.job}: {'stop requested' if sent else 'already finished'}")
@@ -254,7 +254,7 @@ def cmd_stop(args) -> int:
 
 
 def cmd_rounds(args) -> int:
-    from pipeline.run_store import RunStore
+    from pipeline.cluster.run_store import RunStore
 
     store = RunStore(args.run, args.storage)
     status = store.status()
@@ -275,7 +275,7 @@ def cmd_rounds(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from pipeline.run_store import RunStore
+    from pipeline.cluster.run_store import RunStore
 
     store = RunStore(args.run, args.storage)
     for folder in store.download(args.to, args.round_index, args.all):
@@ -311,14 +311,15 @@ def cmd_predict(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline.report import build_report, refresh_report
-    from pipeline.report_data import resolve_run
-    from pipeline.tb_events import write_tensorboard
+    from pipeline.report.data import resolve_run
+    from pipeline.report.page import build_report, refresh_report
+    from pipeline.report.tensorboard import write_tensorboard
 
     if is_url(args.run) or is_url(args.storage):  # built on a local copy of the run, then uploaded
-        url = args.run if is_url(args.run) else str(join(args.storage, args.run))
-        if not exists(join(url, "config.yaml")):
-            raise ReportError(f"no run at {url} (no config.yaml there; check RUN and --storage)")
+        try:
+            url = str(locate_run(args.run, args.storage))
+        except StorageError as exc:
+            raise ReportError(str(exc)) from exc
         if (report := refresh_report(url)) is None:
             raise ReportError(f"the report of {url} was not written (see the warnings above)")
         print(report)
@@ -330,8 +331,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from pipeline.report import compare_runs
-    from pipeline.report_data import resolve_run
+    from pipeline.report.data import resolve_run
+    from pipeline.report.page import compare_runs
 
     run_a, run_b = resolve_run(args.run_a, args.storage), resolve_run(args.run_b, args.storage)
     out = Path(args.out) if args.out else run_a.parent / f"compare-{run_a.name}-vs-{run_b.name}.png"

@@ -22,13 +22,13 @@ from typing import Any
 
 import yaml
 
-from pipeline.ray_pseudo_label import LabelResources
-from pipeline.ray_train import TrainResources
-from pipeline.storage import StorageError, check_storage
+from pipeline.distributed.pseudo_label import LabelResources
+from pipeline.distributed.train import TrainResources
 from stages.distill import needs_features, pair_stages, term_pairs
 from stages.models import ModelSpec, check_classifier
 from stages.pseudo_label import PseudoLabelConfig
 from stages.select import SelectConfig
+from stages.storage import StorageError, check_storage
 from stages.train import TrainConfig
 
 
@@ -42,7 +42,7 @@ class DataConfig:
 
     ``prepare_digits``: a folder; when set and its shards are missing, the built-in digits data is written there.
     ``allow_test_overlap``: go on (with a warning) when training images have the same decoded pixels as test images;
-    by default that stops the run before round 0 (``pipeline/data_check.py``).
+    by default that stops the run before round 0 (``pipeline/distributed/data_check.py``).
     """
 
     labeled: tuple[str, ...] = ()
@@ -131,7 +131,7 @@ class PipelineConfig:
     """One Noisy Student run: ``rounds`` student rounds after the round-0 teacher.
 
     ``storage``: where the run is written and read, by every node: a local folder, a shared filesystem, or an
-    object-store URL (``s3://bucket/runs``, ``gs://…``, any fsspec URL; ``pipeline/storage.py``).
+    object-store URL (``s3://bucket/runs``, ``gs://…``, any fsspec URL; ``stages/storage.py``).
     ``publish``: optional folder or fsspec URL
     (``s3://bucket/runs``) that receives each finished round's model, metrics and manifest (``rounds`` and
     ``download`` read from it).

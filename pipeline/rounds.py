@@ -4,9 +4,9 @@ Every stage of every round is recorded in ``round-NNN/manifest.json`` with the s
 identity of its inputs (e.g. the teacher's weights). Re-running the same run skips what is done and verifies,
 and redoes the first stage that is missing, damaged or stale, plus every stage after it.
 
-Before round 0 the data check (``pipeline/data_check.py``) refuses test images in the training data and records
-what it found in ``run.json``. Errors a user can act on (bad data, a full or read-only disk) reach the CLI as one
-line even when a Ray task, actor or training worker raised them (``user_error``).
+Before round 0 the data check (``pipeline/distributed/data_check.py``) refuses test images in the training data and
+records what it found in ``run.json``. Errors a user can act on (bad data, a full or read-only disk) reach the CLI
+as one line even when a Ray task, actor or training worker raised them (``user_error``).
 """
 
 from __future__ import annotations
@@ -23,15 +23,19 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.cluster.run_store import publish_round
 from pipeline.config import ConfigError, PipelineConfig, dump_config, load_config
-from pipeline.data_check import check_data
-from pipeline.ray_pseudo_label import run_pseudo_label
-from pipeline.ray_runtime import causes, init_ray
-from pipeline.ray_select import run_selection
-from pipeline.ray_train import run_training
-from pipeline.report import refresh_report
-from pipeline.run_store import publish_round
-from pipeline.storage import (
+from pipeline.distributed.data_check import check_data
+from pipeline.distributed.pseudo_label import run_pseudo_label
+from pipeline.distributed.runtime import causes, init_ray
+from pipeline.distributed.select import run_selection
+from pipeline.distributed.train import run_training
+from pipeline.report.page import refresh_report
+from stages.data import DataError, LabeledSet, expand_shards, load_labeled, shard_id
+from stages.evaluate import evaluate
+from stages.loader import PseudoSource
+from stages.models import atomic_save_safetensors, check_classifier, load_model, model_card
+from stages.storage import (
     Location,
     RoundManifest,
     StorageError,
@@ -50,10 +54,6 @@ from pipeline.storage import (
     sha256_file,
     storage_error,
 )
-from stages.data import DataError, LabeledSet, expand_shards, load_labeled, shard_id
-from stages.evaluate import evaluate
-from stages.loader import PseudoSource
-from stages.models import atomic_save_safetensors, check_classifier, load_model, model_card
 from stages.train import TrainPlan
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ STAGES = ("pseudo_label", "select", "train", "evaluate")
 @dataclass
 class RunContext:
     cfg: PipelineConfig
-    run_dir: Location  # a local folder, or a URL (pipeline/storage.py)
+    run_dir: Location  # a local folder, or a URL (stages/storage.py)
     labeled_shards: list[str]
     unlabeled_shards: list[str]
     labeled: LabeledSet

@@ -5,10 +5,10 @@ An image is identified by the sha256 of its *decoded* pixels after conversion to
 compression level, an added opaque alpha band, 16-bit -> 8-bit) still matches. A lossy re-encode, a resize or a
 crop does not: that would need a perceptual hash, and its false positives, which this guard does not attempt.
 
-The test and labeled splits are small and already decoded in memory. The unlabeled split is streamed shard by
-shard (``scan_shard``, one Ray task per shard in ``pipeline/data_check.py``): each shard comes back as its test
-matches (with keys) and one 64-bit hash per image, and ``DuplicateCounter`` counts duplicates among those in bounded
-memory (exact up to ``limit`` images, a consistent hash sample beyond it).
+The test and labeled splits are small and already decoded in memory. The unlabeled split is streamed shard by shard
+(``scan_shard``, one Ray task per shard in ``pipeline/distributed/data_check.py``): each shard comes back as its
+test matches (with keys) and one 64-bit hash per image, and ``DuplicateCounter`` counts duplicates among those in
+bounded memory (exact up to ``limit`` images, a consistent hash sample beyond it).
 """
 
 from __future__ import annotations

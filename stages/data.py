@@ -26,7 +26,7 @@ from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import group_by_keys
 
-from pipeline.storage import is_url  # noqa: F401 (one definition of "a URL"; also imported from here)
+from stages.storage import is_url
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.storage import read_table
 from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, parse_label
+from stages.storage import read_table
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,17 @@ import torch
 from safetensors.torch import load, load_file, save_file
 from torch import nn
 
+from stages.storage import (
+    atomic_target,
+    atomic_write_json,
+    is_url,
+    join,
+    local_path,
+    read_bytes,
+    read_text,
+    write_error,
+)
+
 # timm's RandAugment magnitude runs 0..10 (its _LEVEL_DENOM); the paper's M=27 is on a 0..30 scale, so timm M = M/3.
 RANDAUG_MAX_MAGNITUDE = 10.0
 
@@ -109,11 +120,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """Write atomically (``pipeline.storage.atomic_target``: a local folder or a URL); a failed write is a
+    """Write atomically (``stages.storage.atomic_target``: a local folder or a URL); a failed write is a
     ``StorageError`` naming ``path``."""
     from safetensors import SafetensorError
-
-    from pipeline.storage import atomic_target, write_error
 
     with atomic_target(path) as tmp:
         try:
@@ -124,16 +133,12 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
 
 def save_model(model: nn.Module, out_dir: str | Path, card: dict) -> None:
     """Write ``model.safetensors`` then ``model.json``, each atomically."""
-    from pipeline.storage import atomic_write_json, join  # storage is the one home of writes
-
     atomic_save_safetensors(unwrap(model).state_dict(), join(out_dir, "model.safetensors"))
     atomic_write_json(join(out_dir, "model.json"), card)
 
 
 def load_weights(location: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """A safetensors file from a local path (memory-mapped) or a URL (read whole through fsspec); no pickle."""
-    from pipeline.storage import is_url, local_path, read_bytes
-
     if not is_url(location):
         return load_file(local_path(location), device=str(device))
     return {k: v.to(device) for k, v in load(read_bytes(location)).items()}
@@ -141,8 +146,6 @@ def load_weights(location: str | Path, device: str | torch.device = "cpu") -> di
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Load a round's model (a local folder or a URL) un-noised, in eval mode, ``strict=True``, no unpickling."""
-    from pipeline.storage import join, read_text
-
     card = json.loads(read_text(join(model_dir, "model.json")))
     model = timm.create_model(pretrained=False, **card["create"])
     model.load_state_dict(load_weights(join(model_dir, "model.safetensors"), device), strict=True)

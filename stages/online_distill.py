@@ -1,6 +1,6 @@
 """Online distillation in the student stage: the frozen teacher beside the noised student, and the DML peer.
 
-When ``student.distill`` lists terms (``stages/distill.py``), ``stages.train.train_model`` wraps the student in a
+When ``student.distill`` lists terms (``stages/distill.py``), ``stages.train.prepare_distill`` wraps the student in a
 ``DistillStudent``: the student (``.module``, so ``unwrap`` still finds it for checkpoints and EMA), the
 objective's learnable parts (hint regressors, uncertainty log-variances) and, for ``dml``, the peer model
 (``.aux``). That one module is what ``hooks.prepare`` hands to DDP, so every learnable part's gradients are
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,9 +23,6 @@ from torch import nn
 from stages.device import place_model
 from stages.distill import DistillLoss, DistillTermConfig, Shape, Tap, describe, needs_features
 from stages.models import ModelSpec, create_model, load_model
-
-if TYPE_CHECKING:
-    from stages.train import TrainPlan
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +129,3 @@ def build_distill(
     pairs = ", ".join(f"{n} {p}" for n, p in objective.pairs.items())
     log.info("distillation: %s%s", describe(terms, weighting), f"; stage pairs {pairs}" if pairs else "")
     return DistillStudent(student, objective, peer)
-
-
-def prepare_distill(
-    plan: TrainPlan, student: nn.Module, device: torch.device
-) -> tuple[DistillStudent, OnlineTeacher | None]:
-    """The wrapped student for ``plan.cfg.distill``, and the online teacher when ``plan.cfg.online_teacher``."""
-    cfg, teacher = plan.cfg, None
-    if cfg.online_teacher:
-        if not plan.teacher_dir:
-            raise ValueError(
-                "online_teacher: the plan names no teacher (TrainPlan.teacher_dir, the previous round's model folder)"
-            )
-        teacher = OnlineTeacher(plan.teacher_dir, device, features=any(needs_features(t.name) for t in cfg.distill))
-        teacher.check_input(plan.num_classes, plan.channels, plan.image_size, plan.mean, plan.std)
-    shape = (plan.num_classes, plan.channels, plan.image_size)
-    return build_distill(student, plan.spec, cfg.distill, cfg.distill_weighting, *shape, teacher), teacher

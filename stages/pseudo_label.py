@@ -9,7 +9,7 @@ records the row count and the skipped samples, so a resume trusts a sidecar only
 
 The work unit is a whole shard, which makes the stage exactly-once under retries: a retried shard rewrites
 the same complete file. ``ShardLabeler`` is the per-actor callable (model loaded once); Ray lives in
-``pipeline/ray_pseudo_label.py``.
+``pipeline/distributed/pseudo_label.py``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.storage import Location, StorageError, atomic_target, join, open_read
 from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, optional_label, shard_id
 from stages.device import autocast, place_batch, place_model
 from stages.models import load_model
+from stages.storage import Location, StorageError, atomic_target, join, open_read
 from stages.transforms import clean_transform
 
 SIDECAR_FORMAT = "pseudo_labels/v1"
@@ -138,7 +138,7 @@ def _list_column(matrix: np.ndarray, dtype: pa.DataType) -> pa.Array:
 
 
 def write_sidecar(table: pa.Table, path: Location) -> None:
-    """Write atomically (``pipeline.storage.atomic_target``); a failed write is a ``StorageError`` naming ``path``."""
+    """Write atomically (``stages.storage.atomic_target``); a failed write is a ``StorageError`` naming ``path``."""
     with atomic_target(path) as tmp:
         pq.write_table(table, tmp)
 

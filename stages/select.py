@@ -12,7 +12,7 @@ Ranking is by confidence, descending; ties are broken by a seeded 64-bit hash of
 result depends only on the seed and the rows, never on shard order or file layout.
 
 ``select_in_memory`` is the reference: a few lines over whole arrays. The sharded path computes the same result
-with bounded memory, as three passes over the pseudo-label sidecars (``pipeline/ray_select.py`` runs each pass
+with bounded memory, as three passes over the pseudo-label sidecars (``pipeline/distributed/select.py`` runs each pass
 as Ray tasks, one per shard):
 
 * ``shard_histogram``: per-class confidence histograms (``classes x bins``) and counts above the floor.

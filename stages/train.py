@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from stages import storage
 from stages.checkpoint import load_checkpoint, read_state, save_checkpoint
 from stages.device import autocast, place_batch, place_model
-from stages.distill import DistillTermConfig, check_terms
+from stages.distill import DistillTermConfig, check_terms, needs_features
 from stages.loader import MixedStream, PseudoSource
 from stages.models import ModelSpec, create_model, load_weights, unwrap
-from stages.online_distill import OnlineTeacher, prepare_distill
+from stages.online_distill import DistillStudent, OnlineTeacher, build_distill
 from stages.transforms import check_ops, clean_transform, noised_transform
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,23 @@ class TrainPlan:
         return steps_per_epoch(self.labeled_count, self.cfg.batch_size, world_size)
 
 
+def prepare_distill(
+    plan: TrainPlan, student: nn.Module, device: torch.device
+) -> tuple[DistillStudent, OnlineTeacher | None]:
+    """The teacher hook: the student wrapped for ``plan.cfg.distill``, and the online teacher when
+    ``plan.cfg.online_teacher`` (lives here, beside ``TrainPlan``, so ``online_distill`` needs nothing of train)."""
+    cfg, teacher = plan.cfg, None
+    if cfg.online_teacher:
+        if not plan.teacher_dir:
+            raise ValueError(
+                "online_teacher: the plan names no teacher (TrainPlan.teacher_dir, the previous round's model folder)"
+            )
+        teacher = OnlineTeacher(plan.teacher_dir, device, features=any(needs_features(t.name) for t in cfg.distill))
+        teacher.check_input(plan.num_classes, plan.channels, plan.image_size, plan.mean, plan.std)
+    shape = (plan.num_classes, plan.channels, plan.image_size)
+    return build_distill(student, plan.spec, cfg.distill, cfg.distill_weighting, *shape, teacher), teacher
+
+
 class TrainHooks(Protocol):
     rank: int
     world_size: int
@@ -199,8 +217,6 @@ class TrainHooks(Protocol):
 def _append_metrics(path: str, row: dict, keep_until_epoch: int | None = None) -> None:
     """Append a JSON line. On resume, first drop lines past the restored epoch (they will be redone); a line cut
     short by a kill mid-write is dropped too (the file is rewritten atomically)."""
-    from pipeline import storage  # the one home of reads and writes (a local folder or an object-store URL)
-
     p = storage.join(path)
     storage.makedirs(storage.parent(p))
     text = storage.read_text(p) if storage.exists(p) else ""

@@ -45,7 +45,7 @@ def ray_session():
     import ray
     from ray.data import DataContext
 
-    from pipeline.ray_runtime import init_ray
+    from pipeline.distributed.runtime import init_ray
 
     init_ray(num_cpus=2, object_store_mb=512)
     DataContext.get_current().enable_progress_bars = False

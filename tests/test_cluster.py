@@ -26,9 +26,9 @@ import pytest
 import yaml
 
 from pipeline.cli import main
+from pipeline.cluster.jobs import SUBMITTED_CONFIG, find_token, resolve_paths, stage_working_dir
+from pipeline.cluster.run_store import RunStore, RunStoreError
 from pipeline.config import load_config
-from pipeline.jobs import SUBMITTED_CONFIG, find_token, resolve_paths, stage_working_dir
-from pipeline.run_store import RunStore, RunStoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -171,7 +171,7 @@ def test_download_refuses_a_file_that_differs_from_the_manifest(finished_run, tm
     assert [p.name for p in RunStore(run_dir.name, str(copy.parent)).download(tmp_path / "dl", 0)] == ["round-000"]
     with pytest.raises(RunStoreError, match="has no round 7"):
         RunStore(str(copy)).download(tmp_path / "dl", 7)
-    with pytest.raises(RunStoreError, match="no run at"):
+    with pytest.raises(RunStoreError, match="no run 'nope': neither"):
         RunStore("nope", str(tmp_path / "runs"))
 
 

@@ -1,5 +1,5 @@
-"""The contamination guard (stages/contamination.py, pipeline/data_check.py): test images in the training data are
-found by their decoded pixels and refused with one line; unlabeled duplicates are counted in bounded memory."""
+"""The contamination guard (stages/contamination.py, pipeline/distributed/data_check.py): test images in the training
+data are found by their decoded pixels and refused with one line; unlabeled duplicates are counted in bounded memory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data_check import check_data, scan_data
+from pipeline.distributed.data_check import check_data, scan_data
 from stages.contamination import DuplicateCounter, image_digest
 from stages.data import DataError, decode_image, expand_shards, iter_raw_samples, load_labeled, write_shards
 
@@ -126,10 +126,10 @@ def test_the_ray_task_scan_equals_the_in_process_scan(ray_session, contaminated,
 
 
 def test_a_resume_reuses_the_check_until_a_shard_changes(contaminated, tiny_config, monkeypatch):
-    import pipeline.data_check
+    import pipeline.distributed.data_check
 
     first = _check(contaminated, tiny_config, allow=True)
-    monkeypatch.setattr(pipeline.data_check, "scan_data", lambda *a, **k: pytest.fail("scanned again"))
+    monkeypatch.setattr(pipeline.distributed.data_check, "scan_data", lambda *a, **k: pytest.fail("scanned again"))
     assert _check(contaminated, tiny_config, allow=True, previous=first) is first
     with pytest.raises(DataError):  # the record is reused, the policy is applied afresh
         _check(contaminated, tiny_config, previous=first)

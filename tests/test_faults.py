@@ -58,7 +58,7 @@ class Killer(threading.Thread):
 
 
 def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, digits_root, tmp_path):
-    from pipeline.ray_pseudo_label import LabelResources, run_pseudo_label
+    from pipeline.distributed.pseudo_label import LabelResources, run_pseudo_label
     from stages.models import ModelSpec, create_model, model_card, save_model
     from stages.pseudo_label import PseudoLabelConfig, sidecar_path
 
@@ -120,7 +120,7 @@ def digits_train_plan(digits_root: Path, tmp_path: Path, epochs: int):
 
 
 def test_killed_training_worker_resumes_from_its_checkpoint(ray_session, digits_root, tmp_path):
-    from pipeline.ray_train import TrainResources, run_training
+    from pipeline.distributed.train import TrainResources, run_training
 
     epochs, per_epoch = 8, 7  # ceil(100 labeled / 16)
     plan = digits_train_plan(digits_root, tmp_path, epochs)
@@ -183,7 +183,7 @@ def test_killed_driver_resumes_training_from_the_checkpoint(ray_session, digits_
 
 def test_two_workers_split_each_epoch_as_documented(ray_session, digits_root, tmp_path):
     """README: a teacher epoch is ceil(labeled / (batch_size * workers)) steps on every worker."""
-    from pipeline.ray_train import TrainResources, run_training
+    from pipeline.distributed.train import TrainResources, run_training
 
     plan = digits_train_plan(digits_root, tmp_path, epochs=2)
     resources = TrainResources(workers=2, cpus_per_worker=0.5, max_failures=0)
@@ -214,9 +214,9 @@ def check_student_round(run_dir: Path, r: int, cfg, unlabeled_shards: list[str])
     the in-memory reference over those pseudo-labels, row for row and copy for copy, matching ``selection.json``."""
     import numpy as np
 
-    from pipeline.storage import RoundManifest, verify_entry
     from stages.pseudo_label import read_footer
     from stages.select import select_in_memory
+    from stages.storage import RoundManifest, verify_entry
 
     rdir = run_dir / f"round-{r:03d}"
     manifest = RoundManifest(rdir)
@@ -260,7 +260,7 @@ def test_driver_killed_at_every_boundary_and_mid_stage_resumes_losing_nothing(ra
     (its log line), which is as close to mid-stage as they can be hit reliably.
     """
     from pipeline.config import dump_config
-    from pipeline.storage import RoundManifest
+    from stages.storage import RoundManifest
 
     cfg, run = copy_finished_run(finished_run, tmp_path / "runs")
     before = {r: (run / f"round-{r:03d}" / "manifest.json").read_text() for r in (0, 1)}
@@ -368,12 +368,12 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
     writes one sidecar, the next fails with ENOSPC. (2) With space again, the disk turns read-only mid select, after
     two of its four sidecars. Each time: exit 2 and one ``error:`` line naming the file, no temporary left, the stage
     not in the manifest. (3) Writable again, the run resumes the stages from the files they had completed."""
-    import pipeline.ray_select
+    import pipeline.distributed.select
     import pipeline.rounds
     from pipeline.cli import main
     from pipeline.config import dump_config
-    from pipeline.storage import RoundManifest
     from stages.pseudo_label import sidecar_info
+    from stages.storage import RoundManifest
 
     cfg, run = copy_finished_run(finished_run, small_disk.path)
     config = tmp_path / "config.yaml"
@@ -382,7 +382,7 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
     rdir = run / "round-002"
     # A pseudo-label sidecar takes the pages of its round-1 twin (same rows and columns): leave room for one only.
     pages = max(-(-p.stat().st_size // 4096) for p in (run / "round-001" / "pseudo_labels").glob("*.parquet"))
-    label, write_sidecar = pipeline.rounds.run_pseudo_label, pipeline.ray_select.write_sidecar
+    label, write_sidecar = pipeline.rounds.run_pseudo_label, pipeline.distributed.select.write_sidecar
     left = []
 
     def fill_then_label(*args, **kwargs):
@@ -421,7 +421,7 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
             small_disk.read_only(True)
         return write_sidecar(table, path)
 
-    monkeypatch.setattr(pipeline.ray_select, "write_sidecar", turn_read_only_on_the_third)
+    monkeypatch.setattr(pipeline.distributed.select, "write_sidecar", turn_read_only_on_the_third)
     say("injected: space freed, then the disk remounted read-only before the 3rd of 4 selection sidecars")
     refused("Read-only file system", "selection")
     written = sorted((rdir / "selection").glob("*.parquet"))
@@ -429,7 +429,7 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
     assert len(written) == 2 and "select" not in RoundManifest(rdir).data["stages"]
 
     small_disk.read_only(False)
-    monkeypatch.setattr(pipeline.ray_select, "write_sidecar", write_sidecar)
+    monkeypatch.setattr(pipeline.distributed.select, "write_sidecar", write_sidecar)
     assert main(argv) == 0, capsys.readouterr().err[-3000:]
     observed = check_student_round(run, 2, cfg, expand_shards(cfg.data.unlabeled))
     say(f"observed after the resume on a writable disk: {observed}")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_pseudo_label_streams_unlabeled_shards_from_s3(ray_session, s3_bucket, digits_root, tmp_path):
-    from pipeline.ray_pseudo_label import LabelResources, run_pseudo_label
+    from pipeline.distributed.pseudo_label import LabelResources, run_pseudo_label
     from stages.models import ModelSpec, create_model, model_card, save_model
     from stages.pseudo_label import PseudoLabelConfig
 
@@ -46,7 +46,7 @@ def test_a_missing_s3_shard_is_named(s3_bucket):
 
 def test_rounds_and_download_from_s3(finished_run, s3_bucket, tmp_path, capsys):
     """Rounds published to s3:// (``publish:``) are listed and downloaded from there, sha256-verified."""
-    from pipeline.run_store import publish_round
+    from pipeline.cluster.run_store import publish_round
 
     _, run_dir, rows = finished_run
     fs, bucket = s3_bucket
@@ -77,7 +77,7 @@ def test_rounds_and_download_from_s3(finished_run, s3_bucket, tmp_path, capsys):
 
 def test_the_run_publishes_every_round(finished_run, tmp_path):
     """The session's finished run has ``publish:`` set to a folder: both rounds arrived there and verify."""
-    from pipeline.run_store import RunStore
+    from pipeline.cluster.run_store import RunStore
 
     cfg, run_dir, _ = finished_run
     store = RunStore(run_dir.name, cfg.publish)
@@ -91,9 +91,9 @@ def test_a_run_whose_storage_is_a_bucket(ray_session, s3_bucket, digits_root, tm
     recorded top-1, and a second run of the same RUN resumes from the manifests it reads back from the bucket."""
     import logging
 
+    from pipeline.cluster.run_store import RunStore
     from pipeline.config import load_config
     from pipeline.rounds import run_pipeline
-    from pipeline.run_store import RunStore
     from stages.data import expand_shards, load_labeled
     from stages.evaluate import evaluate
     from stages.models import load_model

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.rounds import run_pipeline
-from pipeline.storage import RoundManifest, read_json, verify_entry
 from stages.data import expand_shards, load_labeled
 from stages.evaluate import evaluate
 from stages.models import load_model
+from stages.storage import RoundManifest, read_json, verify_entry
 
 pytestmark = pytest.mark.slow
 

@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.report import build_report, refresh_report
-from pipeline.report_check import check_images, check_numbers, check_sections, find_chromium, parse_report
-from pipeline.report_data import ReportError, reliability_bins
-from pipeline.storage import read_json
-from pipeline.tb_events import write_tensorboard
+from pipeline.report.check import check_images, check_numbers, check_sections, find_chromium, parse_report
+from pipeline.report.data import ReportError, reliability_bins
+from pipeline.report.page import build_report, refresh_report
+from pipeline.report.tensorboard import write_tensorboard
 from stages.evaluate import expected_calibration_error
+from stages.storage import read_json
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +152,7 @@ def test_refresh_logs_and_never_raises(tmp_path, caplog):
 
 
 def test_check_without_chromium_is_one_line_error(run_copy, monkeypatch, capsys):
-    from pipeline import report_check
+    from pipeline.report import check as report_check
 
     monkeypatch.setattr(report_check.shutil, "which", lambda name: None)
     assert report_check.main([str(run_copy)]) == 2
@@ -169,7 +169,7 @@ def _has_chromium() -> bool:
 
 @pytest.mark.skipif(not _has_chromium(), reason="Debian's chromium package is not installed")
 def test_check_in_chromium(run_copy, tmp_path, capsys):
-    from pipeline import report_check
+    from pipeline.report import check as report_check
 
     shot = tmp_path / "report.png"
     assert report_check.main([str(run_copy), "--screenshot", str(shot)]) == 0, capsys.readouterr().out

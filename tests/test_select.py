@@ -192,7 +192,7 @@ def read_all(paths):
     ids=["balanced", "topk-hard", "none", "balanced-in-process"],
 )
 def test_ray_stage_equals_reference(ray_session, tmp_path, cfg, inline):
-    from pipeline.ray_select import run_selection
+    from pipeline.distributed.select import run_selection
 
     sidecars = write_random_sidecars(tmp_path / "pl", [90, 0, 57, 130], 5, seed=1)
     summary = run_selection(
@@ -219,7 +219,7 @@ def test_ray_stage_equals_reference(ray_session, tmp_path, cfg, inline):
 
 
 def test_ray_stage_resumes_and_redoes_a_damaged_sidecar(ray_session, tmp_path):
-    from pipeline.ray_select import run_selection
+    from pipeline.distributed.select import run_selection
 
     sidecars = write_random_sidecars(tmp_path / "pl", [40, 40, 40], 4, seed=2, topk=2)
     cfg = SelectConfig()
@@ -236,7 +236,7 @@ def test_ray_stage_resumes_and_redoes_a_damaged_sidecar(ray_session, tmp_path):
 
 
 def test_ray_stage_names_the_sidecar_with_bad_labels(ray_session, tmp_path):
-    from pipeline.ray_select import run_selection
+    from pipeline.distributed.select import run_selection
 
     sidecars = write_random_sidecars(tmp_path / "pl", [10], 4, seed=0)
     with pytest.raises(Exception, match="shard-0.parquet"):

@@ -19,9 +19,9 @@ Layout (users and later tools rely on it)::
     <storage>/<run>/round-NNN/selection/         what was kept (Parquet per shard) + selection.json/png
     <storage>/<run>/round-NNN/manifest.json      stages completed, inputs, sha256 of each file
     <storage>/<run>/ray_train/                   Ray Train's checkpoints (one run per round and inputs)
-    <storage>/<run>/report.html                  the run report (pipeline/report.py), rewritten after every round
+    <storage>/<run>/report.html                  the run report (pipeline/report/page.py), rewritten after every round
     <storage>/<run>/report_cache/                the report's cached calibration figures
-    <storage>/<run>/tensorboard/                 TensorBoard events (pipeline/tb_events.py)
+    <storage>/<run>/tensorboard/                 TensorBoard events (pipeline/report/tensorboard.py)
 
 Atomic writes. On a local folder every file is written to a temporary name in its directory and renamed, so a
 reader never sees half a file; temporaries left by a killed process (``.<name>.*.tmp``) are swept by
@@ -478,6 +478,33 @@ class RoundManifest:
     def forget(self, stage: str) -> None:
         if self.data["stages"].pop(stage, None) is not None:
             atomic_write_json(self.path, self.data)
+
+
+class RunNotFoundError(StorageError):
+    """Neither place ``locate_run`` looked holds a run (no ``config.yaml``); the message names both."""
+
+
+def locate_run(run: str, storage_root: Location = "runs") -> Location:
+    """Where run ``run`` lives: the one way every command (``rounds``, ``download``, ``report``, ``compare``) turns
+    "RUN or a path, plus ``--storage``" into a run location.
+
+    ``run`` is a run's name under ``storage_root`` (looked for first), or itself a run folder or URL. A local run
+    comes back as an absolute ``Path``, a run in an object store as its URL. ``RunNotFoundError`` when neither
+    holds a ``config.yaml``.
+    """
+    if is_url(run):
+        candidates: list[Location] = [run]
+    else:
+        under = join(storage_root, run) if is_url(storage_root) else local_path(storage_root).expanduser() / run
+        candidates = [under, Path(run).expanduser()]
+    for candidate in candidates:
+        if exists(join(candidate, "config.yaml")):
+            return candidate if is_url(candidate) else local_path(candidate).resolve()
+    where = " nor ".join(str(c) for c in dict.fromkeys(map(str, candidates)))
+    raise RunNotFoundError(
+        f"no run {run!r}: {'neither ' if len(candidates) > 1 else ''}{where} holds a run's "
+        "config.yaml (check RUN and --storage)"
+    )
 
 
 def round_dir(run_dir: Location, round_index: int) -> Location:

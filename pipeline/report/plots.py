@@ -1,8 +1,8 @@
 """The run report's figures, each returned as PNG bytes (matplotlib's object API: no pyplot, no global backend).
 
-Every function draws only values read from the run's files (see ``pipeline/report_data.py``); the report puts the
+Every function draws only values read from the run's files (see ``pipeline/report/data.py``); the report puts the
 same values in tables with ``data-file``/``data-key`` attributes so that they can be checked.
-Used by ``pipeline/report.py``; run ``python -m pipeline report RUN``.
+Used by ``pipeline/report/page.py``; run ``python -m pipeline report RUN``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline.report_data import Example, RoundFiles
+from pipeline.report.data import Example, RoundFiles
 
 DPI = 90
 STAGE_ORDER = ("pseudo_label", "select", "train", "evaluate")

@@ -1,7 +1,7 @@
 """Acceptance check of a run's report.html: every number equals the run's files, every image loads.
 
-    make report-check RUN=base1                         # = python -m pipeline.report_check base1
-    python -m pipeline.report_check runs/base1 --screenshot /tmp/report.png
+    make report-check RUN=base1                         # = python -m pipeline.report.check base1
+    python -m pipeline.report.check runs/base1 --screenshot /tmp/report.png
 
 Opens the report in headless Chromium (Debian's ``chromium`` package), takes a full-page screenshot (default
 ``<run>/report.png``), checks that every ``<img>`` has a natural width > 0 once the page has loaded, and that every
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.report_data import ReportError, resolve_run
+from pipeline.report.data import ReportError, resolve_run
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 MAX_SCREENSHOT_HEIGHT = 16384
@@ -203,7 +203,7 @@ def _chromium(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.report_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report.check", description=__doc__.splitlines()[0])
     parser.add_argument("run", metavar="RUN", help="run name under --storage, or a path to a run folder")
     parser.add_argument("--storage", default="runs", help="folder holding the runs (default runs)")
     parser.add_argument("--screenshot", help="PNG to write (default <run>/report.png)")

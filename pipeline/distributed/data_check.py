@@ -21,9 +21,10 @@ import time
 from collections.abc import Sequence
 
 from pipeline.config import DataConfig
-from pipeline.ray_runtime import run_tasks
+from pipeline.distributed.runtime import run_tasks
 from stages.contamination import DuplicateCounter, find_in_test, index_test_images, merge_scans, scan_shard
-from stages.data import DataError, LabeledSet, is_url
+from stages.data import DataError, LabeledSet
+from stages.storage import is_url
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.storage import filesystem, is_url, local_path
+from stages.storage import filesystem, is_url, local_path
 from stages.train import TrainPlan, train_model
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ Everything here comes from the run folder (``config.yaml``, ``run.json``, ``roun
 probabilities, which no stage stores, so they are recomputed from each round's model on the test shards of the run's
 ``config.yaml`` and the per-bin summary is cached in ``<run>/report_cache/`` keyed by the model's sha256.
 
-Used by ``pipeline/report.py``; run ``python -m pipeline report RUN``.
+Used by ``pipeline/report/page.py``; run ``python -m pipeline report RUN``.
 """
 
 from __future__ import annotations
@@ -19,17 +19,16 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from pipeline.storage import atomic_write_json, read_json, sha256_file
 from stages.data import (
     BadSample,
     DataError,
     decode_image,
     expand_shards,
     image_field,
-    is_url,
     iter_raw_samples,
     load_labeled,
 )
+from stages.storage import StorageError, atomic_write_json, is_url, locate_run, read_json, sha256_file
 from stages.train import read_metrics_lines
 
 log = logging.getLogger(__name__)
@@ -68,11 +67,14 @@ class RunFiles:
 
 
 def resolve_run(run: str, storage: str = "runs") -> Path:
-    """A run name under ``storage`` or a path to a run folder; ``ReportError`` when neither holds a run."""
-    for candidate in (Path(storage) / run, Path(run)):
-        if (candidate / "config.yaml").is_file():
-            return candidate.resolve()
-    raise ReportError(f"no run {run!r}: neither {Path(storage) / run} nor {run} holds a run's config.yaml")
+    """A local run for the report: ``stages.storage.locate_run``, with a ``ReportError`` when there is none."""
+    try:
+        location = locate_run(run, storage)
+    except StorageError as exc:
+        raise ReportError(str(exc)) from exc
+    if is_url(location):
+        raise ReportError(f"{location} is in an object store; this command reads local runs only")
+    return Path(location)
 
 
 def load_run(run_dir: str | Path) -> RunFiles:

@@ -22,18 +22,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline.ray_runtime import run_tasks
-from pipeline.storage import (
-    Location,
-    atomic_write_bytes,
-    atomic_write_json,
-    join,
-    makedirs,
-    name,
-    read_table,
-    size,
-    stamp,
-)
+from pipeline.distributed.runtime import run_tasks
 from stages.pseudo_label import read_footer, write_sidecar
 from stages.select import (
     CandidateMerger,
@@ -43,6 +32,17 @@ from stages.select import (
     shard_candidates,
     shard_copies,
     shard_histogram,
+)
+from stages.storage import (
+    Location,
+    atomic_write_bytes,
+    atomic_write_json,
+    join,
+    makedirs,
+    name,
+    read_table,
+    size,
+    stamp,
 )
 
 log = logging.getLogger(__name__)

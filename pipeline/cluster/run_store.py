@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
-from pipeline.storage import Location, StorageError
+from stages import storage
+from stages.storage import Location, StorageError
 
 ROUND_RE = re.compile(r"^round-(\d{3,})$")
 DOWNLOAD_STAGES = ("train", "evaluate")  # model.safetensors + model.json, metrics.json
@@ -28,22 +28,15 @@ class RunStoreError(RuntimeError):
 
 
 class RunStore:
-    """One run's folder under a storage root, read through ``pipeline.storage`` (a folder or any fsspec URL)."""
+    """One run's folder under a storage root, read through ``stages.storage`` (a folder or any fsspec URL)."""
 
     def __init__(self, run: str, storage_root: str = "runs"):
-        if "://" not in run and Path(run).expanduser().is_dir() and (Path(run).expanduser() / "config.yaml").exists():
-            location: Location = Path(run).expanduser().resolve()  # a path to the run folder itself
-        elif storage.is_url(storage_root):
-            location = storage.join(storage_root, run)
-        else:
-            location = storage.local_path(storage_root).expanduser().resolve() / run
-        self.location = location
         try:
-            storage.check_storage(location)
+            storage.check_storage(run if storage.is_url(run) else storage_root)
+            location = storage.locate_run(run, storage_root)
         except StorageError as exc:
             raise RunStoreError(str(exc)) from exc
-        if not self._exists("config.yaml"):
-            raise RunStoreError(f"no run at {location} (no config.yaml there; check RUN and --storage)")
+        self.location = location
         self.name = storage.name(location)
 
     def _path(self, rel: str) -> Location:

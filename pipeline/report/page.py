@@ -7,7 +7,7 @@ Rebuilt after every round by the round loop and by hand with::
 
 Every number in the page's tables is a cell with ``data-file`` (a file of the run, relative to the run folder),
 ``data-key`` (a dotted path into that JSON/YAML file, integers index lists), ``data-value`` (the value there) and
-``data-scale`` (shown = value * scale, rounded); ``pipeline/report_check.py`` checks them all against the files.
+``data-scale`` (shown = value * scale, rounded); ``pipeline/report/check.py`` checks them all against the files.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import report_plots as plots
-from pipeline import storage
-from pipeline.report_data import RoundFiles, RunFiles, calibration, example_images, load_run
-from pipeline.storage import Location, atomic_write_bytes, atomic_write_text
-from pipeline.tb_events import write_tensorboard
+from pipeline.report.data import RoundFiles, RunFiles, calibration, example_images, load_run
+from pipeline.report import plots
+from pipeline.report.tensorboard import write_tensorboard
+from stages import storage
+from stages.storage import Location, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from pipeline.storage import StorageError, join, makedirs
 from stages.data import DataError
 from stages.pseudo_label import PseudoLabelConfig, ShardLabeler, sidecar_info, sidecar_path
+from stages.storage import StorageError, join, makedirs
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,104 @@
+"""The floor plan: storage at the bottom, ``stages/`` on it, ``pipeline/`` on both, and no import circles.
+
+Read from the source (every ``import`` statement, those inside functions too), so a lazy import cannot hide a
+wrong-way dependency or a circle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("stages", "pipeline")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _project_modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules ``path`` imports (``from a.b import c`` counts ``a.b.c`` when that is a module)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name.split(".")[0] in PACKAGES:
+                found.add(name)
+    found.discard(_module_name(path))
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = _project_modules()
+    return {name: _imports(path, modules) for name, path in modules.items()}
+
+
+def test_stages_never_import_pipeline(graph):
+    wrong = {
+        m: sorted(d for d in deps if d.startswith("pipeline")) for m, deps in graph.items() if m.startswith("stages")
+    }
+    assert not {m: d for m, d in wrong.items() if d}
+
+
+def test_storage_is_the_bottom_floor(graph):
+    assert graph["stages.storage"] == set()
+
+
+def test_no_module_imports_one_that_imports_it_back(graph):
+    """No circle of any length (Tarjan's strongly connected components over the import graph)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for dep in graph.get(node, ()):
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    # a package's __init__ importing its own modules is not a circle worth naming; there are none today either way
+    assert circles == []
+
+
+def test_the_config_does_not_import_the_ray_edges(graph):
+    assert not {d for d in graph["pipeline.config"] if d.startswith("pipeline.distributed")}
+
+
+def test_pipeline_top_level_is_a_few_modules_and_its_rooms():
+    top = sorted(p.name for p in (ROOT / "pipeline").glob("*.py"))
+    rooms = sorted(p.name for p in (ROOT / "pipeline").iterdir() if (p / "__init__.py").is_file())
+    assert len(top) <= 8, top
+    assert rooms == ["cluster", "distributed", "report"]
