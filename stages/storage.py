@@ -7,6 +7,18 @@ file, a URL string otherwise. ``join`` keeps that kind: a local location joins t
 a URL is never turned into a local ``s3:/bucket`` folder by ``pathlib``. Credentials come from the usual places
 (environment, profile files); they are never written into the run.
 
+Why here. Storage is the bottom floor: ``stages/`` (checkpoints, sidecars, model files) and ``pipeline/`` (run
+files, report, cluster client) both read and write through it, so it lives in the lower package and imports
+nothing of either. It is one module, not its own package: it has one concern and no parts.
+
+Why not ``universal-pathlib`` (``UPath``, looked at for this move, 0.3.10 on PyPI). It would give one pathlib API
+for ``join``/``name``/``parent``/``exists``/``open``, but those are already one function each here, and the
+branches left outside this module (14 ``is_url`` calls) are not about path syntax: they choose *behaviour*
+(build the report on a node-local copy and upload it; hand Ray Train an fsspec filesystem; skip ``os.replace`` on
+a store that cannot rename). ``UPath`` keeps those choices, adds a dependency whose API still moves between minor
+versions, and would make every ``Location`` a non-``Path`` object that Ray, pyarrow and torch would have to be
+handed ``str()`` of. So ``Location = str | Path`` stays, with ``join`` keeping its kind.
+
 Layout (users and later tools rely on it)::
 
     <storage>/<run>/config.yaml                  resolved config
