@@ -63,11 +63,19 @@ def _add_jobs(sub) -> None:
         help="submit the run to a Ray cluster as a Ray Job",
         description="Validates the config here, resolves relative paths against this folder (preparing the "
         "default data if the config asks for it), ships the project and the resolved config as the job's "
-        "working_dir, and prints job, run and storage. The job runs `python -m pipeline iterate` on the cluster.",
+        "working_dir, and prints job, run and storage. The job runs `python -m pipeline iterate` on the cluster. "
+        "First a short check job, with the same working_dir and interpreter, looks up the project's dependencies "
+        "(pyproject.toml) and stops the submission with one error line naming what the cluster's interpreter lacks.",
     )
     _add_address(p)
     _add_run_options(p)
     p.add_argument("--python", default="python", help="interpreter the job runs on the cluster (default python)")
+    p.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="skip the check job that looks up the dependencies with --python on the cluster (a few seconds)",
+    )
     p.set_defaults(func=cmd_submit)
     for name, func, text in (
         ("status", cmd_status, "a submitted job's status, run and storage"),
@@ -214,7 +222,7 @@ def cmd_submit(args) -> int:
     if cfg.data.prepare_digits and not os.path.isabs(os.path.expanduser(cfg.data.prepare_digits)):
         ensure_digits(cfg.data.prepare_digits)
     cfg = jobs.resolve_paths(cfg, Path.cwd())
-    submission = jobs.submit(cfg, run, args.address, python=args.python)
+    submission = jobs.submit(cfg, run, args.address, python=args.python, check=args.check)
     print(f"job: {submission.job_id}")
     print(f"run: {submission.run}")
     print(f"storage: {submission.storage}")

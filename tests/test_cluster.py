@@ -1,16 +1,19 @@
 """The cluster path: submit / status / logs / rounds / download / predict, token auth, and a real two-node Ray
 cluster on loopback that runs a submitted job to the end.
 
-The cluster test starts ``ray start --head`` and a second ``ray start --address`` node, both on 127.0.0.1 with
-their own temp dirs and a fresh token, and kills exactly the processes it started (tagged through an environment
-variable) when it ends, so other Ray instances on the machine (this session's own) are never touched.
+The cluster tests share one cluster (a module fixture): ``ray start --head`` and a second ``ray start --address``
+node, both on 127.0.0.1 with their own temp dirs and a fresh token; it kills exactly the processes it started
+(tagged through an environment variable) when the module ends, so other Ray instances on the machine (this
+session's own) are never touched.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -26,7 +29,16 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.cluster.jobs import SUBMITTED_CONFIG, find_token, resolve_paths, stage_working_dir
+from pipeline.cluster.jobs import (
+    SUBMITTED_CONFIG,
+    check_entrypoint,
+    connect,
+    dependency_modules,
+    find_token,
+    parse_check,
+    resolve_paths,
+    stage_working_dir,
+)
 from pipeline.cluster.run_store import RunStore, RunStoreError
 from pipeline.config import load_config
 
@@ -98,6 +110,47 @@ def test_shipped_working_dir_has_the_code_and_config_but_no_outputs(tmp_path, ti
     for excluded in (".venv", "runs", "data", ".git"):
         assert not (out / excluded).exists(), excluded
     assert load_config(out / SUBMITTED_CONFIG).digest() == cfg.digest()
+
+
+def python_without(module: str, folder: Path) -> Path:
+    """An interpreter that cannot import ``module`` (like a cluster's system python lacking the project): this venv's
+    python behind an import hook that refuses it, as a missing module is refused."""
+    hook = folder / f"hide-{module}"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import sys\n\n\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.partition('.')[0] == {module!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n\n\n"
+        "sys.meta_path.insert(0, Hide())\n"
+    )
+    python = folder / f"python-without-{module}"
+    path = shlex.quote(str(hook))
+    python.write_text(
+        f'#!/bin/sh\nPYTHONPATH={path}${{PYTHONPATH:+:$PYTHONPATH}} exec {shlex.quote(sys.executable)} "$@"\n'
+    )
+    python.chmod(0o755)
+    return python
+
+
+def test_dependency_modules_are_pyprojects_and_importable_here():
+    modules = dependency_modules()
+    assert {"torch", "torchvision", "timm", "webdataset", "ray", "sklearn", "PIL", "yaml", "tqdm"} <= set(modules)
+    assert [m for m in modules if importlib.util.find_spec(m) is None] == [], "IMPORT_NAMES lacks a mapping"
+
+
+def test_interpreter_check_names_what_is_missing(tmp_path):
+    modules = dependency_modules()
+
+    def check(python: str) -> dict | None:
+        out = subprocess.run(check_entrypoint(python, modules), shell=True, capture_output=True, text=True, timeout=60)
+        return parse_check(out.stdout + out.stderr)
+
+    assert check(shlex.quote(sys.executable))["missing"] == []
+    python = python_without("tqdm", tmp_path)
+    assert check(str(python))["missing"] == ["tqdm"]
+    assert check(str(tmp_path / "no-such-python")) is None
 
 
 def test_rounds_download_and_predict(finished_run, tmp_path, capsys, digits_root):
@@ -283,7 +336,7 @@ class LoopbackCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def loopback_cluster():
     cluster = LoopbackCluster()
     try:
@@ -390,3 +443,41 @@ def test_submitted_run_on_a_two_node_cluster(loopback_cluster, s3_bucket, tmp_pa
     assert "no job 'no-such-job'" in capsys.readouterr().err
     assert main(["stop", job, "--address", cluster.address]) == 0
     assert "already finished" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_submit_checks_the_cluster_interpreter_before_the_run(loopback_cluster, tmp_path, monkeypatch, capsys):
+    """A cluster python that lacks tqdm (as after `ray start` from a shell without the venv): submit stops with one
+    error line naming the interpreter and the module before any job of the run exists; --no-check skips the check."""
+    cluster, work = loopback_cluster, tmp_path / "work"
+    work.mkdir()
+    shards = {split: [f"/nowhere/{split}.tar"] for split in ("labeled", "unlabeled", "test")}  # never read
+    config = {"name": "check", "storage": "runs", "data": shards, "ladder": [{"model": "resnet10t"}]}
+    (work / "tiny.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", cluster.env["RAY_AUTH_TOKEN_PATH"])
+    monkeypatch.chdir(work)
+    submit = ["submit", "--address", cluster.address, "--config", "tiny.yaml", "--run", "c2"]
+
+    python = python_without("tqdm", tmp_path)
+    assert main([*submit, "--python", str(python)]) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert not out and errors == err.strip().splitlines()[-1:], err
+    assert repr(str(python)) in errors[0] and "cannot import tqdm, which the run needs" in errors[0], errors
+    assert "--python /path/to/venv/bin/python" in errors[0] and "--no-check" in errors[0], errors
+
+    assert main([*submit, "--python", str(tmp_path / "no-such-python")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not run" in errors[0] and "no-such-python" in errors[0], errors
+
+    assert sorted(p.name for p in work.iterdir()) == ["tiny.yaml"], "no run folder"
+    jobs = connect(cluster.address).list_jobs()
+    assert not [j for j in jobs if (j.metadata or {}).get("run") == "c2"], "the run was never submitted"
+    assert not [j.submission_id for j in jobs if (j.metadata or {}).get("check")], "check jobs are deleted"
+
+    # --no-check submits without looking; this run would fail on the cluster, so stop it at once
+    assert main([*submit, "--python", str(tmp_path / "no-such-python"), "--no-check"]) == 0
+    job = capsys.readouterr().out.splitlines()[0].removeprefix("job: ")
+    runs = [j.submission_id for j in connect(cluster.address).list_jobs() if (j.metadata or {}).get("run") == "c2"]
+    assert runs == [job]
+    main(["stop", job, "--address", cluster.address])

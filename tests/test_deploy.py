@@ -1,9 +1,9 @@
 """deploy/: the manifests parse, agree with each other and with the code, and keep the cluster closed.
 
-Offline and fast: no docker, kubectl or network. KubeRay objects are checked against the fields this project relies
-on (not against KubeRay's CRD schema, which is not installed here); the cluster-launcher YAML goes through Ray's
-own ``prepare_config`` + ``validate_config`` (``ray/autoscaler/ray-schema.json``), as ``ray up`` does before it
-talks to the cloud.
+Offline and fast: no docker, kubectl or network. The RayCluster and RayJob validate strictly (unknown fields are
+errors) against KubeRay v1.7.0's own CRD schemas, vendored in tests/fixtures (``kuberay_schema``), and are checked for
+the values this project relies on; the cluster-launcher YAML goes through Ray's own ``prepare_config`` +
+``validate_config`` (``ray/autoscaler/ray-schema.json``), as ``ray up`` does before it talks to the cloud.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kuberay_schema import FILES, crd_digest, recorded_digests, strict_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -105,6 +106,71 @@ def test_no_file_under_deploy_holds_a_token() -> None:
     assert not leaks, f"token-like 64-hex strings: {leaks}"
     placeholder = one("Secret").get("stringData", {}).get("auth_token", "")
     assert not placeholder.strip(), "secret.yaml is a template: its auth_token must stay an empty placeholder"
+
+
+# --- KubeRay's CRD schema -----------------------------------------------------------------------------------------
+
+
+def ray_objects() -> list[dict]:
+    return [d for d in kuberay_objects() if d["kind"] in FILES]
+
+
+@pytest.mark.parametrize("doc", ray_objects(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_ray_objects_validate_strictly_against_kuberays_crd(doc: dict) -> None:
+    assert strict_errors(doc) == []  # a RayJob's rayClusterSpec is checked through the RayJob schema
+
+
+def _worker_group(doc: dict) -> dict:
+    spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    return spec["workerGroupSpecs"][0]
+
+
+def _rename(group: dict, old: str, new: str) -> None:
+    group[new] = group.pop(old)
+
+
+BREAKAGES = {  # a change to the GPU worker group -> (JSON path under the group, what the schema says)
+    "misspelt minReplicas": (lambda g: _rename(g, "minReplicas", "minReplica"), "", "'minReplica' was unexpected"),
+    "maxReplicas under template": (
+        lambda g: g["template"].update(maxReplicas=g.pop("maxReplicas")),
+        ".template",
+        "'maxReplicas' was unexpected",
+    ),
+    "replicas as a word": (lambda g: g.update(replicas="two"), ".replicas", "'two' is not of type 'integer'"),
+    "misspelt container field": (
+        lambda g: _rename(g["template"]["spec"]["containers"][0], "imagePullPolicy", "imagePullPolice"),
+        ".template.spec.containers[0]",
+        "'imagePullPolice' was unexpected",
+    ),
+    "GPU limit not a quantity": (
+        lambda g: g["template"]["spec"]["containers"][0]["resources"]["limits"].update({"nvidia.com/gpu": "one"}),
+        ".template.spec.containers[0].resources.limits['nvidia.com/gpu']",
+        "'one' does not match",
+    ),
+}
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+@pytest.mark.parametrize("kind", sorted(FILES))
+def test_strict_schema_refuses_a_broken_copy(kind: str, breakage: str) -> None:
+    doc = copy.deepcopy(one(kind))
+    change, path, message = BREAKAGES[breakage]
+    group = _worker_group(doc)
+    change(group)
+    prefix = "$.spec.rayClusterSpec" if kind == "RayJob" else "$.spec"
+    errors = strict_errors(doc)
+    assert any(e.startswith(f"{prefix}.workerGroupSpecs[0]{path}: ") and message in e for e in errors), errors
+
+
+def test_strict_schema_refuses_an_unknown_auth_mode() -> None:
+    doc = copy.deepcopy(one("RayCluster"))
+    doc["spec"]["authOptions"]["mode"] = "Token"
+    assert strict_errors(doc) == ["$.spec.authOptions.mode: 'Token' is not one of ['disabled', 'token']"]
+
+
+@pytest.mark.parametrize("kind", sorted(FILES))
+def test_vendored_crds_are_the_recorded_kuberay_files(kind: str) -> None:
+    assert crd_digest(kind) == recorded_digests()[FILES[kind].removesuffix(".gz")]
 
 
 # --- the RayJob and its config -----------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.report.data import RoundFiles, RunFiles, calibration, example_images, load_run
 from pipeline.report import plots
+from pipeline.report.data import RoundFiles, RunFiles, calibration, example_images, load_run
 from pipeline.report.tensorboard import write_tensorboard
 from stages import storage
 from stages.storage import Location, atomic_write_bytes, atomic_write_text
