@@ -147,7 +147,8 @@ def main() -> None:
 
     import ray
 
-    from pipeline.distributed.pseudo_label import LabelResources, run_pseudo_label
+    from pipeline.config import LabelResources
+    from pipeline.distributed.pseudo_label import run_pseudo_label
     from pipeline.distributed.runtime import init_ray
     from stages.models import load_model
     from stages.pseudo_label import PseudoLabelConfig

@@ -132,8 +132,9 @@ def bench_loop(cfg: TrainConfig, shards: list[str], steps: int, warmup: int, acc
 def bench_stage(
     cfg: TrainConfig, shards: list[str], images: int, root: Path, threads: int, gpu: bool, name: str = "bench"
 ) -> tuple[float, float]:
+    from pipeline.config import TrainResources
     from pipeline.distributed.runtime import init_ray
-    from pipeline.distributed.train import TrainResources, run_training
+    from pipeline.distributed.train import run_training
     from stages.train import TrainPlan
 
     init_ray(num_cpus=os.cpu_count())

@@ -1,29 +1,29 @@
 """The pipeline config: frozen, typed dataclasses composed from each stage's own config, loaded from YAML.
 
-``load_config(path, overrides)`` reads YAML with ``yaml.safe_load``, applies ``key.path=value`` overrides
-(values parsed as YAML scalars), and builds the dataclasses, rejecting unknown keys and wrong types with one
-``ConfigError`` line naming the field. Stage dataclasses check their own value ranges in ``__post_init__``.
-``configs/digits.yaml`` documents every key.
+``load_config(path, overrides)`` reads YAML with ``yaml.safe_load``, applies ``key.path=value`` overrides (values
+parsed as YAML scalars) and validates the tree once: an unknown key, a wrong type or a value out of range is one
+``ConfigError`` line naming the field. ``configs/digits.yaml`` documents every key.
+
+Validation is pydantic v2's (``stages/config_types.py``: strict scalars, ``Many[T]``, the one-line message). Pydantic
+dataclasses, not ``BaseModel``s: they stay standard-library dataclasses, so ``fields``, ``replace`` and ``asdict``
+keep working for their callers, and ``to_dict``/``digest`` (part of a run's resume identity) come out as before.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import functools
 import hashlib
 import json
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError, model_validator
 
-from pipeline.distributed.pseudo_label import LabelResources
-from pipeline.distributed.train import TrainResources
+from stages.config_types import Many, config, one_line
 from stages.distill import needs_features, pair_stages, term_pairs
 from stages.models import ModelSpec, check_classifier
 from stages.pseudo_label import PseudoLabelConfig
@@ -37,6 +37,41 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainResources:
+    """The Ray Train workers of one training stage (``pipeline/distributed/train.py``)."""
+
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelResources:
+    """``actors: 0`` fills the cluster (one per ``gpus_per_actor`` GPUs, else per ``cpus_per_actor`` CPUs);
+    ``threads: 0`` gives each actor one torch thread per CPU it holds (``pipeline/distributed/pseudo_label.py``)."""
+
+    actors: int = 0
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    threads: int = 0
+
+    def actor_count(self, cluster: dict[str, float]) -> int:
+        if self.actors:
+            return self.actors
+        if self.gpus_per_actor:
+            return max(1, int(cluster.get("GPU", 0) // self.gpus_per_actor))
+        return max(1, int(cluster.get("CPU", 1) // self.cpus_per_actor))
+
+    def torch_threads(self) -> int:
+        return self.threads or max(1, int(self.cpus_per_actor))
+
+
+Shards = Annotated[Many[StrictStr], Field(min_length=1, description="shard path or pattern")]
+NonNegative = Annotated[StrictInt, Field(ge=0)]
+
+
+@config
 class DataConfig:
     """Shard lists (paths, globs, brace patterns, object-store URLs) and how images enter the model.
 
@@ -45,38 +80,33 @@ class DataConfig:
     by default that stops the run before round 0 (``pipeline/distributed/data_check.py``).
     """
 
-    labeled: tuple[str, ...] = ()
-    unlabeled: tuple[str, ...] = ()
-    test: tuple[str, ...] = ()
-    num_classes: int = 10
-    channels: int = 1
-    image_size: int = 32
-    mean: tuple[float, ...] = (0.5,)
-    std: tuple[float, ...] = (0.5,)
-    max_bad_fraction: float = 0.01
-    prepare_digits: str = ""
-    allow_test_overlap: bool = False
+    labeled: Shards = ()
+    unlabeled: Shards = ()
+    test: Shards = ()
+    num_classes: Annotated[StrictInt, Field(ge=2)] = 10
+    channels: StrictInt = 1
+    image_size: Annotated[StrictInt, Field(ge=8)] = 32
+    mean: Many[StrictFloat] = (0.5,)
+    std: Many[StrictFloat] = (0.5,)
+    max_bad_fraction: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.01
+    prepare_digits: StrictStr = ""
+    allow_test_overlap: StrictBool = False
 
-    def __post_init__(self) -> None:
-        for name in ("labeled", "unlabeled", "test"):
-            if not getattr(self, name):
-                raise ValueError(f"{name}: give at least one shard path or pattern")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes: must be >= 2, got {self.num_classes}")
+    @model_validator(mode="after")
+    def _per_channel(self) -> DataConfig:
+        # Not Literal[1, 3] (pydantic's Literal would take true for 1), nor a per-entry std bound (the message
+        # names the list, whose length is checked here too).
         if self.channels not in (1, 3):
             raise ValueError(f"channels: must be 1 (grayscale) or 3 (RGB), got {self.channels}")
-        if self.image_size < 8:
-            raise ValueError(f"image_size: must be >= 8, got {self.image_size}")
         for name in ("mean", "std"):
             if len(getattr(self, name)) != self.channels:
                 raise ValueError(f"{name}: needs {self.channels} value(s), one per channel, got {getattr(self, name)}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std: must be > 0, got {self.std}")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
+@config
 class ResourcesConfig:
     """Where and how wide to run. ``address: ""`` uses ``RAY_ADDRESS`` if set, else starts a local Ray.
 
@@ -85,34 +115,17 @@ class ResourcesConfig:
     per CPU it holds. ``torch_threads`` is for the training workers (0 = Ray's default, one per CPU held).
     """
 
-    address: str = ""
-    num_cpus: int = 0
-    train_workers: int = 1
-    cpus_per_train_worker: float = 1.0
-    use_gpu: bool = False
-    max_failures: int = 2
-    label_actors: int = 0
-    cpus_per_label_actor: float = 1.0
-    gpus_per_label_actor: float = 0.0
-    label_threads: int = 0
-    torch_threads: int = 0
-
-    def __post_init__(self) -> None:
-        if self.train_workers < 1:
-            raise ValueError(f"train_workers: must be >= 1, got {self.train_workers}")
-        for name in (
-            "num_cpus",
-            "max_failures",
-            "torch_threads",
-            "label_actors",
-            "label_threads",
-            "gpus_per_label_actor",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("cpus_per_train_worker", "cpus_per_label_actor"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+    address: StrictStr = ""
+    num_cpus: NonNegative = 0
+    train_workers: Annotated[StrictInt, Field(ge=1)] = 1
+    cpus_per_train_worker: Annotated[StrictFloat, Field(gt=0)] = 1.0
+    use_gpu: StrictBool = False
+    max_failures: NonNegative = 2
+    label_actors: NonNegative = 0
+    cpus_per_label_actor: Annotated[StrictFloat, Field(gt=0)] = 1.0
+    gpus_per_label_actor: Annotated[StrictFloat, Field(ge=0)] = 0.0
+    label_threads: NonNegative = 0
+    torch_threads: NonNegative = 0
 
     def train(self) -> TrainResources:
         return TrainResources(self.train_workers, self.use_gpu, self.cpus_per_train_worker, self.max_failures)
@@ -123,10 +136,7 @@ class ResourcesConfig:
         )
 
 
-LADDER_MODES = ("any", "expand", "compress")
-
-
-@dataclasses.dataclass(frozen=True)
+@config
 class PipelineConfig:
     """One Noisy Student run: ``rounds`` student rounds after the round-0 teacher.
 
@@ -140,33 +150,27 @@ class PipelineConfig:
     (unchecked). Equal sizes pass both, since a ladder shorter than the run repeats its last rung.
     """
 
-    name: str = "run"
-    storage: str = "runs"
-    publish: str = ""
-    rounds: int = 3
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    ladder: tuple[ModelSpec, ...] = (ModelSpec(),)
-    ladder_mode: str = "any"
+    name: StrictStr = "run"
+    storage: StrictStr = "runs"
+    publish: StrictStr = ""
+    rounds: Annotated[StrictInt, Field(ge=1, description="round 0 trains the teacher, rounds 1..N the students")] = 3
+    # A missing data section is validated as an empty one, so the error names data.labeled.
+    data: DataConfig = dataclasses.field(default_factory=dict)
+    ladder: Annotated[Many[ModelSpec], Field(min_length=1, description="model")] = (ModelSpec(),)
+    ladder_mode: Literal["any", "expand", "compress"] = "any"
     teacher: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     student: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = dataclasses.field(default_factory=PseudoLabelConfig)
     select: SelectConfig = dataclasses.field(default_factory=SelectConfig)
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
         for name in ("storage", "publish"):
             try:
                 check_storage(getattr(self, name))
             except StorageError as exc:
                 raise ValueError(f"{name}: {exc}") from exc
-        if self.rounds < 1:
-            raise ValueError(
-                f"rounds: must be >= 1 (round 0 trains the teacher, rounds 1..N the students), got {self.rounds}"
-            )
-        if not self.ladder:
-            raise ValueError("ladder: give at least one model")
-        if self.ladder_mode not in LADDER_MODES:
-            raise ValueError(f"ladder_mode: must be one of {', '.join(LADDER_MODES)}, got {self.ladder_mode!r}")
         if self.teacher.distill or self.teacher.online_teacher:
             raise ValueError(
                 "teacher.distill: round 0 has no earlier model to distil from; put distill and online_teacher under "
@@ -176,6 +180,7 @@ class PipelineConfig:
             self._check_ladder_sizes()
         if any(needs_features(t.name) for t in self.student.distill):
             self._check_stage_pairs()
+        return self
 
     def _check_ladder_sizes(self) -> None:
         d = self.data
@@ -211,7 +216,7 @@ class PipelineConfig:
         return self.ladder[min(round_index, len(self.ladder) - 1)]
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # plain JSON types: tuples become lists
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -225,61 +230,6 @@ def _rung_shapes(model: str, num_classes: int, channels: int, image_size: int) -
     spec = ModelSpec(model)
     check_classifier(spec, num_classes, channels, image_size)  # a model that cannot take this input says so first
     return probe_shapes(spec, num_classes, channels, image_size)
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
-        return build(tp, value, where)
-    if origin is tuple:
-        if isinstance(value, (str, int, float)) or value is None:
-            value = [value]  # a single path or number where a list is expected
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in args:
-            try:
-                return _convert(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[-1])
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def build(cls: type, data: dict, where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a mapping: unknown keys and wrong types are ``ConfigError``s."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(sorted(fields))}"
-            raise ConfigError(f"{where}.{key}: unknown key{hint}")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        raise ConfigError(f"{where}.{exc}") from exc
 
 
 def apply_override(tree: dict, assignment: str) -> None:
@@ -335,6 +285,9 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{context}: {problem}" if context else problem
 
 
+_VALIDATE = TypeAdapter(PipelineConfig)
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), base: dict | None = None) -> PipelineConfig:
     tree: dict = copy.deepcopy(base or {})  # overrides edit nested sections in place; the caller's base stays as is
     if path is not None:
@@ -352,7 +305,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), base: di
         tree.update(loaded or {})
     for assignment in overrides:
         apply_override(tree, assignment)
-    return build(PipelineConfig, tree)
+    try:
+        return _VALIDATE.validate_python(tree)
+    except ValidationError as exc:
+        raise ConfigError(one_line(exc, PipelineConfig, "config")) from exc
 
 
 def dump_config(cfg: PipelineConfig) -> str:

@@ -40,15 +40,18 @@ counts at every pair, as in the paper (teacher and student of the same widths).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from typing import ClassVar, NamedTuple
+from typing import Annotated, ClassVar, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, StrictFloat, StrictStr, model_validator
 from torch import nn
 
-WEIGHTINGS = ("fixed", "uncertainty")
+from stages.config_types import config
+
+Weighting = Literal["fixed", "uncertainty"]
+WEIGHTINGS = get_args(Weighting)
 
 
 class Tap(NamedTuple):
@@ -241,24 +244,22 @@ def needs_features(name: str) -> bool:
     return DISTILL_LOSSES[name].kind == "features"
 
 
-@dataclasses.dataclass(frozen=True)
+@config
 class DistillTermConfig:
     """One term of the distillation objective: a registered loss name, its weight and (kd, dml) temperature."""
 
-    name: str = ""
-    weight: float = 1.0
-    temperature: float = 1.0
+    name: StrictStr = ""
+    weight: Annotated[StrictFloat, Field(ge=0)] = 1.0
+    temperature: Annotated[StrictFloat, Field(gt=0)] = 1.0
 
-    def __post_init__(self) -> None:
-        if self.name not in DISTILL_LOSSES:
+    @model_validator(mode="after")
+    def _check(self) -> DistillTermConfig:
+        if self.name not in DISTILL_LOSSES:  # the registry, not a Literal: a new loss registers in one place
             got = f"unknown distillation loss {self.name!r}" if self.name else "missing"
             raise ValueError(f"name: {got}; allowed: {', '.join(DISTILL_LOSSES)}")
-        if self.weight < 0:
-            raise ValueError(f"weight: must be >= 0, got {self.weight}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
         if self.temperature != 1.0 and self.name not in TEMPERATURE_LOSSES:
             raise ValueError(f"temperature: only {' and '.join(TEMPERATURE_LOSSES)} take one, not {self.name!r}")
+        return self
 
 
 def check_terms(terms: Sequence[DistillTermConfig], weighting: str, online_teacher: bool) -> None:

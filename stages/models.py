@@ -9,17 +9,19 @@ A downloaded round loads in one line of user code::
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
 import json
 from pathlib import Path
+from typing import Annotated
 
 import timm
 import torch
+from pydantic import Field, StrictFloat, StrictInt, StrictStr, model_validator
 from safetensors.torch import load, load_file, save_file
 from torch import nn
 
+from stages.config_types import config
 from stages.storage import (
     atomic_target,
     atomic_write_json,
@@ -35,7 +37,7 @@ from stages.storage import (
 RANDAUG_MAX_MAGNITUDE = 10.0
 
 
-@dataclasses.dataclass(frozen=True)
+@config
 class ModelSpec:
     """One rung of the model ladder: which timm model a round trains, and the noise its student gets.
 
@@ -43,28 +45,21 @@ class ModelSpec:
     ``randaug_m`` is on timm's 0..10 scale (paper M=27 on a 0..30 scale is timm M=9); ``randaug_n=0`` disables it.
     """
 
-    model: str = "resnet10t"
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    randaug_n: int = 2
-    randaug_m: float = 5.0
+    model: StrictStr = "resnet10t"
+    drop_rate: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.0
+    drop_path_rate: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.0
+    randaug_n: Annotated[StrictInt, Field(ge=0)] = 2
+    randaug_m: Annotated[
+        StrictFloat, Field(ge=0, le=RANDAUG_MAX_MAGNITUDE, description="timm's scale; paper M=27 of 30 is 9")
+    ] = 5.0
 
-    def __post_init__(self) -> None:
-        if not timm.is_model(self.model):
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if not timm.is_model(self.model):  # timm's registry; the message lists the closest names
             close = difflib.get_close_matches(self.model, timm.list_models(), n=5)
             hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
             raise ValueError(f"model: unknown timm model {self.model!r}{hint}")
-        for name in ("drop_rate", "drop_path_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}: must be in [0, 1), got {value}")
-        if self.randaug_n < 0:
-            raise ValueError(f"randaug_n: must be >= 0, got {self.randaug_n}")
-        if not 0.0 <= self.randaug_m <= RANDAUG_MAX_MAGNITUDE:
-            raise ValueError(
-                f"randaug_m: must be in [0, {RANDAUG_MAX_MAGNITUDE:g}] (timm's scale; paper M=27 of 30 is 9), "
-                f"got {self.randaug_m}"
-            )
+        return self
 
 
 def create_model(spec: ModelSpec, num_classes: int, in_chans: int, noised: bool) -> nn.Module:

@@ -14,18 +14,20 @@ the same complete file. ``ShardLabeler`` is the per-actor callable (model loaded
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from pydantic import Field, StrictFloat, StrictInt
 
+from stages.config_types import config
 from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, optional_label, shard_id
 from stages.device import autocast, place_batch, place_model
 from stages.models import load_model
@@ -35,24 +37,14 @@ from stages.transforms import clean_transform
 SIDECAR_FORMAT = "pseudo_labels/v1"
 
 
-@dataclasses.dataclass(frozen=True)
+@config
 class PseudoLabelConfig:
     """``topk: 0`` stores full probabilities; ``max_bad_fraction`` of undecodable samples fails the stage."""
 
-    temperature: float = 1.0
-    topk: int = 0
-    batch_size: int = 256
-    max_bad_fraction: float = 0.01
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
-        if self.topk < 0:
-            raise ValueError(f"topk: must be >= 0 (0 = full probabilities), got {self.topk}")
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size: must be > 0, got {self.batch_size}")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
+    temperature: Annotated[StrictFloat, Field(gt=0)] = 1.0
+    topk: Annotated[StrictInt, Field(ge=0, description="0 = full probabilities")] = 0
+    batch_size: Annotated[StrictInt, Field(gt=0)] = 256
+    max_bad_fraction: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.01
 
 
 def soft_labels(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -27,41 +27,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, StrictFloat, StrictInt
 
-MODES = ("none", "topk", "balanced")
-LABEL_TYPES = ("soft", "hard")
+from stages.config_types import config
+
 # Keys are hashed twice with different salts: one hash breaks confidence ties, the other draws extra copies.
 _RANK_SALT, _DUP_SALT = 0, 1
 
 
-@dataclasses.dataclass(frozen=True)
+@config
 class SelectConfig:
     """Selection settings; the defaults are the paper's (floor 0.3, balanced), with K derived from the data."""
 
-    mode: str = "balanced"
-    floor: float = 0.3
-    per_class: int = 0
-    per_class_factor: float = 1.0
-    label_type: str = "soft"
-    seed: int = 0
-    bins: int = 2048
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not 0.0 <= self.floor <= 1.0:
-            raise ValueError(f"floor: a confidence in [0, 1], got {self.floor}")
-        if self.per_class < 0:
-            raise ValueError(f"per_class: K must be >= 0 (0 = derived from the data), got {self.per_class}")
-        if self.per_class_factor <= 0:
-            raise ValueError(f"per_class_factor: must be > 0, got {self.per_class_factor}")
-        if self.label_type not in LABEL_TYPES:
-            raise ValueError(f"label_type: must be soft or hard, got {self.label_type!r}")
-        if not 16 <= self.bins <= 1 << 16:
-            raise ValueError(f"bins: must be in [16, 65536], got {self.bins}")
+    mode: Literal["none", "topk", "balanced"] = "balanced"
+    floor: Annotated[StrictFloat, Field(ge=0, le=1, description="a confidence")] = 0.3
+    per_class: Annotated[StrictInt, Field(ge=0, description="K; 0 = derived from the data")] = 0
+    per_class_factor: Annotated[StrictFloat, Field(gt=0)] = 1.0
+    label_type: Literal["soft", "hard"] = "soft"
+    seed: StrictInt = 0
+    bins: Annotated[StrictInt, Field(ge=16, le=1 << 16)] = 2048
 
 
 def key_hash(keys, seed: int, salt: int) -> np.ndarray:

@@ -26,17 +26,19 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Annotated, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
 from stages import storage
 from stages.checkpoint import load_checkpoint, read_state, save_checkpoint
+from stages.config_types import Many, config
 from stages.device import autocast, place_batch, place_model
-from stages.distill import DistillTermConfig, check_terms, needs_features
+from stages.distill import DistillTermConfig, Weighting, check_terms, needs_features
 from stages.loader import MixedStream, PseudoSource
 from stages.models import ModelSpec, create_model, load_weights, unwrap
 from stages.online_distill import DistillStudent, OnlineTeacher, build_distill
@@ -44,61 +46,35 @@ from stages.transforms import check_ops, clean_transform, noised_transform
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adamw", "rmsprop")
 
-
-@dataclasses.dataclass(frozen=True)
+@config
 class TrainConfig:
     """How one model is trained (the teacher and the students each get one)."""
 
-    epochs: int = 30
-    batch_size: int = 32
-    unlabeled_ratio: float = 3.0
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
-    label_smoothing: float = 0.1
-    pseudo_weight: float = 1.0
-    grad_clip: float = 0.0
-    ema_decay: float = 0.0
-    init_from_teacher: bool = False
-    distill: tuple[DistillTermConfig, ...] = ()
-    distill_weighting: str = "fixed"
-    online_teacher: bool = False
-    randaug_ops: tuple[str, ...] = ()
-    loader_workers: int = 1
-    checkpoint_every: int = 1
-    seed: int = 0
+    epochs: Annotated[StrictInt, Field(gt=0)] = 30
+    batch_size: Annotated[StrictInt, Field(gt=0)] = 32
+    unlabeled_ratio: Annotated[StrictFloat, Field(gt=0)] = 3.0
+    optimizer: Literal["sgd", "adamw", "rmsprop"] = "adamw"
+    lr: Annotated[StrictFloat, Field(gt=0)] = 2e-3
+    weight_decay: Annotated[StrictFloat, Field(ge=0)] = 0.05
+    momentum: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.9
+    warmup_epochs: Annotated[StrictFloat, Field(ge=0)] = 1.0
+    min_lr_ratio: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.01
+    label_smoothing: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.1
+    pseudo_weight: Annotated[StrictFloat, Field(ge=0)] = 1.0
+    grad_clip: Annotated[StrictFloat, Field(ge=0)] = 0.0
+    ema_decay: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.0
+    init_from_teacher: StrictBool = False
+    distill: Many[DistillTermConfig] = ()
+    distill_weighting: Weighting = "fixed"
+    online_teacher: StrictBool = False
+    randaug_ops: Many[StrictStr] = ()
+    loader_workers: Annotated[StrictInt, Field(ge=0)] = 1
+    checkpoint_every: Annotated[StrictInt, Field(gt=0)] = 1
+    seed: StrictInt = 0
 
-    def __post_init__(self) -> None:
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "checkpoint_every": self.checkpoint_every,
-            "unlabeled_ratio": self.unlabeled_ratio,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"{name}: must be > 0, got {value}")
-        nonneg = {
-            "weight_decay": self.weight_decay,
-            "warmup_epochs": self.warmup_epochs,
-            "pseudo_weight": self.pseudo_weight,
-            "grad_clip": self.grad_clip,
-            "loader_workers": self.loader_workers,
-        }
-        for name, value in nonneg.items():
-            if value < 0:
-                raise ValueError(f"{name}: must be >= 0, got {value}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        for name in ("momentum", "min_lr_ratio", "label_smoothing", "ema_decay"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
         if self.pseudo_batch < 1:
             raise ValueError(
                 f"unlabeled_ratio: {self.unlabeled_ratio} x batch_size {self.batch_size} rounds to no pseudo-labeled "
@@ -106,6 +82,7 @@ class TrainConfig:
             )
         check_ops(self.randaug_ops)
         check_terms(self.distill, self.distill_weighting, self.online_teacher)
+        return self
 
     @property
     def pseudo_batch(self) -> int:

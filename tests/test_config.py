@@ -271,3 +271,76 @@ def test_overrides_do_not_edit_the_base_tree(tree):
 def test_an_override_value_that_is_not_yaml_is_a_config_error(tree, assignment):
     message = _refused(tree, assignment)
     assert assignment.split("=")[0] in message
+
+
+# ---------------------------------------------------------------- pydantic underneath
+
+
+def test_the_default_config_digest_is_unchanged():
+    """The digest is part of a run's resume identity: a validation rewrite must not move it (golden value)."""
+    assert load_config(DEFAULT_CONFIG).digest() == "f199817f82962d67"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rounds=0", "config.rounds: must be >= 1 (round 0 trains the teacher, rounds 1..N the students), got 0"),
+        (
+            "ladder.0.randaug_m=11",
+            "config.ladder[0].randaug_m: must be in [0, 10] (timm's scale; paper M=27 of 30 is 9), got 11.0",
+        ),
+        ("ladder.1.drop_rate=1", "config.ladder[1].drop_rate: must be in [0, 1), got 1.0"),
+        ("pseudo_label.temperature=0", "config.pseudo_label.temperature: must be > 0, got 0.0"),
+        ("student.optimizer=adam", "config.student.optimizer: must be one of sgd, adamw, rmsprop, got 'adam'"),
+        ("select.mode=5", "config.select.mode: expected str, got int 5"),
+        ("data.channels=true", "config.data.channels: expected int, got bool True"),
+        ("data.channels=2", "config.data.channels: must be 1 (grayscale) or 3 (RGB), got 2"),
+        ("data.mean=[true]", "config.data.mean[0]: expected float, got bool True"),
+        ("data.labeled=[]", "config.data.labeled: give at least one shard path or pattern"),
+        ("data.labeled=!!set {a}", "config.data.labeled: expected a list, got set"),
+        ("ladder=[5]", "config.ladder[0]: expected a mapping of ModelSpec fields, got int"),
+        (
+            "student.distill=[{name: kd, wieght: 1}]",
+            "config.student.distill[0].wieght: unknown key; did you mean 'weight'?",
+        ),
+        ("rounds=0|roundz=1", "config.roundz: unknown key; did you mean 'rounds'?"),  # unknown keys come first
+        ("student.epochs=0|student.lr=x", "config.student.lr: expected float, got str 'x'"),  # then wrong types
+    ],
+)
+def test_messages_are_worded_as_before(tree, override, message):
+    assert _refused(tree, *override.split("|")) == message
+
+
+def test_a_config_without_a_data_section_names_the_first_missing_key(tree):
+    del tree["data"]
+    assert _refused(tree) == "config.data.labeled: give at least one shard path or pattern"
+
+
+def test_stage_configs_are_validated_in_code_too_and_stay_dataclasses():
+    """Constructing or ``dataclasses.replace``-ing a config validates it: one ``ValueError`` line naming the field;
+    scalars are strict there as in YAML (an int still becomes a float, a single value a tuple)."""
+    cfg = TrainConfig(lr=1, randaug_ops="Rotate")
+    assert type(cfg.lr) is float and cfg.randaug_ops == ("Rotate",)
+    for make, message in [
+        (lambda: TrainConfig(epochs="3"), "epochs: expected int, got str '3'"),
+        (lambda: dataclasses.replace(cfg, epochs=0), "epochs: must be > 0, got 0"),
+        (lambda: ModelSpec(randaug_n=True), "randaug_n: expected int, got bool True"),
+        (
+            lambda: TrainConfig(distill=[{"name": "kd"}]),
+            "distill: kd read the teacher's outputs; set online_teacher: true",
+        ),
+    ]:
+        with pytest.raises(ValueError) as info:
+            make()
+        assert str(info.value) == message
+    assert dataclasses.is_dataclass(cfg) and dataclasses.asdict(cfg)["randaug_ops"] == ("Rotate",)
+
+
+def test_the_ray_edges_take_their_resources_from_the_config_module(tree):
+    from pipeline import config, ray_pseudo_label, ray_train
+
+    assert ray_train.TrainResources is config.TrainResources
+    assert ray_pseudo_label.LabelResources is config.LabelResources
+    resources = load_config(None, ["resources.train_workers=2", "resources.label_threads=3"], base=tree).resources
+    assert resources.train() == config.TrainResources(workers=2, use_gpu=False, cpus_per_worker=1.0, max_failures=2)
+    assert resources.label().threads == 3

@@ -58,7 +58,8 @@ class Killer(threading.Thread):
 
 
 def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, digits_root, tmp_path):
-    from pipeline.distributed.pseudo_label import LabelResources, run_pseudo_label
+    from pipeline.config import LabelResources
+    from pipeline.distributed.pseudo_label import run_pseudo_label
     from stages.models import ModelSpec, create_model, model_card, save_model
     from stages.pseudo_label import PseudoLabelConfig, sidecar_path
 
@@ -120,7 +121,8 @@ def digits_train_plan(digits_root: Path, tmp_path: Path, epochs: int):
 
 
 def test_killed_training_worker_resumes_from_its_checkpoint(ray_session, digits_root, tmp_path):
-    from pipeline.distributed.train import TrainResources, run_training
+    from pipeline.config import TrainResources
+    from pipeline.distributed.train import run_training
 
     epochs, per_epoch = 8, 7  # ceil(100 labeled / 16)
     plan = digits_train_plan(digits_root, tmp_path, epochs)
@@ -183,7 +185,8 @@ def test_killed_driver_resumes_training_from_the_checkpoint(ray_session, digits_
 
 def test_two_workers_split_each_epoch_as_documented(ray_session, digits_root, tmp_path):
     """README: a teacher epoch is ceil(labeled / (batch_size * workers)) steps on every worker."""
-    from pipeline.distributed.train import TrainResources, run_training
+    from pipeline.config import TrainResources
+    from pipeline.distributed.train import run_training
 
     plan = digits_train_plan(digits_root, tmp_path, epochs=2)
     resources = TrainResources(workers=2, cpus_per_worker=0.5, max_failures=0)

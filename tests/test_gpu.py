@@ -23,7 +23,8 @@ pytestmark = [
 
 
 def test_two_label_actors_share_one_gpu_and_agree_with_the_cpu(ray_session, digits_root, tmp_path):
-    from pipeline.distributed.pseudo_label import LabelResources, run_pseudo_label
+    from pipeline.config import LabelResources
+    from pipeline.distributed.pseudo_label import run_pseudo_label
     from stages.models import ModelSpec, create_model, load_model, model_card, save_model
     from stages.pseudo_label import PseudoLabelConfig, sidecar_path
     from stages.transforms import clean_transform
@@ -68,7 +69,8 @@ def test_two_label_actors_share_one_gpu_and_agree_with_the_cpu(ray_session, digi
 
 
 def test_a_ray_train_worker_trains_on_the_gpu(ray_session, digits_root, tmp_path):
-    from pipeline.distributed.train import TrainResources, run_training
+    from pipeline.config import TrainResources
+    from pipeline.distributed.train import run_training
     from tests.test_faults import digits_train_plan
 
     plan = digits_train_plan(digits_root, tmp_path, 3)

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_pseudo_label_streams_unlabeled_shards_from_s3(ray_session, s3_bucket, digits_root, tmp_path):
-    from pipeline.distributed.pseudo_label import LabelResources, run_pseudo_label
+    from pipeline.config import LabelResources
+    from pipeline.distributed.pseudo_label import run_pseudo_label
     from stages.models import ModelSpec, create_model, model_card, save_model
     from stages.pseudo_label import PseudoLabelConfig
 

@@ -285,7 +285,7 @@ def test_the_ray_batch_interface_wraps_label_shard(teacher_dir, digits_root, tmp
     ],
 )
 def test_label_resources_resolve_actor_count_and_threads(resources, cluster, actors, threads):
-    from pipeline.distributed.pseudo_label import LabelResources
+    from pipeline.config import LabelResources
 
     res = LabelResources(**resources)
     assert res.actor_count(cluster) == actors

@@ -13,36 +13,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from pipeline.config import LabelResources
 from stages.data import DataError
 from stages.pseudo_label import PseudoLabelConfig, ShardLabeler, sidecar_info, sidecar_path
 from stages.storage import StorageError, join, makedirs
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LabelResources:
-    """``actors: 0`` fills the cluster (one per ``gpus_per_actor`` GPUs, else per ``cpus_per_actor`` CPUs);
-    ``threads: 0`` gives each actor one torch thread per CPU it holds."""
-
-    actors: int = 0
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    threads: int = 0
-
-    def actor_count(self, cluster: dict[str, float]) -> int:
-        if self.actors:
-            return self.actors
-        if self.gpus_per_actor:
-            return max(1, int(cluster.get("GPU", 0) // self.gpus_per_actor))
-        return max(1, int(cluster.get("CPU", 1) // self.cpus_per_actor))
-
-    def torch_threads(self) -> int:
-        return self.threads or max(1, int(self.cpus_per_actor))
 
 
 def run_pseudo_label(

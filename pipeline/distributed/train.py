@@ -12,21 +12,13 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import TrainResources
 from stages.storage import filesystem, is_url, local_path
 from stages.train import TrainPlan, train_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainResources:
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
 
 
 class RayHooks:
