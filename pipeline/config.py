@@ -1,7 +1,7 @@
 """The pipeline config: frozen, typed dataclasses composed from each stage's own config, loaded from YAML.
 
-``load_config(path, overrides)`` reads YAML with ``yaml.safe_load``, applies ``key.path=value`` overrides (values
-parsed as YAML scalars) and validates the tree once: an unknown key, a wrong type or a value out of range is one
+``load_config(path, overrides)`` reads YAML with ``yaml.safe_load`` and applies ``key.path=value`` overrides
+(``pipeline/overrides.py``), then validates the tree once: an unknown key, a wrong type or a value out of range is one
 ``ConfigError`` line naming the field. ``configs/digits.yaml`` documents every key.
 
 Validation is pydantic v2's (``stages/config_types.py``: strict scalars, ``Many[T]``, the one-line message). Pydantic
@@ -11,9 +11,7 @@ keep working for their callers, and ``to_dict``/``digest`` (part of a run's resu
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -23,17 +21,15 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError, model_validator
 
+from pipeline.overrides import ConfigError, apply_override, read_tree  # noqa: F401 (apply_override: part of this API)
 from stages.config_types import Many, config, one_line
-from stages.distill import needs_features, pair_stages, term_pairs
-from stages.models import ModelSpec, check_classifier
+from stages.distill import needs_features
+from stages.models import ModelSpec, check_ladder
+from stages.online_distill import check_feature_pairs
 from stages.pseudo_label import PseudoLabelConfig
 from stages.select import SelectConfig
 from stages.storage import StorageError, check_storage
 from stages.train import TrainConfig
-
-
-class ConfigError(ValueError):
-    """A config that cannot run: unknown key, wrong type, value out of range."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,40 +172,17 @@ class PipelineConfig:
                 "teacher.distill: round 0 has no earlier model to distil from; put distill and online_teacher under "
                 "student"
             )
+        d = self.data
         if self.ladder_mode != "any":
-            self._check_ladder_sizes()
+            check_ladder(self.ladder, self.ladder_mode, d.num_classes, d.channels, d.image_size)
         if any(needs_features(t.name) for t in self.student.distill):
-            self._check_stage_pairs()
-        return self
-
-    def _check_ladder_sizes(self) -> None:
-        d = self.data
-        params = [check_classifier(spec, d.num_classes, d.channels, d.image_size) for spec in self.ladder]
-        for i in range(1, len(self.ladder)):
-            grows, shrinks = params[i] > params[i - 1], params[i] < params[i - 1]
-            if (self.ladder_mode == "compress" and grows) or (self.ladder_mode == "expand" and shrinks):
-                change, other = ("grows", "expand") if grows else ("shrinks", "compress")
-                raise ValueError(
-                    f"ladder_mode: the {self.ladder_mode} ladder {change} at ladder[{i}]: {self.ladder[i].model} has "
-                    f"{params[i]:,} parameters, {self.ladder[i - 1].model} before it {params[i - 1]:,}; "
-                    f"reorder the ladder or set ladder_mode: {other} (or any)"
-                )
-
-    def _check_stage_pairs(self) -> None:
-        """Feature losses need stages of equal size in every (teacher, student) rung pair the run trains."""
-        d = self.data
-        for r in range(1, min(self.rounds, len(self.ladder)) + 1):  # later rounds repeat the last rung's pair
-            teacher, student = self.spec(r - 1), self.spec(r)
-            s_shapes = _rung_shapes(student.model, d.num_classes, d.channels, d.image_size)
-            t_shapes = _rung_shapes(teacher.model, d.num_classes, d.channels, d.image_size)
+            # every (teacher, student) rung pair the run trains; later rounds repeat the last rung's pair
+            rungs = [(r, self.spec(r - 1), self.spec(r)) for r in range(1, min(self.rounds, len(self.ladder)) + 1)]
             try:
-                pairs = pair_stages(s_shapes, t_shapes, student.model, teacher.model)
-                for term in self.student.distill:
-                    if needs_features(term.name):
-                        term_pairs(term.name, pairs, s_shapes, t_shapes, student.model, teacher.model)
+                check_feature_pairs(rungs, self.student.distill, d.num_classes, d.channels, d.image_size)
             except ValueError as exc:
-                where = f"round {r}, {teacher.model} teaching {student.model}"
-                raise ValueError(f"student.distill: {where}: {exc}") from exc
+                raise ValueError(f"student.distill: {exc}") from exc
+        return self
 
     def spec(self, round_index: int) -> ModelSpec:
         """Round k's model; a ladder shorter than the run repeats its last entry."""
@@ -222,89 +195,12 @@ class PipelineConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Cached by timm name: noise settings change neither the parameter count nor the stage shapes.
-@functools.lru_cache(maxsize=64)
-def _rung_shapes(model: str, num_classes: int, channels: int, image_size: int) -> list:
-    from stages.online_distill import probe_shapes
-
-    spec = ModelSpec(model)
-    check_classifier(spec, num_classes, channels, image_size)  # a model that cannot take this input says so first
-    return probe_shapes(spec, num_classes, channels, image_size)
-
-
-def apply_override(tree: dict, assignment: str) -> None:
-    """``a.b.c=value`` into a nested dict; the value is parsed as YAML (``5``, ``0.1``, ``[a, b]``, ``true``).
-
-    A number steps into a list (``ladder.1.model=x``); the entry must already exist.
-    """
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
-    path, raw = assignment.split("=", 1)
-    path = path.strip()
-    keys = path.split(".")
-    node: dict | list = tree
-    for depth, key in enumerate(keys[:-1]):
-        if isinstance(node, list):
-            child = node[_list_index(node, key, path, ".".join(keys[:depth]))]
-        else:
-            child = node.setdefault(key, {})
-        if not isinstance(child, (dict, list)):
-            raise ConfigError(f"--set {path}: {key} is not a section")
-        node = child
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(
-            f"--set {path}: the value {raw!r} is not valid YAML ({_yaml_problem(exc)}); "
-            "quote strings holding { } [ ] , : or #, e.g. data.labeled=['/d/x-{0..3}.tar']"
-        ) from exc
-    if isinstance(node, list):
-        node[_list_index(node, keys[-1], path, ".".join(keys[:-1]))] = value
-    else:
-        node[keys[-1]] = value
-
-
-def _list_index(items: list, key: str, path: str, where: str) -> int:
-    """``key`` as an index of the list at ``where``, or a ``ConfigError`` saying which indices exist."""
-    valid = f"indices 0..{len(items) - 1}" if items else "it is empty"
-    if not key.isdigit():
-        raise ConfigError(f"--set {path}: {where} is a list ({valid}); put an entry index before {key!r}")
-    if int(key) >= len(items):
-        raise ConfigError(
-            f"--set {path}: {where} has no entry {key} ({valid}); "
-            f"add the entry in the config file or set the whole list ({where}=[...])"
-        )
-    return int(key)
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """PyYAML's problem in one line, without its multi-line location excerpt."""
-    context, problem = getattr(exc, "context", None), getattr(exc, "problem", None)
-    if problem is None:
-        return str(exc).splitlines()[0]
-    return f"{context}: {problem}" if context else problem
-
-
 _VALIDATE = TypeAdapter(PipelineConfig)
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), base: dict | None = None) -> PipelineConfig:
-    tree: dict = copy.deepcopy(base or {})  # overrides edit nested sections in place; the caller's base stays as is
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {path} not found") from exc
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            hint = "; quote strings holding { } [ ] , or : inside [...]" if "flow" in str(exc) else ""
-            raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(exc)}{hint}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: the top level must be a mapping")
-        tree.update(loaded or {})
-    for assignment in overrides:
-        apply_override(tree, assignment)
+    """The config in YAML file ``path`` (or ``base`` alone), ``--set`` ``overrides`` applied, validated once."""
+    tree = read_tree(path, overrides, base)
     try:
         return _VALIDATE.validate_python(tree)
     except ValidationError as exc:

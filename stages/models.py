@@ -77,6 +77,20 @@ def check_classifier(spec: ModelSpec, num_classes: int, in_chans: int, image_siz
 
 
 @functools.lru_cache(maxsize=64)
+def check_ladder(ladder: tuple[ModelSpec, ...], mode: str, num_classes: int, in_chans: int, image_size: int) -> None:
+    """``mode`` ``expand``: no rung has fewer parameters than the one before; ``compress``: none has more."""
+    params = [check_classifier(spec, num_classes, in_chans, image_size) for spec in ladder]
+    for i in range(1, len(ladder)):
+        grows, shrinks = params[i] > params[i - 1], params[i] < params[i - 1]
+        if (mode == "compress" and grows) or (mode == "expand" and shrinks):
+            change, other = ("grows", "expand") if grows else ("shrinks", "compress")
+            raise ValueError(
+                f"ladder_mode: the {mode} ladder {change} at ladder[{i}]: {ladder[i].model} has "
+                f"{params[i]:,} parameters, {ladder[i - 1].model} before it {params[i - 1]:,}; "
+                f"reorder the ladder or set ladder_mode: {other} (or any)"
+            )
+
+
 def _classifier_params(name: str, num_classes: int, in_chans: int, image_size: int) -> int:
     spec = ModelSpec(name)
     try:

@@ -14,6 +14,7 @@ student reads in ``batch["x"]`` (``stages.loader.MixedStream`` yields both views
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 
 from stages.device import place_model
-from stages.distill import DistillLoss, DistillTermConfig, Shape, Tap, describe, needs_features
-from stages.models import ModelSpec, create_model, load_model
+from stages.distill import DistillLoss, DistillTermConfig, Shape, Tap, describe, needs_features, pair_stages, term_pairs
+from stages.models import ModelSpec, check_classifier, create_model, load_model
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,35 @@ def stage_shapes(model: nn.Module, in_chans: int, image_size: int, name: str = "
 def probe_shapes(spec: ModelSpec, num_classes: int, in_chans: int, image_size: int) -> list[Shape]:
     """Stage shapes of a ladder rung, from a freshly built model (config checks, before any training)."""
     return stage_shapes(create_model(spec, num_classes, in_chans, noised=False), in_chans, image_size, spec.model)
+
+
+# Cached by timm name: noise settings change neither the parameter count nor the stage shapes.
+@functools.lru_cache(maxsize=64)
+def _rung_shapes(model: str, num_classes: int, channels: int, image_size: int) -> list[Shape]:
+    spec = ModelSpec(model)
+    check_classifier(spec, num_classes, channels, image_size)  # a model that cannot take this input says so first
+    return probe_shapes(spec, num_classes, channels, image_size)
+
+
+def check_feature_pairs(
+    rungs: list[tuple[int, ModelSpec, ModelSpec]],
+    terms: tuple[DistillTermConfig, ...],
+    num_classes: int,
+    channels: int,
+    image_size: int,
+) -> None:
+    """Feature losses need stages of equal size in every ``(round, teacher, student)`` pair; a ``ValueError``
+    naming the round and the pair otherwise (checked at config load, before any training)."""
+    for r, teacher, student in rungs:
+        s_shapes = _rung_shapes(student.model, num_classes, channels, image_size)
+        t_shapes = _rung_shapes(teacher.model, num_classes, channels, image_size)
+        try:
+            pairs = pair_stages(s_shapes, t_shapes, student.model, teacher.model)
+            for term in terms:
+                if needs_features(term.name):
+                    term_pairs(term.name, pairs, s_shapes, t_shapes, student.model, teacher.model)
+        except ValueError as exc:
+            raise ValueError(f"round {r}, {teacher.model} teaching {student.model}: {exc}") from exc
 
 
 class OnlineTeacher:

@@ -337,10 +337,11 @@ def test_stage_configs_are_validated_in_code_too_and_stay_dataclasses():
 
 
 def test_the_ray_edges_take_their_resources_from_the_config_module(tree):
-    from pipeline import config, ray_pseudo_label, ray_train
+    from pipeline import config
+    from pipeline.distributed import pseudo_label, train
 
-    assert ray_train.TrainResources is config.TrainResources
-    assert ray_pseudo_label.LabelResources is config.LabelResources
+    assert train.TrainResources is config.TrainResources
+    assert pseudo_label.LabelResources is config.LabelResources
     resources = load_config(None, ["resources.train_workers=2", "resources.label_threads=3"], base=tree).resources
     assert resources.train() == config.TrainResources(workers=2, use_gpu=False, cpus_per_worker=1.0, max_failures=2)
     assert resources.label().threads == 3

@@ -338,7 +338,7 @@ def _online_plan(digits_root: Path, tmp: Path, teacher_dir: Path, epochs: int) -
 
 
 def test_online_teacher_sees_the_clean_view_in_eval_mode_without_grad(digits_root, teacher_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("stages.online_distill.OnlineTeacher", RecordingTeacher)
+    monkeypatch.setattr("stages.train.OnlineTeacher", RecordingTeacher)
     RecordingTeacher.seen = []
     hooks = StudentHooks(tmp_path / "ckpt")
     train_model(_online_plan(digits_root, tmp_path, teacher_dir, epochs=1), hooks)
