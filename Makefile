@@ -8,7 +8,7 @@ ROUNDS ?= 3
 RUN ?=
 SET ?=
 
-.PHONY: venv data iterate submit download report report-check test lint clean
+.PHONY: venv data iterate submit download report report-check test lint bench-table bench-table-check clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -48,6 +48,14 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline stages tests bench
+
+# The README's benchmark tables, rendered from bench/results/*.json (each bench saves its result there);
+# bench-table-check fails when the README differs from what those files give.
+bench-table: $(STAMP)
+	$(PY) bench/table.py
+
+bench-table-check: $(STAMP)
+	$(PY) bench/table.py --check
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -1,9 +1,24 @@
-"""Shared by the bench scripts: peak memory over this process and the Ray workers; the device of the hand loops."""
+"""Shared by the bench scripts: where results are saved (with the machine's facts), peak memory over this process
+and the Ray workers, the device of the hand loops.
+
+Every bench ends with one JSON line and, unless ``--no-save``, writes the same object, with ``machine`` (CPU model,
+cores, RAM, GPU, library versions, git commit, date, command line) added, to ``bench/results/<name>-<stamp>.json``.
+``bench/table.py`` renders the README's tables from those files.
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
 import threading
+from importlib import metadata
+from pathlib import Path
 
 import psutil
 import torch
@@ -130,3 +145,77 @@ def wait_until_idle(threshold: float = 0.1, window: float = 1.0, timeout: float 
         if ray_cpu() - before < threshold * window:
             break
     return time.perf_counter() - start
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parents[1]
+
+
+def add_result_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-save", action="store_true", help="print the JSON line only (smoke runs)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"where results are saved (default {RESULTS})")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_facts() -> dict:
+    """What a figure was measured on and with. Versions come from package metadata (no ``import ray``)."""
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"name": props.name, "count": torch.cuda.device_count(), "memory_gb": round(props.total_memory / 2**30)}
+    commit = _git("rev-parse", "HEAD")
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in ("torch", "torchvision", "timm", "ray", "webdataset", "pyarrow")},
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": commit,
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # a busy machine reads slower: kept beside the figures
+    }
+
+
+def save_result(result: dict, name: str, args: argparse.Namespace) -> Path | None:
+    """Print ``result`` as the final JSON line and, unless ``args.no_save``, write it with ``machine`` added to
+    ``<args.results>/<name>-<UTC stamp>.json`` (a new file per run: the table takes the latest per setting)."""
+    result = {**result, "machine": machine_facts()}
+    print(json.dumps(result))
+    if args.no_save:
+        return None
+    stamp = result["machine"]["date"].replace(":", "").replace("-", "")
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{name}-{stamp}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
+    print(f"saved {path}", file=sys.stderr)
+    return path

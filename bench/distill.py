@@ -12,7 +12,8 @@ with ``LocalHooks``: the pipeline's training stage without Ray), and is evaluate
 ``runs/bench-distill``) and reused while the teacher settings are unchanged.
 
 Prints a table of test top-1 per method, then one JSON line ``{"bench": "distill", "teacher_top1": t,
-"methods": {name: {"top1": ..., "seconds": ..., "terms": ...}}, ...}``.
+"methods": {name: {"top1": ..., "seconds": ..., "terms": ...}}, ...}``, also saved to ``bench/results/``
+(``--no-save`` for smoke runs).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import add_result_args, save_result  # noqa: E402
 
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
 from stages.data import expand_shards, load_labeled, shard_id  # noqa: E402
@@ -150,6 +153,7 @@ def main() -> None:
     parser.add_argument("--methods", default="all", help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--work", default="runs/bench-distill", help="teacher, sidecars, selection, per-method runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_result_args(parser)
     args = parser.parse_args()
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -194,19 +198,21 @@ def main() -> None:
     print(f"{'method':<15} {'test top-1':>10} {'train s':>8}  terms (beside the pseudo-label loss)")
     for name, r in results.items():
         print(f"{name:<15} {100 * r['top1']:>9.2f}% {r['seconds']:>8.0f}  {r['terms']}")
-    print(
-        json.dumps(
-            {
-                "bench": "distill",
-                "config": args.config,
-                "epochs": args.epochs,
-                "teacher": cfg.spec(0).model,
-                "student": cfg.spec(1).model,
-                "teacher_top1": round(info["teacher_top1"], 4),
-                "pseudo_count": info["pseudo_count"],
-                "methods": results,
-            }
-        )
+    save_result(
+        {
+            "bench": "distill",
+            "setting": f"{Path(args.config).stem}, {args.epochs} student epochs"
+            + "".join(f" {s}" for s in args.overrides),
+            "config": args.config,
+            "epochs": args.epochs,
+            "teacher": cfg.spec(0).model,
+            "student": cfg.spec(1).model,
+            "teacher_top1": round(info["teacher_top1"], 4),
+            "pseudo_count": info["pseudo_count"],
+            "methods": results,
+        },
+        "distill",
+        args,
     )
 
 

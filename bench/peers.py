@@ -3,7 +3,7 @@
     python bench/peers.py --run runs/<run>
 
 Peers see the same 100 labeled + 1,337 unlabeled images (features: pixels / 255) and the same 360 test images.
-Prints a table, then one JSON line ``{"bench": "peers", ...}``.
+Prints a table, then one JSON line ``{"bench": "peers", ...}``, also saved to ``bench/results/`` (``--no-save``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import add_result_args, save_result  # noqa: E402
 
 from stages.digits import split_digits  # noqa: E402
 
@@ -69,6 +71,7 @@ def pipeline_scores(run_dir: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="a finished run folder (runs/<run>) to print beside the peers")
+    add_result_args(parser)
     args = parser.parse_args()
     start = time.perf_counter()
     peers = peer_scores()
@@ -84,11 +87,8 @@ def main() -> None:
             f"\nlast round {last * 100:.2f}% vs best peer {best_peer * 100:.2f}%: "
             f"{'above' if last > best_peer else 'NOT above'} every peer"
         )
-    print(
-        json.dumps(
-            {"bench": "peers", "peers": peers, "pipeline": ours, "seconds": round(time.perf_counter() - start, 1)}
-        )
-    )
+    result = {"bench": "peers", "setting": "digits split, seed 0", "peers": peers, "pipeline": ours}
+    save_result(result | {"seconds": round(time.perf_counter() - start, 1)}, "peers", args)
 
 
 if __name__ == "__main__":

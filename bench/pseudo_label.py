@@ -1,25 +1,28 @@
-"""Pseudo-label throughput: the real Ray stage vs a hand-written webdataset loop vs the bare forward pass.
+"""Pseudo-label throughput: the real Ray stage against the best of the hand-written loops, and the bare forward pass.
 
-    python bench/pseudo_label.py --images 20000 [--threads 2] [--actors 0] [--actor-threads 0] [--loop-script]
-    python bench/pseudo_label.py --gpu --images 100000 --actors 4 --cpus-per-actor 3 --shards /tmp/pl-shards
+    python bench/pseudo_label.py --images 200000 --image-size 64 --encode jpeg     # the acceptance run (2 cores)
+    python bench/pseudo_label.py --images 2000 --no-save                           # a smoke run
+    python bench/pseudo_label.py --gpu --images 20000 --image-size 224 --model resnet50 --actors 4 --cpus-per-actor 3
 
-With ``--gpu`` the loop and bare runs use the GPU with bf16 autocast and channels_last (as the stage's actors
-do there) and the stage's ``--actors`` share one GPU (``gpus_per_actor = 1 / actors``; default one actor).
-``--shards DIR`` keeps the generated shards in DIR and reuses them on the next run.
-
-Generates synthetic shards (32x32 RGB, PNG and JPEG mixed, 1,000 per shard), saves an untrained ``resnet18``,
-and times, with the same model, batch size (256) and torch thread count:
+Generates photo-like shards (``bench/images.py``: gradients, shapes, texture; ``--encode jpeg|png|mixed``, 1,000
+per shard, kept with ``--shards DIR`` and reused), saves an untrained ``--model`` and times, with the same model,
+batch size (256) and decoding (the stage's own functions):
 
 - ``stage``: ``pipeline.distributed.pseudo_label.run_pseudo_label`` on a running local Ray, writing its sidecars
-  (actor start-up included, ``ray.init`` not);
-- ``loop``: one process reading the shards with the webdataset library, decoding, batching, forward;
+  (actor start-up included, ``ray.init`` not). It holds ``actors x cpus_per_actor`` CPUs: ``stage_cpus``.
+- the loops (``bench/label_loops.py``), each given ``stage_cpus`` CPUs: ``serial`` (one process, decode in series
+  with the forward pass), ``loader`` (``wds.WebLoader`` with decode workers, ``--loader WxT``: W workers feeding a
+  forward of T torch threads; default ``stage_cpus`` x ``stage_cpus``; ``loop_workers`` in the JSON), and ``procs``
+  (``stage_cpus`` processes each labeling 1/N of the shards with one torch thread, imports and model load timed);
 - ``bare``: the forward pass alone on tensors already in memory.
 
-Shards are generated in a forked child, so this process's RSS is not inflated by the samples. Ray is left to
-finish booting (dashboard, agents) before the stage is timed. Peak RSS is the largest resident set of one
-process (this one or any Ray worker), less the object store's shared pages (reported apart), polled every 0.5 s
-during the stage.
-Final line: ``{"bench": "pseudo_label", "images": N, "stage_images_per_s": ..., ...}``.
+``ratio`` is the stage's images/s over the best loop's (``loop_best``); every loop's figure is in ``loops``. With
+``--gpu`` every variant runs the model on the GPU with bf16 autocast and channels_last, as the stage's actors do
+there; the stage's ``--actors`` share it (``gpus_per_actor = 1 / actors``).
+
+Ray is left to finish booting (dashboard, agents) before the stage is timed. Peak RSS is the largest resident set
+of one process (this one or any Ray worker), less the object store's shared pages, polled every 0.5 s during the
+stage. Final line: ``{"bench": "pseudo_label", "ratio": ..., ...}``, also saved to ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -29,201 +32,184 @@ import sys
 sys.path.append(sys.path.pop(0))  # this folder last: bench/select.py must not shadow the stdlib select module
 
 import argparse
-import io
-import json
-import multiprocessing
+import math
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import Accel, PeakRss, wait_until_idle  # noqa: E402
+from bench_common import Accel, PeakRss, add_result_args, save_result, wait_until_idle  # noqa: E402
+from images import ENCODINGS, make_shards  # noqa: E402
+from label_loops import label_loader, label_procs, label_serial  # noqa: E402
 
-from stages.data import write_shards  # noqa: E402
-
-MODEL, BATCH, SIZE, PER_SHARD, CLASSES = "resnet18", 256, 32, 1000, 10
-
-
-def make_shards(root: Path, images: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    samples = []
-    for i in range(images):
-        array = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-        buf, fmt = io.BytesIO(), ("png", "jpg")[i % 2]
-        Image.fromarray(array).save(buf, format="PNG" if fmt == "png" else "JPEG", quality=90)
-        samples.append({"__key__": f"s{i:08d}", fmt: buf.getvalue()})
-    shards = write_shards(samples, root, "unlabeled", max(1, images // PER_SHARD))
-    (root / "count").write_text(str(images))  # for --shards: these shards may be reused
-    return shards
+BATCH, PER_SHARD, CLASSES = 256, 1000, 10
+MEAN = STD = (0.5, 0.5, 0.5)
+VARIANTS = ("serial", "loader", "procs")
 
 
-def kept_shards(folder: Path | None, images: int) -> list[str] | None:
-    """The shards a previous ``--shards`` run left in ``folder``, if they hold ``images`` samples."""
-    if folder is None or not (folder / "count").exists() or (folder / "count").read_text() != str(images):
-        return None
-    return sorted(str(p) for p in folder.glob("*.tar"))
-
-
-def save_teacher(out: Path) -> None:
+def save_teacher(out: Path, model: str, input_size: int) -> None:
     from stages.models import ModelSpec, create_model, model_card, save_model
 
-    spec = ModelSpec(MODEL)
-    save_model(
-        create_model(spec, CLASSES, 3, noised=False), out, model_card(spec, CLASSES, 3, SIZE, (0.5,) * 3, (0.5,) * 3)
-    )
+    spec = ModelSpec(model)
+    save_model(create_model(spec, CLASSES, 3, noised=False), out, model_card(spec, CLASSES, 3, input_size, MEAN, STD))
 
 
-def bench_bare(model: torch.nn.Module, images: int, accel: Accel) -> float:
-    x = accel.batch(torch.randn(BATCH, 3, SIZE, SIZE))
+def bench_bare(model: torch.nn.Module, images: int, size: int, accel: Accel) -> float:
+    x = accel.batch(torch.randn(BATCH, 3, size, size))
+    steps = max(1, images // BATCH)
     with torch.inference_mode(), accel.autocast():
         for _ in range(3):
             model(x)  # warm-up (on a GPU: kernel selection, allocator)
         accel.sync()
         start = time.perf_counter()
-        for _ in range(max(1, images // BATCH)):
+        for _ in range(steps):
             model(x)
         accel.sync()
-    return max(1, images // BATCH) * BATCH / (time.perf_counter() - start)
+    return steps * BATCH / (time.perf_counter() - start)
 
 
-def bench_loop(model: torch.nn.Module, shards: list[str], accel: Accel) -> float:
-    """What a user writes by hand: webdataset pipeline, PIL decode, clean transform, batched forward."""
-    import webdataset as wds
+def run_loops(args, teacher: Path, shards: list[str], stage_cpus: int, accel: Accel, work: Path) -> dict[str, dict]:
+    """Every requested loop variant on the same shards; ``{name: {"images_per_s", ...}}``."""
+    from stages.models import load_model
 
-    from stages.transforms import clean_transform
-
-    transform = clean_transform(SIZE, (0.5,) * 3, (0.5,) * 3)
-
-    def decode(sample):
-        data = sample.get("png") or sample.get("jpg")
-        return sample["__key__"], transform(Image.open(io.BytesIO(data)).convert("RGB"))
-
-    ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).map(decode).batched(BATCH)
-    n, start = 0, time.perf_counter()
-    with torch.inference_mode():
-        for keys, x in ds:
-            with accel.autocast():
-                logits = model(accel.batch(x))
-            torch.softmax(logits.float(), dim=-1).cpu()  # the labels come back to the host, as the stage's do
-            n += len(keys)
-    return n / (time.perf_counter() - start)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=20_000)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--actors", type=int, default=0, help="label actors (0 = the stage's default: one per CPU)")
-    parser.add_argument("--actor-threads", type=int, default=0, help="torch threads per actor (0 = one per CPU held)")
-    parser.add_argument("--gpu", action="store_true", help="loop and bare on the GPU; the stage's actors share it")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each label actor holds")
-    parser.add_argument("--shards", type=Path, help="keep the generated shards here and reuse them next time")
-    parser.add_argument("--skip-loop", action="store_true", help="only the stage (for memory runs)")
-    parser.add_argument(
-        "--loop-script",
-        action="store_true",
-        help="also time the loop as a fresh process (imports and model load included, as the stage's actors pay)",
-    )
-    parser.add_argument(
-        "--_loop-only", dest="loop_only", nargs=2, metavar=("TEACHER", "SHARDS"), help=argparse.SUPPRESS
-    )
-    args = parser.parse_args()
-    accel = Accel(args.gpu)
-    if args.loop_only:  # the child of --loop-script: what a user's script does from its first line
-        torch.set_num_threads(args.threads)
-        from stages.models import load_model
-
-        model, _ = load_model(args.loop_only[0])
-        bench_loop(accel.model(model), json.loads(args.loop_only[1]), accel)
-        return
+    model, card = load_model(teacher)
+    model = accel.model(model)
+    loops: dict[str, dict] = {}
+    for variant in args.variants.split(","):
+        if variant == "serial":
+            runs = {"serial": label_serial(model, card, shards, accel, BATCH, stage_cpus)}
+        elif variant == "loader":
+            settings = (args.loader or f"{stage_cpus}x{stage_cpus}").split(",")
+            grid = [tuple(int(v) for v in wt.split("x")) for wt in settings]
+            runs = {f"loader-{w}x{t}": label_loader(model, card, shards, accel, BATCH, w, t) for w, t in grid}
+        elif variant == "procs":
+            runs = {"procs": label_procs(teacher, shards, stage_cpus, args.gpu, work / "procs", BATCH)}
+        else:
+            raise SystemExit(f"--variants: unknown {variant!r}; choose from {', '.join(VARIANTS)}")
+        for name, run in runs.items():
+            if run["images"] != args.images:
+                raise RuntimeError(f"{name}: labeled {run['images']} of {args.images} images")
+            run["images_per_s"] = round(run.pop("images") / run["seconds"], 1)
+            run["seconds"] = round(run["seconds"], 1)
+            loops[name] = run
+            print(f"loop {name:<12} {run['images_per_s']:8.0f} img/s ({run['workers']} workers)", flush=True)
     torch.set_num_threads(args.threads)
+    return loops
 
+
+def run_stage(args, teacher: Path, shards: list[str], out: Path) -> tuple[dict, float, PeakRss, object]:
     import ray
 
     from pipeline.config import LabelResources
     from pipeline.distributed.pseudo_label import run_pseudo_label
     from pipeline.distributed.runtime import init_ray
-    from stages.models import load_model
     from stages.pseudo_label import PseudoLabelConfig
 
+    init_ray(num_cpus=os.cpu_count())
+    print(f"Ray booted and idle after {wait_until_idle():.1f} s more", flush=True)
+    actors = args.actors or (1 if args.gpu else 0)
+    resources = LabelResources(
+        actors=actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=1 / actors if args.gpu else 0.0,
+        threads=args.actor_threads,
+    )
+    assert resources.actor_count(ray.cluster_resources()) == stage_actors(args)
+    with PeakRss() as rss:
+        start = time.perf_counter()
+        summary = run_pseudo_label(str(teacher), shards, str(out), PseudoLabelConfig(batch_size=BATCH), 3, resources)
+        seconds = time.perf_counter() - start
+    if summary["rows"] != args.images:
+        raise RuntimeError(f"stage: labeled {summary['rows']} of {args.images} images")
+    return summary, seconds, rss, resources
+
+
+def stage_actors(args) -> int:
+    """The stage's actor count, as ``LabelResources.actor_count`` gives it on this machine's local Ray."""
+    if args.actors:
+        return args.actors
+    return 1 if args.gpu else max(1, int((os.cpu_count() or 1) // args.cpus_per_actor))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--image-size", type=int, default=64, help="stored image size (pixels, square)")
+    parser.add_argument("--input-size", type=int, default=0, help="model input size (0 = --image-size)")
+    parser.add_argument("--encode", choices=ENCODINGS, default="jpeg")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the bare pass")
+    parser.add_argument("--actors", type=int, default=0, help="label actors (0 = the stage's default: one per CPU)")
+    parser.add_argument("--actor-threads", type=int, default=0, help="torch threads per actor (0 = one per CPU held)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each label actor holds")
+    parser.add_argument("--gpu", action="store_true", help="every variant on the GPU; the stage's actors share it")
+    parser.add_argument("--shards", type=Path, help="keep the generated shards here and reuse them next time")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"loops to time, of {', '.join(VARIANTS)}")
+    parser.add_argument("--loader", default="", help="loader settings WxT[,WxT...] (default stage_cpus x stage_cpus)")
+    parser.add_argument("--skip-loop", action="store_true", help="only the stage (memory runs, more actors)")
+    add_result_args(parser)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    accel = Accel(args.gpu)
+    torch.set_num_threads(args.threads)
+    input_size = args.input_size or args.image_size
+    stage_cpus = math.ceil(stage_actors(args) * args.cpus_per_actor)
     with tempfile.TemporaryDirectory(prefix="bench-pl-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        shards = kept_shards(args.shards, args.images)
-        if shards is None:
-            for stale in args.shards.glob("*.tar") if args.shards else ():
-                stale.unlink()
-            # Generated in a child process: the samples it holds would otherwise stay in this process's RSS.
-            with multiprocessing.get_context("fork").Pool(1) as pool:
-                shards = pool.apply(make_shards, (args.shards or root / "shards", args.images))
-            print(f"generated {args.images} images in {len(shards)} shards ({time.perf_counter() - t0:.1f} s)")
-        save_teacher(root / "teacher")
-        model, _ = load_model(root / "teacher")
-        model = accel.model(model)
-        bare = bench_bare(model, min(args.images, 5_000 if not args.gpu else 50_000), accel)
+        shards = make_shards(args.shards or root / "shards", args.images, args.image_size, args.encode)
+        print(f"{args.images} images in {len(shards)} shards ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        save_teacher(root / "teacher", args.model, input_size)
+        from stages.models import load_model
+
+        bare_model = accel.model(load_model(root / "teacher")[0])
+        bare = bench_bare(bare_model, min(args.images, 50_000 if args.gpu else 5_000), input_size, accel)
+        del bare_model
         print(f"bare  {bare:8.0f} img/s on {accel.describe()}", flush=True)
-        loop = None if args.skip_loop else bench_loop(model, shards, accel)
-        if loop:
-            print(f"loop  {loop:8.0f} img/s", flush=True)
-        loop_script = None
-        if args.loop_script:
-            start = time.perf_counter()
-            child = [sys.executable, __file__, "--threads", str(args.threads), *(["--gpu"] if args.gpu else [])]
-            child += ["--_loop-only", str(root / "teacher")]
-            subprocess.run([*child, json.dumps(shards)], check=True)
-            loop_script = args.images / (time.perf_counter() - start)
-            print(f"loop as a script {loop_script:8.0f} img/s (process start, imports, model load included)")
-        init_ray(num_cpus=os.cpu_count())
-        print(f"Ray booted and idle after {wait_until_idle():.1f} s more", flush=True)
-        cfg = PseudoLabelConfig(batch_size=BATCH)
-        actors = args.actors or (1 if args.gpu else 0)
-        resources = LabelResources(
-            actors=actors,
-            cpus_per_actor=args.cpus_per_actor,
-            gpus_per_actor=1 / actors if args.gpu else 0.0,
-            threads=args.actor_threads,
-        )
-        with PeakRss() as rss:
-            start = time.perf_counter()
-            summary = run_pseudo_label(str(root / "teacher"), shards, str(root / "out"), cfg, 3, resources)
-            seconds = time.perf_counter() - start
-        assert summary["rows"] == args.images, summary["rows"]
-        stage = args.images / seconds
-        startup = summary["startup_seconds"]
-        print(f"stage {stage:8.0f} img/s ({seconds:.1f} s, of which {startup:.1f} s actor start-up)", flush=True)
-    print(
-        json.dumps(
-            {
-                "bench": "pseudo_label",
-                "images": args.images,
-                "stage_images_per_s": round(stage, 1),
-                "loop_images_per_s": round(loop, 1) if loop else None,
-                "bare_images_per_s": round(bare, 1),
-                "ratio": round(stage / loop, 3) if loop else None,
-                "ratio_bare": round(stage / bare, 3),
-                "peak_rss_mb": round(rss.peak / 2**20, 1),
-                "peak_rss_process": rss.peak_process.split()[0] if rss.peak_process else "",
-                "peak_object_store_shared_mb": round(rss.peak_shared / 2**20, 1),
-                "loop_script_images_per_s": round(loop_script, 1) if loop_script else None,
-                "ratio_script": round(stage / loop_script, 3) if loop_script else None,
-                "stage_seconds": round(seconds, 1),
-                "stage_startup_s": round(startup, 1),
-                "stage_after_startup_images_per_s": round(args.images / (seconds - startup), 1),
-                "threads": args.threads,
-                "actors": resources.actor_count(ray.cluster_resources()),
-                "actor_threads": resources.torch_threads(),
-                "cpus_per_actor": args.cpus_per_actor,
-                "device": accel.describe(),
-            }
-        )
-    )
+        loops = {} if args.skip_loop else run_loops(args, root / "teacher", shards, stage_cpus, accel, root)
+        summary, seconds, rss, resources = run_stage(args, root / "teacher", shards, root / "out")
+    stage, startup = args.images / seconds, summary["startup_seconds"]
+    print(f"stage {stage:8.0f} img/s ({seconds:.1f} s, of which {startup:.1f} s actor start-up)", flush=True)
+    best = max(loops, key=lambda k: loops[k]["images_per_s"]) if loops else None
+    best_rate = loops[best]["images_per_s"] if best else None
+    result = {
+        "bench": "pseudo_label",
+        "setting": f"{'gpu' if args.gpu else 'cpu'} {args.model} {args.image_size}px {args.encode}",
+        "images": args.images,
+        "image_size": args.image_size,
+        "input_size": input_size,
+        "encode": args.encode,
+        "model": args.model,
+        "stage_images_per_s": round(stage, 1),
+        "loop_best": best,
+        "loop_best_images_per_s": best_rate,
+        "ratio": round(stage / best_rate, 3) if best_rate else None,
+        "loops": loops,
+        # the decode workers (loader) or processes (procs) each parallel loop was given: stage_cpus by default
+        "loop_workers": min((v["workers"] for k, v in loops.items() if k != "serial"), default=None),
+        "loop_best_workers": loops[best]["workers"] if best else None,
+        "stage_cpus": stage_cpus,
+        "bare_images_per_s": round(bare, 1),
+        "ratio_bare": round(stage / bare, 3),
+        "stage_seconds": round(seconds, 1),
+        "stage_startup_s": round(startup, 1),
+        "stage_after_startup_images_per_s": round(args.images / (seconds - startup), 1),
+        "peak_rss_mb": round(rss.peak / 2**20, 1),
+        "peak_rss_process": rss.peak_process.split()[0] if rss.peak_process else "",
+        "peak_object_store_shared_mb": round(rss.peak_shared / 2**20, 1),
+        "actors": stage_actors(args),
+        "actor_threads": resources.torch_threads(),
+        "cpus_per_actor": args.cpus_per_actor,
+        "device": accel.describe(),
+    }
+    save_result(result, "pseudo_label", args)
 
 
 if __name__ == "__main__":

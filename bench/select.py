@@ -7,7 +7,8 @@ drawn from a Zipf-like law (so some classes are cut to K and others duplicated) 
 law, then times ``pipeline.distributed.select.run_selection`` with the paper's settings (floor 0.3, balanced, K derived)
 on a running local Ray (``ray.init`` and sidecar generation not timed). Peak RSS is the largest resident set of
 this process or any Ray worker during the stage (see ``bench_common.PeakRss``).
-Final line: ``{"bench": "select", "rows": N, "classes": C, "seconds": s, "peak_rss_mb": m, ...}``.
+Final line: ``{"bench": "select", "rows": N, "classes": C, "seconds": s, "peak_rss_mb": m, ...}``, also saved
+to ``bench/results/`` (``--no-save`` for smoke runs).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import sys
 sys.path.append(sys.path.pop(0))  # this folder last: this file must not shadow the stdlib select module
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -27,7 +27,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import PeakRss  # noqa: E402
+from bench_common import PeakRss, add_result_args, save_result  # noqa: E402
 
 from stages.pseudo_label import SIDECAR_FORMAT, write_sidecar  # noqa: E402
 
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=0, help="default: one per 10,000 rows")
     ap.add_argument("--topk", type=int, default=5)
     ap.add_argument("--dir", default="", help="work folder (default: a temporary one)")
+    add_result_args(ap)
     args = ap.parse_args()
     shards = args.shards or max(1, args.rows // 10_000)
 
@@ -90,6 +91,7 @@ def main() -> None:
         out_mb = sum(f.stat().st_size for f in (root / "selection").glob("*.parquet")) / 2**20
     result = {
         "bench": "select",
+        "setting": f"{args.rows:,} rows, {args.classes:,} classes, top-{args.topk}",
         "rows": args.rows,
         "classes": args.classes,
         "shards": shards,
@@ -103,7 +105,7 @@ def main() -> None:
         "output_mb": round(out_mb, 1),
         "cpus": os.cpu_count(),
     }
-    print(json.dumps(result))
+    save_result(result, "select", args)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,30 @@
-"""Training throughput: the real Ray Train stage vs a hand-written PyTorch loop vs the bare step.
+"""Training throughput: the real Ray Train stage against a hand-written DataLoader loop, and the bare step.
 
-    python bench/train.py [--steps 60] [--threads 2] [--repeat 3]
-    python bench/train.py --gpu --loader-workers 8 --batch 512 --steps 100
+    python bench/train.py --repeat 3                      # teacher path: labeled shards only
+    python bench/train.py --student --repeat 3            # student path: labeled + selected pseudo-labeled shards
+    python bench/train.py --student --steps 20 --no-save  # a smoke run
+    python bench/train.py --gpu --student --model resnet50 --image-size 224 --batch 256 --loader-workers 6
 
-Same model (``resnet18``, 32x32 RGB, 10 classes), batch size (128), optimizer (AdamW) and noise
-(RandAugment n2 m9, dropout 0.2, drop path 0.1), on synthetic PNG/JPEG shards:
+Same model (``--model``, default ``resnet18``, 10 classes), input (photo-like ``--image-size`` px ``--encode``
+shards from ``bench/images.py``), step batch (``--batch``), optimizer (AdamW), loss, noise (RandAugment n2 m9,
+dropout 0.2, drop path 0.1), torch threads and DataLoader workers in both:
 
-- ``stage``: ``pipeline.distributed.train.run_training`` through Ray Train, one worker, reading shards; images/s is
-  the steady-state rate measured by the worker over its epochs (the first epoch, with DataLoader start-up,
-  excluded), and ``stage_wall_s`` the whole ``fit()`` including Ray Train start-up;
-- ``loop``: webdataset + DataLoader with the same decoding and RandAugment, the same steps (first epoch's
-  worth excluded the same way);
+- ``stage``: ``pipeline.distributed.train.run_training`` through Ray Train, one worker; images/s is the steady-state
+  rate the worker measures over its epochs (the first, with DataLoader start-up, excluded), ``stage_wall_s`` the
+  whole ``fit()`` with Ray Train's start-up;
+- ``loop``: webdataset + torch DataLoader (``bench/train_loops.py``), the same steps, as many warm-up steps skipped;
 - ``bare``: forward + backward + step on tensors already in memory.
 
-With ``--gpu`` all three run on the GPU with bf16 autocast and channels_last, as the stage does there (the stage's
-one worker holds the GPU: ``use_gpu``).
+``--student`` measures the student path: an untimed preparation trains a small teacher (``resnet10t``, 2 epochs,
+in-process) on the labeled shards, labels the unlabeled shards with the real stage code (``ShardLabeler`` writing
+its sidecars) and runs the real selection (``run_selection``: balanced, floor 0 so that every class is either cut
+to K or duplicated up to it, soft labels); the stage then trains on ``TrainPlan.pseudo`` and the loop reads the same
+selection files (key, copies, soft probabilities), ``batch / 4`` labeled + ``3 batch / 4`` pseudo-labeled per step.
 
-With ``--repeat N`` loop and stage alternate N times and the medians are reported (with each pair's ratio): this
-machine's speed drifts by 10-20% between minutes, more than the difference being measured.
-
-Final line: ``{"bench": "train", "stage_images_per_s": s, "loop_images_per_s": l, "bare_images_per_s": b,
-"ratio": s/l, "ratio_bare": s/b, ...}``.
+``--repeat N`` runs N pairs of loop and stage, the loop first in even pairs and second in odd ones: ``ratio`` is the
+median of the pairs' ratios (this machine drifts by 10-20% between minutes, more than the difference measured).
+``--gpu`` puts all three on the GPU with bf16 autocast and channels_last, as the stage does there. Final line
+``{"bench": "train", ...}``, saved to ``bench/results/`` (``train-*.json``, ``train_student-*.json``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import sys
 sys.path.append(sys.path.pop(0))  # this folder last: bench/select.py must not shadow the stdlib select module
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -42,147 +45,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import Accel  # noqa: E402
+from bench_common import Accel, add_result_args, save_result  # noqa: E402
+from images import ENCODINGS, make_shards  # noqa: E402
+from train_loops import bare_steps, hand_loop  # noqa: E402
 
-from bench.pseudo_label import make_shards  # noqa: E402
-from stages.models import ModelSpec, create_model  # noqa: E402
-from stages.train import TrainConfig, build_optimizer, noisy_student_loss  # noqa: E402
+from stages.loader import PseudoSource  # noqa: E402
+from stages.models import ModelSpec  # noqa: E402
+from stages.train import TrainConfig, TrainPlan  # noqa: E402
 
-MODEL, SIZE, CLASSES = "resnet18", 32, 10
-SPEC = ModelSpec(MODEL, drop_rate=0.2, drop_path_rate=0.1, randaug_n=2, randaug_m=9)
+CLASSES, PER_EPOCH, RATIO = 10, 20, 3.0  # PER_EPOCH: steps per epoch the data is sized for
 MEAN = STD = (0.5, 0.5, 0.5)
 
 
-def label_shards(shards: list[str]) -> None:
-    """Give the synthetic samples a class, in place (labeled shards need ``.cls``)."""
-    import tarfile
-
-    for path in shards:
-        with tarfile.open(path) as tar:
-            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-        with tarfile.open(path, "w") as tar:
-            for member, data in members:
-                tar.addfile(member, io.BytesIO(data))
-                key = member.name.rsplit(".", 1)[0]
-                cls = str(int(key[1:]) % CLASSES).encode()
-                info = tarfile.TarInfo(f"{key}.cls")
-                info.size = len(cls)
-                tar.addfile(info, io.BytesIO(cls))
+def spec_for(model: str) -> ModelSpec:
+    return ModelSpec(model, drop_rate=0.2, drop_path_rate=0.1, randaug_n=2, randaug_m=9)
 
 
-def train_step(model, opt, x, y, cfg: TrainConfig, accel: Accel) -> None:
-    """One step as the stage takes it: autocast forward and loss, backward, optimizer step."""
-    x, y = accel.batch(x), y.to(accel.device, non_blocking=True)
-    with accel.autocast():
-        loss, _ = noisy_student_loss(model(x), y, torch.zeros(0, CLASSES, device=accel.device), cfg)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-
-
-def bench_bare(cfg: TrainConfig, steps: int, accel: Accel) -> float:
-    model = accel.model(create_model(SPEC, CLASSES, 3, noised=True).train())
-    opt = build_optimizer(model, cfg)
-    x, y = torch.randn(cfg.batch_size, 3, SIZE, SIZE), torch.randint(0, CLASSES, (cfg.batch_size,))
-    x, y = accel.batch(x), y.to(accel.device)
-    for i in range(steps + 3):
-        if i == 3:
-            accel.sync()
-            start = time.perf_counter()
-        train_step(model, opt, x, y, cfg, accel)
-    accel.sync()
-    return steps * cfg.batch_size / (time.perf_counter() - start)
-
-
-def bench_loop(cfg: TrainConfig, shards: list[str], steps: int, warmup: int, accel: Accel) -> float:
-    import webdataset as wds
-    from PIL import Image
-    from torch.utils.data import DataLoader
-
-    from stages.transforms import noised_transform
-
-    transform = noised_transform(SIZE, MEAN, STD, SPEC.randaug_n, SPEC.randaug_m)
-
-    def decode(sample):
-        data = sample.get("png") or sample.get("jpg")
-        return transform(Image.open(io.BytesIO(data)).convert("RGB")), int(sample["cls"])
-
-    # resampled: an endless stream of shards (repeat=True alone stopped after one pass here)
-    ds = wds.WebDataset(shards, resampled=True, shardshuffle=False, empty_check=False).shuffle(2048).map(decode)
-    loader = DataLoader(
-        ds.batched(cfg.batch_size),
-        batch_size=None,
-        num_workers=cfg.loader_workers,
-        prefetch_factor=4,
-        pin_memory=accel.cuda,
-    )
-    model = accel.model(create_model(SPEC, CLASSES, 3, noised=True).train())
-    opt = build_optimizer(model, cfg)
-    for i, (x, y) in enumerate(loader):
-        if i == warmup:
-            accel.sync()
-            start = time.perf_counter()
-        if i == warmup + steps:
-            break
-        train_step(model, opt, x, y, cfg, accel)
-    accel.sync()
-    return steps * cfg.batch_size / (time.perf_counter() - start)
-
-
-def bench_stage(
-    cfg: TrainConfig, shards: list[str], images: int, root: Path, threads: int, gpu: bool, name: str = "bench"
-) -> tuple[float, float]:
-    from pipeline.config import TrainResources
-    from pipeline.distributed.runtime import init_ray
-    from pipeline.distributed.train import run_training
-    from stages.train import TrainPlan
-
-    init_ray(num_cpus=os.cpu_count())
-    root = root / name
-    root.mkdir(parents=True, exist_ok=True)
-    plan = TrainPlan(
-        spec=SPEC,
-        cfg=cfg,
-        num_classes=CLASSES,
-        channels=3,
-        image_size=SIZE,
-        mean=MEAN,
-        std=STD,
-        labeled=tuple(shards),
-        pseudo=(),
-        labeled_count=images,
-        pseudo_count=0,
-        metrics_path=str(root / "metrics.jsonl"),
-        threads=threads,
-    )
-    start = time.perf_counter()
-    run_training(plan, str(root / "ray_train"), name, TrainResources(use_gpu=gpu), root / "final")
-    wall = time.perf_counter() - start
-    epochs = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()][1:]
-    return sum(e["images"] for e in epochs) / sum(e["seconds"] for e in epochs), wall
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60, help="steady-state steps timed in each of stage and loop")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--loader-workers", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--gpu", action="store_true", help="all three on the GPU (the stage with use_gpu)")
-    parser.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        help="loop and stage alternated this many times; the medians are reported (this machine drifts 10-20%%)",
-    )
-    args = parser.parse_args()
-    accel = Accel(args.gpu)
-    torch.set_num_threads(args.threads)
-    per_epoch = 20  # steps per epoch: the stage times epochs 2.., the loop skips as many warm-up steps
-    epochs = 1 + max(1, round(args.steps / per_epoch))
-    cfg = TrainConfig(
+def train_config(args, epochs: int) -> TrainConfig:
+    labeled = args.batch // (1 + int(RATIO)) if args.student else args.batch
+    return TrainConfig(
         epochs=epochs,
-        batch_size=args.batch,
+        batch_size=labeled,
+        unlabeled_ratio=RATIO,
         optimizer="adamw",
         lr=1e-3,
         warmup_epochs=0,
@@ -190,41 +74,167 @@ def main() -> None:
         checkpoint_every=epochs,
         label_smoothing=0.1,
     )
+
+
+def make_plan(spec, cfg, size: int, labeled, count: int, pseudo, pseudo_count: int, metrics: str, threads=0):
+    return TrainPlan(
+        spec=spec,
+        cfg=cfg,
+        num_classes=CLASSES,
+        channels=3,
+        image_size=size,
+        mean=MEAN,
+        std=STD,
+        labeled=tuple(labeled),
+        pseudo=tuple(pseudo),
+        labeled_count=count,
+        pseudo_count=pseudo_count,
+        metrics_path=metrics,
+        threads=threads,
+    )
+
+
+def fit_teacher(root: Path, labeled: list[str], count: int, size: int, device: str) -> Path:
+    """A quickly trained ``resnet10t`` (2 epochs, in-process), saved as a round's model folder."""
+    from safetensors.torch import load_file
+
+    from stages.models import create_model, model_card, save_model
+    from stages.train import LocalHooks, train_model
+
+    spec, cfg = ModelSpec("resnet10t"), TrainConfig(epochs=2, batch_size=64, warmup_epochs=0, checkpoint_every=2)
+    plan = make_plan(spec, cfg, size, labeled, count, (), 0, str(root / "teacher.jsonl"))
+    train_model(plan, LocalHooks(root / "teacher-ckpt", device))
+    model = create_model(spec, CLASSES, 3, noised=False)
+    model.load_state_dict(load_file(sorted((root / "teacher-ckpt").glob("epoch-*"))[-1] / "model.safetensors"))
+    save_model(model, root / "teacher", model_card(spec, CLASSES, 3, size, MEAN, STD))
+    return root / "teacher"
+
+
+def prepare_student(root: Path, labeled: list[str], count: int, unlabeled: list[str], size: int, device: str) -> dict:
+    """Teacher, pseudo-label sidecars and selection by the real stage code (not timed)."""
+    from pipeline.distributed.select import run_selection
+    from stages.data import shard_id
+    from stages.pseudo_label import PseudoLabelConfig, ShardLabeler
+    from stages.select import SelectConfig
+
+    start = time.perf_counter()
+    teacher = fit_teacher(root, labeled, count, size, device)
+    labeler = ShardLabeler(str(teacher), str(root / "pseudo_labels"), PseudoLabelConfig(), 3)
+    for shard in unlabeled:
+        labeler.label_shard(shard)
+    sidecars = [str(root / "pseudo_labels" / f"{shard_id(s)}.parquet") for s in unlabeled]
+    summary = run_selection(sidecars, str(root / "selection"), CLASSES, SelectConfig(floor=0.0), progress=False)
+    selection = [str(root / "selection" / f"{shard_id(s)}.parquet") for s in unlabeled]
+    print(
+        f"student data: {summary['kept']} of {summary['rows_in']} pseudo-labeled samples kept, {summary['copies_out']}"
+        f" copies (K={summary['K']}), per class {summary['per_class_after']} ({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
+    return {
+        "pseudo": tuple(PseudoSource(s, sel) for s, sel in zip(unlabeled, selection, strict=True)),
+        "selection": selection,
+        "pseudo_count": int(summary["copies_out"]),
+        "summary": {k: summary[k] for k in ("rows_in", "kept", "copies_out", "K", "per_class_after")},
+    }
+
+
+def bench_stage(plan: TrainPlan, root: Path, gpu: bool, name: str) -> tuple[float, float]:
+    import dataclasses
+
+    from pipeline.distributed.runtime import init_ray
+    from pipeline.config import TrainResources
+    from pipeline.distributed.train import run_training
+
+    init_ray(num_cpus=os.cpu_count())
+    root = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    plan = dataclasses.replace(plan, metrics_path=str(root / "metrics.jsonl"))
+    start = time.perf_counter()
+    run_training(plan, str(root / "ray_train"), name, TrainResources(use_gpu=gpu), root / "final")
+    wall = time.perf_counter() - start
+    epochs = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()][1:]
+    return sum(e["images"] for e in epochs) / sum(e["seconds"] for e in epochs), wall
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", action="store_true", help="the student path (pseudo-labeled data mixed in)")
+    parser.add_argument("--steps", type=int, default=60, help="steady-state steps timed in each of stage and loop")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--loader-workers", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=128, help="images per step (student: 1/4 labeled, 3/4 pseudo)")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--encode", choices=ENCODINGS, default="jpeg")
+    parser.add_argument("--gpu", action="store_true", help="all three on the GPU (the stage with use_gpu)")
+    parser.add_argument("--repeat", type=int, default=1, help="loop and stage alternated this many times (medians)")
+    add_result_args(parser)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    accel = Accel(args.gpu)
+    torch.set_num_threads(args.threads)
+    spec = spec_for(args.model)
+    probe = train_config(args, 2)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
-        images = per_epoch * args.batch
-        shards = make_shards(root / "shards", images)
-        label_shards(shards)
-        bare = bench_bare(cfg, min(args.steps, 30), accel)
+        labeled_count = 1000 if args.student else PER_EPOCH * probe.batch_size
+        labeled = make_shards(root / "labeled", labeled_count, args.image_size, args.encode, labels=True)
+        data = {"labeled": labeled, "unlabeled": [], "selection": [], "classes": CLASSES}
+        data |= {"size": args.image_size, "mean": MEAN, "std": STD}
+        pseudo, pseudo_count, selection = (), 0, None
+        if args.student:
+            unlabeled = make_shards(root / "unlabeled", PER_EPOCH * probe.pseudo_batch, args.image_size, args.encode)
+            prep = prepare_student(root, labeled, labeled_count, unlabeled, args.image_size, accel.device.type)
+            pseudo, pseudo_count, selection = prep["pseudo"], prep["pseudo_count"], prep["summary"]
+            data |= {"unlabeled": unlabeled, "selection": prep["selection"]}
+        sizing = make_plan(spec, probe, args.image_size, labeled, labeled_count, pseudo, pseudo_count, "")
+        per_epoch = sizing.steps_per_epoch(1)  # the stage's steps per epoch on one worker
+        epochs = 1 + max(1, -(-args.steps // per_epoch))  # the first epoch is not timed
+        cfg = train_config(args, epochs)
+        plan = make_plan(spec, cfg, args.image_size, labeled, labeled_count, pseudo, pseudo_count, "", args.threads)
+        step_images = cfg.batch_size + (cfg.pseudo_batch if args.student else 0)
+        pseudo_rows = cfg.pseudo_batch if args.student else 0
+        bare = bare_steps(spec, cfg, CLASSES, args.image_size, pseudo_rows, min(args.steps, 30), accel)
         print(f"bare  {bare:7.0f} img/s on {accel.describe()}", flush=True)
         loops, stages, walls = [], [], []
         for i in range(args.repeat):
-            loops.append(bench_loop(cfg, shards, (epochs - 1) * per_epoch, per_epoch, accel))
-            print(f"loop  {loops[-1]:7.0f} img/s", flush=True)
-            stage, wall = bench_stage(cfg, shards, images, root, args.threads, args.gpu, name=f"bench-{i}")
-            stages.append(stage)
-            walls.append(wall)
-            print(f"stage {stage:7.0f} img/s (fit() wall {wall:.1f} s)", flush=True)
-        loop, stage, wall = (statistics.median(v) for v in (loops, stages, walls))
-    print(
-        json.dumps(
-            {
-                "bench": "train",
-                "stage_images_per_s": round(stage, 1),
-                "loop_images_per_s": round(loop, 1),
-                "bare_images_per_s": round(bare, 1),
-                "ratio": round(stage / loop, 3),
-                "ratio_bare": round(stage / bare, 3),
-                "stage_wall_s": round(wall, 1),
-                "ratios": [round(s / lo, 3) for s, lo in zip(stages, loops, strict=True)],
-                "steps_timed": (epochs - 1) * per_epoch,
-                "threads": args.threads,
-                "loader_workers": args.loader_workers,
-                "batch": args.batch,
-                "device": accel.describe(),
-            }
-        )
-    )
+            for which in ("loop", "stage") if i % 2 == 0 else ("stage", "loop"):  # alternate who goes first
+                if which == "loop":
+                    loops.append(hand_loop(spec, cfg, data, (epochs - 1) * per_epoch, per_epoch, accel))
+                    print(f"loop  {loops[-1]:7.0f} img/s", flush=True)
+                else:
+                    stage, wall = bench_stage(plan, root, args.gpu, name=f"bench-{i}")
+                    stages.append(stage)
+                    walls.append(wall)
+                    print(f"stage {stage:7.0f} img/s (fit() wall {wall:.1f} s)", flush=True)
+    ratios = [s / lo for s, lo in zip(stages, loops, strict=True)]
+    path = "student" if args.student else "teacher"
+    result = {
+        "bench": "train_student" if args.student else "train",
+        "setting": f"{'gpu' if args.gpu else 'cpu'} {args.model} {args.image_size}px {args.encode} {path}",
+        "path": path,
+        "stage_images_per_s": round(statistics.median(stages), 1),
+        "loop_images_per_s": round(statistics.median(loops), 1),
+        "bare_images_per_s": round(bare, 1),
+        "ratio": round(statistics.median(ratios), 3),
+        "ratios": [round(r, 3) for r in ratios],
+        "ratio_bare": round(statistics.median(stages) / bare, 3),
+        "stage_wall_s": round(statistics.median(walls), 1),
+        "repeat": args.repeat,
+        "steps_timed": (epochs - 1) * per_epoch,
+        "step_images": step_images,
+        "threads": args.threads,
+        "loader_workers": args.loader_workers,
+        "model": args.model,
+        "image_size": args.image_size,
+        "encode": args.encode,
+        "selection": selection,
+        "device": accel.describe(),
+    }
+    save_result(result, result["bench"], args)
 
 
 if __name__ == "__main__":

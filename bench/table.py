@@ -1,0 +1,191 @@
+"""The README's benchmark tables, rendered from the result files in ``bench/results/`` (never typed by hand).
+
+    python bench/table.py              # rewrite the block between the markers in README.md (= make bench-table)
+    python bench/table.py --check      # exit 1 (and print the difference) when README.md is not what the files give
+
+Every bench saves ``bench/results/<name>-<UTC stamp>.json`` (``bench/bench_common.save_result``): its JSON line plus
+the machine it ran on. For each bench, setting and machine the latest file is shown; each row links its file. The
+block lies between ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->``; nothing outside it is touched.
+Standard library only, so the check is cheap enough for a test or a pre-commit hook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+
+
+def load_results(folder: Path) -> list[dict]:
+    """The latest result per (bench, setting, machine), each with ``_file`` (its path relative to the README)."""
+    latest: dict[tuple, dict] = {}
+    for path in sorted(folder.glob("*.json")):
+        result = json.loads(path.read_text())
+        if "bench" not in result or "machine" not in result:
+            raise SystemExit(f"{path}: not a bench result (no 'bench' or 'machine' key)")
+        result["_file"] = f"bench/results/{path.name}"
+        key = (result["bench"], result.get("setting", ""), machine(result))
+        if key not in latest or result["machine"]["date"] >= latest[key]["machine"]["date"]:
+            latest[key] = result
+    return sorted(latest.values(), key=lambda r: (r["bench"], r.get("setting", ""), machine(r)))
+
+
+def machine(result: dict) -> str:
+    m = result["machine"]
+    gpu = f", {m['gpu']['name']}" if m.get("gpu") else ""
+    return f"{m['cpu_model']}, {m['cores']} cores{gpu}"
+
+
+def _n(value: float | None, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _when(result: dict) -> str:
+    m = result["machine"]
+    dirty = "+changes" if m.get("dirty") else ""  # measured on a working tree with uncommitted changes
+    return f"[{m['date'][:10]}]({result['_file']}) `{(m.get('commit') or '')[:7]}{dirty}`"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+
+
+def throughput_rows(results: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        if r["bench"] == "pseudo_label":
+            peers = ", ".join(f"{k} {_n(v['images_per_s'])}" for k, v in r["loops"].items())
+            peer = f"{r['loop_best']} {_n(r['loop_best_images_per_s'])}" if r.get("loop_best") else "–"
+            detail = f"{r['images']:,} images; loops ({r['stage_cpus']} CPUs each): {peers}"
+        elif r["bench"] in ("train", "train_student"):
+            peer = f"DataLoader loop {_n(r['loop_images_per_s'])}"
+            spread = f" (pairs {min(r['ratios']):.2f}–{max(r['ratios']):.2f})" if len(r["ratios"]) > 1 else ""
+            detail = f"median of {r['repeat']}{spread}; {r['steps_timed']} steps of {r['step_images']} images"
+        else:
+            continue
+        ratio = _n(r["ratio"], 2) if r.get("ratio") is not None else "–"
+        stage, bare = _n(r["stage_images_per_s"]), _n(r["bare_images_per_s"])
+        rows.append([r["bench"], r["setting"], stage, peer, ratio, bare, detail, machine(r), _when(r)])
+    return rows
+
+
+def e2e_rows(results: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        if r["bench"] != "e2e":
+            continue
+        split = ", ".join(f"{k} {v:.0f}" for k, v in r["pipeline_split_s"].items())
+        ray_train = ", ".join(f"{k} {v:.0f}" for k, v in r["train_outside_epochs_s"]["pipeline"].items())
+        actors = ", ".join(f"{k} {v:.0f}" for k, v in r["label_actor_startup_s"].items() if v is not None)
+        top1 = "/".join(f"{100 * t:.1f}" for t in r["top1"]["pipeline"])
+        rows.append(
+            [
+                r["setting"],
+                f"{r['pipeline_wall_s']:.0f} s",
+                f"{r['plain_wall_s']:.0f} s",
+                f"{r['ratio']:.2f}",
+                f"{r['pipeline_outside_stages_s']:.0f} s ({split})",
+                f"train beyond its epochs: {ray_train}; label actor start-up: {actors or '–'}",
+                top1,
+                machine(r),
+                _when(r),
+            ]
+        )
+    return rows
+
+
+def select_rows(results: list[dict]) -> list[list[str]]:
+    return [
+        [r["setting"], f"{r['seconds']:.1f} s", _n(r["rows_per_s"]), f"{r['peak_rss_mb']:,} MB", machine(r), _when(r)]
+        for r in results
+        if r["bench"] == "select"
+    ]
+
+
+def accuracy_rows(results: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        if r["bench"] == "distill":
+            best = max(r["methods"], key=lambda k: r["methods"][k]["top1"])
+            scores = ", ".join(f"{k} {100 * v['top1']:.2f}%" for k, v in r["methods"].items())
+            teacher = f"teacher {r['teacher']} {100 * r['teacher_top1']:.2f}%"
+            rows.append(["distill", r["setting"], f"{best} {100 * r['methods'][best]['top1']:.2f}%", teacher, scores])
+        elif r["bench"] == "peers":
+            best = max(r["peers"], key=r["peers"].get)
+            ours = ", ".join(f"{k} {100 * v:.2f}%" for k, v in r["pipeline"].items()) or "–"
+            top = f"{best} {100 * r['peers'][best]:.2f}%"
+            rows.append(["peers", r["setting"], top, ours, f"{len(r['peers'])} peers"])
+        else:
+            continue
+        rows[-1] += [machine(r), _when(r)]
+    return rows
+
+
+SECTIONS: list[tuple[str, list[str], Callable[[list[dict]], list[list[str]]]]] = [
+    (
+        "Stages against their best hand-written peer (images/s; ratio = stage ÷ best peer; above 1: stage faster)",
+        ["bench", "setting", "stage", "best peer", "ratio", "bare", "how", "machine", "date, commit"],
+        throughput_rows,
+    ),
+    (
+        "End to end: `python -m pipeline iterate` against one plain script (ratio = pipeline wall ÷ plain wall)",
+        ["setting", "pipeline", "plain", "ratio", "outside the stages", "Ray start-up inside stages", "top-1 %"]
+        + ["machine", "date, commit"],
+        e2e_rows,
+    ),
+    ("Selection at scale", ["setting", "stage", "rows/s", "peak RSS", "machine", "date, commit"], select_rows),
+    ("Accuracy benches", ["bench", "setting", "best", "beside it", "all", "machine", "date, commit"], accuracy_rows),
+]
+
+
+def render(results: list[dict]) -> str:
+    """The block between the markers (markers excluded)."""
+    lines = ["<!-- generated by bench/table.py from bench/results/*.json: rerun a bench, then make bench-table -->"]
+    for title, header, rows_of in SECTIONS:
+        rows = rows_of(results)
+        if rows:
+            lines += ["", f"**{title}**", "", *_table(header, rows)]
+    if len(lines) == 1:
+        lines += ["", "_No results in `bench/results/` yet: run the benches (each saves its result there)._"]
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str, where: str = "README.md") -> str:
+    """``text`` with everything between the markers replaced by ``block`` (a blank line either side)."""
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise SystemExit(f"{where}: needs exactly one {START} ... {END} block")
+    head, rest = text.split(START)
+    tail = rest.split(END)[1]
+    return f"{head}{START}\n{block}\n\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 when the README differs from the results")
+    args = parser.parse_args(argv)
+    text = args.readme.read_text()
+    wanted = replace_block(text, render(load_results(args.results)), str(args.readme))
+    if not args.check:
+        if wanted != text:
+            args.readme.write_text(wanted)
+            print(f"{args.readme}: benchmark tables rewritten from {args.results}")
+        return 0
+    if wanted == text:
+        return 0
+    diff = difflib.unified_diff(text.splitlines(), wanted.splitlines(), "README.md", "from bench/results", lineterm="")
+    print("\n".join(diff))
+    print(f"{args.readme}: the benchmark tables differ from {args.results}; run make bench-table", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""``bench/table.py``: the README's benchmark tables come from the result files, and ``--check`` catches a figure
+typed by hand. Standard library only, no bench is run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def table():
+    spec = importlib.util.spec_from_file_location("bench_table", ROOT / "bench" / "table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MACHINE = {
+    "cpu_model": "AMD EPYC",
+    "cores": 2,
+    "gpu": None,
+    "date": "2026-12-01T10:00:00Z",
+    "commit": "0123456789abcdef",
+    "command": "python bench/pseudo_label.py --images 200000 --image-size 64 --encode jpeg",
+}
+PSEUDO_LABEL = {
+    "bench": "pseudo_label",
+    "setting": "cpu resnet18 64px jpeg",
+    "images": 200000,
+    "stage_images_per_s": 1669.0,
+    "loop_best": "procs",
+    "loop_best_images_per_s": 1960.0,
+    "ratio": 0.852,
+    "loops": {
+        "serial": {"images_per_s": 1440.0, "workers": 0},
+        "loader-2x2": {"images_per_s": 1326.0, "workers": 2},
+        "procs": {"images_per_s": 1960.0, "workers": 2},
+    },
+    "stage_cpus": 2,
+    "loop_workers": 2,
+    "bare_images_per_s": 2300.0,
+    "machine": MACHINE,
+}
+ROW = (
+    "| pseudo_label | cpu resnet18 64px jpeg | 1,669 | procs 1,960 | 0.85 | 2,300 | "
+    "200,000 images; loops (2 CPUs each): serial 1,440, loader-2x2 1,326, procs 1,960 | AMD EPYC, 2 cores | "
+    "[2026-12-01](bench/results/pseudo_label-20261201T100000Z.json) `0123456` |"
+)
+README = "# Project\n\n## Benchmarks\n\n<!-- bench-table:start -->\nold figures\n<!-- bench-table:end -->\n\nAfter.\n"
+
+
+def _write(folder: Path, name: str, result: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(result))
+
+
+def test_a_results_file_renders_into_the_expected_row(table, tmp_path):
+    _write(tmp_path / "results", "pseudo_label-20261201T100000Z.json", PSEUDO_LABEL)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert table.main(["--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert ROW in text.splitlines()
+    assert "old figures" not in text
+    assert text.startswith("# Project\n\n## Benchmarks\n\n<!-- bench-table:start -->\n")
+    assert text.endswith("<!-- bench-table:end -->\n\nAfter.\n")  # nothing outside the markers is touched
+
+
+def test_the_latest_result_per_setting_is_shown(table, tmp_path):
+    older = {**PSEUDO_LABEL, "stage_images_per_s": 1000.0, "machine": {**MACHINE, "date": "2026-11-01T10:00:00Z"}}
+    other = {**PSEUDO_LABEL, "setting": "cpu resnet18 224px jpeg", "stage_images_per_s": 90.0}
+    _write(tmp_path, "pseudo_label-20261101T100000Z.json", older)
+    _write(tmp_path, "pseudo_label-20261201T100000Z.json", PSEUDO_LABEL)
+    _write(tmp_path, "pseudo_label-20261201T110000Z.json", other)
+    rows = table.throughput_rows(table.load_results(tmp_path))
+    assert [(r[1], r[2]) for r in rows] == [("cpu resnet18 224px jpeg", "90"), ("cpu resnet18 64px jpeg", "1,669")]
+
+
+def test_check_passes_on_the_rendered_readme_and_catches_a_hand_edited_figure(table, tmp_path, capsys):
+    _write(tmp_path / "results", "pseudo_label-20261201T100000Z.json", PSEUDO_LABEL)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    args = ["--results", str(tmp_path / "results"), "--readme", str(readme)]
+    assert table.main([*args, "--check"]) == 1  # the hand-typed block differs from the files
+    table.main(args)
+    assert table.main([*args, "--check"]) == 0
+    readme.write_text(readme.read_text().replace("| 1,669 |", "| 1,869 |"))
+    assert table.main([*args, "--check"]) == 1
+    assert "-| pseudo_label | cpu resnet18 64px jpeg | 1,869 |" in capsys.readouterr().out
+
+
+def test_every_bench_result_renders(table, tmp_path):
+    results = {
+        "train_student": {
+            "bench": "train_student",
+            "setting": "cpu resnet18 32px jpeg student",
+            "stage_images_per_s": 400.0,
+            "loop_images_per_s": 420.0,
+            "bare_images_per_s": 500.0,
+            "ratio": 0.95,
+            "ratios": [0.9, 0.95, 1.0],
+            "repeat": 3,
+            "steps_timed": 60,
+            "step_images": 128,
+        },
+        "e2e": {
+            "bench": "e2e",
+            "setting": "cpu digits rounds=1",
+            "pipeline_wall_s": 150.0,
+            "plain_wall_s": 100.0,
+            "ratio": 1.5,
+            "pipeline_outside_stages_s": 30.0,
+            "pipeline_split_s": {"start-up to a running Ray": 20.0, "after the last stage (report, shutdown)": 10.0},
+            "train_outside_epochs_s": {"pipeline": {"round-000": 18.0}, "plain": {"round-000": 1.0}},
+            "label_actor_startup_s": {"round-001": 7.0},
+            "top1": {"pipeline": [0.936, 0.964], "plain": [0.936, 0.961]},
+        },
+        "select": {"bench": "select", "setting": "10,000,000 rows", "seconds": 31.0, "rows_per_s": 322580,
+                   "peak_rss_mb": 1060},
+        "peers": {"bench": "peers", "setting": "digits", "peers": {"SVC": 0.89, "LabelSpreading": 0.95},
+                  "pipeline": {}},
+    }  # fmt: skip
+    for name, result in results.items():
+        _write(tmp_path, f"{name}-20261201T100000Z.json", {**result, "machine": MACHINE})
+    block = table.render(table.load_results(tmp_path))
+    assert "| train_student | cpu resnet18 32px jpeg student | 400 | DataLoader loop 420 | 0.95 |" in block
+    assert "median of 3 (pairs 0.90–1.00)" in block
+    assert "| cpu digits rounds=1 | 150 s | 100 s | 1.50 | 30 s (start-up to a running Ray 20," in block
+    assert "| 10,000,000 rows | 31.0 s | 322,580 | 1,060 MB |" in block
+    assert "| peers | digits | LabelSpreading 95.00% |" in block
+
+
+def test_a_readme_without_markers_is_refused(table, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="bench-table:start"):
+        table.main(["--results", str(tmp_path), "--readme", str(readme)])
