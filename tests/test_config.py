@@ -131,7 +131,7 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
         ("student.epoch=5", "config.student.epoch", "did you mean 'epochs'?"),
         ("pseudo_label.temprature=2", "config.pseudo_label.temprature", "did you mean 'temperature'?"),
         ("ladder.0.drop_rat=0.1", "config.ladder[0].drop_rat", "did you mean 'drop_rate'?"),
-        ("data.zzz=1", "config.data.zzz", "allowed: allow_test_overlap, augment, channels, classes, image_size, labeled"),
+        ("data.zzz=1", "config.data.zzz", "allowed: allow_test_overlap, augment, channels, classes, image_size"),
     ],
 )
 def test_an_unknown_key_is_named_with_a_suggestion(tree, override, key, hint):

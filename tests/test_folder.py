@@ -4,6 +4,7 @@ re-runs, the CSV form, and bad input refused with one line (the Ray fan-out runs
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.distributed.folder import prepare_folder
-from stages.data import DataError, expand_shards, iter_raw_samples
+from stages.data import expand_shards, iter_raw_samples
 from stages.folder import read_classes, scan_csv, scan_folder
 from tests.conftest import tiny_tree
 
@@ -142,7 +143,7 @@ def test_class_names_inline_or_from_a_file():
     assert read_classes(["b", "a"]) == ("b", "a")
     with pytest.raises(ValueError, match="repeat"):
         read_classes(["a", "a"])
-    tree_ = tiny_tree(__import__("pathlib").Path("/d"), __import__("pathlib").Path("/r"))
+    tree_ = tiny_tree(Path("/d"), Path("/r"))
     cfg = load_config(None, ["data.classes=[x, y, z]"], base={**tree_, "data": {**tree_["data"], "num_classes": 3}})
     assert cfg.data.names() == ["x", "y", "z"]
     assert load_config(None, base=tree_).data.names() == [str(c) for c in range(10)]
