@@ -17,8 +17,11 @@ from pathlib import Path
 from pipeline.cluster.jobs import JobError
 from pipeline.cluster.run_store import RunStoreError
 from pipeline.config import ConfigError, load_config
+from pipeline.own_data import add_commands
 from pipeline.report.data import ReportError
+from pipeline.report.text import columns as _columns
 from stages.data import DataError
+from stages.export import ExportError
 from stages.storage import StorageError, is_url, join, locate_run, modified
 
 DEFAULT_CONFIG = "configs/digits.yaml"
@@ -114,17 +117,6 @@ def _add_storage_commands(sub) -> None:
     p.add_argument("--to", required=True, help="local folder to download into")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser(
-        "predict",
-        help="classify image files with a round's model",
-        description="Loads DIR/model.json + DIR/model.safetensors (a round folder or a download) un-noised and "
-        "prints the top classes of each image.",
-    )
-    p.add_argument("--model", required=True, help="a round folder holding model.json and model.safetensors")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--topk", type=int, default=3, help="classes shown per image (default 3)")
-    p.set_defaults(func=cmd_predict)
-
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare-digits", help="write scikit-learn's digits as WebDataset shards")
@@ -164,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_compare(sub)
     _add_prepare(sub)
+    add_commands(sub)  # prepare-folder, predict, export
     return parser
 
 
@@ -276,6 +269,7 @@ def cmd_rounds(args) -> int:
     finished = [r for r in rows if r["finished"]]
     if finished:
         print(format_table(finished))
+        print(format_per_class(finished[-1]))
     for r in rows:
         if not r["finished"]:
             print(f"round {r['round']}: in progress (done: {', '.join(r['stages_done']) or 'nothing yet'})")
@@ -290,31 +284,6 @@ def cmd_download(args) -> int:
         metrics = json.loads((folder / "metrics.json").read_text())
         print(f"{folder}: {metrics['model']}, test top-1 {metrics['test_top1'] * 100:.2f}% (sha256 verified)")
     print(f"load it with: model, card = stages.models.load_model({str(folder)!r})")
-    return 0
-
-
-def cmd_predict(args) -> int:
-    from stages.data import BadSample, decode_image
-    from stages.evaluate import predict_probs
-    from stages.models import load_model
-
-    model_dir = Path(args.model)
-    if not (model_dir / "model.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        raise DataError(f"--model {model_dir}: needs model.json and model.safetensors (a round folder or download)")
-    model, card = load_model(model_dir)
-    images = []
-    for path in args.images:
-        try:
-            images.append(decode_image(Path(path).read_bytes(), card["input_size"][0]))
-        except (OSError, BadSample) as exc:
-            raise DataError(f"{path}: not a readable image ({exc})") from exc
-    probs = predict_probs(model, images, card)
-    k = max(1, min(args.topk, probs.shape[1]))
-    lines = []
-    for path, p in zip(args.images, probs, strict=True):
-        top = p.argsort()[::-1][:k]
-        lines.append((path, str(int(top[0])), f"{p[top[0]]:.3f}", ", ".join(f"{int(c)}:{p[c]:.3f}" for c in top)))
-    print(_columns(("image", "class", "probability", f"top-{k}"), lines))
     return 0
 
 
@@ -370,6 +339,15 @@ def format_comparison(rows: list[dict], name_a: str, name_b: str) -> str:
     return _columns(header, lines)
 
 
+def format_per_class(m: dict) -> str:
+    """One round's per-class test top-1, by class name (``metrics.json``'s ``classes``; indices before it had them)."""
+    names = m.get("classes") or [str(c) for c in range(len(m["per_class_top1"]))]
+    cells = [
+        f"{n} {v * 100:.1f}%" if v is not None else f"{n} -" for n, v in zip(names, m["per_class_top1"], strict=True)
+    ]
+    return f"round {m['round']} per-class test top-1: " + ", ".join(cells)
+
+
 def format_table(rows: list[dict]) -> str:
     header = ("round", "model", "params", "train images (lab+pseudo)", "test top-1", "teacher top-1", "time s")
     lines = []
@@ -390,12 +368,6 @@ def format_table(rows: list[dict]) -> str:
     return _columns(header, lines)
 
 
-def _columns(header: tuple[str, ...], lines: list[tuple[str, ...]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in lines])
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -405,6 +377,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, DataError, StorageError, ReportError, JobError, RunStoreError) as exc:
+    except (ConfigError, DataError, StorageError, ReportError, JobError, RunStoreError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

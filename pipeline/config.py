@@ -20,10 +20,12 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError, model_validator
+from pydantic_core import ArgsKwargs
 
 from pipeline.overrides import ConfigError, apply_override, read_tree  # noqa: F401 (apply_override: part of this API)
-from stages.config_types import Many, config, one_line
+from stages.config_types import LATE, Many, config, identity_tree, one_line
 from stages.distill import needs_features
+from stages.folder import read_classes
 from stages.models import ModelSpec, check_ladder
 from stages.online_distill import check_feature_pairs
 from stages.pseudo_label import PseudoLabelConfig
@@ -74,6 +76,10 @@ class DataConfig:
     ``prepare_digits``: a folder; when set and its shards are missing, the built-in digits data is written there.
     ``allow_test_overlap``: go on (with a warning) when training images have the same decoded pixels as test images;
     by default that stops the run before round 0 (``pipeline/distributed/data_check.py``).
+    ``classes``: class names by index, inline or the path of a ``classes.json`` (read here, so the run's config.yaml
+    holds the names); ``num_classes`` follows from them. ``augment``: ``digits`` (resize, no crop or flip, the
+    default) or ``natural`` (timm's random-resized crop and flip, centre-crop evaluation; ``stages/transforms.py``).
+    ``mean``/``std`` left empty: the model's pretrained normalisation under ``natural``, 0.5 per channel otherwise.
     """
 
     labeled: Shards = ()
@@ -82,11 +88,36 @@ class DataConfig:
     num_classes: Annotated[StrictInt, Field(ge=2)] = 10
     channels: StrictInt = 1
     image_size: Annotated[StrictInt, Field(ge=8)] = 32
-    mean: Many[StrictFloat] = (0.5,)
-    std: Many[StrictFloat] = (0.5,)
+    mean: Many[StrictFloat] = ()
+    std: Many[StrictFloat] = ()
     max_bad_fraction: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.01
     prepare_digits: StrictStr = ""
     allow_test_overlap: StrictBool = False
+    classes: Annotated[StrictStr | Many[StrictStr], LATE] = ()
+    augment: Annotated[Literal["digits", "natural"], LATE] = "digits"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _class_names(cls, data):
+        """A ``classes.json`` path becomes its names; ``num_classes`` follows them unless given (then must agree)."""
+        args = data if isinstance(data, dict) else data.kwargs if isinstance(data, ArgsKwargs) else None
+        if not args or not args.get("classes"):
+            return data
+        try:
+            names = read_classes(args["classes"]) if isinstance(args["classes"], (str, list, tuple)) else None
+        except ValueError as exc:
+            raise ValueError(f"classes: {exc}") from exc
+        if names is None:
+            return data
+        given = args.get("num_classes")
+        if given is not None and given != len(names):
+            source = args["classes"] if isinstance(args["classes"], str) else "the list"
+            raise ValueError(
+                f"num_classes: {given}, but {source} names {len(names)} classes; drop num_classes (it follows the "
+                "names) or make them agree"
+            )
+        args = {**args, "classes": names, "num_classes": len(names)}
+        return args if isinstance(data, dict) else ArgsKwargs(data.args, args)
 
     @model_validator(mode="after")
     def _per_channel(self) -> DataConfig:
@@ -94,12 +125,22 @@ class DataConfig:
         # names the list, whose length is checked here too).
         if self.channels not in (1, 3):
             raise ValueError(f"channels: must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        if isinstance(self.classes, str):  # only "" reaches here: a path was read by _class_names
+            object.__setattr__(self, "classes", ())
         for name in ("mean", "std"):
+            if not getattr(self, name) and self.augment == "digits":
+                object.__setattr__(self, name, (0.5,) * self.channels)  # frozen: the default, filled in once
+            if not getattr(self, name):
+                continue  # natural: the model's own (stages/transforms.preprocessing)
             if len(getattr(self, name)) != self.channels:
                 raise ValueError(f"{name}: needs {self.channels} value(s), one per channel, got {getattr(self, name)}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std: must be > 0, got {self.std}")
         return self
+
+    def names(self) -> list[str]:
+        """The class names by index: ``classes``, or the indices as text when none are given."""
+        return list(self.classes) or [str(c) for c in range(self.num_classes)]
 
 
 @config
@@ -133,6 +174,32 @@ class ResourcesConfig:
 
 
 @config
+class TeacherConfig(TrainConfig):
+    """The round-0 teacher: ``TrainConfig`` plus where it starts. ``init``: weights to start training from (a
+    ``.safetensors`` state dict, a timm checkpoint, or a model folder of this pipeline; ``stages/pretrained.py``).
+    ``from_model``: a trained model folder (``model.json`` + ``model.safetensors``) that *is* round 0, not trained."""
+
+    init: Annotated[StrictStr, LATE] = ""
+    from_model: Annotated[StrictStr, LATE] = ""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if self.init and self.from_model:
+            raise ValueError("from_model: a model that is used as it is cannot also start from teacher.init; keep one")
+        return self
+
+
+@config
+class TrackingConfig:
+    """Experiment tracking (``pipeline/report/tracking.py``). ``mlflow``: a tracking URI (``file:///abs/mlruns``, a
+    folder, or ``http://host:5000``); each round is one MLflow run under one parent run per pipeline run. ``""`` =
+    off. ``experiment``: the MLflow experiment (default: the config's ``name``)."""
+
+    mlflow: StrictStr = ""
+    experiment: StrictStr = ""
+
+
+@config
 class PipelineConfig:
     """One Noisy Student run: ``rounds`` student rounds after the round-0 teacher.
 
@@ -154,11 +221,12 @@ class PipelineConfig:
     data: DataConfig = dataclasses.field(default_factory=dict)
     ladder: Annotated[Many[ModelSpec], Field(min_length=1, description="model")] = (ModelSpec(),)
     ladder_mode: Literal["any", "expand", "compress"] = "any"
-    teacher: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     student: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = dataclasses.field(default_factory=PseudoLabelConfig)
     select: SelectConfig = dataclasses.field(default_factory=SelectConfig)
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
+    tracking: Annotated[TrackingConfig, LATE] = dataclasses.field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -191,8 +259,13 @@ class PipelineConfig:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # plain JSON types: tuples become lists
 
+    def identity(self) -> dict:
+        """``to_dict`` without the keys added later that hold their defaults: what the digests hash, so a run started
+        before a key existed keeps its identity (``stages.config_types.LATE``)."""
+        return json.loads(json.dumps(identity_tree(self)))
+
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 _VALIDATE = TypeAdapter(PipelineConfig)

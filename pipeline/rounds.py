@@ -31,10 +31,12 @@ from pipeline.distributed.runtime import causes, init_ray
 from pipeline.distributed.select import run_selection
 from pipeline.distributed.train import run_training
 from pipeline.report.page import refresh_report
+from pipeline.report.tracking import track_round
 from stages.data import DataError, LabeledSet, expand_shards, load_labeled, shard_id
 from stages.evaluate import evaluate
 from stages.loader import PseudoSource
 from stages.models import atomic_save_safetensors, check_classifier, load_model, model_card
+from stages.pretrained import absolute, adopt_model, check_teacher_source, source_digest
 from stages.storage import (
     Location,
     RoundManifest,
@@ -55,6 +57,7 @@ from stages.storage import (
     storage_error,
 )
 from stages.train import TrainPlan
+from stages.transforms import preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,8 @@ def preflight(cfg: PipelineConfig, progress: bool = True) -> RunContext:
     if min(counts) == 0:
         missing = [c for c, n in enumerate(counts) if n == 0]
         log.warning("data.labeled has no samples of class(es) %s; per-class counts: %s", missing, counts)
+    t = cfg.teacher
+    check_teacher_source(t.init, t.from_model, cfg.spec(0), data.num_classes, data.channels, data.classes)
     return RunContext(cfg, Path(), labeled_shards, unlabeled_shards, labeled, test, params, progress, test_shards)
 
 
@@ -107,7 +112,8 @@ def stage_config_digest(cfg: PipelineConfig) -> str:
     """The config as the stages see it. Left out: ``rounds`` (a resumed run may grow), ``name``, ``storage`` and
     ``publish`` (what the run is called, where it lives and is copied to) and ``data.allow_test_overlap`` (it only
     lets the data check pass): none changes what a stage computes, so none makes a finished stage stale."""
-    tree = cfg.to_dict()
+    tree = cfg.identity()  # keys added later are left out at their defaults (stages.config_types.LATE)
+    tree.pop("tracking", None)  # where results are logged, like publish
     for key in ("rounds", "name", "storage", "publish"):
         tree.pop(key)
     tree["data"].pop("allow_test_overlap")
@@ -161,6 +167,9 @@ def run_pipeline(cfg: PipelineConfig, run_name: str, progress: bool = True) -> l
             _save_status(run_dir, status)
             if cfg.publish:
                 log.info("round-%03d published to %s", r, publish_round(run_dir, r, cfg.publish))
+            if cfg.tracking.mlflow:  # a warning on failure, never raises
+                track_round(cfg, run_dir, r, status)
+                _save_status(run_dir, status)
             # report.html + TensorBoard events (a warning on failure, never raises), a few seconds each: after a round
             # that did work, and after the last round; a resume does not rewrite it for every round it skips.
             if ctx.stages_run > ran or r == cfg.rounds:
@@ -250,6 +259,8 @@ def run_round(ctx: RunContext, r: int, status: dict) -> dict:
                 f"round {r}: selection kept no pseudo-labeled sample of {summary['rows_in']} "
                 f"(select.floor={cfg.select.floor}); lower the floor or train a better teacher"
             )
+    else:
+        inputs.update(source_digest(cfg.teacher.init, cfg.teacher.from_model))  # {} unless round 0 starts from weights
     _stage(ctx, manifest, "train", inputs, timings, lambda: _train(ctx, r, rdir, pseudo, pseudo_count, inputs))
     inputs["train"] = sha256_file(join(rdir, "model.safetensors"))
     return _stage(ctx, manifest, "evaluate", inputs, timings, lambda: _evaluate(ctx, r, rdir, pseudo_count, manifest))
@@ -315,6 +326,9 @@ def _train(ctx: RunContext, r: int, rdir: Location, pseudo, pseudo_count: int, i
     cfg, data = ctx.cfg, ctx.cfg.data
     train_cfg = cfg.teacher if r == 0 else cfg.student
     spec = cfg.spec(r)
+    if r == 0 and cfg.teacher.from_model:  # round 0 is that model: copied with its card, not trained
+        return adopt_model(cfg.teacher.from_model, rdir, data.num_classes, data.channels, data.names())
+    pre = preprocessing(spec.model, data.channels, data.mean, data.std, data.augment)
     init = ""
     if r > 0 and train_cfg.init_from_teacher:
         init = str(join(round_dir(ctx.run_dir, r - 1), "model.safetensors"))
@@ -325,8 +339,8 @@ def _train(ctx: RunContext, r: int, rdir: Location, pseudo, pseudo_count: int, i
         num_classes=data.num_classes,
         channels=data.channels,
         image_size=data.image_size,
-        mean=data.mean,
-        std=data.std,
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
         labeled=tuple(ctx.labeled_shards),
         pseudo=pseudo,
         labeled_count=len(ctx.labeled),
@@ -335,6 +349,8 @@ def _train(ctx: RunContext, r: int, rdir: Location, pseudo, pseudo_count: int, i
         init_weights=init,
         teacher_dir=str(round_dir(ctx.run_dir, r - 1)) if r > 0 and train_cfg.online_teacher else "",
         threads=cfg.resources.torch_threads,
+        init_from=absolute(cfg.teacher.init) if r == 0 else "",
+        preprocess=tuple((k, v) for k, v in pre.items() if k not in ("mean", "std")),
     )
     key = _digest_dict(inputs)[:10]
     with tempfile.TemporaryDirectory(prefix="ns-final-") as tmp:  # node-local scratch, whatever the storage
@@ -346,7 +362,8 @@ def _train(ctx: RunContext, r: int, rdir: Location, pseudo, pseudo_count: int, i
 
         atomic_save_safetensors(load_file(weights), join(rdir, "model.safetensors"))
     card = model_card(spec, data.num_classes, data.channels, data.image_size, data.mean, data.std)
-    card["round"], card["params"] = r, ctx.params[r]
+    card.update(pre)  # mean/std as trained (the model's own under augment: natural), interpolation, crop_pct
+    card["round"], card["params"], card["classes"] = r, ctx.params[r], data.names()
     atomic_write_json(join(rdir, "model.json"), card)
     files = [join(rdir, "model.safetensors"), join(rdir, "model.json")]
     return files, {
@@ -364,11 +381,12 @@ def _digest_dict(d: dict) -> str:
 def _evaluate(ctx: RunContext, r: int, rdir: Location, pseudo_count: int, manifest: RoundManifest):
     model, card = load_model(rdir)
     metrics = evaluate(model, card, ctx.test)
+    metrics["classes"] = ctx.cfg.data.names()  # per_class_top1 and confusion are indexed by these
     metrics.update(
         {
             "round": r,
             "model": card["timm_name"],
-            "params": ctx.params[r],
+            "params": card.get("params", ctx.params[r]),
             "labeled_images": len(ctx.labeled),
             "pseudo_images": pseudo_count,
             "train_images": len(ctx.labeled) + pseudo_count,

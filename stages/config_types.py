@@ -14,6 +14,10 @@ leave code lax, but pydantic dataclasses then refuse mappings for nested section
 validation cannot take ``Many``'s single values. ``Many[T]`` is a tuple that also takes a list or a single value (one
 shard pattern where a list is expected); anything else (a mapping, a set) is refused.
 
+``LATE`` marks a field added after runs were already identified by their config's digest: ``identity_tree`` (what the
+digest hashes) leaves such a field out while it holds its default, so a run started before the field existed resumes
+with its finished stages intact (``Annotated[StrictStr, LATE] = ""``).
+
 ``one_line`` turns a ``ValidationError`` into the message the CLI prints, ``config.ladder[0].drop_rate: must be in
 [0, 1), got -0.1``: the first error, unknown keys before wrong types before bad values. Stages never import
 ``pipeline``, so it lives here and ``pipeline/config.py`` uses it.
@@ -41,6 +45,30 @@ def _many(value: Any) -> Any:
 
 
 Many = Annotated[tuple[T, ...], Strict(), BeforeValidator(_many)]
+
+
+class _Late:
+    def __repr__(self) -> str:
+        return "LATE"
+
+
+LATE = _Late()
+
+
+def identity_tree(obj: Any) -> Any:
+    """``obj`` (a config dataclass, nested) as plain data, without ``LATE`` fields that hold their default."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        infos = getattr(type(obj), "__pydantic_fields__", {})
+        tree = {}
+        for f in dataclasses.fields(obj):
+            value, info = getattr(obj, f.name), infos.get(f.name)
+            if info is not None and LATE in info.metadata and value == info.get_default(call_default_factory=True):
+                continue
+            tree[f.name] = identity_tree(value)
+        return tree
+    if isinstance(obj, (list, tuple)):
+        return [identity_tree(v) for v in obj]
+    return obj
 
 
 def config(cls: type[T]) -> type[T]:

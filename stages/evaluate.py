@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from stages.data import LabeledSet
-from stages.transforms import clean_transform
+from stages.transforms import card_transform
 
 
 @torch.inference_mode()
 def predict_probs(model: nn.Module, images: list, card: dict, batch_size: int = 512) -> np.ndarray:
-    transform = clean_transform(card["input_size"][-1], card["mean"], card["std"])
+    transform = card_transform(card)
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):

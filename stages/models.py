@@ -17,11 +17,11 @@ from typing import Annotated
 
 import timm
 import torch
-from pydantic import Field, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 from safetensors.torch import load, load_file, save_file
 from torch import nn
 
-from stages.config_types import config
+from stages.config_types import LATE, config
 from stages.storage import (
     atomic_target,
     atomic_write_json,
@@ -43,6 +43,8 @@ class ModelSpec:
 
     ``drop_path_rate`` is 1 - survival probability (the paper's survival 0.8 is ``drop_path_rate=0.2``).
     ``randaug_m`` is on timm's 0..10 scale (paper M=27 on a 0..30 scale is timm M=9); ``randaug_n=0`` disables it.
+    ``pretrained``: start this rung from timm's pretrained weights (downloaded by timm: needs the model hub reachable
+    from every training worker; the head is re-initialised for ``num_classes``).
     """
 
     model: StrictStr = "resnet10t"
@@ -52,6 +54,7 @@ class ModelSpec:
     randaug_m: Annotated[
         StrictFloat, Field(ge=0, le=RANDAUG_MAX_MAGNITUDE, description="timm's scale; paper M=27 of 30 is 9")
     ] = 5.0
+    pretrained: Annotated[StrictBool, LATE] = False
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -65,7 +68,9 @@ class ModelSpec:
 def create_model(spec: ModelSpec, num_classes: int, in_chans: int, noised: bool) -> nn.Module:
     """Build the model; dropout and stochastic depth only when ``noised`` (the student), never for a teacher."""
     kwargs = {"drop_rate": spec.drop_rate, "drop_path_rate": spec.drop_path_rate} if noised else {}
-    return timm.create_model(spec.model, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return timm.create_model(
+        spec.model, pretrained=spec.pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+    )
 
 
 def check_classifier(spec: ModelSpec, num_classes: int, in_chans: int, image_size: int) -> int:

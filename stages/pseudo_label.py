@@ -32,7 +32,7 @@ from stages.data import BadSample, DataError, decode_image, image_field, iter_ra
 from stages.device import autocast, place_batch, place_model
 from stages.models import load_model
 from stages.storage import Location, StorageError, atomic_target, join, open_read
-from stages.transforms import clean_transform
+from stages.transforms import card_transform
 
 SIDECAR_FORMAT = "pseudo_labels/v1"
 
@@ -182,7 +182,7 @@ class ShardLabeler:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, card = load_model(model_dir, self.device)  # eval(): no dropout, no stochastic depth
         self.model = place_model(model, self.device)
-        self.transform = clean_transform(card["input_size"][-1], card["mean"], card["std"])
+        self.transform = card_transform(card)
         self.out_dir, self.cfg, self.channels = join(out_dir), cfg, channels  # a folder or a URL, from any node
 
     def label_shard(self, shard: str) -> dict:

@@ -42,7 +42,8 @@ from stages.distill import DistillTermConfig, Weighting, check_terms, needs_feat
 from stages.loader import MixedStream, PseudoSource
 from stages.models import ModelSpec, create_model, load_weights, unwrap
 from stages.online_distill import DistillStudent, OnlineTeacher, build_distill
-from stages.transforms import check_ops, clean_transform, noised_transform
+from stages.pretrained import create_from_weights
+from stages.transforms import card_transform, check_ops, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,14 @@ class TrainPlan:
     init_weights: str = ""
     threads: int = 0
     teacher_dir: str = ""
+    init_from: str = ""  # teacher.init: weights loaded through timm (stages/pretrained.py)
+    preprocess: tuple[tuple[str, object], ...] = ()  # model.json's input items beyond mean/std (augment, crop_pct)
+
+    @property
+    def card(self) -> dict:
+        """The input half of this plan's model card (what ``stages.transforms`` reads)."""
+        size = [self.channels, self.image_size, self.image_size]
+        return {"input_size": size, "mean": self.mean, "std": self.std, **dict(self.preprocess)}
 
     def steps_per_epoch(self, world_size: int) -> int:
         if self.pseudo:
@@ -216,10 +225,8 @@ def read_metrics_lines(text: str) -> list[dict]:
 
 def build_stream(plan: TrainPlan, epoch: int, rank: int, world_size: int) -> DataLoader:
     spec = plan.spec
-    transform = noised_transform(
-        plan.image_size, plan.mean, plan.std, spec.randaug_n, spec.randaug_m, plan.cfg.randaug_ops
-    )
-    clean = clean_transform(plan.image_size, plan.mean, plan.std) if plan.cfg.online_teacher else None
+    transform = train_transform(plan.card, spec.randaug_n, spec.randaug_m, plan.cfg.randaug_ops)
+    clean = card_transform(plan.card) if plan.cfg.online_teacher else None
     stream = MixedStream(
         plan.labeled,
         plan.pseudo,
@@ -250,7 +257,10 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
         torch.set_num_threads(plan.threads)  # Ray sets OMP_NUM_THREADS=1 per worker; training needs its cores
     torch.manual_seed(plan.cfg.seed)
     cfg, device = plan.cfg, hooks.device
-    model = create_model(plan.spec, plan.num_classes, plan.channels, noised=True)
+    if plan.init_from:
+        model = create_from_weights(plan.spec, plan.num_classes, plan.channels, plan.init_from, noised=True)
+    else:
+        model = create_model(plan.spec, plan.num_classes, plan.channels, noised=True)
     if plan.init_weights:
         model.load_state_dict(load_weights(plan.init_weights), strict=True)
     teacher, aux = None, None

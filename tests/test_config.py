@@ -14,6 +14,8 @@ from pipeline.config import (
     DataConfig,
     PipelineConfig,
     ResourcesConfig,
+    TeacherConfig,
+    TrackingConfig,
     apply_override,
     dump_config,
     load_config,
@@ -63,10 +65,12 @@ def test_the_default_config_loads_and_documents_every_key():
         "pseudo_label": PseudoLabelConfig,
         "select": type(cfg.select),
         "resources": ResourcesConfig,
+        "tracking": TrackingConfig,
     }
     for name, cls in sections.items():
         assert set(raw[name]) == {f.name for f in dataclasses.fields(cls)}, name
-    assert set(raw["teacher"]) | set(raw["student"]) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(raw["teacher"]) | set(raw["student"]) == {f.name for f in dataclasses.fields(TeacherConfig)}
+    assert set(raw["student"]) <= {f.name for f in dataclasses.fields(TrainConfig)}  # init, from_model: round 0 only
     assert set(raw) == {f.name for f in dataclasses.fields(PipelineConfig)}
 
 
@@ -127,7 +131,7 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
         ("student.epoch=5", "config.student.epoch", "did you mean 'epochs'?"),
         ("pseudo_label.temprature=2", "config.pseudo_label.temprature", "did you mean 'temperature'?"),
         ("ladder.0.drop_rat=0.1", "config.ladder[0].drop_rat", "did you mean 'drop_rate'?"),
-        ("data.zzz=1", "config.data.zzz", "allowed: allow_test_overlap, channels, image_size, labeled"),
+        ("data.zzz=1", "config.data.zzz", "allowed: allow_test_overlap, augment, channels, classes, image_size"),
     ],
 )
 def test_an_unknown_key_is_named_with_a_suggestion(tree, override, key, hint):

@@ -147,7 +147,14 @@ def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
         test=tuple(absolute(p) for p in cfg.data.test),
         prepare_digits=absolute(cfg.data.prepare_digits),
     )
-    return dataclasses.replace(cfg, storage=absolute(cfg.storage), publish=absolute(cfg.publish), data=data)
+    teacher = dataclasses.replace(
+        cfg.teacher, init=absolute(cfg.teacher.init), from_model=absolute(cfg.teacher.from_model)
+    )
+    mlflow = cfg.tracking.mlflow  # a plain folder is a file store beside the submitter; URIs stay as written
+    tracking = dataclasses.replace(cfg.tracking, mlflow=mlflow if ":" in mlflow else absolute(mlflow))
+    return dataclasses.replace(
+        cfg, storage=absolute(cfg.storage), publish=absolute(cfg.publish), data=data, teacher=teacher, tracking=tracking
+    )
 
 
 def project_root() -> Path:

@@ -106,6 +106,13 @@ def _load_round(rdir: Path) -> RoundFiles:
     )
 
 
+def class_names(run: RunFiles) -> list[str]:
+    """Class names by index: the latest round's ``metrics.json`` (or ``model.json``) ``classes``, else the indices."""
+    latest = run.rounds[-1]
+    names = latest.metrics.get("classes") or latest.card.get("classes")
+    return list(names) if names else [str(c) for c in range(len(latest.metrics["per_class_top1"]))]
+
+
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = RELIABILITY_BINS) -> dict:
     """Per equal-width confidence bin: count, accuracy, mean confidence (None for empty bins), and the ECE."""
     conf, pred = probs.max(axis=1), probs.argmax(axis=1)

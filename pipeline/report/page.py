@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.report import plots
-from pipeline.report.data import RoundFiles, RunFiles, calibration, example_images, load_run
+from pipeline.report.data import RoundFiles, RunFiles, calibration, class_names, example_images, load_run
 from pipeline.report.tensorboard import write_tensorboard
 from stages import storage
 from stages.storage import Location, atomic_write_bytes, atomic_write_text
@@ -229,9 +229,9 @@ def _accuracy(run: RunFiles) -> str:
         for r in run.rounds
     ]
     header = ["round", "model", "teacher top-1", "student top-1", "train images", "of which pseudo-labeled"]
-    n_classes = len(run.rounds[0].metrics["per_class_top1"])
+    n_classes, names = len(run.rounds[0].metrics["per_class_top1"]), class_names(run)
     per_class = [
-        [_th(c)] + [_pct(r.metrics["per_class_top1"][c], _metrics(r), f"per_class_top1.{c}") for r in run.rounds]
+        [_th(names[c])] + [_pct(r.metrics["per_class_top1"][c], _metrics(r), f"per_class_top1.{c}") for r in run.rounds]
         for c in range(n_classes)
     ]
     return (
@@ -239,7 +239,7 @@ def _accuracy(run: RunFiles) -> str:
         "the labeled data alone.</p>"
         + _img(plots.plot_top1(run.rounds), "test top-1 per round")
         + _table(header, rows)
-        + _img(plots.plot_per_class(run.rounds), "per-class test top-1 heat map")
+        + _img(plots.plot_per_class(run.rounds, names), "per-class test top-1 heat map")
         + _table(["class"] + [f"round {r.index}" for r in run.rounds], per_class, "per-class test top-1")
     )
 
@@ -282,7 +282,7 @@ def _selection(run: RunFiles) -> str:
     rounds = _student_rounds(run)
     if not rounds:
         return '<p class="note">No student round yet.</p>'
-    tables = []
+    tables, names = [], class_names(run)
     cols = [
         ("per_class_before", "{:d}"),
         ("per_class_candidates", "{:d}"),
@@ -294,7 +294,7 @@ def _selection(run: RunFiles) -> str:
     for r in rounds:
         s = r.selection
         rows = [
-            [_th(c)] + [_num(s[key][c], _sel(r), f"{key}.{c}", fmt) for key, fmt in cols]
+            [_th(names[c])] + [_num(s[key][c], _sel(r), f"{key}.{c}", fmt) for key, fmt in cols]
             for c in range(len(s["per_class_before"]))
         ]
         header = ["class", "argmax", "≥ floor", "kept", "after", "threshold", "dup."]
@@ -305,7 +305,7 @@ def _selection(run: RunFiles) -> str:
         "the duplication factor (copies per kept sample).</p>"
     )
     return legend + (
-        _img(plots.plot_selection(rounds), "class counts, thresholds and duplication per round")
+        _img(plots.plot_selection(rounds, names), "class counts, thresholds and duplication per round")
         + '<div class="tables">'
         + "".join(tables)
         + "</div>"
@@ -323,7 +323,10 @@ def _examples(run: RunFiles) -> str:
     return (
         f'<p class="note">Round {r.index}: kept samples per pseudo-label, from the first selection sidecars of '
         f"<code>{_e(r.rel)}/selection/</code>; the number under each image is the teacher's confidence.</p>"
-        + _img(plots.plot_examples(examples, EXAMPLES_PER_SIDE), f"example pseudo-labeled images, round {r.index}")
+        + _img(
+            plots.plot_examples(examples, EXAMPLES_PER_SIDE, class_names(run)),
+            f"example pseudo-labeled images, round {r.index}",
+        )
     )
 
 

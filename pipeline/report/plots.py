@@ -48,7 +48,7 @@ def plot_top1(rounds: list[RoundFiles]) -> bytes:
     return _png(fig)
 
 
-def plot_per_class(rounds: list[RoundFiles]) -> bytes:
+def plot_per_class(rounds: list[RoundFiles], names: list[str] | None = None) -> bytes:
     """Heat map of per-class test top-1 (classes x rounds), annotated when small enough to read."""
     values = np.array(
         [[np.nan if v is None else v * 100 for v in r.metrics["per_class_top1"]] for r in rounds], dtype=float
@@ -60,7 +60,7 @@ def plot_per_class(rounds: list[RoundFiles]) -> bytes:
     ax.set_xticks(range(len(rounds)), [str(r.index) for r in rounds])
     ax.set(xlabel="round", ylabel="class", title="per-class test top-1 (%)")
     if n_classes <= 30 and len(rounds) <= 12:
-        ax.set_yticks(range(n_classes))
+        ax.set_yticks(range(n_classes), names[:n_classes] if names else None)
         for (c, k), v in np.ndenumerate(values):
             if not np.isnan(v):
                 ax.text(k, c, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w" if v < 90 else "k")
@@ -93,7 +93,7 @@ def plot_pseudo_accuracy(rounds: list[RoundFiles]) -> bytes:
     return _png(fig)
 
 
-def plot_selection(rounds: list[RoundFiles]) -> bytes:
+def plot_selection(rounds: list[RoundFiles], names: list[str] | None = None) -> bytes:
     """Per class: counts before/after selection, per-class confidence thresholds, duplication factors."""
     fig = Figure(figsize=(13, 3.6), layout="constrained")
     ax1, ax2, ax3 = fig.subplots(1, 3)
@@ -110,10 +110,14 @@ def plot_selection(rounds: list[RoundFiles]) -> bytes:
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
+        if names and len(names) <= 30:
+            ax.set_xticks(range(len(names)), names, rotation=90 if max(map(len, names)) > 2 else 0, fontsize=7)
     return _png(fig)
 
 
-def plot_examples(examples: dict[int, dict[str, list[Example]]], per_side: int, cell: int = 64) -> bytes:
+def plot_examples(
+    examples: dict[int, dict[str, list[Example]]], per_side: int, names: list[str] | None = None, cell: int = 64
+) -> bytes:
     """Rows are classes; the left block the most confident kept samples, the right block the least confident.
 
     The thumbnails are tiled into one array drawn by a single ``imshow`` (one axes per image is ~50x slower).
@@ -140,7 +144,14 @@ def plot_examples(examples: dict[int, dict[str, list[Example]]], per_side: int, 
     for x, y, text in labels:
         ax.text(x, y, text, ha="center", va="center", fontsize=7)
     for row, c in enumerate(examples):
-        ax.text(-6, row * (cell + label_h) + cell / 2, f"class {c}", ha="right", va="center", fontsize=9)
+        ax.text(
+            -6,
+            row * (cell + label_h) + cell / 2,
+            names[c] if names else f"class {c}",
+            ha="right",
+            va="center",
+            fontsize=9,
+        )
     fig.suptitle(f"left: {per_side} most confident kept per class · right: {per_side} least confident kept", fontsize=9)
     return _png(fig)
 

@@ -1,0 +1,206 @@
+"""Commands for your own images and models: ``prepare-folder``, ``predict`` and ``export``.
+
+``python -m pipeline prepare-folder SRC --out DIR`` (or ``--csv FILE``) writes WebDataset shards, ``classes.json``
+and ``data.yaml`` (``pipeline/distributed/folder.py``); ``predict --model DIR IMAGE…`` classifies files with a round's
+model, by class name (``--json`` for a machine-readable list); ``export RUN --format onnx|torchscript --to FILE``
+writes a round's model with its class names and preprocessing and checks it against PyTorch (``stages/export.py``).
+Registered by ``pipeline/cli.py``, which prints the one-line ``error:`` for the errors raised here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+from stages.data import DataError
+
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+
+
+def shard_size(text: str) -> int:
+    """``256MB``, ``64KiB``, ``1g`` or plain bytes, as an int (argparse type)."""
+    match = SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    unit = (match.group(2) or "b").lower()[:1]
+    return int(float(match.group(1)) * 1024 ** "bkmgt".index(unit))
+
+
+def add_commands(sub) -> None:
+    """Add ``prepare-folder``, ``predict`` and ``export`` to the CLI's subparsers."""
+    p = sub.add_parser(
+        "prepare-folder",
+        help="write a folder (or CSV) of images as WebDataset shards, classes.json and data.yaml",
+        description="SRC holds labeled/<class>/..., test/<class>/..., optionally val/<class>/..., and unlabeled/... "
+        "(any depth, no labels); or give --csv FILE with path,label,split columns (paths relative to the CSV). "
+        "Classes are numbered by sorted name, as torchvision's ImageFolder does. Images are copied as they are; "
+        "unreadable files are listed in DIR/prepare.json and skipped with a count. A re-run skips finished shards.",
+    )
+    p.add_argument("src", nargs="?", metavar="SRC", help="the source folder (not needed with --csv)")
+    p.add_argument("--csv", dest="csv_path", help="a CSV file with path,label,split columns instead of SRC")
+    p.add_argument("--out", required=True, help="output folder: DIR/{labeled,val,test,unlabeled}/*.tar")
+    p.add_argument("--shard-size", type=shard_size, default="256MB", help="bytes per shard (default 256MB)")
+    p.add_argument(
+        "--parallel",
+        choices=("auto", "ray", "off"),
+        default="auto",
+        help="ray: one Ray task per shard; off: in this process; auto (default): Ray above 5,000 images",
+    )
+    p.add_argument("--seed", type=int, default=0, help="shuffles which images share a shard (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare_folder)
+
+    p = sub.add_parser(
+        "predict",
+        help="classify image files with a round's model",
+        description="Loads DIR/model.json + DIR/model.safetensors (a round folder or a download) un-noised and "
+        "prints the top classes of each image, by name when the model's model.json names its classes.",
+    )
+    p.add_argument("--model", required=True, help="a round folder holding model.json and model.safetensors")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--topk", type=int, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--json", action="store_true", help="print a JSON list: image, class, index, probability, top")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export",
+        help="export a round's model to ONNX or TorchScript, checked against PyTorch",
+        description="Writes the model with its class names and preprocessing (size, mean, std, resize) in the file's "
+        "metadata, runs it on a few of the run's test images beside PyTorch and prints the largest difference; a "
+        "difference above the tolerance is an error. ONNX needs pip install -e '.[export]'.",
+    )
+    p.add_argument("run", metavar="RUN", help="run name under --storage, or a path or URL of a run folder")
+    p.add_argument("--storage", default="runs", help="storage root: folder or URL (default runs)")
+    p.add_argument("--round", type=int, dest="round_index", help="round to export (default: the latest finished)")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default onnx")
+    p.add_argument("--to", required=True, help="file to write (e.g. model.onnx, model.pt)")
+    p.add_argument("--images", type=int, default=8, help="test images the check runs on (default 8)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_prepare_folder(args) -> int:
+    from pipeline.distributed.folder import prepare_folder
+
+    if bool(args.src) == bool(args.csv_path):
+        raise DataError("prepare-folder: give either SRC or --csv FILE")
+    summary = prepare_folder(
+        args.src, args.out, args.csv_path, args.shard_size, args.parallel, args.seed, progress=not args.no_progress
+    )
+    counts = ", ".join(f"{s} {i['samples']} ({i['shards']} shard(s))" for s, i in summary["splits"].items())
+    print(f"wrote {summary['out']}: {len(summary['classes'])} classes, {counts}")
+    if summary["skipped_count"]:
+        first = summary["skipped"][0]
+        print(
+            f"skipped {summary['skipped_count']} file(s), e.g. {first['path']}: {first['reason']} "
+            f"(all listed in {Path(summary['out']) / 'prepare.json'})"
+        )
+    print(f"classes: {Path(summary['out']) / 'classes.json'}")
+    print(f"data section: {Path(summary['out']) / 'data.yaml'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from stages.data import BadSample, decode_image
+    from stages.evaluate import predict_probs
+    from stages.models import load_model
+
+    model_dir = Path(args.model)
+    if not (model_dir / "model.json").is_file() or not (model_dir / "model.safetensors").is_file():
+        raise DataError(f"--model {model_dir}: needs model.json and model.safetensors (a round folder or download)")
+    model, card = load_model(model_dir)
+    names = card.get("classes") or [str(c) for c in range(card["num_classes"])]
+    images = []
+    for path in args.images:
+        try:
+            images.append(decode_image(Path(path).read_bytes(), card["input_size"][0]))
+        except (OSError, BadSample) as exc:
+            raise DataError(f"{path}: not a readable image ({exc})") from exc
+    probs = predict_probs(model, images, card)
+    k = max(1, min(args.topk, probs.shape[1]))
+    results = []
+    for path, p in zip(args.images, probs, strict=True):
+        top = [int(c) for c in p.argsort()[::-1][:k]]
+        results.append(
+            {
+                "image": path,
+                "class": names[top[0]],
+                "index": top[0],
+                "probability": round(float(p[top[0]]), 6),
+                "top": [{"class": names[c], "index": c, "probability": round(float(p[c]), 6)} for c in top],
+            }
+        )
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    from pipeline.report.text import columns
+
+    lines = [
+        (
+            r["image"],
+            r["class"],
+            f"{r['probability']:.3f}",
+            ", ".join(f"{t['class']}:{t['probability']:.3f}" for t in r["top"]),
+        )
+        for r in results
+    ]
+    print(columns(("image", "class", "probability", f"top-{k}"), lines))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pipeline.cluster.run_store import RunStore
+    from stages.export import export_model
+
+    for chatty in ("onnx_ir", "onnxscript"):  # a line per optimisation pass at INFO
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    store = RunStore(args.run, args.storage)
+    finished = [r["round"] for r in store.rounds() if r["finished"]]
+    if not finished:
+        raise DataError(f"run {store.location} has no finished round to export")
+    r = finished[-1] if args.round_index is None else args.round_index
+    if r not in finished:
+        raise DataError(f"run {store.location}: round {r} is not finished (finished: {finished})")
+    model_dir = f"{store.location}/round-{r:03d}"
+    images = test_images(store, args.images)
+    if not images:
+        print("note: the run's test shards were not found; checking on random inputs", file=sys.stderr)
+    result = export_model(model_dir, args.format, args.to, images)
+    print(f"wrote {result['file']}: round {r} of {store.name}, {result['timm_model']}, {args.format}")
+    print(f"classes: {', '.join(json.loads(result['classes']))}")
+    print(f"preprocessing: {result['preprocessing']}")
+    print(
+        f"checked on {result['images']} image(s): largest |logit difference| to PyTorch {result['max_abs_diff']:.3g}, "
+        f"top-1 agrees on {result['top1_agreement']:.0%}"
+    )
+    return 0
+
+
+def test_images(store, count: int) -> list:
+    """The first ``count`` images of the run's test shards (its config.yaml), or none when they cannot be read."""
+    import yaml
+
+    from stages.data import BadSample, decode_image, expand_shards, image_field, iter_raw_samples
+
+    try:
+        data = yaml.safe_load(_read_text(store, "config.yaml")).get("data", {})
+        images = []
+        for shard in expand_shards(data.get("test", []), "data.test"):
+            for sample in iter_raw_samples(shard):
+                try:
+                    images.append(decode_image(image_field(sample), int(data.get("channels", 1))))
+                except BadSample:
+                    continue
+                if len(images) >= count:
+                    return images
+        return images
+    except (OSError, DataError, ValueError, AttributeError):
+        return []
+
+
+def _read_text(store, rel: str) -> str:
+    from stages.storage import join, read_text
+
+    return read_text(join(store.location, rel))
