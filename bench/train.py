@@ -141,8 +141,8 @@ def prepare_student(root: Path, labeled: list[str], count: int, unlabeled: list[
 def bench_stage(plan: TrainPlan, root: Path, gpu: bool, name: str) -> tuple[float, float]:
     import dataclasses
 
-    from pipeline.distributed.runtime import init_ray
     from pipeline.config import TrainResources
+    from pipeline.distributed.runtime import init_ray
     from pipeline.distributed.train import run_training
 
     init_ray(num_cpus=os.cpu_count())
