@@ -19,7 +19,7 @@ from pipeline.cluster.run_store import RunStoreError
 from pipeline.config import ConfigError, load_config
 from pipeline.report.data import ReportError
 from stages.data import DataError
-from stages.storage import StorageError, is_url, join, locate_run, modified
+from stages.storage import StorageError, is_url, join, locate_run, modified, read_json
 
 DEFAULT_CONFIG = "configs/digits.yaml"
 
@@ -104,12 +104,18 @@ def _add_storage_commands(sub) -> None:
         "download",
         help="copy a round's model, metrics and manifest, verifying every sha256",
         description="Copies <storage>/<RUN>/round-NNN/{model.safetensors,model.json,metrics.json,manifest.json} "
-        "to DIR/round-NNN (default: the latest finished round) and refuses any file whose size or sha256 differs "
+        "to DIR/round-NNN (default: the run's best round by validation top-1, as run.json records it; the latest "
+        "finished round when the run has no validation split) and refuses any file whose size or sha256 differs "
         "from the round's manifest.",
     )
     _add_run_location(p)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--round", type=int, dest="round_index", help="round to download (default: latest finished)")
+    which.add_argument(
+        "--round",
+        type=int,
+        dest="round_index",
+        help="round to download (default: the best round by validation top-1, else the latest finished)",
+    )
     which.add_argument("--all", action="store_true", help="every finished round")
     p.add_argument("--to", required=True, help="local folder to download into")
     p.set_defaults(func=cmd_download)
@@ -177,7 +183,7 @@ def cmd_prepare(args) -> int:
 
 def ensure_digits(root: str) -> None:
     """Write the default data set if the config asks for it and it is not there yet."""
-    if root and not all(any((Path(root) / s).glob("*.tar")) for s in ("labeled", "unlabeled", "test")):
+    if root and not all(any((Path(root) / s).glob("*.tar")) for s in ("labeled", "unlabeled", "test", "val")):
         from stages.digits import write_digits_shards
 
         counts = write_digits_shards(root)
@@ -202,6 +208,7 @@ def cmd_iterate(args) -> int:
     print()
     print(format_table(rows))
     run_dir = run_folder(cfg, run)
+    print(format_choice(read_json(join(run_dir, "run.json")).get("stop")))
     print(f"\nrun {run} finished in {time.perf_counter() - start:.0f} s; outputs in {run_dir}")
     report = join(run_dir, "report.html")
     # an object store stamps the upload with its own clock: allow it a little skew
@@ -276,6 +283,7 @@ def cmd_rounds(args) -> int:
     finished = [r for r in rows if r["finished"]]
     if finished:
         print(format_table(finished))
+        print(format_choice(status.get("stop")))
     for r in rows:
         if not r["finished"]:
             print(f"round {r['round']}: in progress (done: {', '.join(r['stages_done']) or 'nothing yet'})")
@@ -371,23 +379,52 @@ def format_comparison(rows: list[dict], name_a: str, name_b: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("round", "model", "params", "train images (lab+pseudo)", "test top-1", "teacher top-1", "time s")
+    """Per round: validation top-1 (what every choice is made on) beside test top-1 (reported, never chosen on)."""
+    header = (
+        "round",
+        "model",
+        "params",
+        "train images (lab+pseudo)",
+        "val top-1",
+        "test top-1",
+        "teacher test top-1",
+        "corrupted test top-1",
+        "time s",
+    )
     lines = []
     for m in rows:
         seconds = sum(m.get("stage_seconds", {}).values())
-        teacher = f"{m['teacher_top1'] * 100:.2f}%" if m.get("teacher_top1") is not None else "-"
         lines.append(
             (
                 str(m["round"]),
                 m["model"],
                 f"{m['params'] / 1e6:.2f}M",
                 f"{m['train_images']} ({m['labeled_images']}+{m['pseudo_images']})",
-                f"{m['test_top1'] * 100:.2f}%",
-                teacher,
+                _pct(m.get("val_top1")),
+                _pct(m["test_top1"]),
+                _pct(m.get("teacher_top1")),
+                _pct((m.get("corruption_top1") or {}).get("mean")),
                 f"{seconds:.0f}",
             )
         )
     return _columns(header, lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.2f}%"
+
+
+def format_choice(stop: dict | None) -> str:
+    """The best round (by validation) and, when the stop rule fired, why the run ended early."""
+    if not stop:
+        return "best round: unknown (run.json has no stop record: a run from before validation splits)"
+    line = (
+        f"best round: {stop['best_round']} (by {stop['best_by']}: val {_pct(stop['best_val_top1'])}, "
+        f"test {_pct(stop['best_test_top1'])}); `download` without --round takes it"
+    )
+    if stop.get("stopped_early"):
+        line = f"stopped early after round {stop['stopped_after_round']}: {stop['reason']}\n" + line
+    return line
 
 
 def _columns(header: tuple[str, ...], lines: list[tuple[str, ...]]) -> str:

@@ -23,11 +23,13 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeA
 
 from pipeline.overrides import ConfigError, apply_override, read_tree  # noqa: F401 (apply_override: part of this API)
 from stages.config_types import Many, config, one_line
+from stages.corruptions import RobustnessConfig
 from stages.distill import needs_features
 from stages.models import ModelSpec, check_ladder
 from stages.online_distill import check_feature_pairs
 from stages.pseudo_label import PseudoLabelConfig
 from stages.select import SelectConfig
+from stages.stopping import StopConfig
 from stages.storage import StorageError, check_storage
 from stages.train import TrainConfig
 
@@ -74,6 +76,8 @@ class DataConfig:
     ``prepare_digits``: a folder; when set and its shards are missing, the built-in digits data is written there.
     ``allow_test_overlap``: go on (with a warning) when training images have the same decoded pixels as test images;
     by default that stops the run before round 0 (``pipeline/distributed/data_check.py``).
+    ``val`` (shards) or ``val_per_class`` (K per class carved from the labeled shards by ``val_seed``, never trained
+    on): the validation split every choice is made on (``stages/validation.py``); neither = no validation.
     """
 
     labeled: Shards = ()
@@ -87,6 +91,13 @@ class DataConfig:
     max_bad_fraction: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.01
     prepare_digits: StrictStr = ""
     allow_test_overlap: StrictBool = False
+    val: Many[StrictStr] = ()
+    val_per_class: NonNegative = 0
+    val_seed: StrictInt = 0
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.val or self.val_per_class)
 
     @model_validator(mode="after")
     def _per_channel(self) -> DataConfig:
@@ -99,6 +110,8 @@ class DataConfig:
                 raise ValueError(f"{name}: needs {self.channels} value(s), one per channel, got {getattr(self, name)}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std: must be > 0, got {self.std}")
+        if self.val and self.val_per_class:
+            raise ValueError("val_per_class: give validation shards (data.val) or a carve (val_per_class), not both")
         return self
 
 
@@ -144,6 +157,9 @@ class PipelineConfig:
     ``ladder_mode``: ``expand`` (each rung has at least as many parameters as the one before: Noisy Student's
     equal-or-larger students), ``compress`` (never more: knowledge compression into smaller students), ``any``
     (unchecked). Equal sizes pass both, since a ladder shorter than the run repeats its last rung.
+    ``seed``: the run seed; every round's training and selection get their own seed derived from it and the stage's
+    ``seed`` key (``stages/stopping.round_seed``). ``stop``: the stop rule on validation (``stages/stopping.py``).
+    ``robustness``: corrupted copies of the test set scored every round (``stages/corruptions.py``).
     """
 
     name: StrictStr = "run"
@@ -159,6 +175,9 @@ class PipelineConfig:
     pseudo_label: PseudoLabelConfig = dataclasses.field(default_factory=PseudoLabelConfig)
     select: SelectConfig = dataclasses.field(default_factory=SelectConfig)
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
+    seed: StrictInt = 0
+    stop: StopConfig = dataclasses.field(default_factory=StopConfig)
+    robustness: RobustnessConfig = dataclasses.field(default_factory=RobustnessConfig)
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -173,6 +192,10 @@ class PipelineConfig:
                 "student"
             )
         d = self.data
+        if self.stop.patience and not d.has_validation:
+            raise ValueError(
+                "stop.patience: the stop rule needs a validation split; set data.val (shards) or data.val_per_class"
+            )
         if self.ladder_mode != "any":
             check_ladder(self.ladder, self.ladder_mode, d.num_classes, d.channels, d.image_size)
         if any(needs_features(t.name) for t in self.student.distill):

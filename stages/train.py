@@ -139,7 +139,8 @@ class TrainPlan:
     """Everything one training run needs; plain data, so it can travel to Ray Train workers.
 
     ``teacher_dir``: the previous round's model folder (``model.json`` + ``model.safetensors``), the frozen
-    teacher of ``cfg.online_teacher``; ``""`` otherwise.
+    teacher of ``cfg.online_teacher``; ``""`` otherwise. ``exclude_keys``: labeled keys never trained on (a
+    validation split carved from the labeled shards); ``labeled_count`` counts the labeled samples without them.
     """
 
     spec: ModelSpec
@@ -157,6 +158,7 @@ class TrainPlan:
     init_weights: str = ""
     threads: int = 0
     teacher_dir: str = ""
+    exclude_keys: frozenset[str] = frozenset()
 
     def steps_per_epoch(self, world_size: int) -> int:
         if self.pseudo:
@@ -232,6 +234,7 @@ def build_stream(plan: TrainPlan, epoch: int, rank: int, world_size: int) -> Dat
         rank=rank,
         world_size=world_size,
         clean_transform=clean,
+        exclude_keys=plan.exclude_keys,
     )
     workers = plan.cfg.loader_workers
     return DataLoader(

@@ -87,6 +87,7 @@ def test_resolve_paths_makes_local_paths_absolute_and_keeps_urls(tmp_path):
             "labeled": ["d/labeled-{000000..000003}.tar"],
             "unlabeled": ["s3://bucket/unlabeled-{000..999}.tar", "~/u/*.tar"],
             "test": ["/abs/test.tar"],
+            "val": ["d/val/*.tar"],
             "prepare_digits": "d",
         },
         "ladder": [{"model": "resnet10t"}],
@@ -96,6 +97,7 @@ def test_resolve_paths_makes_local_paths_absolute_and_keeps_urls(tmp_path):
     assert cfg.data.labeled == (f"{tmp_path}/d/labeled-{{000000..000003}}.tar",)
     assert cfg.data.unlabeled == ("s3://bucket/unlabeled-{000..999}.tar", f"{Path.home()}/u/*.tar")
     assert cfg.data.test == ("/abs/test.tar",) and cfg.data.prepare_digits == str(tmp_path / "d")
+    assert cfg.data.val == (f"{tmp_path}/d/val/*.tar",)
     assert cfg.publish == ""
     tree["publish"] = "gs://bucket/runs"
     assert resolve_paths(load_config(None, [], base=tree), tmp_path).publish == "gs://bucket/runs"
