@@ -49,6 +49,23 @@ def _add_iterate(sub) -> None:
     p.set_defaults(func=cmd_iterate)
 
 
+def _add_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="search the round-1 student's recipe on validation (Ray Tune + ASHA); writes best.yaml and a trial table",
+        description="Trains (or reuses, --run) a base run of rounds 0-1, then samples the knobs of "
+        "stages/tuning.SPACE for the round-1 student from the base run's teacher and soft labels, scoring on "
+        "validation only; writes <run>/tune/{best.yaml,trials.csv,trials.md,tune.json}.",
+    )
+    _add_run_options(p)
+    p.add_argument("--trials", type=int, default=24, help="trials to sample (default 24)")
+    p.add_argument("--budget-minutes", type=float, default=20.0, help="search time limit (default 20)")
+    p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (and torch threads) per trial (default 1)")
+    p.add_argument("--out", help="output folder (default <storage>/<run>/tune)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_tune)
+
+
 def _add_address(p) -> None:
     p.add_argument(
         "--address",
@@ -165,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_iterate(sub)
+    _add_tune(sub)
     _add_jobs(sub)
     _add_storage_commands(sub)
     _add_report(sub)
@@ -217,6 +235,34 @@ def cmd_iterate(args) -> int:
         print(f"report: {report}")
     else:
         print(f"report: not updated (see the warnings above); rebuild it with python -m pipeline report {run_dir}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from pipeline.tune import run_tune
+
+    cfg, run = _load_run(args)
+    if args.run is None:
+        run = f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_tune(
+        cfg,
+        run,
+        args.trials,
+        args.budget_minutes,
+        Path(args.out) if args.out else None,
+        args.cpus_per_trial,
+        progress=not args.no_progress,
+    )
+    base = summary["baseline"]
+    print(f"\n{summary['trials']} trials ({summary['finished']} ran to the end) in {summary['search_seconds']:.0f} s")
+    print(f"config's recipe: round-1 student val top-1 {base['val_top1'] * 100:.2f}%")
+    best = summary["best"]
+    if best is None:
+        print("no trial ran to the end: raise --budget-minutes")
+    else:
+        print(f"best trial {best['trial']}: val top-1 {best['val_top1'] * 100:.2f}%  {json.dumps(best['knobs'])}")
+    for name, path in summary["outputs"].items():
+        print(f"{name}: {path}")
     return 0
 
 
