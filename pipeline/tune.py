@@ -1,7 +1,8 @@
 """Recipe search on validation: ``python -m pipeline tune --config C [--trials N] [--budget-minutes M]``.
 
-1. A base run (rounds 0 and 1 of the config, an ordinary run: ``--run`` names an existing one to reuse) gives the
-   teacher, its soft labels for every unlabeled sample, and the current recipe's round-1 student as the baseline.
+1. A base run (rounds 0 and 1 of the config, an ordinary run: ``--run`` names an existing one of the same config to
+   reuse, read as it is) gives the teacher, its soft labels for every unlabeled sample, and the current recipe's
+   round-1 student as the baseline.
 2. Ray Tune samples the knobs of ``stages/tuning.SPACE`` (random search) under ASHA. A trial is only the round-1
    student: the base run's soft labels re-tempered to the trial's temperature (no teacher, no pseudo-labeling),
    selection in-process, then ``stages.train.train_model`` in the trial's process. It reports validation top-1 five
@@ -27,10 +28,10 @@ import time
 from pathlib import Path
 
 from pipeline.choices import load_validation, round_seeds
-from pipeline.config import PipelineConfig, dump_config, load_config
-from pipeline.rounds import run_folder, run_pipeline
+from pipeline.config import ConfigError, PipelineConfig, dump_config, load_config
+from pipeline.rounds import check_same_config, run_folder, run_pipeline
 from stages.stopping import StopConfig
-from stages.storage import atomic_write_text, join, round_dir
+from stages.storage import Location, atomic_write_text, exists, join, read_json, round_dir
 from stages.tuning import SPACE, apply_knobs, recipe
 
 log = logging.getLogger(__name__)
@@ -69,21 +70,17 @@ def run_tune(
 ) -> dict:
     """Base run, search, outputs; returns the summary also written as ``tune.json``. ``space``: where each knob
     of ``SPACE`` is searched (the tests narrow it to seconds-long trials)."""
-    base = dataclasses.replace(cfg, rounds=1, stop=StopConfig())
-    if not base.data.has_validation:
-        from pipeline.config import ConfigError
-
+    if not cfg.data.has_validation:
         raise ConfigError("tune scores on validation: set data.val (shards) or data.val_per_class in the config")
-    rows = run_pipeline(base, run_name, progress=progress)
-    run_dir = run_folder(base, run_name)
+    run_dir, baseline_val = base_run(cfg, run_name, progress)
     out = Path(out) if out else Path(str(join(run_dir, "tune")))
     out.mkdir(parents=True, exist_ok=True)
-    setup = TuneSetup(base.to_dict(), str(run_dir), base.pseudo_label.temperature, cpus_per_trial)
+    setup = TuneSetup(cfg.to_dict(), str(run_dir), cfg.pseudo_label.temperature, cpus_per_trial)
     start = time.perf_counter()
     results = _search(setup, search_space(space), trials, budget_minutes, out, progress)
     table = trial_table(results)
     best = pick_best(table)
-    baseline = {"knobs": recipe(setup.tree), "val_top1": rows[1]["val_top1"]}
+    baseline = {"knobs": recipe(setup.tree), "val_top1": baseline_val}
     summary = {
         "base_run": str(run_dir),
         "trials": len(table),
@@ -100,6 +97,19 @@ def run_tune(
     summary["outputs"]["trials.md"] = _write(out / "trials.md", table_markdown(table, baseline))
     _write(out / "tune.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def base_run(cfg: PipelineConfig, run_name: str, progress: bool) -> tuple[Location, float]:
+    """``(run folder, its round-1 validation top-1)``: an existing run of this config with round 1 finished is read
+    as it is (running it again with ``rounds: 1`` would rewrite its run.json as a 1-round run); otherwise rounds 0-1
+    are run (or resumed)."""
+    run_dir = run_folder(cfg, run_name)
+    status_path = join(run_dir, "run.json")
+    if exists(status_path) and read_json(status_path).get("rounds_completed", 0) >= 2:
+        check_same_config(cfg, run_dir)
+        return run_dir, read_json(join(round_dir(run_dir, 1), "metrics.json"))["val_top1"]
+    rows = run_pipeline(dataclasses.replace(cfg, rounds=1, stop=StopConfig()), run_name, progress=progress)
+    return run_dir, rows[1]["val_top1"]
 
 
 def _write(path: Path, text: str) -> str:
