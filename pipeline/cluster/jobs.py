@@ -153,7 +153,7 @@ def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
 
 def project_root() -> Path:
     """The source checkout holding this package (what a job ships); a clear error for an installed copy."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # pipeline/cluster/jobs.py -> the checkout
     if not (root / "pyproject.toml").is_file() or not (root / "stages").is_dir():
         raise JobError(f"submit ships the project source, but {root} is not a source checkout (no pyproject.toml)")
     return root
