@@ -22,7 +22,7 @@ from pipeline.report.data import ReportError
 from pipeline.report.text import columns as _columns
 from stages.data import DataError
 from stages.export import ExportError
-from stages.storage import StorageError, is_url, join, locate_run, modified
+from stages.storage import StorageError, is_url, join, locate_run, modified, read_json
 
 DEFAULT_CONFIG = "configs/digits.yaml"
 
@@ -50,6 +50,23 @@ def _add_iterate(sub) -> None:
     _add_run_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_iterate)
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="search the round-1 student's recipe on validation (Ray Tune + ASHA); writes best.yaml and a trial table",
+        description="Trains (or reuses, --run) a base run of rounds 0-1, then samples the knobs of "
+        "stages/tuning.SPACE for the round-1 student from the base run's teacher and soft labels, scoring on "
+        "validation only; writes <run>/tune/{best.yaml,trials.csv,trials.md,tune.json}.",
+    )
+    _add_run_options(p)
+    p.add_argument("--trials", type=int, default=24, help="trials to sample (default 24)")
+    p.add_argument("--budget-minutes", type=float, default=20.0, help="search time limit (default 20)")
+    p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (and torch threads) per trial (default 1)")
+    p.add_argument("--out", help="output folder (default <storage>/<run>/tune)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_tune)
 
 
 def _add_address(p) -> None:
@@ -107,12 +124,18 @@ def _add_storage_commands(sub) -> None:
         "download",
         help="copy a round's model, metrics and manifest, verifying every sha256",
         description="Copies <storage>/<RUN>/round-NNN/{model.safetensors,model.json,metrics.json,manifest.json} "
-        "to DIR/round-NNN (default: the latest finished round) and refuses any file whose size or sha256 differs "
+        "to DIR/round-NNN (default: the run's best round by validation top-1, as run.json records it; the latest "
+        "finished round when the run has no validation split) and refuses any file whose size or sha256 differs "
         "from the round's manifest.",
     )
     _add_run_location(p)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--round", type=int, dest="round_index", help="round to download (default: latest finished)")
+    which.add_argument(
+        "--round",
+        type=int,
+        dest="round_index",
+        help="round to download (default: the best round by validation top-1, else the latest finished)",
+    )
     which.add_argument("--all", action="store_true", help="every finished round")
     p.add_argument("--to", required=True, help="local folder to download into")
     p.set_defaults(func=cmd_download)
@@ -151,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_iterate(sub)
+    _add_tune(sub)
     _add_jobs(sub)
     _add_storage_commands(sub)
     _add_report(sub)
@@ -170,7 +194,7 @@ def cmd_prepare(args) -> int:
 
 def ensure_digits(root: str) -> None:
     """Write the default data set if the config asks for it and it is not there yet."""
-    if root and not all(any((Path(root) / s).glob("*.tar")) for s in ("labeled", "unlabeled", "test")):
+    if root and not all(any((Path(root) / s).glob("*.tar")) for s in ("labeled", "unlabeled", "test", "val")):
         from stages.digits import write_digits_shards
 
         counts = write_digits_shards(root)
@@ -195,6 +219,7 @@ def cmd_iterate(args) -> int:
     print()
     print(format_table(rows))
     run_dir = run_folder(cfg, run)
+    print(format_choice(read_json(join(run_dir, "run.json")).get("stop")))
     print(f"\nrun {run} finished in {time.perf_counter() - start:.0f} s; outputs in {run_dir}")
     report = join(run_dir, "report.html")
     # an object store stamps the upload with its own clock: allow it a little skew
@@ -203,6 +228,34 @@ def cmd_iterate(args) -> int:
         print(f"report: {report}")
     else:
         print(f"report: not updated (see the warnings above); rebuild it with python -m pipeline report {run_dir}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from pipeline.distributed.tune import run_tune
+
+    cfg, run = _load_run(args)
+    if args.run is None:
+        run = f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_tune(
+        cfg,
+        run,
+        args.trials,
+        args.budget_minutes,
+        Path(args.out) if args.out else None,
+        args.cpus_per_trial,
+        progress=not args.no_progress,
+    )
+    base = summary["baseline"]
+    print(f"\n{summary['trials']} trials ({summary['finished']} ran to the end) in {summary['search_seconds']:.0f} s")
+    print(f"config's recipe: round-1 student val top-1 {base['val_top1'] * 100:.2f}%")
+    best = summary["best"]
+    if best is None:
+        print("no trial ran to the end: raise --budget-minutes")
+    else:
+        print(f"best trial {best['trial']}: val top-1 {best['val_top1'] * 100:.2f}%  {json.dumps(best['knobs'])}")
+    for name, path in summary["outputs"].items():
+        print(f"{name}: {path}")
     return 0
 
 
@@ -270,6 +323,7 @@ def cmd_rounds(args) -> int:
     if finished:
         print(format_table(finished))
         print(format_per_class(finished[-1]))
+        print(format_choice(status.get("stop")))
     for r in rows:
         if not r["finished"]:
             print(f"round {r['round']}: in progress (done: {', '.join(r['stages_done']) or 'nothing yet'})")
@@ -349,23 +403,52 @@ def format_per_class(m: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("round", "model", "params", "train images (lab+pseudo)", "test top-1", "teacher top-1", "time s")
+    """Per round: validation top-1 (what every choice is made on) beside test top-1 (reported, never chosen on)."""
+    header = (
+        "round",
+        "model",
+        "params",
+        "train images (lab+pseudo)",
+        "val top-1",
+        "test top-1",
+        "teacher test top-1",
+        "corrupted test top-1",
+        "time s",
+    )
     lines = []
     for m in rows:
         seconds = sum(m.get("stage_seconds", {}).values())
-        teacher = f"{m['teacher_top1'] * 100:.2f}%" if m.get("teacher_top1") is not None else "-"
         lines.append(
             (
                 str(m["round"]),
                 m["model"],
                 f"{m['params'] / 1e6:.2f}M",
                 f"{m['train_images']} ({m['labeled_images']}+{m['pseudo_images']})",
-                f"{m['test_top1'] * 100:.2f}%",
-                teacher,
+                _pct(m.get("val_top1")),
+                _pct(m["test_top1"]),
+                _pct(m.get("teacher_top1")),
+                _pct((m.get("corruption_top1") or {}).get("mean")),
                 f"{seconds:.0f}",
             )
         )
     return _columns(header, lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.2f}%"
+
+
+def format_choice(stop: dict | None) -> str:
+    """The best round (by validation) and, when the stop rule fired, why the run ended early."""
+    if not stop:
+        return "best round: unknown (run.json has no stop record: a run from before validation splits)"
+    line = (
+        f"best round: {stop['best_round']} (by {stop['best_by']}: val {_pct(stop['best_val_top1'])}, "
+        f"test {_pct(stop['best_test_top1'])}); `download` without --round takes it"
+    )
+    if stop.get("stopped_early"):
+        line = f"stopped early after round {stop['stopped_after_round']}: {stop['reason']}\n" + line
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,12 +24,14 @@ from pydantic_core import ArgsKwargs
 
 from pipeline.overrides import ConfigError, apply_override, read_tree  # noqa: F401 (apply_override: part of this API)
 from stages.config_types import LATE, Many, config, identity_tree, one_line
+from stages.corruptions import RobustnessConfig
 from stages.distill import needs_features
 from stages.folder import read_classes
 from stages.models import ModelSpec, check_ladder
 from stages.online_distill import check_feature_pairs
 from stages.pseudo_label import PseudoLabelConfig
 from stages.select import SelectConfig
+from stages.stopping import StopConfig
 from stages.storage import StorageError, check_storage
 from stages.train import TrainConfig
 
@@ -80,6 +82,8 @@ class DataConfig:
     holds the names); ``num_classes`` follows from them. ``augment``: ``digits`` (resize, no crop or flip, the
     default) or ``natural`` (timm's random-resized crop and flip, centre-crop evaluation; ``stages/transforms.py``).
     ``mean``/``std`` left empty: the model's pretrained normalisation under ``natural``, 0.5 per channel otherwise.
+    ``val`` (shards) or ``val_per_class`` (K per class carved from the labeled shards by ``val_seed``, never trained
+    on): the validation split every choice is made on (``stages/validation.py``); neither = no validation.
     """
 
     labeled: Shards = ()
@@ -119,6 +123,14 @@ class DataConfig:
         args = {**args, "classes": names, "num_classes": len(names)}
         return args if isinstance(data, dict) else ArgsKwargs(data.args, args)
 
+    val: Many[StrictStr] = ()
+    val_per_class: NonNegative = 0
+    val_seed: StrictInt = 0
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.val or self.val_per_class)
+
     @model_validator(mode="after")
     def _per_channel(self) -> DataConfig:
         # Not Literal[1, 3] (pydantic's Literal would take true for 1), nor a per-entry std bound (the message
@@ -136,6 +148,8 @@ class DataConfig:
                 raise ValueError(f"{name}: needs {self.channels} value(s), one per channel, got {getattr(self, name)}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std: must be > 0, got {self.std}")
+        if self.val and self.val_per_class:
+            raise ValueError("val_per_class: give validation shards (data.val) or a carve (val_per_class), not both")
         return self
 
     def names(self) -> list[str]:
@@ -211,6 +225,9 @@ class PipelineConfig:
     ``ladder_mode``: ``expand`` (each rung has at least as many parameters as the one before: Noisy Student's
     equal-or-larger students), ``compress`` (never more: knowledge compression into smaller students), ``any``
     (unchecked). Equal sizes pass both, since a ladder shorter than the run repeats its last rung.
+    ``seed``: the run seed; every round's training and selection get their own seed derived from it and the stage's
+    ``seed`` key (``stages/stopping.round_seed``). ``stop``: the stop rule on validation (``stages/stopping.py``).
+    ``robustness``: corrupted copies of the test set scored every round (``stages/corruptions.py``).
     """
 
     name: StrictStr = "run"
@@ -227,6 +244,9 @@ class PipelineConfig:
     select: SelectConfig = dataclasses.field(default_factory=SelectConfig)
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
     tracking: Annotated[TrackingConfig, LATE] = dataclasses.field(default_factory=TrackingConfig)
+    seed: StrictInt = 0
+    stop: StopConfig = dataclasses.field(default_factory=StopConfig)
+    robustness: RobustnessConfig = dataclasses.field(default_factory=RobustnessConfig)
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -241,6 +261,10 @@ class PipelineConfig:
                 "student"
             )
         d = self.data
+        if self.stop.patience and not d.has_validation:
+            raise ValueError(
+                "stop.patience: the stop rule needs a validation split; set data.val (shards) or data.val_per_class"
+            )
         if self.ladder_mode != "any":
             check_ladder(self.ladder, self.ladder_mode, d.num_classes, d.channels, d.image_size)
         if any(needs_features(t.name) for t in self.student.distill):

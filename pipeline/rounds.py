@@ -7,11 +7,15 @@ and redoes the first stage that is missing, damaged or stale, plus every stage a
 Before round 0 the data check (``pipeline/distributed/data_check.py``) refuses test images in the training data and
 records what it found in ``run.json``. Errors a user can act on (bad data, a full or read-only disk) reach the CLI
 as one line even when a Ray task, actor or training worker raised them (``user_error``).
+
+Every choice (stop rule, best round) is made on the validation split (``pipeline/choices.py``); test is evaluated
+and reported, never used to choose.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.choices import ExtraEvaluation, check_recorded, load_validation, round_seeds, stop_record
 from pipeline.cluster.run_store import publish_round
 from pipeline.config import ConfigError, PipelineConfig, dump_config, load_config
 from pipeline.distributed.data_check import check_data
@@ -76,6 +81,14 @@ class RunContext:
     progress: bool = True
     test_shards: list[str] = field(default_factory=list)
     stages_run: int = 0  # stages this process ran (not skipped as done)
+    val: LabeledSet | None = None  # the validation split (labeled holds the training part only)
+    validation: dict = field(default_factory=dict)  # how it was made, for run.json
+    extra: ExtraEvaluation | None = None  # validation and corruption top-1 per round
+
+    @property
+    def exclude_keys(self) -> frozenset[str]:
+        """Labeled keys never trained on: a validation split carved from the labeled shards."""
+        return frozenset(self.validation.get("carved_keys", ()))
 
 
 def preflight(cfg: PipelineConfig, progress: bool = True) -> RunContext:
@@ -92,13 +105,16 @@ def preflight(cfg: PipelineConfig, progress: bool = True) -> RunContext:
     }
     labeled = load_labeled(labeled_shards, data.num_classes, data.channels, data.max_bad_fraction, "data.labeled")
     test = load_labeled(test_shards, data.num_classes, data.channels, data.max_bad_fraction, "data.test")
+    labeled, val, validation = load_validation(cfg, labeled)
     counts = [int((labeled.labels == c).sum()) for c in range(data.num_classes)]
     if min(counts) == 0:
         missing = [c for c, n in enumerate(counts) if n == 0]
         log.warning("data.labeled has no samples of class(es) %s; per-class counts: %s", missing, counts)
     t = cfg.teacher
     check_teacher_source(t.init, t.from_model, cfg.spec(0), data.num_classes, data.channels, data.classes)
-    return RunContext(cfg, Path(), labeled_shards, unlabeled_shards, labeled, test, params, progress, test_shards)
+    ctx = RunContext(cfg, Path(), labeled_shards, unlabeled_shards, labeled, test, params, progress, test_shards)
+    ctx.val, ctx.validation, ctx.extra = val, validation, ExtraEvaluation(cfg, val, test)
+    return ctx
 
 
 def run_folder(cfg: PipelineConfig, run_name: str) -> Location:
@@ -110,11 +126,12 @@ def run_folder(cfg: PipelineConfig, run_name: str) -> Location:
 
 def stage_config_digest(cfg: PipelineConfig) -> str:
     """The config as the stages see it. Left out: ``rounds`` (a resumed run may grow), ``name``, ``storage`` and
-    ``publish`` (what the run is called, where it lives and is copied to) and ``data.allow_test_overlap`` (it only
-    lets the data check pass): none changes what a stage computes, so none makes a finished stage stale."""
+    ``publish`` (what the run is called, where it lives and is copied to), ``data.allow_test_overlap`` (it only
+    lets the data check pass) and ``stop`` (it decides whether a next round runs, not what one computes): none
+    changes what a stage computes, so none makes a finished stage stale."""
     tree = cfg.identity()  # keys added later are left out at their defaults (stages.config_types.LATE)
     tree.pop("tracking", None)  # where results are logged, like publish
-    for key in ("rounds", "name", "storage", "publish"):
+    for key in ("rounds", "name", "storage", "publish", "stop"):
         tree.pop(key)
     tree["data"].pop("allow_test_overlap")
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
@@ -151,19 +168,25 @@ def run_pipeline(cfg: PipelineConfig, run_name: str, progress: bool = True) -> l
     check_same_config(cfg, run_dir)
     log.info("ray: %s", init_ray(cfg.resources.address or None, cfg.resources.num_cpus or None))
     shards = {"labeled": ctx.labeled_shards, "unlabeled": ctx.unlabeled_shards, "test": ctx.test_shards}
-    previous = _read_status(run_dir).get("data_check")
+    if ctx.validation.get("shards"):
+        shards["val"] = ctx.validation["shards"]
+    previous = _read_status(run_dir)
+    check_recorded(ctx.validation, previous.get("validation"))  # a resumed run holds out what it held out
     with one_line_errors(run_dir):  # a refusal here still leaves no run folder behind
-        data_check = check_data(cfg.data, ctx.labeled, ctx.test, shards, previous, ctx.progress)
+        data_check = check_data(
+            cfg.data, ctx.labeled, ctx.test, shards, previous.get("data_check"), ctx.progress, val=ctx.val
+        )
     prepare_run_dir(cfg, run_name)
     status = _load_status(run_dir, cfg)
-    status["data_check"] = data_check
+    status["data_check"], status["validation"] = data_check, ctx.validation
     _save_status(run_dir, status)
-    rows = []
+    rows: list[dict] = []
     try:
         for r in range(cfg.rounds + 1):
             ran = ctx.stages_run
             rows.append(run_round(ctx, r, status))
             status["rounds_completed"] = r + 1
+            status["stop"] = stop = stop_record(cfg, rows)
             _save_status(run_dir, status)
             if cfg.publish:
                 log.info("round-%03d published to %s", r, publish_round(run_dir, r, cfg.publish))
@@ -172,8 +195,11 @@ def run_pipeline(cfg: PipelineConfig, run_name: str, progress: bool = True) -> l
                 _save_status(run_dir, status)
             # report.html + TensorBoard events (a warning on failure, never raises), a few seconds each: after a round
             # that did work, and after the last round; a resume does not rewrite it for every round it skips.
-            if ctx.stages_run > ran or r == cfg.rounds:
+            if ctx.stages_run > ran or r == cfg.rounds or stop["stopped_early"]:
                 refresh_report(run_dir)
+            if stop["stopped_early"]:
+                log.info("stopping after round %d: %s; best round %d", r, stop["reason"], stop["best_round"])
+                break
     except BaseException as exc:
         status["status"] = f"failed: {exc.__class__.__name__}: {str(exc)[:300]}"
         try:
@@ -184,7 +210,7 @@ def run_pipeline(cfg: PipelineConfig, run_name: str, progress: bool = True) -> l
     status["status"] = "finished"
     _save_status(run_dir, status)
     if cfg.publish:
-        publish_round(run_dir, cfg.rounds, cfg.publish)  # again, for the final run.json
+        publish_round(run_dir, rows[-1]["round"], cfg.publish)  # again, for the final run.json
     return rows
 
 
@@ -248,7 +274,7 @@ def run_round(ctx: RunContext, r: int, status: dict) -> dict:
         inputs["teacher"] = sha256_file(join(teacher, "model.safetensors"))
         _stage(ctx, manifest, "pseudo_label", inputs, timings, lambda: _pseudo_label(ctx, teacher, rdir))
         inputs["pseudo_label"] = manifest.stage("pseudo_label")["digest"]
-        summary = _stage(ctx, manifest, "select", inputs, timings, lambda: _select(ctx, rdir))
+        summary = _stage(ctx, manifest, "select", inputs, timings, lambda: _select(ctx, rdir, r))
         inputs["select"] = manifest.stage("select")["digest"]
         pseudo = tuple(
             PseudoSource(s, str(join(rdir, "selection", f"{shard_id(s)}.parquet"))) for s in ctx.unlabeled_shards
@@ -311,10 +337,11 @@ def _pseudo_label(ctx: RunContext, teacher: Location, rdir: Location) -> tuple[l
     return files, summary
 
 
-def _select(ctx: RunContext, rdir: Location) -> tuple[list[Location], dict]:
+def _select(ctx: RunContext, rdir: Location, r: int) -> tuple[list[Location], dict]:
     cfg = ctx.cfg
     sidecars = [str(join(rdir, "pseudo_labels", f"{shard_id(s)}.parquet")) for s in ctx.unlabeled_shards]
-    summary = run_selection(sidecars, str(join(rdir, "selection")), cfg.data.num_classes, cfg.select)
+    select_cfg = dataclasses.replace(cfg.select, seed=round_seeds(cfg, r)["select"])
+    summary = run_selection(sidecars, str(join(rdir, "selection")), cfg.data.num_classes, select_cfg)
     files = [join(rdir, "selection", name(p)) for p in sidecars]
     files += [
         p for p in (join(rdir, "selection", "selection.json"), join(rdir, "selection", "selection.png")) if exists(p)
@@ -325,6 +352,7 @@ def _select(ctx: RunContext, rdir: Location) -> tuple[list[Location], dict]:
 def _train(ctx: RunContext, r: int, rdir: Location, pseudo, pseudo_count: int, inputs: dict) -> tuple[list, dict]:
     cfg, data = ctx.cfg, ctx.cfg.data
     train_cfg = cfg.teacher if r == 0 else cfg.student
+    train_cfg = dataclasses.replace(train_cfg, seed=round_seeds(cfg, r)["train"])  # each round its own seed
     spec = cfg.spec(r)
     if r == 0 and cfg.teacher.from_model:  # round 0 is that model: copied with its card, not trained
         return adopt_model(cfg.teacher.from_model, rdir, data.num_classes, data.channels, data.names())
@@ -351,6 +379,7 @@ def _train(ctx: RunContext, r: int, rdir: Location, pseudo, pseudo_count: int, i
         threads=cfg.resources.torch_threads,
         init_from=absolute(cfg.teacher.init) if r == 0 else "",
         preprocess=tuple((k, v) for k, v in pre.items() if k not in ("mean", "std")),
+        exclude_keys=ctx.exclude_keys,
     )
     key = _digest_dict(inputs)[:10]
     with tempfile.TemporaryDirectory(prefix="ns-final-") as tmp:  # node-local scratch, whatever the storage
@@ -382,6 +411,9 @@ def _evaluate(ctx: RunContext, r: int, rdir: Location, pseudo_count: int, manife
     model, card = load_model(rdir)
     metrics = evaluate(model, card, ctx.test)
     metrics["classes"] = ctx.cfg.data.names()  # per_class_top1 and confusion are indexed by these
+    if ctx.extra is not None:
+        metrics.update(ctx.extra(model, card))  # val_top1, corruption_top1
+    metrics["seeds"] = round_seeds(ctx.cfg, r)
     metrics.update(
         {
             "round": r,
@@ -396,6 +428,7 @@ def _evaluate(ctx: RunContext, r: int, rdir: Location, pseudo_count: int, manife
     if r > 0:
         teacher_metrics = read_json(join(round_dir(ctx.run_dir, r - 1), "metrics.json"))
         metrics["teacher_top1"] = teacher_metrics["test_top1"]
+        metrics["teacher_val_top1"] = teacher_metrics.get("val_top1")
         pl = manifest.stage("pseudo_label")["result"]
         metrics["pseudo_label_accuracy"] = pl.get("accuracy")
     atomic_write_json(join(rdir, "metrics.json"), metrics)

@@ -1,8 +1,12 @@
 """The built-in default data set: scikit-learn's ``load_digits`` (1,797 real 8x8 digit images).
 
 ``split_digits`` is the one definition of the split; ``write_digits_shards`` turns it into WebDataset
-shards with the layout ``<root>/{labeled,unlabeled,test}/<split>-NNNNNN.tar``. Run it through
+shards with the layout ``<root>/{labeled,unlabeled,test,val}/<split>-NNNNNN.tar``. Run it through
 ``python -m pipeline prepare-digits`` (or ``make data``).
+
+The validation split (``val``, 10 per class = 100 images) is drawn from what was the unlabeled pool, so the test
+(360) and labeled (100) images are exactly those of the earlier split; the unlabeled set shrinks from 1,337 to
+1,237. Every choice (stop rule, best round, ``tune``, the peers' settings) is made on it, never on test.
 """
 
 from __future__ import annotations
@@ -27,10 +31,16 @@ class DigitsSplit:
     unlabeled_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    val_x: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 8, 8), dtype=np.uint8))
+    val_y: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
-def split_digits(seed: int = 0, test_fraction: float = 0.2, labeled_per_class: int = 10) -> DigitsSplit:
-    """Stratified test split, then ``labeled_per_class`` labeled images per class; the rest is unlabeled."""
+def split_digits(
+    seed: int = 0, test_fraction: float = 0.2, labeled_per_class: int = 10, val_per_class: int = 10
+) -> DigitsSplit:
+    """Stratified test split, then ``labeled_per_class`` labeled images per class, then ``val_per_class``
+    validation images per class from the rest (their own generator, so the labeled draw does not move); the rest
+    is unlabeled."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -45,7 +55,14 @@ def split_digits(seed: int = 0, test_fraction: float = 0.2, labeled_per_class: i
         [rng.choice(rest_idx[labels[rest_idx] == c], labeled_per_class, replace=False) for c in np.unique(labels)]
     )
     labeled_idx.sort()
-    unlabeled_idx = np.setdiff1d(rest_idx, labeled_idx)
+    pool = np.setdiff1d(rest_idx, labeled_idx)
+    val_rng = np.random.default_rng([seed, 1])
+    val_idx = np.sort(
+        np.concatenate(
+            [val_rng.choice(pool[labels[pool] == c], val_per_class, replace=False) for c in np.unique(labels)]
+        )
+    )
+    unlabeled_idx = np.setdiff1d(pool, val_idx)
     test_idx = np.sort(test_idx)
     return DigitsSplit(
         labeled_x=images[labeled_idx],
@@ -54,6 +71,8 @@ def split_digits(seed: int = 0, test_fraction: float = 0.2, labeled_per_class: i
         unlabeled_y=labels[unlabeled_idx],
         test_x=images[test_idx],
         test_y=labels[test_idx],
+        val_x=images[val_idx],
+        val_y=labels[val_idx],
     )
 
 
@@ -71,6 +90,7 @@ def write_digits_shards(root: str | Path, seed: int = 0, shards_per_split: int =
         "labeled": (split.labeled_x, split.labeled_y),
         "unlabeled": (split.unlabeled_x, None),
         "test": (split.test_x, split.test_y),
+        "val": (split.val_x, split.val_y),
     }
     counts = {}
     for name, (xs, ys) in parts.items():

@@ -7,14 +7,15 @@ rank runs the same number of optimizer steps whatever its share of the data (no 
 Data is split between *slots* (rank x DataLoader worker): by shard when there are at least as many shards as
 slots, otherwise by sample index within each shard, so every slot sees a disjoint part of the data.
 A pseudo-labeled sample is yielded ``copies`` times per pass (class balancing duplicates scarce classes), each
-copy augmented independently.
+copy augmented independently. Labeled samples whose key is in ``exclude_keys`` (a validation split carved from the
+labeled shards, ``stages/validation.py``) are never yielded.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,8 +92,10 @@ class MixedStream(IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 2048,
         clean_transform: Callable | None = None,
+        exclude_keys: Collection[str] = (),
     ):
         self.labeled, self.pseudo = list(labeled), list(pseudo)
+        self.exclude_keys = frozenset(exclude_keys)
         self.clean_transform = clean_transform
         self.labeled_batch, self.pseudo_batch = labeled_batch, pseudo_batch if pseudo else 0
         self.num_classes, self.channels, self.transform = num_classes, channels, transform
@@ -109,7 +112,7 @@ class MixedStream(IterableDataset):
             found = 0
             for shard in rng.sample(shards, len(shards)):
                 for i, sample in enumerate(iter_raw_samples(shard)):
-                    if not keep(i):
+                    if not keep(i) or sample["__key__"] in self.exclude_keys:
                         continue
                     try:
                         item = image_field(sample), parse_label(sample, self.num_classes)

@@ -73,6 +73,8 @@ class TrainConfig:
     loader_workers: Annotated[StrictInt, Field(ge=0)] = 1
     checkpoint_every: Annotated[StrictInt, Field(gt=0)] = 1
     seed: StrictInt = 0
+    min_steps: Annotated[StrictInt, Field(ge=0, description="0 = no floor")] = 0
+    max_steps: Annotated[StrictInt, Field(ge=0, description="0 = no cap")] = 0
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -83,7 +85,20 @@ class TrainConfig:
             )
         check_ops(self.randaug_ops)
         check_terms(self.distill, self.distill_weighting, self.online_teacher)
+        if self.min_steps and self.max_steps and self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps: {self.min_steps} is above max_steps {self.max_steps}")
         return self
+
+    def epochs_for(self, per_epoch: int) -> int:
+        """``epochs``, raised until training takes at least ``min_steps`` and lowered (whole epochs, at least one)
+        until it takes at most ``max_steps``: a length that follows the data's size between two bounds, so a data
+        set five times larger does not cost five times the steps, nor a tiny one train for a handful of steps."""
+        epochs = self.epochs
+        if self.min_steps:
+            epochs = max(epochs, math.ceil(self.min_steps / per_epoch))
+        if self.max_steps:
+            epochs = min(epochs, max(1, self.max_steps // per_epoch))
+        return epochs
 
     @property
     def pseudo_batch(self) -> int:
@@ -140,7 +155,8 @@ class TrainPlan:
     """Everything one training run needs; plain data, so it can travel to Ray Train workers.
 
     ``teacher_dir``: the previous round's model folder (``model.json`` + ``model.safetensors``), the frozen
-    teacher of ``cfg.online_teacher``; ``""`` otherwise.
+    teacher of ``cfg.online_teacher``; ``""`` otherwise. ``exclude_keys``: labeled keys never trained on (a
+    validation split carved from the labeled shards); ``labeled_count`` counts the labeled samples without them.
     """
 
     spec: ModelSpec
@@ -167,10 +183,16 @@ class TrainPlan:
         size = [self.channels, self.image_size, self.image_size]
         return {"input_size": size, "mean": self.mean, "std": self.std, **dict(self.preprocess)}
 
+    exclude_keys: frozenset[str] = frozenset()
+
     def steps_per_epoch(self, world_size: int) -> int:
         if self.pseudo:
             return steps_per_epoch(self.pseudo_count, self.cfg.pseudo_batch, world_size)
         return steps_per_epoch(self.labeled_count, self.cfg.batch_size, world_size)
+
+    def epochs(self, world_size: int) -> int:
+        """The epochs this plan trains: ``cfg.epochs`` within ``cfg.min_steps``/``cfg.max_steps``."""
+        return self.cfg.epochs_for(self.steps_per_epoch(world_size))
 
 
 def prepare_distill(
@@ -239,6 +261,7 @@ def build_stream(plan: TrainPlan, epoch: int, rank: int, world_size: int) -> Dat
         rank=rank,
         world_size=world_size,
         clean_transform=clean,
+        exclude_keys=plan.exclude_keys,
     )
     workers = plan.cfg.loader_workers
     return DataLoader(
@@ -280,12 +303,12 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
         start_epoch, step = state["epoch"], state["step"]
         log.info("resumed from %s at epoch %d, step %d", restored, start_epoch, step)
     model = hooks.prepare(model)
-    per_epoch = plan.steps_per_epoch(hooks.world_size)
-    total, warmup = per_epoch * cfg.epochs, round(cfg.warmup_epochs * per_epoch)
+    per_epoch, epochs = plan.steps_per_epoch(hooks.world_size), plan.epochs(hooks.world_size)
+    total, warmup = per_epoch * epochs, round(cfg.warmup_epochs * per_epoch)
     metrics: dict = {"epoch": start_epoch, "step": step}
     # One endless stream for the whole run (seeded by the start epoch, so a resume does not replay old batches).
     batches = iter(build_stream(plan, start_epoch, hooks.rank, hooks.world_size))
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, epochs):
         metrics = _train_one_epoch(
             model, teacher, optimizer, ema, batches, plan, hooks, epoch, step, per_epoch, total, warmup
         )
@@ -295,14 +318,14 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
             log.info(
                 "epoch %d/%d loss %.4f %s %.0f img/s lr %.2e eta %.0f s",
                 epoch + 1,
-                cfg.epochs,
+                epochs,
                 metrics["loss"],
                 " ".join(f"{k[5:]} {metrics[k]:.4f}" for k in LOGGED_PARTS if k in metrics),
                 metrics["images_per_s"],
                 metrics["lr"],
-                metrics["seconds"] * (cfg.epochs - epoch - 1),
+                metrics["seconds"] * (epochs - epoch - 1),
             )
-        last = epoch + 1 == cfg.epochs
+        last = epoch + 1 == epochs
         # Only checkpoints are reported: under Ray Train each report waits for the controller's next poll, and
         # the per-epoch metrics are already in the log and metrics_path.
         if (epoch + 1) % cfg.checkpoint_every == 0 or last:

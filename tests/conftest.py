@@ -89,6 +89,7 @@ def tiny_tree(digits_root: Path, storage: Path) -> dict:
             "labeled": [f"{digits_root}/labeled/labeled-{{000000..000003}}.tar"],
             "unlabeled": [f"{digits_root}/unlabeled/*.tar"],
             "test": [f"{digits_root}/test/test-{{000000..000003}}.tar"],
+            "val": [f"{digits_root}/val/*.tar"],
             "num_classes": 10,
             "image_size": 16,
         },
@@ -98,6 +99,7 @@ def tiny_tree(digits_root: Path, storage: Path) -> dict:
         "pseudo_label": {"topk": 3},
         "select": {"floor": 0.0},
         "resources": {"torch_threads": 2},
+        "robustness": {"severities": [3]},
     }
 
 

@@ -87,6 +87,7 @@ def test_resolve_paths_makes_local_paths_absolute_and_keeps_urls(tmp_path):
             "labeled": ["d/labeled-{000000..000003}.tar"],
             "unlabeled": ["s3://bucket/unlabeled-{000..999}.tar", "~/u/*.tar"],
             "test": ["/abs/test.tar"],
+            "val": ["d/val/*.tar"],
             "prepare_digits": "d",
         },
         "ladder": [{"model": "resnet10t"}],
@@ -96,6 +97,7 @@ def test_resolve_paths_makes_local_paths_absolute_and_keeps_urls(tmp_path):
     assert cfg.data.labeled == (f"{tmp_path}/d/labeled-{{000000..000003}}.tar",)
     assert cfg.data.unlabeled == ("s3://bucket/unlabeled-{000..999}.tar", f"{Path.home()}/u/*.tar")
     assert cfg.data.test == ("/abs/test.tar",) and cfg.data.prepare_digits == str(tmp_path / "d")
+    assert cfg.data.val == (f"{tmp_path}/d/val/*.tar",)
     assert cfg.publish == ""
     tree["publish"] = "gs://bucket/runs"
     assert resolve_paths(load_config(None, [], base=tree), tmp_path).publish == "gs://bucket/runs"
@@ -375,6 +377,7 @@ def test_submitted_run_on_a_two_node_cluster(loopback_cluster, s3_bucket, tmp_pa
         "student": {**train, "unlabeled_ratio": 2.0},
         "select": {"floor": 0.0},
         "resources": {"torch_threads": 1},
+        "robustness": {"corruptions": []},  # off: this test is about the cluster path
     }
     (work / "tiny.yaml").write_text(yaml.safe_dump(config))
     assert cluster.wait_for_nodes(2) == 2, "the second node did not join"

@@ -281,8 +281,10 @@ def test_an_override_value_that_is_not_yaml_is_a_config_error(tree, assignment):
 
 
 def test_the_default_config_digest_is_unchanged():
-    """The digest is part of a run's resume identity: a validation rewrite must not move it (golden value)."""
-    assert load_config(DEFAULT_CONFIG).digest() == "f199817f82962d67"
+    """The digest is part of a run's resume identity: a validation rewrite must not move it (golden value).
+    Moved on purpose by issue 17 (f199817f82962d67 before): data.val/val_per_class/val_seed, seed, stop, robustness,
+    teacher/student min_steps/max_steps."""
+    assert load_config(DEFAULT_CONFIG).digest() == "70b9cd99da2a1ba2"
 
 
 @pytest.mark.parametrize(

@@ -382,8 +382,8 @@ def digits_split():
 
 def test_digits_split_sizes(digits_split):
     s = digits_split
-    assert (len(s.labeled_x), len(s.unlabeled_x), len(s.test_x)) == (100, 1337, 360)
-    assert len(s.labeled_y) == 100 and len(s.unlabeled_y) == 1337 and len(s.test_y) == 360
+    assert (len(s.labeled_x), len(s.unlabeled_x), len(s.test_x), len(s.val_x)) == (100, 1237, 360, 100)
+    assert len(s.labeled_y) == 100 and len(s.unlabeled_y) == 1237 and len(s.test_y) == 360 and len(s.val_y) == 100
     assert s.labeled_x.shape[1:] == (8, 8) and s.labeled_x.dtype == np.uint8
     assert s.labeled_x.max() == 255  # 0..16 scaled to 0..255
 
@@ -392,11 +392,20 @@ def test_digits_split_is_stratified(digits_split):
     test_counts = np.bincount(digits_split.test_y, minlength=10)
     assert np.all(np.abs(test_counts - 36) <= 1), test_counts
     assert np.bincount(digits_split.labeled_y, minlength=10).tolist() == [10] * 10
+    assert np.bincount(digits_split.val_y, minlength=10).tolist() == [10] * 10
+
+
+def test_digits_validation_split_leaves_labeled_and_test_where_they_were(digits_split):
+    """The val split is drawn from the former unlabeled pool: labeled and test are the earlier split's images."""
+    without_val = split_digits(seed=0, val_per_class=0)
+    for name in ("labeled_x", "labeled_y", "test_x", "test_y"):
+        np.testing.assert_array_equal(getattr(digits_split, name), getattr(without_val, name))
+    assert len(without_val.unlabeled_x) == 1337 and len(without_val.val_x) == 0
 
 
 def test_digits_split_is_deterministic(digits_split):
     again = split_digits(seed=0)
-    for name in ("labeled_x", "labeled_y", "unlabeled_x", "unlabeled_y", "test_x", "test_y"):
+    for name in ("labeled_x", "labeled_y", "unlabeled_x", "unlabeled_y", "test_x", "test_y", "val_x", "val_y"):
         np.testing.assert_array_equal(getattr(digits_split, name), getattr(again, name))
     other = split_digits(seed=1)
     assert not np.array_equal(other.labeled_x, digits_split.labeled_x)
@@ -426,17 +435,19 @@ def test_digits_splits_do_not_share_an_image(monkeypatch):
         d = np.rint(xs[:, 0, :3].astype(float) * 16 / 255).astype(int)
         return d[:, 0] * 289 + d[:, 1] * 17 + d[:, 2]
 
-    lab, unl, tst = indices(s.labeled_x), indices(s.unlabeled_x), indices(s.test_x)
-    assert len(set(lab)) == 100 and len(set(unl)) == 1337 and len(set(tst)) == 360
-    assert not (set(lab) & set(unl)) and not (set(lab) & set(tst)) and not (set(unl) & set(tst))
-    assert set(lab) | set(unl) | set(tst) == set(range(n))
+    lab, unl, tst, val = indices(s.labeled_x), indices(s.unlabeled_x), indices(s.test_x), indices(s.val_x)
+    assert len(set(lab)) == 100 and len(set(unl)) == 1237 and len(set(tst)) == 360 and len(set(val)) == 100
+    parts = [set(lab), set(unl), set(tst), set(val)]
+    assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1 :])
+    assert set(lab) | set(unl) | set(tst) | set(val) == set(range(n))
     # labels travel with their images
     np.testing.assert_array_equal(s.labeled_y, real.target[lab])
     np.testing.assert_array_equal(s.test_y, real.target[tst])
+    np.testing.assert_array_equal(s.val_y, real.target[val])
 
 
 def test_write_digits_shards_layout_and_labels(digits_root, digits_split):
-    for split, n in (("labeled", 100), ("unlabeled", 1337), ("test", 360)):
+    for split, n in (("labeled", 100), ("unlabeled", 1237), ("test", 360), ("val", 100)):
         shards = sorted((digits_root / split).glob("*.tar"))
         assert [p.name for p in shards] == [f"{split}-{i:06d}.tar" for i in range(4)]
         samples = [s for p in shards for s in iter_raw_samples(str(p))]

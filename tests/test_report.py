@@ -175,3 +175,10 @@ def test_check_in_chromium(run_copy, tmp_path, capsys):
     assert report_check.main([str(run_copy), "--screenshot", str(shot)]) == 0, capsys.readouterr().out
     with Image.open(shot) as im:
         assert im.width == 1280 and im.height > 1000
+
+
+def test_validation_sits_beside_test_with_the_best_round_and_corruptions(report_html, run_copy):
+    status = read_json(run_copy / "run.json")
+    assert 'data-key="val_top1"' in report_html and 'data-key="corruption_top1.mean"' in report_html
+    assert f"best round {status['stop']['best_round']} by val_top1" in report_html
+    assert check_numbers(report_html, run_copy) == []

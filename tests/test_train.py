@@ -575,3 +575,24 @@ def test_metrics_log_survives_a_line_cut_short_by_a_kill(tmp_path):
         '{"epoch": 3, "loss": 1.2}',
         '{"epoch": 4, "loss": 1.1}',
     ]
+
+
+@pytest.mark.parametrize(
+    ("epochs", "min_steps", "max_steps", "per_epoch", "expected"),
+    [
+        (20, 0, 0, 26, 20),  # no bounds: epochs as given
+        (20, 0, 1500, 26, 20),  # digits: 520 steps, under the cap
+        (20, 0, 1500, 146, 10),  # five times the data: capped at 1,460 steps, not 2,920
+        (20, 0, 100, 146, 1),  # at least one epoch
+        (60, 400, 0, 7, 60),  # digits teacher: 420 steps, over the floor
+        (60, 400, 0, 4, 100),  # half the labeled images: raised to 400 steps
+    ],
+)
+def test_training_length_follows_the_data_between_bounds(epochs, min_steps, max_steps, per_epoch, expected):
+    cfg = TrainConfig(epochs=epochs, min_steps=min_steps, max_steps=max_steps)
+    assert cfg.epochs_for(per_epoch) == expected
+
+
+def test_min_steps_above_max_steps_is_refused():
+    with pytest.raises(ValueError, match="min_steps: 500 is above max_steps 400"):
+        TrainConfig(min_steps=500, max_steps=400)

@@ -145,6 +145,7 @@ def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
         labeled=tuple(absolute(p) for p in cfg.data.labeled),
         unlabeled=tuple(absolute(p) for p in cfg.data.unlabeled),
         test=tuple(absolute(p) for p in cfg.data.test),
+        val=tuple(absolute(p) for p in cfg.data.val),
         prepare_digits=absolute(cfg.data.prepare_digits),
     )
     teacher = dataclasses.replace(

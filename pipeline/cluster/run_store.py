@@ -82,6 +82,12 @@ class RunStore:
             rows.append(row)
         return rows
 
+    def best_round(self, finished: list[int]) -> int:
+        """The best round ``run.json`` records (chosen on validation top-1, ``pipeline/choices.py``) when it is
+        finished; else the latest finished round (a run without a validation split, or from before them)."""
+        best = (self.status().get("stop") or {}).get("best_round")
+        return best if best in finished else finished[-1]
+
     def download_round(self, r: int, dest: str | Path) -> Path:
         """Copy round ``r``'s model files, metrics and manifest to ``dest/round-NNN``, verifying each sha256."""
         manifest = self.manifest(r)
@@ -123,14 +129,15 @@ class RunStore:
             )
 
     def download(self, dest: str | Path, round_index: int | None = None, all_rounds: bool = False) -> list[Path]:
-        """The chosen round (default: the latest finished one), or every finished round; plus config and run.json."""
+        """The chosen round (default: the best one by validation, else the latest finished one), or every finished
+        round; plus config and run.json."""
         finished = [r for r in self.round_indices() if self.finished(r)]
         if all_rounds:
             chosen = finished
         elif round_index is not None:
             chosen = [round_index]
         else:
-            chosen = finished[-1:]
+            chosen = [self.best_round(finished)] if finished else []
         if not chosen:
             raise RunStoreError(f"{self.location} has no finished round yet")
         if round_index is not None and round_index not in self.round_indices():

@@ -9,6 +9,9 @@ sizes, modification times) and ``data.channels`` are unchanged.
 
 Test images found in the labeled or unlabeled data stop the run with one ``DataError`` line naming counts and
 examples, unless ``data.allow_test_overlap`` is true (then a warning); unlabeled duplicates are only reported.
+Validation images are held out the same way: one found in the test split, the labeled training part or the unlabeled
+shards (where the pseudo-label stage would feed it back) stops the run too. The unlabeled side costs no second scan:
+each scanned image's 64-bit digest prefix is looked up among the validation images' as the scans go by.
 """
 
 from __future__ import annotations
@@ -20,9 +23,19 @@ import os
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from pipeline.config import DataConfig
 from pipeline.distributed.runtime import run_tasks
-from stages.contamination import DuplicateCounter, find_in_test, index_test_images, merge_scans, scan_shard
+from stages.contamination import (
+    DuplicateCounter,
+    ShardScan,
+    find_in_test,
+    image_digest,
+    index_test_images,
+    merge_scans,
+    scan_shard,
+)
 from stages.data import DataError, LabeledSet
 from stages.storage import is_url
 
@@ -42,7 +55,10 @@ def data_inputs(data: DataConfig, shards: dict[str, Sequence[str]]) -> str:
         return [shard, st.st_size, st.st_mtime_ns]
 
     listing = {split: [stat(s) for s in names] for split, names in sorted(shards.items())}
-    blob = json.dumps({"channels": data.channels, "shards": listing}, sort_keys=True).encode()
+    what: dict = {"channels": data.channels, "shards": listing}
+    if data.val_per_class:  # a carve: which labeled images are held out (absent otherwise: earlier runs' checks hold)
+        what["carve"] = [data.val_per_class, data.val_seed]
+    blob = json.dumps(what, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -54,17 +70,20 @@ def check_data(
     previous: dict | None = None,
     progress: bool = True,
     inline_bytes: int = INLINE_BYTES,
+    val: LabeledSet | None = None,
 ) -> dict:
     """Scan (or reuse ``previous`` when its inputs match), then enforce ``data.allow_test_overlap``; returns the
-    report for ``run.json``. ``shards`` maps ``labeled``/``unlabeled``/``test`` to the expanded shard lists."""
+    report for ``run.json``. ``shards`` maps ``labeled``/``unlabeled``/``test`` (and ``val``) to the expanded shard
+    lists; ``labeled`` is the training part (a carved validation split taken out), ``val`` the validation split."""
     inputs = data_inputs(data, shards)
     if previous and previous.get("inputs") == inputs:
         log.info("data check: shards unchanged since %s, reusing its result", previous.get("checked_at", "?"))
         report = previous
     else:
-        report = scan_data(data.channels, labeled, test, list(shards["unlabeled"]), progress, inline_bytes)
+        report = scan_data(data.channels, labeled, test, list(shards["unlabeled"]), progress, inline_bytes, val)
         report["inputs"] = inputs
     enforce(report, data.allow_test_overlap)
+    enforce_validation(report.get("validation"), data.allow_test_overlap)
     return report
 
 
@@ -75,9 +94,11 @@ def scan_data(
     unlabeled: list[str],
     progress: bool = True,
     inline_bytes: int = INLINE_BYTES,
+    val: LabeledSet | None = None,
 ) -> dict:
     start = time.perf_counter()
     index = index_test_images(test.keys, test.images)
+    held_out = HeldOut(val, labeled, index, unlabeled) if val is not None else None
     inline = not any(map(is_url, unlabeled)) and sum(os.path.getsize(s) for s in unlabeled) < inline_bytes
     if inline:
         scans = (scan_shard(s, channels, index) for s in unlabeled)
@@ -87,6 +108,8 @@ def scan_data(
         index_ref = ray.put(index)  # shipped once, not once per task
         args = ((s, channels, index_ref) for s in unlabeled)
         scans = run_tasks(scan_shard, args, len(unlabeled), "data check", progress, inline=False)
+    if held_out is not None:
+        scans = held_out.tap(scans)
     report = {
         "method": METHOD,
         "test": {"images": len(test), "distinct": len(index)},
@@ -96,6 +119,8 @@ def scan_data(
         "seconds": round(time.perf_counter() - start, 3),
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if held_out is not None:
+        report["validation"] = held_out.result()
     u = report["unlabeled"]
     log.info(
         "data check (%s, %.1f s): %d test images; in test: labeled %d of %d, unlabeled %d of %d; "
@@ -136,3 +161,51 @@ def enforce(report: dict, allow_test_overlap: bool) -> None:
         log.warning("%s; data.allow_test_overlap is true, so the run goes on and test top-1 is optimistic", found)
         return
     raise DataError(f"{found}: remove them from the training shards, or set data.allow_test_overlap: true")
+
+
+class HeldOut:
+    """Validation images found elsewhere: in the test split, the labeled training part, the unlabeled shards (by
+    the 64-bit digest prefix every scanned image already carries, looked up as the scans go by)."""
+
+    def __init__(self, val: LabeledSet, labeled: LabeledSet, test_index: dict, unlabeled: list[str]):
+        self.val, self.shards = val, unlabeled
+        self.in_test = find_in_test(val.keys, val.images, test_index)
+        self.in_labeled = find_in_test(labeled.keys, labeled.images, index_test_images(val.keys, val.images))
+        digests = map(image_digest, val.images)
+        self.prefixes = {int.from_bytes(d[:8], "little"): k for k, d in zip(val.keys, digests, strict=True)}
+        self.in_unlabeled: list[list[str]] = []
+
+    def tap(self, scans):
+        wanted = np.fromiter(self.prefixes, dtype=np.uint64, count=len(self.prefixes))
+        scan: ShardScan
+        for scan in scans:
+            for i in np.flatnonzero(np.isin(scan.hashes, wanted)):
+                self.in_unlabeled.append([f"{scan.shard}#{int(i)}", self.prefixes[int(scan.hashes[i])]])
+            yield scan
+
+    def result(self) -> dict:
+        return {
+            "images": len(self.val),
+            "in_test": self.in_test["in_test"],
+            "in_labeled": self.in_labeled["in_test"],
+            "in_unlabeled": len(self.in_unlabeled),
+            "examples": (self.in_test["examples"] + self.in_labeled["examples"] + self.in_unlabeled)[:3],
+        }
+
+
+def enforce_validation(found: dict | None, allow_overlap: bool) -> None:
+    """Validation images that are also test or training images: a ``DataError`` (one line), or a warning when
+    ``data.allow_test_overlap`` lets overlaps through."""
+    if not found:
+        return
+    total = found["in_test"] + found["in_labeled"] + found["in_unlabeled"]
+    if not total:
+        return
+    message = (
+        f"{total} validation image(s) are also test or training images (test {found['in_test']}, labeled "
+        f"{found['in_labeled']}, unlabeled {found['in_unlabeled']}; e.g. {found['examples'][0]})"
+    )
+    if allow_overlap:
+        log.warning("%s; data.allow_test_overlap is true, so validation top-1 is optimistic", message)
+        return
+    raise DataError(f"{message}: hold them out of the other splits, or set data.allow_test_overlap: true")

@@ -44,6 +44,7 @@ def build_report(run_dir: str | Path) -> Path:
     run = load_run(run_dir)
     sections = [
         ("Accuracy", _accuracy),
+        ("Validation, best round and robustness", _choices),
         ("Pseudo-labels", _pseudo_labels),
         ("Selection", _selection),
         ("Example pseudo-labeled images", _examples),
@@ -241,6 +242,35 @@ def _accuracy(run: RunFiles) -> str:
         + _table(header, rows)
         + _img(plots.plot_per_class(run.rounds, names), "per-class test top-1 heat map")
         + _table(["class"] + [f"round {r.index}" for r in run.rounds], per_class, "per-class test top-1")
+    )
+
+
+def _choices(run: RunFiles) -> str:
+    """Validation top-1 (what every choice is made on) beside test top-1 (reported only), the best round and the
+    stop rule's verdict from ``run.json``, and top-1 on the corrupted test copies per round."""
+    stop = run.status.get("stop") or {}
+
+    def cell(r: RoundFiles, key: str) -> str:
+        value: object = r.metrics
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return _pct(value, _metrics(r), key) if value is not None else "<td>-</td>"
+
+    rows = [
+        [_th(r.index), cell(r, "val_top1"), cell(r, "test_top1"), cell(r, "corruption_top1.mean")]
+        + [f"<td>{'best' if r.index == stop.get('best_round') else ''}</td>"]
+        for r in run.rounds
+    ]
+    names = list((run.rounds[-1].metrics.get("corruption_top1") or {}).get("per_corruption", {}))
+    per = [[_th(n)] + [cell(r, f"corruption_top1.per_corruption.{n}") for r in run.rounds] for n in names]
+    rounds_header = ["corruption"] + [f"round {r.index}" for r in run.rounds]
+    verdict = f"best round {stop['best_round']} by {stop['best_by']}" if stop else "no stop record in run.json"
+    if stop.get("stopped_early"):
+        verdict += f"; stopped early after round {stop['stopped_after_round']}: {stop['reason']}"
+    return (
+        f'<p class="note">Choices are made on validation only; test is reported, never chosen on. {_e(verdict)}.</p>'
+        + _table(["round", "val top-1", "test top-1", "corrupted test top-1 (mean)", ""], rows)
+        + (_table(rounds_header, per, "top-1, mean over severities") if per else "")
     )
 
 

@@ -36,6 +36,9 @@ def plot_top1(rounds: list[RoundFiles]) -> bytes:
     ax = fig.add_subplot()
     idx = [r.index for r in rounds]
     ax.plot(idx, [r.metrics["test_top1"] * 100 for r in rounds], "o-", label="student (this round's model)")
+    validated = [r for r in rounds if r.metrics.get("val_top1") is not None]
+    if validated:  # what the choices are made on, beside what is reported
+        ax.plot([r.index for r in validated], [r.metrics["val_top1"] * 100 for r in validated], "^:", label="val")
     taught = [r for r in rounds if r.metrics.get("teacher_top1") is not None]
     if taught:
         ax.plot(

@@ -1,0 +1,173 @@
+"""The round loop S times with different run seeds: per-round test and validation top-1 as mean ± std, min, max.
+
+    python bench/seeds.py --config configs/digits.yaml --seeds 3 [--rounds R] [--base-seed 0] [--name NAME]
+                          [--set key=value ...] [--peers]
+
+Run ``i`` uses run seed ``base_seed + i`` (every round's own seeds derive from it, ``stages/stopping.round_seed``);
+the data split, validation included, stays fixed. Runs are ordinary runs under the config's storage, named
+``<NAME>-s<seed>``: re-running with the same ``--name`` resumes them. ``--peers`` adds scikit-learn's peers on the
+digits split, each chosen on validation (``bench/peers.py``), and checks the last round's test mean against them.
+
+Prints a per-round table, then one JSON line ``{"bench": "seeds", "seeds": [...], "test_top1_mean": [...],
+"test_top1_std": [...], "val_top1_mean": [...], ...}`` (lists: one entry per round) that is also written, with the
+machine's facts (CPU, cores, load, torch/ray versions, date, git commit), to ``bench/results/seeds-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+sys.path.append(sys.path.pop(0))  # this folder last: bench/select.py must not shadow the stdlib select module
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.rounds import run_pipeline  # noqa: E402
+
+METRICS = ("test_top1", "val_top1", "corruption_top1")
+
+
+def per_round(runs: list[list[dict]]) -> dict:
+    """Mean, population std, min and max per round of each metric over the runs that reached the round."""
+    rounds = max(len(rows) for rows in runs)
+    out: dict = {"rounds": list(range(rounds)), "runs_per_round": []}
+    for r in range(rounds):
+        reached = [rows[r] for rows in runs if len(rows) > r]
+        out["runs_per_round"].append(len(reached))
+        for metric in METRICS:
+            values = [_value(m, metric) for m in reached]
+            values = [v for v in values if v is not None]
+            for stat, fn in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max)):
+                out.setdefault(f"{metric}_{stat}", []).append(float(fn(values)) if values else None)
+    return out
+
+
+def _value(m: dict, metric: str) -> float | None:
+    value = m.get(metric)
+    return value.get("mean") if isinstance(value, dict) else value
+
+
+def machine_facts() -> dict:
+    """What the figures depend on: CPU, cores, load, library versions, date and code version."""
+    import ray
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def write_results(bench: str, payload: dict, folder: Path = ROOT / "bench" / "results") -> Path:
+    """``<folder>/<bench>-<date>.json`` (a second one the same day gets the time too), written atomically."""
+    from stages.storage import atomic_write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{bench}-{time.strftime('%Y-%m-%d')}.json"
+    if path.exists():
+        path = folder / f"{bench}-{time.strftime('%Y-%m-%d-%H%M%S')}.json"
+    atomic_write_json(path, payload)
+    return path
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.2f}"
+
+
+def print_table(stats: dict, seeds: list[int], runs: list[list[dict]]) -> None:
+    print(f"{len(seeds)} seeds {seeds}; top-1 in % (mean ± std [min, max] over the runs that reached the round)")
+    print(f"{'round':>5}  {'n':>2}  {'test':>24}  {'val':>24}  {'corrupted test (mean)':>24}")
+    for r in stats["rounds"]:
+        cells = [
+            f"{_pct(stats[f'{m}_mean'][r])} ± {_pct(stats[f'{m}_std'][r])} "
+            f"[{_pct(stats[f'{m}_min'][r])}, {_pct(stats[f'{m}_max'][r])}]"
+            for m in METRICS
+        ]
+        print(f"{r:>5}  {stats['runs_per_round'][r]:>2}  " + "  ".join(f"{c:>24}" for c in cells))
+    for seed, rows in zip(seeds, runs, strict=True):
+        print(f"seed {seed}: test " + " -> ".join(_pct(m["test_top1"]) for m in rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/digits.yaml")
+    parser.add_argument("--seeds", type=int, default=3, help="how many runs (default 3)")
+    parser.add_argument("--base-seed", type=int, default=0, help="run i gets seed base + i (default 0)")
+    parser.add_argument("--rounds", type=int, help="student rounds (default: the config's)")
+    parser.add_argument("--name", help="run name prefix; the same name resumes (default seeds-<time>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--peers", action="store_true", help="add scikit-learn's peers chosen on validation (digits)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = args.name or f"seeds-{time.strftime('%Y%m%d-%H%M%S')}"
+    seeds = [args.base_seed + i for i in range(args.seeds)]
+    before = machine_facts()
+    start = time.perf_counter()
+    runs, names = [], []
+    for seed in seeds:
+        overrides = [*args.overrides, f"seed={seed}"] + ([f"rounds={args.rounds}"] if args.rounds is not None else [])
+        cfg = load_config(args.config, overrides)
+        names.append(f"{name}-s{seed}")
+        t = time.perf_counter()
+        runs.append(run_pipeline(cfg, names[-1], progress=False))
+        print(f"seed {seed}: {len(runs[-1])} rounds in {time.perf_counter() - t:.0f} s (run {names[-1]})", flush=True)
+    stats = per_round(runs)
+    print_table(stats, seeds, runs)
+    last = [rows[-1]["test_top1"] for rows in runs]
+    result = {
+        "bench": "seeds",
+        "config": args.config,
+        "overrides": args.overrides,
+        "seeds": seeds,
+        "runs": names,
+        **stats,
+        "last_round_above_round_0": [rows[-1]["test_top1"] > rows[0]["test_top1"] for rows in runs],
+        "best_round_by_val": [int(np.argmax([m.get("val_top1") or 0 for m in rows])) for rows in runs],
+        "seconds": round(time.perf_counter() - start, 1),
+        "machine": before | {"load_average_end": list(os.getloadavg())},
+    }
+    if args.peers:
+        from bench.peers import peer_scores, select_on_validation
+
+        selected = select_on_validation(peer_scores())
+        result["peers_selected_on_val"] = selected
+        result["last_round_test_mean_above_every_peer"] = bool(
+            np.mean(last) > max(p["test_top1"] for p in selected.values())
+        )
+    print(f"results: {write_results('seeds', result)}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
