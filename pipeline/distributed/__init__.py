@@ -2,5 +2,6 @@
 
 ``runtime`` (``ray.init``, task fan-out with progress, error unwrapping), ``data_check`` (per-shard data checks as
 Ray tasks), ``train`` (Ray Train ``TorchTrainer`` around ``stages.train.train_model``), ``pseudo_label`` (Ray Data
-actor pool around ``stages.pseudo_label.ShardLabeler``), ``select`` (selection passes as Ray tasks).
+actor pool around ``stages.pseudo_label.ShardLabeler``), ``select`` (selection passes as Ray tasks), ``folder``
+(``prepare-folder``'s shards as Ray tasks), ``tune`` (the recipe search on Ray Tune).
 """
