@@ -235,7 +235,7 @@ def test_configmap_config_is_the_digits_recipe_otherwise(tmp_path: Path) -> None
     for tree in (cluster, local):
         for key in ("name", "storage", "resources"):
             tree.pop(key)
-        for key in ("labeled", "unlabeled", "test", "prepare_digits"):
+        for key in ("labeled", "unlabeled", "test", "val", "prepare_digits"):
             tree["data"].pop(key)
     assert cluster == local
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from pipeline.config import load_config
-from pipeline.distributed.tune import pick_best, run_tune
+from pipeline.distributed.tune import pick_best, run_tune, trial_tree
 from stages.tuning import SPACE, apply_knobs, recipe, retemper, retemper_table
 
 
@@ -42,6 +42,16 @@ def test_retemper_equals_labeling_at_the_other_temperature():
     warmer = retemper_table(table, 0.5, 1.0)
     assert warmer.column("label").to_pylist() == table.column("label").to_pylist()
     assert np.allclose(warmer.column("confidence").to_numpy(), at[1.0][:2].max(1), atol=1e-3)
+
+
+def test_trials_get_absolute_shard_paths(digits_root, tiny_config, monkeypatch):
+    """A trial runs in Ray's artifacts folder: a relative pattern would match nothing there."""
+    monkeypatch.chdir(digits_root)
+    cfg = tiny_config("data.labeled=[labeled/*.tar]", "data.val=[val/*.tar]")
+    tree = trial_tree(cfg)
+    assert tree["data"]["labeled"] == [str(p) for p in sorted((digits_root / "labeled").glob("*.tar"))]
+    assert all(p.startswith("/") for split in ("labeled", "unlabeled", "val") for p in tree["data"][split])
+    assert load_config(None, base=tree).data.val == tuple(tree["data"]["val"])
 
 
 def test_the_best_trial_is_a_finished_one_by_validation_the_earliest_on_a_tie():

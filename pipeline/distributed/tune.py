@@ -30,6 +30,7 @@ from pathlib import Path
 from pipeline.choices import load_validation, round_seeds
 from pipeline.config import ConfigError, PipelineConfig, dump_config, load_config
 from pipeline.rounds import check_same_config, run_folder, run_pipeline
+from stages.data import expand_shards
 from stages.stopping import StopConfig
 from stages.storage import Location, atomic_write_text, exists, join, read_json, round_dir
 from stages.tuning import SPACE, apply_knobs, recipe
@@ -75,10 +76,15 @@ def run_tune(
     run_dir, baseline_val = base_run(cfg, run_name, progress)
     out = Path(out) if out else Path(str(join(run_dir, "tune")))
     out.mkdir(parents=True, exist_ok=True)
-    setup = TuneSetup(cfg.to_dict(), str(run_dir), cfg.pseudo_label.temperature, cpus_per_trial)
+    setup = TuneSetup(trial_tree(cfg), str(run_dir), cfg.pseudo_label.temperature, cpus_per_trial)
+    from pipeline.distributed.runtime import init_ray
+
+    log.info("ray: %s", init_ray(cfg.resources.address or None, cfg.resources.num_cpus or None))  # a reused run
     start = time.perf_counter()
     results = _search(setup, search_space(space), trials, budget_minutes, out, progress)
     table = trial_table(results)
+    if table and all(t["ended"] == "error" for t in table):
+        raise _trial_error(results)
     best = pick_best(table)
     baseline = {"knobs": recipe(setup.tree), "val_top1": baseline_val}
     summary = {
@@ -110,6 +116,24 @@ def base_run(cfg: PipelineConfig, run_name: str, progress: bool) -> tuple[Locati
         return run_dir, read_json(join(round_dir(run_dir, 1), "metrics.json"))["val_top1"]
     rows = run_pipeline(dataclasses.replace(cfg, rounds=1, stop=StopConfig()), run_name, progress=progress)
     return run_dir, rows[1]["val_top1"]
+
+
+def trial_tree(cfg: PipelineConfig) -> dict:
+    """The config as trials read it: the shards they open expanded here to absolute paths (a Ray Tune trial runs in
+    Ray's artifacts folder, where a relative pattern matches nothing)."""
+    tree = cfg.to_dict()
+    for split in ("labeled", "unlabeled", "val"):
+        if tree["data"][split]:
+            tree["data"][split] = expand_shards(tree["data"][split], f"data.{split}")
+    return tree
+
+
+def _trial_error(results) -> Exception:
+    """The first trial's error as the one line a user can act on (a bad path, bad data), else a summary."""
+    from pipeline.rounds import user_error
+
+    first = next(r.error for r in results if r.error)
+    return user_error(first, "") or RuntimeError(f"every tune trial failed; the first: {first}")
 
 
 def _write(path: Path, text: str) -> str:
