@@ -69,7 +69,8 @@ def test_the_best_trial_is_a_finished_one_by_validation_the_earliest_on_a_tie():
 def test_a_two_trial_search_reuses_the_run_and_writes_best_yaml_and_the_table(finished_run, tmp_path):
     cfg, run_dir, _ = finished_run
     before = (run_dir / "round-001" / "manifest.json").read_text()
-    space = dict(SPACE, student_epochs=("choice", (1,)), temperature=("choice", (0.5, 2.0)))
+    # floor pinned low here: a floor that keeps nothing of the tiny teacher's labels scores 0 (checked at the end)
+    space = dict(SPACE, student_epochs=("choice", (1,)), temperature=("choice", (0.5, 2.0)), floor=("choice", (0.0,)))
     summary = run_tune(cfg, run_dir.name, trials=2, budget_minutes=5, out=tmp_path, progress=False, space=space)
     assert (run_dir / "round-001" / "manifest.json").read_text() == before  # nothing of the base run redone
     assert summary["trials"] == 2 and summary["finished"] == 2 and summary["best"] is not None
@@ -79,3 +80,9 @@ def test_a_two_trial_search_reuses_the_run_and_writes_best_yaml_and_the_table(fi
     assert (tmp_path / "trials.csv").read_text().count("\n") == 3
     assert "config's recipe" in (tmp_path / "trials.md").read_text()
     assert "test" not in (tmp_path / "trials.csv").read_text()
+    # a recipe whose floor keeps no pseudo-label is a finished trial scoring 0, not an errored search
+    nothing = dict(space, floor=("choice", (1.0,)))
+    empty = run_tune(
+        cfg, run_dir.name, trials=1, budget_minutes=5, out=tmp_path / "empty", progress=False, space=nothing
+    )
+    assert empty["finished"] == 1 and empty["best"]["val_top1"] == 0.0

@@ -239,6 +239,9 @@ def run_trial(knobs: dict, setup: TuneSetup) -> None:
     with tempfile.TemporaryDirectory(prefix="ns-trial-") as tmp:
         work = Path(tmp)
         pseudo, count = _trial_selection(cfg, setup, work)
+        if not count:  # this floor keeps no pseudo-label: a recipe that cannot train a student scores 0, not an error
+            tune.report({"val_top1": 0.0, "epoch": 0, "percent": 100, "loss": None, "note": "selection kept nothing"})
+            return
         plan, val, card = _trial_plan(cfg, pseudo, count, work, setup.threads)
         hooks = ValidationHooks(plan, val, card, report=tune.report)
         from stages.train import train_model
@@ -275,6 +278,7 @@ def _trial_plan(cfg: PipelineConfig, pseudo, count: int, work: Path, threads: in
     from stages.data import expand_shards, load_labeled
     from stages.models import model_card
     from stages.train import TrainPlan
+    from stages.transforms import preprocessing
 
     data = cfg.data
     labeled_shards = expand_shards(data.labeled, "data.labeled")
@@ -282,14 +286,16 @@ def _trial_plan(cfg: PipelineConfig, pseudo, count: int, work: Path, threads: in
     train, val, record = load_validation(cfg, labeled)
     train_cfg = dataclasses.replace(cfg.student, seed=round_seeds(cfg, 1)["train"])
     spec = cfg.spec(1)
+    # the input as the pipeline's own student sees it (under augment: natural, the model's mean/std and crop)
+    pre = preprocessing(spec.model, data.channels, data.mean, data.std, data.augment)
     plan = TrainPlan(
         spec=spec,
         cfg=train_cfg,
         num_classes=data.num_classes,
         channels=data.channels,
         image_size=data.image_size,
-        mean=data.mean,
-        std=data.std,
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
         labeled=tuple(labeled_shards),
         pseudo=pseudo,
         labeled_count=len(train),
@@ -297,10 +303,12 @@ def _trial_plan(cfg: PipelineConfig, pseudo, count: int, work: Path, threads: in
         metrics_path=str(work / "train_metrics.jsonl"),
         threads=threads,
         exclude_keys=frozenset(record.get("carved_keys", ())),
+        preprocess=tuple((k, v) for k, v in pre.items() if k not in ("mean", "std")),
     )
     every = max(1, plan.epochs(1) // REPORTS)  # a "checkpoint" here is a validation report
     plan = dataclasses.replace(plan, cfg=dataclasses.replace(train_cfg, checkpoint_every=every))
     card = model_card(spec, data.num_classes, data.channels, data.image_size, data.mean, data.std)
+    card.update(pre)  # as rounds._train writes it: validation is scored through the same eval transform
     return plan, val, card
 
 
