@@ -5,6 +5,7 @@ Each test prints what it injected and what it observed (``pytest -s`` shows it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -217,6 +218,7 @@ def check_student_round(run_dir: Path, r: int, cfg, unlabeled_shards: list[str])
     the in-memory reference over those pseudo-labels, row for row and copy for copy, matching ``selection.json``."""
     import numpy as np
 
+    from pipeline.choices import round_seeds
     from stages.pseudo_label import read_footer
     from stages.select import select_in_memory
     from stages.storage import RoundManifest, verify_entry
@@ -231,7 +233,9 @@ def check_student_round(run_dir: Path, r: int, cfg, unlabeled_shards: list[str])
     keys = pseudo.column("key").to_pylist()
     assert len(keys) == len(set(keys)) and sorted(keys) == sorted(expected), "pseudo-labels lost or duplicated"
     labels, confidence = pseudo.column("label").to_numpy(), pseudo.column("confidence").to_numpy()
-    reference = select_in_memory(keys, labels, confidence, cfg.data.num_classes, cfg.select)
+    # the round's own selection seed (ties and which samples get a scarce class's extra copy), as the loop uses it
+    select_cfg = dataclasses.replace(cfg.select, seed=round_seeds(cfg, r)["select"])
+    reference = select_in_memory(keys, labels, confidence, cfg.data.num_classes, select_cfg)
     files = sorted((rdir / "selection").glob("*.parquet"))
     for f in files:
         assert int(read_footer(f, "selection/v1")[1][b"rows"]) == pq.read_metadata(f).num_rows, f
