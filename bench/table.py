@@ -39,7 +39,8 @@ def load_results(folder: Path) -> list[dict]:
 def machine(result: dict) -> str:
     m = result["machine"]
     gpu = f", {m['gpu']['name']}" if m.get("gpu") else ""
-    return f"{m['cpu_model']}, {m['cores']} cores{gpu}"
+    cpu = m.get("cpu_model") or m.get("cpu", "?")  # bench/seeds.py writes its facts as cpu/torch/ray
+    return f"{cpu}, {m.get('cores', '?')} cores{gpu}"
 
 
 def _n(value: float | None, digits: int = 0) -> str:
