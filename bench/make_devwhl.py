@@ -27,7 +27,7 @@ NEEDED = (
     "jsonschema jsonschema-specifications referencing rpds-py opencensus opencensus-context opentelemetry-api "
     "opentelemetry-exporter-prometheus opentelemetry-proto opentelemetry-sdk opentelemetry-semantic-conventions "
     "proto-plus pyasn1 pyasn1_modules pydantic pydantic_core smart_open tensorboardX typing-inspection webdataset "
-    "cryptography cffi pycparser"
+    "cryptography cffi pycparser timm"
 ).split()
 UNUSED = ("ray/jars/", "ray/rllib/", "ray/llm/")
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 27, 28, 34)] + ["manylinux2014_x86_64"]

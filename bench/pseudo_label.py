@@ -117,6 +117,7 @@ def run_stage(args, teacher: Path, shards: list[str], out: Path) -> tuple[dict, 
         cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=1 / actors if args.gpu else 0.0,
         threads=args.actor_threads,
+        decode=args.decode,
     )
     assert resources.actor_count(ray.cluster_resources()) == stage_actors(args)
     with PeakRss() as rss:
@@ -147,6 +148,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--actor-threads", type=int, default=0, help="torch threads per actor (0 = one per CPU held)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each label actor holds")
     parser.add_argument("--gpu", action="store_true", help="every variant on the GPU; the stage's actors share it")
+    parser.add_argument("--decode", choices=("cpu", "gpu"), default="cpu", help="the stage's decoder (gpu: nvJPEG)")
     parser.add_argument("--shards", type=Path, help="keep the generated shards here and reuse them next time")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"loops to time, of {', '.join(VARIANTS)}")
     parser.add_argument("--loader", default="", help="loader settings WxT[,WxT...] (default stage_cpus x stage_cpus)")
@@ -181,7 +183,8 @@ def main() -> None:
     best_rate = loops[best]["images_per_s"] if best else None
     result = {
         "bench": "pseudo_label",
-        "setting": f"{'gpu' if args.gpu else 'cpu'} {args.model} {args.image_size}px {args.encode}",
+        "setting": f"{'gpu' if args.gpu else 'cpu'} {args.model} {args.image_size}px {args.encode}"
+        + (" gpu-decode" if args.decode == "gpu" else ""),
         "images": args.images,
         "image_size": args.image_size,
         "input_size": input_size,
@@ -207,6 +210,8 @@ def main() -> None:
         "actors": stage_actors(args),
         "actor_threads": resources.torch_threads(),
         "cpus_per_actor": args.cpus_per_actor,
+        "decode": args.decode,
+        "stage_decode": summary["decode"],  # shards per decoder that actually ran (gpu asked of a CPU actor: cpu)
         "device": accel.describe(),
     }
     save_result(result, "pseudo_label", args)

@@ -129,6 +129,39 @@ def accuracy_rows(results: list[dict]) -> list[list[str]]:
     return rows
 
 
+def gpu_rows(results: list[dict]) -> list[list[str]]:
+    """One row per step of each ``bench/gpu_check.sh`` run (``bench/gpu_record.py``): what it showed, or why not."""
+    by_file = {r["_file"]: r for r in results}
+    rows = []
+    for run in (r for r in results if r["bench"] == "gpu"):
+        for step in run["steps"]:
+            if step["name"] == "tests":
+                shown = "; ".join([run["tests"]["outcome"], *run["tests"]["figures"], *run["tests"]["failures"][:1]])
+            else:
+                shown = "; ".join(_gpu_figures(by_file[f]) for f in step["results"] if f in by_file) or "–"
+            seconds = f"{step['seconds']} s" if step["rc"] is not None else "–"
+            rows.append([run["setting"], step["name"], step["status"], seconds, shown, machine(run), _when(run)])
+    return rows
+
+
+def _gpu_figures(r: dict) -> str:
+    if r["bench"] == "pseudo_label":
+        peer = f", loop {_n(r['loop_best_images_per_s'])} ({r['loop_best']})" if r.get("loop_best") else ""
+        return (
+            f"{r['setting']}: stage {_n(r['stage_images_per_s'])} img/s ({_n(r['stage_after_startup_images_per_s'])}"
+            f" after {r['stage_startup_s']} s start-up){peer}, bare {_n(r['bare_images_per_s'])}; "
+            f"stage/bare {r['ratio_bare']:.3f}"
+        )
+    if r["bench"] in ("train", "train_student"):
+        return (
+            f"{r['setting']}: stage {_n(r['stage_images_per_s'])} img/s, loop {_n(r['loop_images_per_s'])}, bare "
+            f"{_n(r['bare_images_per_s'])}; stage/loop {r['ratio']:.2f}, stage/bare {r['ratio_bare']:.2f}"
+        )
+    if r["bench"] == "e2e":
+        return f"pipeline {r['pipeline_wall_s']:.0f} s, plain {r['plain_wall_s']:.0f} s, ratio {r['ratio']:.2f}"
+    return r.get("setting", r["bench"])
+
+
 SECTIONS: list[tuple[str, list[str], Callable[[list[dict]], list[list[str]]]]] = [
     (
         "Stages against their best hand-written peer (images/s; ratio = stage ÷ best peer; above 1: stage faster)",
@@ -140,6 +173,11 @@ SECTIONS: list[tuple[str, list[str], Callable[[list[dict]], list[list[str]]]]] =
         ["setting", "pipeline", "plain", "ratio", "outside the stages", "Ray start-up inside stages", "top-1 %"]
         + ["machine", "date, commit"],
         e2e_rows,
+    ),
+    (
+        "On a GPU: each step of one `bench/gpu_check.sh` run (cut at its time limit = not measured)",
+        ["run", "step", "outcome", "seconds", "what it showed", "machine", "date, commit"],
+        gpu_rows,
     ),
     ("Selection at scale", ["setting", "stage", "rows/s", "peak RSS", "machine", "date, commit"], select_rows),
     ("Accuracy benches", ["bench", "setting", "best", "beside it", "all", "machine", "date, commit"], accuracy_rows),

@@ -48,20 +48,35 @@ class TrainResources:
 
 @dataclasses.dataclass(frozen=True)
 class LabelResources:
-    """``actors: 0`` fills the cluster (one per ``gpus_per_actor`` GPUs, else per ``cpus_per_actor`` CPUs);
-    ``threads: 0`` gives each actor one torch thread per CPU it holds (``pipeline/distributed/pseudo_label.py``)."""
+    """``actors: N`` is a fixed pool; ``actors: 0`` an autoscaling one (``pool``) that starts with what the cluster
+    holds now (one actor per ``gpus_per_actor`` GPUs, else per ``cpus_per_actor`` CPUs) and grows, as the cluster's
+    autoscaler adds nodes, up to ``max_actors`` (0 = one per shard). ``threads: 0`` gives each actor one torch
+    thread and one decode thread per CPU it holds; ``decode: gpu`` decodes JPEGs on the actor's GPU
+    (``pipeline/distributed/pseudo_label.py``, ``stages/pseudo_label.Decoder``)."""
 
     actors: int = 0
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     threads: int = 0
+    decode: str = "cpu"
+    max_actors: int = 0
 
     def actor_count(self, cluster: dict[str, float]) -> int:
+        """Actors the cluster holds room for now (at least one: an autoscaling group at zero scales up for it)."""
         if self.actors:
             return self.actors
         if self.gpus_per_actor:
             return max(1, int(cluster.get("GPU", 0) // self.gpus_per_actor))
         return max(1, int(cluster.get("CPU", 1) // self.cpus_per_actor))
+
+    def pool(self, cluster: dict[str, float], shards: int) -> dict[str, int]:
+        """``ActorPoolStrategy`` arguments: never more actors than shards; ``min_size`` 1 when autoscaling, so the
+        stage starts as soon as one actor is up and Ray Data adds actors as nodes join."""
+        shards = max(1, shards)
+        if self.actors:
+            return {"size": min(self.actors, shards)}
+        most = min(shards, self.max_actors or shards)
+        return {"min_size": 1, "max_size": most, "initial_size": min(self.actor_count(cluster), most)}
 
     def torch_threads(self) -> int:
         return self.threads or max(1, int(self.cpus_per_actor))
@@ -162,8 +177,10 @@ class ResourcesConfig:
     """Where and how wide to run. ``address: ""`` uses ``RAY_ADDRESS`` if set, else starts a local Ray.
 
     ``label_actors: 0`` starts one pseudo-label actor per ``gpus_per_label_actor`` GPUs of the cluster, or on a
-    CPU-only cluster one per ``cpus_per_label_actor`` CPUs; ``label_threads: 0`` gives each actor one torch thread
-    per CPU it holds. ``torch_threads`` is for the training workers (0 = Ray's default, one per CPU held).
+    CPU-only cluster one per ``cpus_per_label_actor`` CPUs, and lets the pool grow with the cluster up to
+    ``label_max_actors`` (0 = one per shard); ``label_threads: 0`` gives each actor one torch thread and one decode
+    thread per CPU it holds; ``label_decode: gpu`` decodes JPEGs on the actors' GPUs (needs
+    ``gpus_per_label_actor``). ``torch_threads`` is for the training workers (0 = Ray's default, one per CPU held).
     """
 
     address: StrictStr = ""
@@ -176,14 +193,27 @@ class ResourcesConfig:
     cpus_per_label_actor: Annotated[StrictFloat, Field(gt=0)] = 1.0
     gpus_per_label_actor: Annotated[StrictFloat, Field(ge=0)] = 0.0
     label_threads: NonNegative = 0
+    label_decode: Annotated[Literal["cpu", "gpu"], LATE] = "cpu"
+    label_max_actors: Annotated[NonNegative, LATE] = 0
     torch_threads: NonNegative = 0
+
+    @model_validator(mode="after")
+    def _gpu_decode_needs_a_gpu(self) -> ResourcesConfig:
+        if self.label_decode == "gpu" and not self.gpus_per_label_actor:
+            raise ValueError("label_decode: gpu needs gpus_per_label_actor > 0 (the actors decode on their GPU)")
+        return self
 
     def train(self) -> TrainResources:
         return TrainResources(self.train_workers, self.use_gpu, self.cpus_per_train_worker, self.max_failures)
 
     def label(self) -> LabelResources:
         return LabelResources(
-            self.label_actors, self.cpus_per_label_actor, self.gpus_per_label_actor, self.label_threads
+            self.label_actors,
+            self.cpus_per_label_actor,
+            self.gpus_per_label_actor,
+            self.label_threads,
+            self.label_decode,
+            self.label_max_actors,
         )
 
 

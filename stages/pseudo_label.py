@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import numpy as np
@@ -26,15 +27,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import Field, StrictFloat, StrictInt
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from stages.config_types import config
 from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, optional_label, shard_id
 from stages.device import autocast, place_batch, place_model
 from stages.models import load_model
 from stages.storage import Location, StorageError, atomic_target, join, open_read
-from stages.transforms import card_transform
+from stages.transforms import card_transform, tensor_transform
 
 SIDECAR_FORMAT = "pseudo_labels/v1"
+JPEG_MAGIC = b"\xff\xd8"
 
 
 @config
@@ -135,26 +138,83 @@ def write_sidecar(table: pa.Table, path: Location) -> None:
         pq.write_table(table, tmp)
 
 
-def _decoded_batches(shard: str, channels: int, transform, batch_size: int, bad: list[dict]) -> Iterator[tuple]:
-    keys, images, labels = [], [], []
+def _raw_batches(shard: str, batch_size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
     for sample in iter_raw_samples(shard):
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class Decoder:
+    """Turns a batch of raw samples into ``(keys, images, labels)`` in stream order, the unusable ones appended to
+    ``bad`` (shard, key, reason). ``threads`` PIL decodes run at once (PIL and torch release the GIL), so an actor
+    holding N CPUs decodes on N of them. ``device`` cuda: JPEGs are decoded in one batched nvJPEG call
+    (``torchvision.io.decode_jpeg``) and resized, cropped and normalised there (``tensor_transform``); a sample
+    that is no JPEG or that nvJPEG refuses (CMYK, progressive corner cases, corrupt) goes the PIL way, which
+    decodes it or records why not."""
+
+    def __init__(self, card: dict, channels: int, threads: int, device: torch.device | None = None):
+        self.transform, self.channels = card_transform(card), channels
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode")
+        self.device = device
+        self.gpu_transform = tensor_transform(card) if device is not None else None
+
+    def __call__(self, shard: str, samples: list[dict], bad: list[dict]) -> tuple[list[str], torch.Tensor, list]:
+        images: list[torch.Tensor | None] = [None] * len(samples)
+        if self.device is not None:
+            self._decode_on_gpu(samples, images)
+        todo = [i for i, image in enumerate(images) if image is None]
+        for i, result in zip(todo, self.pool.map(self._decode_one, (samples[i] for i in todo)), strict=True):
+            if isinstance(result, BadSample):
+                bad.append({"shard": shard, "key": samples[i]["__key__"], "reason": str(result)})
+            else:
+                images[i] = result if self.device is None else result.to(self.device, non_blocking=True)
+        keep = [i for i, image in enumerate(images) if image is not None]
+        stacked = torch.stack([images[i] for i in keep]) if keep else torch.zeros(0)
+        return [samples[i]["__key__"] for i in keep], stacked, [optional_label(samples[i]) for i in keep]
+
+    def _decode_one(self, sample: dict) -> torch.Tensor | BadSample:
         try:
-            image = transform(decode_image(image_field(sample), channels))
+            return self.transform(decode_image(image_field(sample), self.channels))
         except BadSample as exc:
-            bad.append({"shard": shard, "key": sample["__key__"], "reason": str(exc)})
-            continue
-        keys.append(sample["__key__"])
-        images.append(image)
-        labels.append(optional_label(sample))
-        if len(keys) == batch_size:
-            yield keys, torch.stack(images), labels
-            keys, images, labels = [], [], []
-    if keys:
-        yield keys, torch.stack(images), labels
+            return exc
+
+    def _decode_on_gpu(self, samples: list[dict], images: list) -> None:
+        jpegs = [i for i, s in enumerate(samples) if _jpeg_bytes(s)]
+        if not jpegs:
+            return
+        data = [torch.frombuffer(bytearray(_jpeg_bytes(samples[i])), dtype=torch.uint8) for i in jpegs]
+        mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
+        try:
+            decoded = decode_jpeg(data, mode=mode, device=self.device)
+        except RuntimeError:  # one bad image fails the whole call: find it one by one
+            decoded = [self._decode_jpeg_or_none(x, mode) for x in data]
+        for i, image in zip(jpegs, decoded, strict=True):
+            if image is not None:
+                images[i] = self.gpu_transform(image)
+
+    def _decode_jpeg_or_none(self, data: torch.Tensor, mode: ImageReadMode) -> torch.Tensor | None:
+        try:
+            return decode_jpeg(data, mode=mode, device=self.device)
+        except RuntimeError:
+            return None
+
+
+def _jpeg_bytes(sample: dict) -> bytes:
+    """The sample's image (the field ``image_field`` picks) when it is a JPEG, else empty."""
+    try:
+        data = image_field(sample)
+    except BadSample:
+        return b""
+    return data if data[:2] == JPEG_MAGIC else b""
 
 
 def _prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
-    """Decode on a background thread while the model runs (PIL and torch both release the GIL)."""
+    """Run ``iterator`` on a background thread while the model runs (PIL and torch both release the GIL)."""
     q: queue.Queue = queue.Queue(depth)
     done = object()
 
@@ -176,13 +236,26 @@ def _prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
 class ShardLabeler:
     """Labels whole shards with a teacher loaded once. ``__call__`` takes ``{"shard": [...]}`` (Ray Data batch)."""
 
-    def __init__(self, model_dir: str, out_dir: str, cfg: PseudoLabelConfig, channels: int, threads: int = 0):
+    def __init__(
+        self,
+        model_dir: str,
+        out_dir: str,
+        cfg: PseudoLabelConfig,
+        channels: int,
+        threads: int = 0,
+        decode: str = "cpu",
+        decode_threads: int = 0,
+    ):
+        """``threads``: torch threads (0 = torch's default); ``decode_threads``: PIL decodes at once (0 =
+        ``threads``, else 1); ``decode``: ``gpu`` decodes JPEGs with nvJPEG where the actor has a GPU."""
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, card = load_model(model_dir, self.device)  # eval(): no dropout, no stochastic depth
         self.model = place_model(model, self.device)
-        self.transform = card_transform(card)
+        on_gpu = decode == "gpu" and self.device.type == "cuda"
+        self.decode = "gpu" if on_gpu else "cpu"  # recorded per shard: a GPU decode asked for on a CPU actor is not
+        self.decoder = Decoder(card, channels, decode_threads or threads or 1, self.device if on_gpu else None)
         self.out_dir, self.cfg, self.channels = join(out_dir), cfg, channels  # a folder or a URL, from any node
 
     def label_shard(self, shard: str) -> dict:
@@ -193,13 +266,22 @@ class ShardLabeler:
         keys: list[str] = []
         probs: list[torch.Tensor] = []
         truth: list[int] = []
-        result = {"shard": shard, "rows": 0, "bad": bad, "error": "", "storage_error": "", "device": self.device.type}
+        result = {
+            "shard": shard,
+            "rows": 0,
+            "bad": bad,
+            "error": "",
+            "storage_error": "",
+            "device": self.device.type,
+            "decode": self.decode,
+        }
         try:
-            batches = _decoded_batches(shard, self.channels, self.transform, self.cfg.batch_size, bad)
-            # Overlap decoding with inference only when a GPU runs the model: on CPU the decode thread and torch's
-            # intra-op threads fight over the same cores.
+            batches = (self.decoder(shard, raw, bad) for raw in _raw_batches(shard, self.cfg.batch_size))
+            # Overlap decoding with inference only when a GPU runs the model: on CPU the decode threads and torch's
+            # intra-op threads would fight over the same cores, so there the two take turns, each on all of them.
             for k, x, y in _prefetch(batches) if self.device.type == "cuda" else batches:
-                probs.append(self._infer(x))
+                if k:
+                    probs.append(self._infer(x))
                 keys += k
                 truth += y
         except DataError as exc:
@@ -230,4 +312,5 @@ class ShardLabeler:
             "storage_error": np.array([r["storage_error"] for r in results], dtype=object),
             "seconds": np.array([r["seconds"] for r in results], dtype=np.float64),
             "device": np.array([r["device"] for r in results], dtype=object),
+            "decode": np.array([r["decode"] for r in results], dtype=object),
         }

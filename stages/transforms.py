@@ -10,6 +10,9 @@ Two families, chosen by ``data.augment`` and recorded in each round's ``model.js
 and horizontal flip for training, RandAugment after them; resize and centre crop by the model's ``crop_pct`` for
 evaluation and pseudo-labeling; mean/std, interpolation and crop_pct from the model's pretrained config
 (``resolve_data_config``) unless ``data.mean``/``data.std`` are given (``preprocessing``).
+
+``tensor_transform`` is ``card_transform`` on a decoded uint8 tensor, on whatever device holds it: the pseudo-label
+actors' GPU decoding (``label_decode: gpu``) resizes, crops and normalises there, in float, without PIL.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from PIL import Image, ImageOps
 from timm.data import create_transform, rand_augment_transform, resolve_data_config
 from timm.data.auto_augment import _RAND_TRANSFORMS
 from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as F
 
 RANDAUG_OPS = tuple(_RAND_TRANSFORMS)
 
@@ -160,3 +164,24 @@ def check_ops(ops: Sequence[str]) -> None:
     unknown = [op for op in ops if op not in RANDAUG_OPS]
     if unknown:
         raise ValueError(f"randaug_ops: unknown {unknown}; allowed: {', '.join(RANDAUG_OPS)}")
+
+
+def tensor_transform(card: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``card_transform`` for a ``(C, H, W)`` uint8 tensor on any device: the same resize (antialiased), centre crop
+    and normalisation, computed in float32 and clamped to [0, 255] after the resize, where PIL rounds to uint8; the
+    two agree within half a grey level on average, a few pixels of bicubic upsampling up to four
+    (``tests/test_transforms.py``)."""
+    size = card["input_size"][-1]
+    natural = card.get("augment") == "natural"
+    mode = T.InterpolationMode(card.get("interpolation", "bilinear"))
+    resize_to = [int(size / card["crop_pct"])] if natural else [size, size]  # the shorter side, as timm's eval
+    mean = torch.tensor(card["mean"]).view(-1, 1, 1)
+    std = torch.tensor(card["std"]).view(-1, 1, 1)
+
+    def apply(image: torch.Tensor) -> torch.Tensor:
+        x = F.resize(image.float(), resize_to, interpolation=mode, antialias=True).clamp_(0, 255)
+        if natural:
+            x = F.center_crop(x, [size, size])
+        return (x / 255 - mean.to(x.device)) / std.to(x.device)
+
+    return apply

@@ -140,3 +140,64 @@ def test_a_readme_without_markers_is_refused(table, tmp_path):
     readme.write_text("# no markers\n")
     with pytest.raises(SystemExit, match="bench-table:start"):
         table.main(["--results", str(tmp_path), "--readme", str(readme)])
+
+
+def _gpu_check_output(folder: Path, summary: str, logs: dict[str, str], results: dict[str, dict]) -> Path:
+    """What one bench/gpu_check.sh run leaves in $OUT: summary.txt and logs.tgz (logs + results/)."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True)
+    (folder / "summary.txt").write_text(summary)
+    with tarfile.open(folder / "logs.tgz", "w:gz") as tar:
+        files = {f"./{k}.log": v for k, v in logs.items()} | {
+            f"./results/{k}": json.dumps(v) for k, v in results.items()
+        }
+        for name, text in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    return folder
+
+
+def test_a_gpu_check_run_is_filed_with_every_step_and_renders_what_was_not_measured(table, tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_record", ROOT / "bench" / "gpu_record.py")
+    gpu_record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_record)
+    gpu = {**MACHINE, "gpu": {"name": "NVIDIA H200", "count": 1, "memory_gb": 140}, "cores": 16}
+    train = {
+        "bench": "train", "setting": "gpu resnet50 224px jpeg teacher", "stage_images_per_s": 1953.4,
+        "loop_images_per_s": 1681.0, "bare_images_per_s": 3034.1, "ratio": 1.162, "ratio_bare": 0.644,
+        "ratios": [1.162], "repeat": 1, "steps_timed": 40, "step_images": 256, "machine": gpu,
+    }  # fmt: skip
+    summary = (
+        "GPU 0: NVIDIA H200\n16\n3.12.3 torch 2.11.0\n== tests: rc 0 in 85 s\n3 passed in 81.76s\n"
+        "== train: rc 0 in 85 s\n== e2e: rc 124 in 150 s\n== pl_4actors: skipped, -1 s left\ntotal 386 s\n"
+    )
+    tests_log = (
+        "GPU (bf16) vs CPU (float32) labels: argmax agreement 0.9871, max |p diff| 0.0223\n"
+        "epochs [1, 2, 3], loss [2.0, 1.5, 1.0], on cuda\n.\n3 passed, 3 warnings in 81.76s (0:01:21)\n"
+    )
+    folder = _gpu_check_output(
+        tmp_path / "device", summary, {"tests": tests_log, "e2e": "plain script 32.8 s"}, {"train-1.json": train}
+    )
+    path = gpu_record.record(folder, tmp_path / "results")
+    filed = json.loads(path.read_text())
+    assert path.name == "gpu-20261201T100000Z.json" and (tmp_path / "results" / "train-1.json").exists()
+    assert [(s["name"], s["status"], s["results"]) for s in filed["steps"]] == [
+        ("tests", "ok", []),
+        ("train", "ok", ["bench/results/train-1.json"]),
+        ("e2e", "cut at its time limit", []),
+        ("pl_4actors", "skipped (no time left)", []),
+    ]
+    assert filed["tests"]["outcome"] == "3 passed"
+    assert filed["tests"]["figures"][0].startswith("GPU (bf16) vs CPU (float32) labels: argmax agreement 0.9871")
+    rows = table.gpu_rows(table.load_results(tmp_path / "results"))
+    assert [r[1:4] for r in rows] == [
+        ["tests", "ok", "85 s"],
+        ["train", "ok", "85 s"],
+        ["e2e", "cut at its time limit", "150 s"],
+        ["pl_4actors", "skipped (no time left)", "–"],
+    ]
+    assert "stage 1,953 img/s, loop 1,681, bare 3,034; stage/loop 1.16, stage/bare 0.64" in rows[1][4]
+    assert rows[2][4] == "–"  # a step cut at its limit shows nothing measured, not a stale figure

@@ -351,3 +351,15 @@ def test_the_ray_edges_take_their_resources_from_the_config_module(tree):
     resources = load_config(None, ["resources.train_workers=2", "resources.label_threads=3"], base=tree).resources
     assert resources.train() == config.TrainResources(workers=2, use_gpu=False, cpus_per_worker=1.0, max_failures=2)
     assert resources.label().threads == 3
+
+
+def test_gpu_decoding_needs_label_actors_on_gpus(tree):
+    message = _refused(tree, "resources.label_decode=gpu")
+    assert "label_decode: gpu needs gpus_per_label_actor" in message
+    assert "resources.label_decode" in _refused(tree, "resources.label_decode=nvjpeg")
+    cfg = load_config(None, ["resources.label_decode=gpu", "resources.gpus_per_label_actor=1"], base=tree)
+    assert cfg.resources.label().decode == "gpu"
+    # new keys at their defaults leave a run's identity (resume) as it was
+    assert cfg.identity()["resources"]["label_decode"] == "gpu"
+    default = load_config(None, [], base=tree).identity()["resources"]
+    assert "label_decode" not in default and "label_max_actors" not in default

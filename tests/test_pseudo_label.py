@@ -290,3 +290,104 @@ def test_label_resources_resolve_actor_count_and_threads(resources, cluster, act
     res = LabelResources(**resources)
     assert res.actor_count(cluster) == actors
     assert res.torch_threads() == threads
+
+
+# ---------------------------------------------------------------- decoding: threads, and the nvJPEG path run on the CPU
+
+
+def _mixed_samples() -> list[dict]:
+    """RGB JPEGs of several sizes, a PNG, a corrupt JPEG and a JPEG header with nothing after it, in that stream."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(11):
+        height, width = 20 + 7 * i, 30 + 3 * i
+        pixels = (rng.random((height, width, 3)) * 64 + np.linspace(0, 190, width)[None, :, None]).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG" if i == 4 else "JPEG", quality=90)
+        samples.append({"__key__": f"s{i:02d}", "png" if i == 4 else "jpg": buf.getvalue()})
+    samples[7]["jpg"] = samples[7]["jpg"][:40]  # truncated: neither decoder can read it
+    samples[9]["jpg"] = b"\xff\xd8 not a jpeg at all"
+    return samples
+
+
+CARD = {"input_size": [3, 24, 24], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+
+
+def test_the_decoder_threads_keep_stream_order_and_record_bad_samples_in_place():
+    from stages.pseudo_label import Decoder
+
+    samples = _mixed_samples()
+    serial_bad, threaded_bad = [], []
+    keys1, x1, _ = Decoder(CARD, 3, threads=1)("s.tar", samples, serial_bad)
+    keys3, x3, _ = Decoder(CARD, 3, threads=3)("s.tar", samples, threaded_bad)
+    assert keys1 == keys3 == [s["__key__"] for i, s in enumerate(samples) if i not in (7, 9)]
+    assert torch.equal(x1, x3)
+    assert [b["key"] for b in threaded_bad] == [b["key"] for b in serial_bad] == ["s07", "s09"]
+    assert all("undecodable" in b["reason"] for b in threaded_bad)
+
+
+def test_the_nvjpeg_path_decodes_jpegs_in_one_call_and_leaves_the_rest_to_pil(monkeypatch):
+    """The GPU decode path with ``device=cpu`` (torchvision decodes JPEG lists on either): every good JPEG goes
+    through ``decode_jpeg``, the PNG and the two broken JPEGs through PIL, and the result matches PIL's."""
+    import stages.pseudo_label as pl
+
+    calls = []
+
+    def counting(data, **kwargs):
+        calls.append(len(data) if isinstance(data, list) else 1)
+        return pl.decode_jpeg.__wrapped__(data, **kwargs)
+
+    counting.__wrapped__ = pl.decode_jpeg
+    monkeypatch.setattr(pl, "decode_jpeg", counting)
+    samples = _mixed_samples()
+    bad, want_bad = [], []
+    keys, got, _ = pl.Decoder(CARD, 3, threads=2, device=torch.device("cpu"))("s.tar", samples, bad)
+    want_keys, want, _ = pl.Decoder(CARD, 3, threads=1)("s.tar", samples, want_bad)
+    assert keys == want_keys and [b["key"] for b in bad] == ["s07", "s09"]
+    # one batched call fails on the corrupt two, then one call per JPEG finds them: 10 JPEGs, 8 decodable
+    assert calls[0] == 10 and calls[1:] == [1] * 10
+    level = 1 / 255 / 0.5
+    assert float((got - want).abs().max()) <= 2 * level  # bilinear: within a grey level or two of PIL
+    png = keys.index("s04")
+    assert torch.equal(got[png], want[png])  # the PNG took the PIL way on both
+
+
+def test_a_gpu_decode_asked_of_a_cpu_actor_falls_back_and_says_so(teacher_dir, digits_root, tmp_path):
+    shard = str(digits_root / "test" / "test-000001.tar")
+    labeler = ShardLabeler(str(teacher_dir), str(tmp_path), PseudoLabelConfig(batch_size=64), 1, decode="gpu")
+    result = labeler.label_shard(shard)
+    want = "gpu" if torch.cuda.is_available() else "cpu"
+    assert result["decode"] == want and result["rows"] == 90 and result["error"] == ""
+
+
+@pytest.mark.parametrize(
+    ("resources", "cluster", "shards", "pool"),
+    [
+        # autoscaling: starts with what the cluster holds, grows up to one actor per shard
+        (dict(), {"CPU": 2.0}, 10, {"min_size": 1, "max_size": 10, "initial_size": 2}),
+        # an autoscaling GPU group at zero: one actor to start, Ray scales the group up for more
+        (dict(gpus_per_actor=1.0), {"CPU": 2.0}, 50, {"min_size": 1, "max_size": 50, "initial_size": 1}),
+        (
+            dict(gpus_per_actor=1.0, max_actors=8),
+            {"CPU": 2.0, "GPU": 4.0},
+            50,
+            {"min_size": 1, "max_size": 8, "initial_size": 4},
+        ),
+        # never more actors than shards
+        (dict(), {"CPU": 16.0}, 3, {"min_size": 1, "max_size": 3, "initial_size": 3}),
+        (dict(actors=4), {"CPU": 16.0}, 3, {"size": 3}),
+        (dict(actors=4), {"CPU": 16.0}, 30, {"size": 4}),
+    ],
+)
+def test_the_label_pool_follows_the_autoscaler(resources, cluster, shards, pool):
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.config import LabelResources
+
+    got = LabelResources(**resources).pool(cluster, shards)
+    assert got == pool
+    ActorPoolStrategy(**got)  # Ray accepts it (initial_size between min and max)

@@ -104,3 +104,61 @@ def test_digits_transforms_are_unchanged_bit_for_bit():
             outs.append(transform(image))
         assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
     assert torch.equal(card_transform(card)(image), clean_transform(16, [0.0], [0.5])(image))
+
+
+# ---------------------------------------------------------------- tensor_transform (the GPU decode path's transform)
+
+
+def _photo_jpeg(seed: int, width: int, height: int) -> bytes:
+    """A JPEG with structure (gradients, a disc, grain), so resizing and decoding differences would show."""
+    import io
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([xx / width, yy / height, ((xx - width / 2) ** 2 + (yy - height / 2) ** 2 < (height / 3) ** 2)], -1)
+    pixels = np.clip(255 * (0.7 * base + 0.3 * rng.random((height, width, 3))), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "card",
+    [
+        {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"},
+        {"input_size": [1, 16, 16], "mean": [0.5], "std": [0.5], "interpolation": "bilinear"},
+        {
+            "input_size": [3, 64, 64],
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "interpolation": "bicubic",
+            "augment": "natural",
+            "crop_pct": 0.875,
+        },
+    ],
+    ids=["digits-rgb", "digits-gray", "natural-bicubic-crop"],
+)
+@pytest.mark.parametrize("width, height", [(120, 90), (50, 70)])
+def test_tensor_transform_matches_the_pil_transform_to_a_few_grey_levels(card, width, height):
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from stages.data import decode_image
+    from stages.transforms import tensor_transform
+
+    channels = card["input_size"][0]
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    level = 1 / 255 / min(card["std"])  # one grey level in normalised units
+    for seed in range(3):
+        data = _photo_jpeg(seed, width, height)
+        want = card_transform(card)(decode_image(data, channels))
+        got = tensor_transform(card)(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode))
+        assert got.shape == want.shape == (channels, card["input_size"][-1], card["input_size"][-1])
+        # PIL rounds and clamps to uint8 after each of its two resize passes: where bicubic upsamples grain, a few
+        # pixels land up to 4 levels off; on average the two are within half a level
+        assert float((got - want).abs().max()) <= 5 * level
+        assert float((got - want).abs().mean()) <= 0.5 * level
+    # a wrong crop (no crop, or another resize) is far more than a grey level off: the check can fail
+    if card.get("augment") == "natural":
+        squashed = dict(card, augment="digits")
+        moved = tensor_transform(squashed)(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+        assert float((moved - want).abs().max()) > 10 * level

@@ -1,6 +1,9 @@
 """The pseudo-label stage on Ray Data: shards are streamed to a pool of ``ShardLabeler`` actors.
 
-One actor per GPU on a cluster (``gpus_per_label_actor: 1``, ``label_actors: N``), CPU actors locally. The
+One actor per GPU on a cluster (``gpus_per_label_actor: 1``, ``label_actors: N``), CPU actors locally; with
+``label_actors: 0`` the pool autoscales (``LabelResources.pool``): it starts with what the cluster holds and grows
+as an autoscaling GPU group adds nodes. Inside an actor, decoding runs on as many threads as it holds CPUs, ahead of
+the model on a GPU, or on the GPU itself (``label_decode: gpu``, nvJPEG): ``stages/pseudo_label.Decoder``. The
 driver only sees one small summary row per shard, never labels. A shard whose sidecar already validates is
 skipped (resume); an actor that dies has its shard retried by Ray Data, which rewrites the same complete
 sidecar atomically, so each unlabeled sample ends up in exactly one row. A sidecar that cannot be written (disk
@@ -46,6 +49,7 @@ def run_pseudo_label(
         log.info("pseudo-label: %d of %d shards already labeled, resuming with %d", resumed, len(shards), len(todo))
     start, rows_new, shards_done, errors = time.perf_counter(), 0, 0, []
     devices: dict[str, int] = {}  # shards labeled per device type ("cuda", "cpu")
+    decodes: dict[str, int] = {}  # shards decoded per decoder ("gpu": nvJPEG, "cpu": PIL threads)
     startup = None  # seconds until the first actor began labeling: process start, imports, model load
     if todo:
         context = ray.data.DataContext.get_current()
@@ -60,9 +64,10 @@ def run_pseudo_label(
                 "cfg": cfg,
                 "channels": channels,
                 "threads": resources.torch_threads(),
+                "decode": resources.decode,
             },
             batch_size=1,
-            compute=ActorPoolStrategy(size=min(resources.actor_count(ray.cluster_resources()), len(todo))),
+            compute=ActorPoolStrategy(**resources.pool(ray.cluster_resources(), len(todo))),
             num_cpus=resources.cpus_per_actor,
             num_gpus=resources.gpus_per_actor or None,
         )
@@ -74,6 +79,7 @@ def run_pseudo_label(
                     raise StorageError(f"pseudo-label: {row['storage_error']}")
                 rows_new += int(row["rows"])
                 devices[row["device"]] = devices.get(row["device"], 0) + 1
+                decodes[row["decode"]] = decodes.get(row["decode"], 0) + 1
                 if startup is None:
                     startup = max(0.0, time.perf_counter() - start - float(row["seconds"]))
                 if row["error"]:
@@ -111,5 +117,6 @@ def run_pseudo_label(
         "images_per_s": round(rows_new / seconds, 1) if rows_new else None,
         "startup_seconds": round(startup, 3) if startup is not None else None,
         "devices": devices,
+        "decode": decodes,
         "sidecars": [str(sidecar_path(out, s)) for s in shards],
     }
