@@ -81,6 +81,13 @@ class LabelResources:
     def torch_threads(self) -> int:
         return self.threads or max(1, int(self.cpus_per_actor))
 
+    def fits(self, nodes: Sequence[dict[str, float]]) -> bool:
+        """Whether one actor fits on one of these nodes (each node's total resources, as ``ray.nodes()`` has them)."""
+        return any(n.get("CPU", 0) >= self.cpus_per_actor and n.get("GPU", 0) >= self.gpus_per_actor for n in nodes)
+
+    def describe(self) -> str:
+        return f"{self.cpus_per_actor:g} CPUs" + (f" and {self.gpus_per_actor:g} GPUs" if self.gpus_per_actor else "")
+
 
 Shards = Annotated[Many[StrictStr], Field(min_length=1, description="shard path or pattern")]
 NonNegative = Annotated[StrictInt, Field(ge=0)]

@@ -391,3 +391,38 @@ def test_the_label_pool_follows_the_autoscaler(resources, cluster, shards, pool)
     got = LabelResources(**resources).pool(cluster, shards)
     assert got == pool
     ActorPoolStrategy(**got)  # Ray accepts it (initial_size between min and max)
+
+
+@pytest.mark.parametrize(
+    ("resources", "fits"),
+    [
+        (dict(), True),
+        (dict(cpus_per_actor=2.0), True),
+        (dict(cpus_per_actor=8.0), True),
+        (dict(cpus_per_actor=9.0), False),  # no node has 9 CPUs
+        (dict(gpus_per_actor=0.5), True),  # half a GPU fits on the 1-GPU node
+        (dict(gpus_per_actor=2.0), False),
+        (dict(cpus_per_actor=8.0, gpus_per_actor=1.0), False),  # CPUs on one node, the GPU on another
+    ],
+)
+def test_a_label_actor_fits_only_where_one_node_has_all_it_asks_for(resources, fits):
+    from pipeline.config import LabelResources
+
+    nodes = [{"CPU": 2.0, "GPU": 1.0, "memory": 1e9}, {"CPU": 8.0}]
+    assert LabelResources(**resources).fits(nodes) is fits
+
+
+def test_a_label_actor_too_big_for_the_local_ray_is_one_config_error(ray_session, teacher_dir, digits_root, tmp_path):
+    """On a local Ray this process started no node will be added: waiting for one would hang the run forever."""
+    from pipeline.config import LabelResources
+    from pipeline.distributed.pseudo_label import run_pseudo_label
+    from pipeline.overrides import ConfigError
+
+    shards = [str(digits_root / "test" / "test-000001.tar")]
+    with pytest.raises(ConfigError) as info:
+        run_pseudo_label(
+            str(teacher_dir), shards, str(tmp_path), PseudoLabelConfig(), 1, LabelResources(cpus_per_actor=3.0)
+        )
+    message = str(info.value)
+    assert "\n" not in message and "needs 3 CPUs" in message and "largest node has 2 CPUs and 0 GPUs" in message
+    assert not list(tmp_path.glob("*.parquet"))

@@ -28,8 +28,17 @@ def _job_env() -> dict[str, str]:
     return {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)}
 
 
+_STARTED_HERE = False  # this process started its own local Ray, to which no node will ever be added
+
+
+def can_grow() -> bool:
+    """Whether nodes may still join: a cluster we joined may autoscale, a local Ray this process started will not."""
+    return not _STARTED_HERE
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int | None = None) -> str:
     """Start or join Ray once per process; returns a description of where we are running."""
+    global _STARTED_HERE
     import ray
 
     if ray.is_initialized():
@@ -47,6 +56,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     if object_store_mb:
         kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
     ray.init(**kwargs)
+    _STARTED_HERE = True
     return f"local Ray ({kwargs['num_cpus']} CPUs)"
 
 
