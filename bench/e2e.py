@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +54,16 @@ def ensure_data(config: str, overrides: list[str]) -> None:
         ensure_digits(str(ROOT / root) if not Path(root).is_absolute() else root)
 
 
-def timed_process(cmd: list[str], env: dict) -> tuple[float, str, list[tuple[float, str]]]:
-    """Run ``cmd`` in the project root; wall seconds, stdout, and stderr lines with their arrival times."""
+def timed_process(
+    cmd: list[str], env: dict, started: Callable[[subprocess.Popen], None] | None = None
+) -> tuple[float, str, list[tuple[float, str]]]:
+    """Run ``cmd`` in the project root; wall seconds, stdout, and stderr lines with their arrival times.
+    ``started`` is called with the process as soon as it runs (``bench/scale.py`` samples its memory)."""
     lines: list[tuple[float, str]] = []
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if started is not None:
+        started(proc)
 
     def read_stderr() -> None:
         assert proc.stderr is not None

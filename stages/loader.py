@@ -9,6 +9,18 @@ slots, otherwise by sample index within each shard, so every slot sees a disjoin
 A pseudo-labeled sample is yielded ``copies`` times per pass (class balancing duplicates scarce classes), each
 copy augmented independently. Labeled samples whose key is in ``exclude_keys`` (a validation split carved from the
 labeled shards, ``stages/validation.py``) are never yielded.
+
+Byte counts. Every batch carries ``"bytes"``: int64 ``[labeled read, labeled trained, pseudo read, pseudo trained]``
+(``BYTE_COUNTS``), this slot's counts since its previous batch. *Read* is the tar payload pulled out of the shards:
+the bytes of every file of every sample the shard iterator produced (image and ``.cls`` alike; not the tar's
+512-byte headers and padding, nor the selection sidecars), including the samples skipped as another slot's, as
+excluded, or (pseudo) as not selected. *Trained* is the same payload size for each sample that went into this
+batch, once per copy. They are deltas carried by the batches rather than counters kept on the dataset because
+each DataLoader worker iterates its own copy of the dataset in its own process: summing the deltas of the batches
+the trainer consumed is the total over every worker, with nothing shared. Reads run ahead of training (the
+shuffle buffer fills first; prefetched batches wait in the DataLoader), so a delta is charged to the batch during
+whose making the bytes were read, and bytes read for batches never consumed are not counted. Counting costs a
+``len`` per file: no extra reads.
 """
 
 from __future__ import annotations
@@ -24,6 +36,21 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, parse_label
 from stages.storage import read_table
+
+BYTE_COUNTS = ("labeled_read_bytes", "labeled_trained_bytes", "pseudo_read_bytes", "pseudo_trained_bytes")
+
+
+def payload_bytes(sample: dict) -> int:
+    """The bytes of a raw sample's files as pulled out of its tar (``__key__``/``__url__`` are not files)."""
+    return sum(len(v) for k, v in sample.items() if not k.startswith("__"))
+
+
+@dataclass
+class _ReadBytes:
+    """Payload bytes one slot has pulled out of its shards since its last batch (reset as each batch is made)."""
+
+    labeled: int = 0
+    pseudo: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,7 +100,8 @@ def _slot_parts(shards: Sequence, slot: int, slots: int) -> tuple[list, Callable
 class MixedStream(IterableDataset):
     """Yields ready batches ``{"x": float [B,C,H,W], "y": int64 [B_l], "p": float [B_u, classes]}``.
 
-    The first ``B_l`` rows of ``x`` are labeled (targets ``y``), the rest pseudo-labeled (soft targets ``p``).
+    The first ``B_l`` rows of ``x`` are labeled (targets ``y``), the rest pseudo-labeled (soft targets ``p``);
+    ``"bytes"`` holds the byte counts of the module docstring (``BYTE_COUNTS``).
     With ``clean_transform`` set, batches also hold ``"x_clean"``: the same images through that transform, row for
     row (the online teacher's un-noised view of what the student sees noised).
     """
@@ -106,16 +134,21 @@ class MixedStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         return self.rank * workers + worker, self.world_size * workers
 
-    def _labeled_samples(self, slot: int, slots: int, rng: random.Random) -> Iterator[tuple[bytes, int]]:
+    def _labeled_samples(
+        self, slot: int, slots: int, rng: random.Random, read: _ReadBytes
+    ) -> Iterator[tuple[bytes, int, int]]:
+        """``(image bytes, label, payload size)``, endlessly; every sample pulled is added to ``read.labeled``."""
         shards, keep = _slot_parts(self.labeled, slot, slots)
         for _ in itertools.count():
             found = 0
             for shard in rng.sample(shards, len(shards)):
                 for i, sample in enumerate(iter_raw_samples(shard)):
+                    size = payload_bytes(sample)
+                    read.labeled += size
                     if not keep(i) or sample["__key__"] in self.exclude_keys:
                         continue
                     try:
-                        item = image_field(sample), parse_label(sample, self.num_classes)
+                        item = image_field(sample), parse_label(sample, self.num_classes), size
                     except BadSample:
                         continue  # counted and reported by the pre-flight scan of the labeled set
                     found += 1
@@ -123,7 +156,11 @@ class MixedStream(IterableDataset):
             if not found:
                 raise DataError(f"training slot {slot}/{slots} got no labeled samples from {len(shards)} shard(s)")
 
-    def _pseudo_samples(self, slot: int, slots: int, rng: random.Random) -> Iterator[tuple[bytes, np.ndarray]]:
+    def _pseudo_samples(
+        self, slot: int, slots: int, rng: random.Random, read: _ReadBytes
+    ) -> Iterator[tuple[bytes, np.ndarray, int]]:
+        """``(image bytes, soft target, payload size)`` per copy, endlessly; every sample pulled (selected or not) is
+        added to ``read.pseudo``."""
         sources, keep = _slot_parts(self.pseudo, slot, slots)
         for _ in itertools.count():
             found = 0
@@ -135,46 +172,51 @@ class MixedStream(IterableDataset):
                 keys, copies = table.column("key").to_pylist(), table.column("copies").to_pylist()
                 wanted = {k: (int(c), i) for i, (k, c) in enumerate(zip(keys, copies, strict=True))}
                 for i, sample in enumerate(iter_raw_samples(source.shard)):
+                    size = payload_bytes(sample)
+                    read.pseudo += size
                     hit = wanted.get(sample["__key__"])
                     if hit is None or not keep(i):
                         continue
                     data = image_field(sample)
                     for _ in range(hit[0]):
                         found += 1
-                        yield data, targets[hit[1]]
+                        yield data, targets[hit[1]], size
             if not found:
                 raise DataError(
                     f"training slot {slot}/{slots} got no pseudo-labeled samples from {len(sources)} shard(s)"
                 )
 
-    def _decoded(self, items: Iterator[tuple[bytes, object]]) -> Iterator[tuple[object, object]]:
-        for data, target in items:
+    def _decoded(self, items: Iterator[tuple[bytes, object, int]]) -> Iterator[tuple[object, object, int]]:
+        for data, target, size in items:
             try:
                 image = decode_image(data, self.channels)
                 if self.clean_transform is None:
-                    yield self.transform(image), target
+                    yield self.transform(image), target, size
                 else:  # the clean view first: it is deterministic, the noised one draws RandAugment's randomness
                     clean = self.clean_transform(image)
-                    yield (self.transform(image), clean), target
+                    yield (self.transform(image), clean), target, size
             except BadSample:
                 continue  # undecodable: already counted by the pre-flight scan or the pseudo-label stage
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots = self._slot()
         rng = random.Random(f"{self.seed}-{slot}")
+        read = _ReadBytes()
         # Shuffle compressed bytes (small), then decode and augment: each duplicate copy gets its own noise.
-        labeled = self._decoded(shuffled(self._labeled_samples(slot, slots, rng), self.shuffle_buffer, rng))
+        labeled = self._decoded(shuffled(self._labeled_samples(slot, slots, rng, read), self.shuffle_buffer, rng))
         pseudo = None
         if self.pseudo_batch:
-            pseudo = self._decoded(shuffled(self._pseudo_samples(slot, slots, rng), self.shuffle_buffer, rng))
+            pseudo = self._decoded(shuffled(self._pseudo_samples(slot, slots, rng, read), self.shuffle_buffer, rng))
         while True:
             lab = [next(labeled) for _ in range(self.labeled_batch)]
-            xs = [x for x, _ in lab]
-            batch = {"y": torch.tensor([y for _, y in lab], dtype=torch.int64)}
+            xs = [x for x, _, _ in lab]
+            batch = {"y": torch.tensor([y for _, y, _ in lab], dtype=torch.int64)}
+            pseudo_trained = 0
             if pseudo is not None:
                 pse = [next(pseudo) for _ in range(self.pseudo_batch)]
-                xs += [x for x, _ in pse]
-                batch["p"] = torch.from_numpy(np.stack([p for _, p in pse]))
+                xs += [x for x, _, _ in pse]
+                batch["p"] = torch.from_numpy(np.stack([p for _, p, _ in pse]))
+                pseudo_trained = sum(size for _, _, size in pse)
             else:
                 batch["p"] = torch.zeros(0, self.num_classes)
             if self.clean_transform is None:
@@ -182,4 +224,7 @@ class MixedStream(IterableDataset):
             else:
                 batch["x"] = torch.stack([x for x, _ in xs])
                 batch["x_clean"] = torch.stack([c for _, c in xs])
+            counts = [read.labeled, sum(size for _, _, size in lab), read.pseudo, pseudo_trained]
+            batch["bytes"] = torch.tensor(counts, dtype=torch.int64)  # BYTE_COUNTS, since this slot's last batch
+            read.labeled = read.pseudo = 0
             yield batch

@@ -13,6 +13,10 @@ same batch when ``online_teacher`` is on, a DML peer trains alongside with the s
 (``stages/online_distill.py``). ``pseudo_weight: 0`` then distils instead of learning from the stored soft labels
 (the selected images are still what the student reads).
 
+Each epoch's row in ``metrics_path`` (``train_metrics.jsonl``) holds its mean losses, images/s, and the bytes the
+input stream read from the shards and trained on, labeled and pseudo-labeled apart (``stages.loader.BYTE_COUNTS``;
+summed over DataLoader workers by the batches that carry them, and over training workers by one all-reduce).
+
 The loop is plain PyTorch; the distributed edge (Ray Train) comes in through ``TrainHooks``: ``prepare`` (DDP),
 ``restore`` (latest checkpoint) and ``report`` (metrics + checkpoint).
 """
@@ -39,7 +43,7 @@ from stages.checkpoint import load_checkpoint, read_state, save_checkpoint
 from stages.config_types import Many, config
 from stages.device import autocast, place_batch, place_model
 from stages.distill import DistillTermConfig, Weighting, check_terms, needs_features
-from stages.loader import MixedStream, PseudoSource
+from stages.loader import BYTE_COUNTS, MixedStream, PseudoSource
 from stages.models import ModelSpec, create_model, load_weights, unwrap
 from stages.online_distill import DistillStudent, OnlineTeacher, build_distill
 from stages.pretrained import create_from_weights
@@ -375,8 +379,10 @@ def _train_one_epoch(
     model.train()
     sums: dict[str, float] = {}
     images, start = 0, time.perf_counter()
+    shard_bytes = torch.zeros(len(BYTE_COUNTS), dtype=torch.int64)  # summed from the batches (stages/loader.py)
     for _ in range(per_epoch):
         batch = next(batches)
+        shard_bytes += batch["bytes"]
         lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -403,7 +409,17 @@ def _train_one_epoch(
         "seconds": seconds,
         "device": device.type,  # "cuda" or "cpu": where this epoch's steps ran
         **{k: v / per_epoch for k, v in sums.items()},
+        **dict(zip(BYTE_COUNTS, _all_ranks(shard_bytes, hooks), strict=True)),
     }
+
+
+def _all_ranks(counts: torch.Tensor, hooks: TrainHooks) -> list[int]:
+    """``counts`` summed over the training workers (each rank reads its own shards): one all-reduce per epoch,
+    which every rank reaches, as each runs the same number of epochs."""
+    if hooks.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        counts = counts.to(hooks.device)  # NCCL reduces CUDA tensors only
+        torch.distributed.all_reduce(counts)
+    return [int(c) for c in counts.tolist()]
 
 
 def _report(hooks: TrainHooks, metrics: dict, model, optimizer, ema, epoch: int, step: int, aux=None) -> None:

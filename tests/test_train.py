@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import random
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from stages.train import (
     build_stream,
     lr_at,
     noisy_student_loss,
+    read_metrics_lines,
     soft_cross_entropy,
     steps_per_epoch,
     train_model,
@@ -560,7 +562,7 @@ def test_posterize_at_any_magnitude_is_a_valid_image(op, magnitude):
 def test_metrics_log_survives_a_line_cut_short_by_a_kill(tmp_path):
     """A driver or worker killed mid-append leaves half a JSON line: the next append (or resume) drops it, and
     readers skip it, instead of crashing the resumed training or the report."""
-    from stages.train import _append_metrics, read_metrics_lines
+    from stages.train import _append_metrics
 
     path = tmp_path / "train_metrics.jsonl"
     path.write_text('{"epoch": 1, "loss": 2.0}\n{"epoch": 2, "loss": 1.5}\n{"epoch": 3, "lo')
@@ -596,3 +598,118 @@ def test_training_length_follows_the_data_between_bounds(epochs, min_steps, max_
 def test_min_steps_above_max_steps_is_refused():
     with pytest.raises(ValueError, match="min_steps: 500 is above max_steps 400"):
         TrainConfig(min_steps=500, max_steps=400)
+
+
+# ---------------------------------------------------------------- byte counts of the training input
+
+
+def _payload_sizes(shard: str) -> tuple[list[str], list[int]]:
+    """Each sample's key and the summed size of its files, in file order, read with tarfile (not the loader)."""
+    sizes: dict[str, int] = {}
+    with tarfile.open(shard) as tar:
+        for info in tar:
+            if info.isreg():
+                key = info.name.split(".", 1)[0]
+                sizes[key] = sizes.get(key, 0) + info.size
+    return list(sizes), list(sizes.values())
+
+
+def _write_selection(path: Path, shard: str, copies: dict[str, int]) -> str:
+    keys = list(copies)
+    table = {
+        "key": keys,
+        "shard": [shard] * len(keys),
+        "copies": pa.array(list(copies.values()), pa.int32()),
+        "label": pa.array([i % 10 for i in range(len(keys))], pa.int32()),
+    }
+    pq.write_table(pa.table(table), path)
+    return str(path)
+
+
+def test_the_labeled_stream_reads_exactly_the_samples_it_yields(digits_root):
+    """The teacher's input: no sample is skipped, so what is read is what is trained on, plus the one sample a
+    shuffle buffer of one holds (which keeps the file order, so the expected bytes follow from the shard alone)."""
+    shard = str(digits_root / "labeled" / "labeled-000000.tar")
+    _, sizes = _payload_sizes(shard)
+    transform = clean_transform(16, (0.5,), (0.5,))
+    stream = iter(MixedStream([shard], [], 5, 7, 10, 1, transform, seed=0, shuffle_buffer=1))
+    endless, totals = sizes * 3, torch.zeros(4, dtype=torch.int64)
+    for n in range(1, 2 * len(sizes) // 5 + 1):  # two passes over the shard
+        batch = next(stream)
+        assert batch["bytes"].dtype == torch.int64
+        totals += batch["bytes"]
+        yielded = 5 * n
+        assert totals.tolist() == [sum(endless[: yielded + 1]), sum(endless[:yielded]), 0, 0], n
+    assert totals[1] == 2 * sum(sizes)  # two whole passes trained on; read: the same plus the buffered sample
+
+
+def test_the_pseudo_stream_reads_the_whole_shard_and_trains_on_the_selected_samples(digits_root, tmp_path):
+    """The student's input: every sample of an unlabeled shard is read, only the selected ones (each copy) are
+    trained on. A shuffle buffer of one keeps the file order, so the expected counts follow from the shard."""
+    labeled = str(digits_root / "labeled" / "labeled-000000.tar")
+    unlabeled = str(digits_root / "unlabeled" / "unlabeled-000001.tar")
+    _, lsizes = _payload_sizes(labeled)
+    keys, sizes = _payload_sizes(unlabeled)
+    copies = {keys[i]: 2 if i == 8 else 1 for i in range(0, 40, 4)}  # 10 of the first 40 samples, one twice
+    sources = [PseudoSource(unlabeled, _write_selection(tmp_path / "selection.parquet", unlabeled, copies))]
+    order = [i for i, k in enumerate(keys) for _ in range(copies.get(k, 0))]  # the pseudo samples as yielded
+    transform = clean_transform(16, (0.5,), (0.5,))
+    stream = iter(MixedStream([labeled], sources, 1, 3, 10, 1, transform, seed=0, shuffle_buffer=1))
+    totals = torch.zeros(4, dtype=torch.int64)
+    for n in range(1, 4):
+        totals += next(stream)["bytes"]
+        yielded = 3 * n
+        pseudo_read = sum(sizes[: order[yielded] + 1])  # up to the sample the buffer holds, selected or not
+        pseudo_trained = sum(sizes[i] for i in order[:yielded])
+        assert totals.tolist() == [sum(lsizes[: n + 1]), sum(lsizes[:n]), pseudo_read, pseudo_trained], n
+    assert pseudo_read > 3 * pseudo_trained  # 3 of every 4 samples read were not selected
+
+
+def _byte_plan(digits_root: Path, tmp_path: Path, workers: int) -> TrainPlan:
+    """A student plan on the digits: 4 labeled shards, one unlabeled shard with every third sample selected (two
+    slots split a single shard by sample index: both get some)."""
+    unlabeled = str(digits_root / "unlabeled" / "unlabeled-000001.tar")
+    keys, _ = _payload_sizes(unlabeled)
+    copies = {k: 1 for k in keys[::3]}
+    selection = _write_selection(tmp_path / "selection.parquet", unlabeled, copies)
+    cfg = TrainConfig(epochs=1, batch_size=4, unlabeled_ratio=2.0, loader_workers=workers, checkpoint_every=1)
+    return _plan(
+        cfg=cfg,
+        labeled=tuple(str(p) for p in sorted((digits_root / "labeled").glob("*.tar"))),
+        pseudo=(PseudoSource(unlabeled, selection),),
+        pseudo_count=len(copies),
+        metrics_path=str(tmp_path / "metrics.jsonl"),
+    )
+
+
+def test_byte_counts_sum_over_dataloader_workers(digits_root, tmp_path):
+    """Each DataLoader worker counts in its own process; the batches carry the counts, so the batches of two
+    workers add up to the two slots' own streams run in this process (worker w is slot w of 2)."""
+    plan = _byte_plan(digits_root, tmp_path, workers=2)
+    loader = iter(build_stream(plan, epoch=0, rank=0, world_size=1))
+    through_workers = sum(next(loader)["bytes"] for _ in range(6))
+    slots = [iter(build_stream(plan, epoch=0, rank=w, world_size=2).dataset) for w in (0, 1)]
+    in_process = sum(next(slot)["bytes"] for slot in slots for _ in range(3))
+    assert through_workers.tolist() == in_process.tolist()
+    labeled_read, labeled_trained, pseudo_read, pseudo_trained = through_workers.tolist()
+    assert labeled_read > labeled_trained > 0 and pseudo_read > pseudo_trained > 0
+
+
+def test_byte_counts_reach_the_metrics_rows(trained, digits_root, tmp_path):
+    teacher = trained["first_lines"]
+    labeled = [s for p in sorted((digits_root / "labeled").glob("*.tar")) for s in _payload_sizes(str(p))[1]]
+    for row in teacher:  # 7 steps of 16 labeled samples an epoch; a teacher reads no pseudo-labeled data
+        assert 112 * min(labeled) <= row["labeled_trained_bytes"] <= 112 * max(labeled)
+        assert row["pseudo_read_bytes"] == row["pseudo_trained_bytes"] == 0
+    # the first epoch also filled the shuffle buffer (2,048 samples); the second read one sample per sample trained
+    assert teacher[0]["labeled_read_bytes"] > 10 * teacher[0]["labeled_trained_bytes"]
+    assert 112 * min(labeled) <= teacher[1]["labeled_read_bytes"] <= 112 * max(labeled)
+
+    plan = _byte_plan(digits_root, tmp_path, workers=0)
+    train_model(plan, LocalHooks(tmp_path / "ckpt"))
+    (row,) = read_metrics_lines((tmp_path / "metrics.jsonl").read_text())
+    _, sizes = _payload_sizes(plan.pseudo[0].shard)
+    yielded = plan.steps_per_epoch(1) * plan.cfg.pseudo_batch
+    assert yielded * min(sizes[::3]) <= row["pseudo_trained_bytes"] <= yielded * max(sizes[::3])
+    assert row["pseudo_read_bytes"] > row["pseudo_trained_bytes"]
+    assert row["labeled_read_bytes"] > 0 and row["labeled_trained_bytes"] > 0
