@@ -102,6 +102,31 @@ def e2e_rows(results: list[dict]) -> list[list[str]]:
     return rows
 
 
+def scale_rows(results: list[dict]) -> list[list[str]]:
+    """``bench/scale.py``: one real round at a data size; what grows with the data (driver memory, bytes re-read)."""
+    rows = []
+    for r in results:
+        if r["bench"] != "scale":
+            continue
+        stages = r["stage_seconds"]
+        total = sum(stages.values()) or 1.0
+        top = sorted(stages.items(), key=lambda kv: -kv[1])[:4]
+        shares = ", ".join(f"{k} {v:.0f} s ({100 * v / total:.0f}%)" for k, v in top)
+        rows.append(
+            [
+                f"{r['labeled']:,} / {r['unlabeled']:,} / {r['test']:,}",
+                r["setting"],
+                f"{r['driver_peak_rss_mb']:,.0f} MB",
+                _n(r["student_bytes_ratio"], 1),
+                f"{r['seconds']:.0f} s",
+                shares,
+                machine(r),
+                _when(r),
+            ]
+        )
+    return rows
+
+
 def select_rows(results: list[dict]) -> list[list[str]]:
     return [
         [r["setting"], f"{r['seconds']:.1f} s", _n(r["rows_per_s"]), f"{r['peak_rss_mb']:,} MB", machine(r), _when(r)]
@@ -178,6 +203,12 @@ SECTIONS: list[tuple[str, list[str], Callable[[list[dict]], list[list[str]]]]] =
         "On a GPU: each step of one `bench/gpu_check.sh` run (cut at its time limit = not measured)",
         ["run", "step", "outcome", "seconds", "what it showed", "machine", "date, commit"],
         gpu_rows,
+    ),
+    (
+        "Scale: one real round (`bench/scale.py`; student bytes ratio = unlabeled bytes read ÷ bytes trained on)",
+        ["labeled / unlabeled / test", "setting", "driver peak RSS", "student bytes ratio", "wall", "largest stages"]
+        + ["machine", "date, commit"],
+        scale_rows,
     ),
     ("Selection at scale", ["setting", "stage", "rows/s", "peak RSS", "machine", "date, commit"], select_rows),
     ("Accuracy benches", ["bench", "setting", "best", "beside it", "all", "machine", "date, commit"], accuracy_rows),

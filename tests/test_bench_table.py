@@ -124,6 +124,10 @@ def test_every_bench_result_renders(table, tmp_path):
                    "peak_rss_mb": 1060},
         "peers": {"bench": "peers", "setting": "digits", "peers": {"SVC": 0.89, "LabelSpreading": 0.95},
                   "pipeline": {}},
+        "scale": {"bench": "scale", "setting": "cpu resnet10t 64px 100 classes", "labeled": 10000, "unlabeled": 50000,
+                  "test": 2000, "driver_peak_rss_mb": 1534.2, "student_bytes_ratio": 38.46, "seconds": 300.0,
+                  "stage_seconds": {"teacher": 150.0, "pseudo_label": 90.0, "student": 45.0, "select": 5.0,
+                                    "evaluate": 10.0}},
     }  # fmt: skip
     for name, result in results.items():
         _write(tmp_path, f"{name}-20261201T100000Z.json", {**result, "machine": MACHINE})
@@ -133,6 +137,8 @@ def test_every_bench_result_renders(table, tmp_path):
     assert "| cpu digits rounds=1 | 150 s | 100 s | 1.50 | 30 s (start-up to a running Ray 20," in block
     assert "| 10,000,000 rows | 31.0 s | 322,580 | 1,060 MB |" in block
     assert "| peers | digits | LabelSpreading 95.00% |" in block
+    scale = "| 10,000 / 50,000 / 2,000 | cpu resnet10t 64px 100 classes | 1,534 MB | 38.5 | 300 s | "
+    assert scale + "teacher 150 s (50%), pseudo_label 90 s (30%), student 45 s (15%), evaluate 10 s (3%) |" in block
 
 
 def test_a_readme_without_markers_is_refused(table, tmp_path):
