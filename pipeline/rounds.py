@@ -349,6 +349,25 @@ def _select(ctx: RunContext, rdir: Location, r: int) -> tuple[list[Location], di
     return files, summary
 
 
+def plan_input(data, spec) -> tuple[dict, dict]:
+    """How a model of ``spec`` sees the data: the ``TrainPlan`` fields of its input (mean/std as trained, the
+    model's own under ``augment: natural``, plus interpolation and crop) and its ``model.json`` card. One place for
+    the round loop and ``tune``'s trials, so a trial trains and is scored exactly as the round's student is."""
+    pre = preprocessing(spec.model, data.channels, data.mean, data.std, data.augment)
+    fields = {
+        "spec": spec,
+        "num_classes": data.num_classes,
+        "channels": data.channels,
+        "image_size": data.image_size,
+        "mean": tuple(pre["mean"]),
+        "std": tuple(pre["std"]),
+        "preprocess": tuple((k, v) for k, v in pre.items() if k not in ("mean", "std")),
+    }
+    card = model_card(spec, data.num_classes, data.channels, data.image_size, data.mean, data.std)
+    card.update(pre)  # mean/std as trained, interpolation, crop_pct
+    return fields, card
+
+
 def _train(ctx: RunContext, r: int, rdir: Location, pseudo, pseudo_count: int, inputs: dict) -> tuple[list, dict]:
     cfg, data = ctx.cfg, ctx.cfg.data
     train_cfg = cfg.teacher if r == 0 else cfg.student
@@ -356,19 +375,14 @@ def _train(ctx: RunContext, r: int, rdir: Location, pseudo, pseudo_count: int, i
     spec = cfg.spec(r)
     if r == 0 and cfg.teacher.from_model:  # round 0 is that model: copied with its card, not trained
         return adopt_model(cfg.teacher.from_model, rdir, data.num_classes, data.channels, data.names())
-    pre = preprocessing(spec.model, data.channels, data.mean, data.std, data.augment)
+    inputs_of_plan, card = plan_input(data, spec)
     init = ""
     if r > 0 and train_cfg.init_from_teacher:
         init = str(join(round_dir(ctx.run_dir, r - 1), "model.safetensors"))
     metrics_path = join(rdir, "train_metrics.jsonl")
     plan = TrainPlan(
-        spec=spec,
+        **inputs_of_plan,
         cfg=train_cfg,
-        num_classes=data.num_classes,
-        channels=data.channels,
-        image_size=data.image_size,
-        mean=tuple(pre["mean"]),
-        std=tuple(pre["std"]),
         labeled=tuple(ctx.labeled_shards),
         pseudo=pseudo,
         labeled_count=len(ctx.labeled),
@@ -378,7 +392,6 @@ def _train(ctx: RunContext, r: int, rdir: Location, pseudo, pseudo_count: int, i
         teacher_dir=str(round_dir(ctx.run_dir, r - 1)) if r > 0 and train_cfg.online_teacher else "",
         threads=cfg.resources.torch_threads,
         init_from=absolute(cfg.teacher.init) if r == 0 else "",
-        preprocess=tuple((k, v) for k, v in pre.items() if k not in ("mean", "std")),
         exclude_keys=ctx.exclude_keys,
     )
     key = _digest_dict(inputs)[:10]
@@ -390,8 +403,6 @@ def _train(ctx: RunContext, r: int, rdir: Location, pseudo, pseudo_count: int, i
         from safetensors.torch import load_file
 
         atomic_save_safetensors(load_file(weights), join(rdir, "model.safetensors"))
-    card = model_card(spec, data.num_classes, data.channels, data.image_size, data.mean, data.std)
-    card.update(pre)  # mean/std as trained (the model's own under augment: natural), interpolation, crop_pct
     card["round"], card["params"], card["classes"] = r, ctx.params[r], data.names()
     atomic_write_json(join(rdir, "model.json"), card)
     files = [join(rdir, "model.safetensors"), join(rdir, "model.json")]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pipeline.choices import load_validation, round_seeds
 from pipeline.config import ConfigError, PipelineConfig, dump_config, load_config
-from pipeline.rounds import check_same_config, run_folder, run_pipeline
+from pipeline.rounds import check_same_config, plan_input, run_folder, run_pipeline
 from stages.data import expand_shards
 from stages.stopping import StopConfig
 from stages.storage import Location, atomic_write_text, exists, join, read_json, round_dir
@@ -276,26 +276,17 @@ def _trial_selection(cfg: PipelineConfig, setup: TuneSetup, work: Path):
 
 def _trial_plan(cfg: PipelineConfig, pseudo, count: int, work: Path, threads: int):
     from stages.data import expand_shards, load_labeled
-    from stages.models import model_card
     from stages.train import TrainPlan
-    from stages.transforms import preprocessing
 
     data = cfg.data
     labeled_shards = expand_shards(data.labeled, "data.labeled")
     labeled = load_labeled(labeled_shards, data.num_classes, data.channels, data.max_bad_fraction, "data.labeled")
     train, val, record = load_validation(cfg, labeled)
     train_cfg = dataclasses.replace(cfg.student, seed=round_seeds(cfg, 1)["train"])
-    spec = cfg.spec(1)
-    # the input as the pipeline's own student sees it (under augment: natural, the model's mean/std and crop)
-    pre = preprocessing(spec.model, data.channels, data.mean, data.std, data.augment)
+    fields, card = plan_input(data, cfg.spec(1))  # the input as the pipeline's own student sees it
     plan = TrainPlan(
-        spec=spec,
+        **fields,
         cfg=train_cfg,
-        num_classes=data.num_classes,
-        channels=data.channels,
-        image_size=data.image_size,
-        mean=tuple(pre["mean"]),
-        std=tuple(pre["std"]),
         labeled=tuple(labeled_shards),
         pseudo=pseudo,
         labeled_count=len(train),
@@ -303,12 +294,9 @@ def _trial_plan(cfg: PipelineConfig, pseudo, count: int, work: Path, threads: in
         metrics_path=str(work / "train_metrics.jsonl"),
         threads=threads,
         exclude_keys=frozenset(record.get("carved_keys", ())),
-        preprocess=tuple((k, v) for k, v in pre.items() if k not in ("mean", "std")),
     )
     every = max(1, plan.epochs(1) // REPORTS)  # a "checkpoint" here is a validation report
     plan = dataclasses.replace(plan, cfg=dataclasses.replace(train_cfg, checkpoint_every=every))
-    card = model_card(spec, data.num_classes, data.channels, data.image_size, data.mean, data.std)
-    card.update(pre)  # as rounds._train writes it: validation is scored through the same eval transform
     return plan, val, card
 
 
