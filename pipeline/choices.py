@@ -4,8 +4,6 @@
   (``data.val_per_class``, ``stages/validation.py``); returns the labeled training part, the split and the record
   kept in ``run.json`` (``validation``). A resumed run whose carve would differ from the recorded one is refused.
 * ``round_seeds``: each round's training and selection seeds, derived from the run seed (``stages/stopping.py``).
-* ``extra_metrics``: validation top-1 and top-1 on corrupted copies of the test set (``stages/corruptions.py``),
-  merged into each round's ``metrics.json``.
 * ``stop_record``: the stop rule and the best round (by validation) after each round, kept in ``run.json`` as
   ``stop``; ``python -m pipeline download RUN`` takes its ``best_round``.
 """
@@ -15,21 +13,21 @@ from __future__ import annotations
 import logging
 
 from pipeline.config import ConfigError, PipelineConfig
-from stages.corruptions import corrupt_all, corruption_metrics
-from stages.data import LabeledSet, expand_shards, load_labeled
-from stages.evaluate import predict_probs
+from stages.data import expand_shards
 from stages.stopping import best_round, gains, round_seed, should_stop
-from stages.validation import carve_keys, split_off, validation_metrics
+from stages.validation import S, carve_keys, split_off
 
 log = logging.getLogger(__name__)
 
 
-def load_validation(cfg: PipelineConfig, labeled: LabeledSet) -> tuple[LabeledSet, LabeledSet | None, dict]:
-    """``(labeled training part, validation split or None, record for run.json)``."""
+def load_validation(cfg: PipelineConfig, labeled: S, val: S | None = None) -> tuple[S, S | None, dict]:
+    """``(labeled training part, validation split or None, record for run.json)``; ``val``: the ``data.val``
+    shards, read by the caller (scanned by the round loop, decoded by ``tune``), when the config names them."""
     data = cfg.data
     if data.val:
+        if val is None:
+            raise ValueError("load_validation: data.val names shards; pass them, read")
         shards = expand_shards(data.val, "data.val")
-        val = load_labeled(shards, data.num_classes, data.channels, data.max_bad_fraction, "data.val")
         return labeled, val, {"source": "shards", "shards": shards, "images": len(val)}
     if data.val_per_class:
         try:
@@ -66,31 +64,6 @@ def round_seeds(cfg: PipelineConfig, r: int) -> dict[str, int]:
         "train": round_seed(cfg.seed, train_cfg.seed, r, "train"),
         "select": round_seed(cfg.seed, cfg.select.seed, r, "select"),
     }
-
-
-class ExtraEvaluation:
-    """Validation and corruption top-1 of a round's model; the corrupted test copies are made once per process."""
-
-    def __init__(self, cfg: PipelineConfig, val: LabeledSet | None, test: LabeledSet):
-        self.cfg, self.val, self.test = cfg, val, test
-        self._corrupted: dict | None = None
-
-    def corrupted(self) -> dict:
-        if self._corrupted is None:
-            self._corrupted = corrupt_all(self.test.images, self.cfg.robustness)
-        return self._corrupted
-
-    def __call__(self, model, card: dict) -> dict:
-        out: dict = {}
-        if self.val is not None:
-            out |= validation_metrics(predict_probs(model, self.val.images, card), self.val.labels)
-        if self.cfg.robustness.corruptions:
-            copies = self.corrupted()
-            probs = predict_probs(model, [im for ims in copies.values() for im in ims], card)
-            pred = probs.argmax(axis=1).reshape(len(copies), len(self.test))
-            top1 = {key: float((p == self.test.labels).mean()) for key, p in zip(copies, pred, strict=True)}
-            out["corruption_top1"] = corruption_metrics(top1)
-        return out
 
 
 def stop_record(cfg: PipelineConfig, rows: list[dict]) -> dict:

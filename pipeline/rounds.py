@@ -27,20 +27,23 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.choices import ExtraEvaluation, check_recorded, load_validation, round_seeds, stop_record
+from pipeline.choices import check_recorded, load_validation, round_seeds, stop_record
 from pipeline.cluster.run_store import publish_round
 from pipeline.config import ConfigError, PipelineConfig, dump_config, load_config
-from pipeline.distributed.data_check import check_data
+from pipeline.distributed.data_check import check_data, scan_labeled_splits
+from pipeline.distributed.evaluate import run_evaluation
 from pipeline.distributed.pseudo_label import run_pseudo_label
 from pipeline.distributed.runtime import causes, init_ray
 from pipeline.distributed.select import run_selection
 from pipeline.distributed.train import run_training
 from pipeline.report.page import refresh_report
 from pipeline.report.tracking import track_round
-from stages.data import DataError, LabeledSet, expand_shards, load_labeled, shard_id
-from stages.evaluate import evaluate
+from stages.corruptions import variants
+from stages.data import DataError, expand_shards, shard_id
+from stages.evaluate import eval_metrics, eval_sidecar, split_name
+from stages.labeled_scan import LabeledIndex
 from stages.loader import PseudoSource
-from stages.models import atomic_save_safetensors, check_classifier, load_model, model_card
+from stages.models import atomic_save_safetensors, check_classifier, model_card
 from stages.pretrained import absolute, adopt_model, check_teacher_source, source_digest
 from stages.storage import (
     Location,
@@ -75,15 +78,14 @@ class RunContext:
     run_dir: Location  # a local folder, or a URL (stages/storage.py)
     labeled_shards: list[str]
     unlabeled_shards: list[str]
-    labeled: LabeledSet
-    test: LabeledSet
+    labeled: LabeledIndex  # keys, labels and pixel digests: the driver holds no image (stages/labeled_scan.py)
+    test: LabeledIndex
     params: dict[int, int]
     progress: bool = True
     test_shards: list[str] = field(default_factory=list)
     stages_run: int = 0  # stages this process ran (not skipped as done)
-    val: LabeledSet | None = None  # the validation split (labeled holds the training part only)
+    val: LabeledIndex | None = None  # the validation split (labeled holds the training part only)
     validation: dict = field(default_factory=dict)  # how it was made, for run.json
-    extra: ExtraEvaluation | None = None  # validation and corruption top-1 per round
 
     @property
     def exclude_keys(self) -> frozenset[str]:
@@ -92,8 +94,9 @@ class RunContext:
 
 
 def preflight(cfg: PipelineConfig, progress: bool = True) -> RunContext:
-    """Everything that can be checked before any work: storage writable, shards exist, labels in range, models
-    classify."""
+    """Everything that can be checked before any work: storage writable, shards exist, models classify, labels in
+    range and few enough unusable samples (the labeled, test and validation shards scanned by per-shard Ray tasks,
+    or in this process when they are small local files; cached per shard, so a resume does not decode them again)."""
     probe_storage(cfg.storage)  # an object-store URL: bucket, credentials and endpoint, before anything else
     data = cfg.data
     labeled_shards = expand_shards(data.labeled, "data.labeled")
@@ -103,9 +106,20 @@ def preflight(cfg: PipelineConfig, progress: bool = True) -> RunContext:
         r: check_classifier(cfg.spec(r), data.num_classes, data.channels, data.image_size)
         for r in range(cfg.rounds + 1)
     }
-    labeled = load_labeled(labeled_shards, data.num_classes, data.channels, data.max_bad_fraction, "data.labeled")
-    test = load_labeled(test_shards, data.num_classes, data.channels, data.max_bad_fraction, "data.test")
-    labeled, val, validation = load_validation(cfg, labeled)
+    splits = {"data.labeled": labeled_shards, "data.test": test_shards}
+    if data.val:
+        splits["data.val"] = expand_shards(data.val, "data.val")
+    scans = scan_labeled_splits(
+        splits,
+        data.num_classes,
+        data.channels,
+        data.max_bad_fraction,
+        str(scan_cache(cfg)),
+        progress,
+        start_ray=lambda: init_ray(cfg.resources.address or None, cfg.resources.num_cpus or None),
+    )
+    labeled, test = scans["data.labeled"], scans["data.test"]
+    labeled, val, validation = load_validation(cfg, labeled, scans.get("data.val"))
     counts = [int((labeled.labels == c).sum()) for c in range(data.num_classes)]
     if min(counts) == 0:
         missing = [c for c, n in enumerate(counts) if n == 0]
@@ -113,8 +127,13 @@ def preflight(cfg: PipelineConfig, progress: bool = True) -> RunContext:
     t = cfg.teacher
     check_teacher_source(t.init, t.from_model, cfg.spec(0), data.num_classes, data.channels, data.classes)
     ctx = RunContext(cfg, Path(), labeled_shards, unlabeled_shards, labeled, test, params, progress, test_shards)
-    ctx.val, ctx.validation, ctx.extra = val, validation, ExtraEvaluation(cfg, val, test)
+    ctx.val, ctx.validation = val, validation
     return ctx
+
+
+def scan_cache(cfg: PipelineConfig) -> Location:
+    """``<storage>/.scan-cache``: labeled scans kept per shard identity, shared by the runs under that storage."""
+    return join(run_folder(cfg, ".scan-cache"))
 
 
 def run_folder(cfg: PipelineConfig, run_name: str) -> Location:
@@ -289,7 +308,8 @@ def run_round(ctx: RunContext, r: int, status: dict) -> dict:
         inputs.update(source_digest(cfg.teacher.init, cfg.teacher.from_model))  # {} unless round 0 starts from weights
     _stage(ctx, manifest, "train", inputs, timings, lambda: _train(ctx, r, rdir, pseudo, pseudo_count, inputs))
     inputs["train"] = sha256_file(join(rdir, "model.safetensors"))
-    return _stage(ctx, manifest, "evaluate", inputs, timings, lambda: _evaluate(ctx, r, rdir, pseudo_count, manifest))
+    evaluate = lambda: _evaluate(ctx, r, rdir, pseudo_count, manifest, inputs["train"])  # noqa: E731
+    return _stage(ctx, manifest, "evaluate", inputs, timings, evaluate)
 
 
 def _stage(ctx: RunContext, manifest: RoundManifest, stage: str, inputs: dict, timings: dict, work) -> dict:
@@ -418,12 +438,36 @@ def _digest_dict(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def _evaluate(ctx: RunContext, r: int, rdir: Location, pseudo_count: int, manifest: RoundManifest):
-    model, card = load_model(rdir)
-    metrics = evaluate(model, card, ctx.test)
-    metrics["classes"] = ctx.cfg.data.names()  # per_class_top1 and confusion are indexed by these
-    if ctx.extra is not None:
-        metrics.update(ctx.extra(model, card))  # val_top1, corruption_top1
+def evaluation_tasks(ctx: RunContext) -> tuple[list[dict], dict[str, frozenset[str]], list[str]]:
+    """``(tasks, only, validation shards)``: the test shards, the validation shards (the labeled shards holding the
+    carved keys, scored on those keys only, when the split is carved) and the test shards once per corruption."""
+    cfg = ctx.cfg
+    tasks = [{"shard": s, "split": "test", "corruption": "", "severity": 0} for s in ctx.test_shards]
+    only: dict[str, frozenset[str]] = {}
+    val_shards: list[str] = []
+    if ctx.val is not None:
+        val_shards = ctx.val.shards_holding()
+        if ctx.exclude_keys:
+            only["val"] = ctx.exclude_keys
+        tasks += [{"shard": s, "split": "val", "corruption": "", "severity": 0} for s in val_shards]
+    for corruption, severity in variants(cfg.robustness):
+        split = split_name(corruption, severity)
+        tasks += [{"shard": s, "split": split, "corruption": corruption, "severity": severity} for s in ctx.test_shards]
+    return tasks, only, val_shards
+
+
+def _evaluate(ctx: RunContext, r: int, rdir: Location, pseudo_count: int, manifest: RoundManifest, model_sha: str):
+    cfg = ctx.cfg
+    out = join(rdir, "eval")
+    tasks, only, val_shards = evaluation_tasks(ctx)
+    summary = run_evaluation(
+        str(rdir), model_sha, tasks, str(out), cfg.data.channels, cfg.resources.label(), only,
+        cfg.robustness.seed, ctx.progress,
+    )  # fmt: skip
+    metrics = eval_metrics(out, ctx.test_shards, cfg.data.num_classes, val_shards, variants(cfg.robustness))
+    metrics["classes"] = cfg.data.names()  # per_class_top1 and confusion are indexed by these
+    metrics["evaluation"] = summary  # where it ran (devices, in-process or actors) and how long it took
+    card = read_json(join(rdir, "model.json"))
     metrics["seeds"] = round_seeds(ctx.cfg, r)
     metrics.update(
         {
@@ -443,4 +487,5 @@ def _evaluate(ctx: RunContext, r: int, rdir: Location, pseudo_count: int, manife
         pl = manifest.stage("pseudo_label")["result"]
         metrics["pseudo_label_accuracy"] = pl.get("accuracy")
     atomic_write_json(join(rdir, "metrics.json"), metrics)
-    return [join(rdir, "metrics.json")], metrics
+    sidecars = [eval_sidecar(out, t["split"], t["shard"]) for t in tasks]
+    return [join(rdir, "metrics.json"), *sidecars], metrics

@@ -5,7 +5,8 @@ An image is identified by the sha256 of its *decoded* pixels after conversion to
 compression level, an added opaque alpha band, 16-bit -> 8-bit) still matches. A lossy re-encode, a resize or a
 crop does not: that would need a perceptual hash, and its false positives, which this guard does not attempt.
 
-The test and labeled splits are small and already decoded in memory. The unlabeled split is streamed shard by shard
+The test, labeled and validation splits are compared by the digests their scans recorded
+(``stages/labeled_scan.py``): the driver never holds their images. The unlabeled split is streamed shard by shard
 (``scan_shard``, one Ray task per shard in ``pipeline/distributed/data_check.py``): each shard comes back as its
 test matches (with keys) and one 64-bit hash per image, and ``DuplicateCounter`` counts duplicates among those in
 bounded memory (exact up to ``limit`` images, a consistent hash sample beyond it).
@@ -33,17 +34,18 @@ def image_digest(image: Image.Image) -> bytes:
     return digest.digest()
 
 
-def index_test_images(keys: Sequence[str], images: Sequence[Image.Image]) -> dict[bytes, str]:
+def index_digests(keys: Sequence[str], digests: Iterable[bytes]) -> dict[bytes, str]:
     """Digest -> key of a test image (the first, when the test split itself holds copies)."""
     index: dict[bytes, str] = {}
-    for key, image in zip(keys, images, strict=True):
-        index.setdefault(image_digest(image), key)
+    for key, digest in zip(keys, digests, strict=True):
+        index.setdefault(digest, key)
     return index
 
 
-def find_in_test(keys: Sequence[str], images: Sequence[Image.Image], index: Mapping[bytes, str]) -> dict:
-    """``{"images", "in_test", "examples"}`` for an in-memory split; examples are ``[key, test key]`` pairs."""
-    hits = [[k, index[d]] for k, d in zip(keys, map(image_digest, images), strict=True) if d in index]
+def find_digests(keys: Sequence[str], digests: Iterable[bytes], index: Mapping[bytes, str]) -> dict:
+    """``{"images", "in_test", "examples"}`` for a scanned split (``stages/labeled_scan.py``); examples are
+    ``[key, test key]`` pairs."""
+    hits = [[k, index[d]] for k, d in zip(keys, digests, strict=True) if d in index]
     return {"images": len(keys), "in_test": len(hits), "examples": hits[:EXAMPLES]}
 
 

@@ -4,7 +4,8 @@ Each corruption is a small pure function ``(image, severity 1..5, rng) -> image`
 stored size (before the model's resize), after Hendrycks & Dietterich 2019 (ImageNet-C / CIFAR-10-C) with their
 severity constants where they are relative (contrast, brightness, noise, JPEG quality, pixelate factor); blur is
 scaled to the image size (a 3-pixel blur is nothing at 224 px and erases an 8x8 digit). Noise draws from a generator
-seeded per corruption and severity, so every round is scored on the very same corrupted images. No downloads.
+seeded per corruption, severity and sample key, so every round is scored on the very same corrupted images. They are
+made where the test shards are read, by the evaluation stage's workers (``stages/evaluate.py``). No downloads.
 
 ``corruption_metrics`` gives ``metrics.json``'s ``corruption_top1``: the mean over every corruption and severity,
 the mean per corruption, and each severity's top-1.
@@ -12,8 +13,9 @@ the mean per corruption, and each severity's top-1.
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import numpy as np
@@ -89,14 +91,17 @@ CORRUPTIONS: dict[str, Callable[[Image.Image, int, np.random.Generator], Image.I
 }
 
 
-def corrupt_all(images: Sequence[Image.Image], cfg: RobustnessConfig) -> dict[tuple[str, int], list[Image.Image]]:
-    """Every (corruption, severity) copy of ``images``; the same images for the same config, every time."""
-    out = {}
-    for name in cfg.corruptions:
-        for severity in cfg.severities:
-            rng = np.random.default_rng([cfg.seed & 0xFFFFFFFF, list(CORRUPTIONS).index(name), severity])
-            out[(name, severity)] = [CORRUPTIONS[name](im, severity, rng) for im in images]
-    return out
+def corrupt(image: Image.Image, name: str, severity: int, seed: int, key: str) -> Image.Image:
+    """``image`` under one corruption; the noise is drawn from the sample's own key, so the corrupted copy is the
+    same in every round, on every worker, whatever shard or batch the image comes in."""
+    draw = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, list(CORRUPTIONS).index(name), severity, draw])
+    return CORRUPTIONS[name](image, severity, rng)
+
+
+def variants(cfg: RobustnessConfig) -> list[tuple[str, int]]:
+    """Every ``(corruption, severity)`` the config scores, in config order."""
+    return [(name, severity) for name in cfg.corruptions for severity in cfg.severities]
 
 
 def corruption_metrics(top1: dict[tuple[str, int], float]) -> dict:

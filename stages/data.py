@@ -192,6 +192,9 @@ class LabeledSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, rows: Sequence[int]) -> LabeledSet:
+        return LabeledSet([self.keys[i] for i in rows], [self.images[i] for i in rows], self.labels[rows], self.skipped)
+
 
 def load_labeled(
     shards: Iterable[str], num_classes: int, channels: int, max_bad_fraction: float = 0.0, what: str = "labeled"
@@ -212,8 +215,15 @@ def load_labeled(
             labels.append(label)
         if len(keys) + len(skipped) == n_before:
             raise DataError(f"{what}: shard {url} holds no samples")
-    total = len(keys) + len(skipped)
-    if not keys:
+    check_usable(len(keys), skipped, max_bad_fraction, what)
+    return LabeledSet(keys, images, np.asarray(labels, dtype=np.int64), skipped)
+
+
+def check_usable(usable: int, skipped: list[dict], max_bad_fraction: float, what: str) -> None:
+    """A split with no usable sample, or more unusable ones than ``max_bad_fraction``, is a ``DataError``; the
+    unusable ones within that are logged one by one."""
+    total = usable + len(skipped)
+    if not usable:
         raise DataError(f"{what}: no usable samples in {total} read")
     if len(skipped) > max_bad_fraction * total:
         first = skipped[0]
@@ -223,7 +233,6 @@ def load_labeled(
         )
     for item in skipped:
         log.warning("%s: skipped %s in %s: %s", what, item["key"], item["shard"], item["reason"])
-    return LabeledSet(keys, images, np.asarray(labels, dtype=np.int64), skipped)
 
 
 def write_shards(samples: Sequence[dict], out_dir: str | Path, prefix: str, num_shards: int) -> list[str]:

@@ -14,11 +14,12 @@ the same complete file. ``ShardLabeler`` is the per-actor callable (model loaded
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
@@ -26,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from pydantic import Field, StrictFloat, StrictInt
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -37,6 +39,7 @@ from stages.storage import Location, StorageError, atomic_target, join, open_rea
 from stages.transforms import card_transform, tensor_transform
 
 SIDECAR_FORMAT = "pseudo_labels/v1"
+Prepare = Callable[[Image.Image, str], Image.Image]
 JPEG_MAGIC = b"\xff\xd8"
 
 
@@ -163,12 +166,17 @@ class Decoder:
         self.device = device
         self.gpu_transform = tensor_transform(card) if device is not None else None
 
-    def __call__(self, shard: str, samples: list[dict], bad: list[dict]) -> tuple[list[str], torch.Tensor, list]:
+    def __call__(
+        self, shard: str, samples: list[dict], bad: list[dict], prepare: Prepare | None = None
+    ) -> tuple[list[str], torch.Tensor, list]:
+        """``prepare(image, key)``: applied to each decoded PIL image before the transform (a corruption); such
+        batches go the PIL way."""
         images: list[torch.Tensor | None] = [None] * len(samples)
-        if self.device is not None:
+        if self.device is not None and prepare is None:
             self._decode_on_gpu(samples, images)
         todo = [i for i, image in enumerate(images) if image is None]
-        for i, result in zip(todo, self.pool.map(self._decode_one, (samples[i] for i in todo)), strict=True):
+        decode = functools.partial(self._decode_one, prepare=prepare)
+        for i, result in zip(todo, self.pool.map(decode, (samples[i] for i in todo)), strict=True):
             if isinstance(result, BadSample):
                 bad.append({"shard": shard, "key": samples[i]["__key__"], "reason": str(result)})
             else:
@@ -177,11 +185,12 @@ class Decoder:
         stacked = torch.stack([images[i] for i in keep]) if keep else torch.zeros(0)
         return [samples[i]["__key__"] for i in keep], stacked, [optional_label(samples[i]) for i in keep]
 
-    def _decode_one(self, sample: dict) -> torch.Tensor | BadSample:
+    def _decode_one(self, sample: dict, prepare: Prepare | None = None) -> torch.Tensor | BadSample:
         try:
-            return self.transform(decode_image(image_field(sample), self.channels))
+            image = decode_image(image_field(sample), self.channels)
         except BadSample as exc:
             return exc
+        return self.transform(image if prepare is None else prepare(image, sample["__key__"]))
 
     def _decode_on_gpu(self, samples: list[dict], images: list) -> None:
         jpegs = [i for i, s in enumerate(samples) if _jpeg_bytes(s)]
@@ -263,9 +272,6 @@ class ShardLabeler:
         cannot be written (disk full, read-only) as ``storage_error``: both are one line for the driver to raise,
         since an exception would reach it only as a Ray Data traceback."""
         start, bad = time.perf_counter(), []
-        keys: list[str] = []
-        probs: list[torch.Tensor] = []
-        truth: list[int] = []
         result = {
             "shard": shard,
             "rows": 0,
@@ -276,25 +282,37 @@ class ShardLabeler:
             "decode": self.decode,
         }
         try:
-            batches = (self.decoder(shard, raw, bad) for raw in _raw_batches(shard, self.cfg.batch_size))
-            # Overlap decoding with inference only when a GPU runs the model: on CPU the decode threads and torch's
-            # intra-op threads would fight over the same cores, so there the two take turns, each on all of them.
-            for k, x, y in _prefetch(batches) if self.device.type == "cuda" else batches:
-                if k:
-                    probs.append(self._infer(x))
-                keys += k
-                truth += y
+            keys, probs, truth = self.predict(shard, bad)
         except DataError as exc:
             return result | {"error": str(exc), "seconds": time.perf_counter() - start}
-        num_classes = probs[0].shape[1] if probs else self.model.num_classes
-        table = build_table(
-            shard, keys, torch.cat(probs) if probs else torch.zeros(0, num_classes), truth, self.cfg.topk, bad
-        )
+        table = build_table(shard, keys, probs, truth, self.cfg.topk, bad)
         try:
             write_sidecar(table, sidecar_path(self.out_dir, shard))
         except StorageError as exc:
             return result | {"storage_error": str(exc), "seconds": time.perf_counter() - start}
         return result | {"rows": len(keys), "seconds": time.perf_counter() - start}
+
+    def predict(
+        self, shard: str, bad: list[dict], only: frozenset[str] | None = None, prepare: Prepare | None = None
+    ) -> tuple[list[str], torch.Tensor, list[int]]:
+        """``(keys, probabilities, .cls or -1)`` of the usable samples of ``shard`` (those keyed in ``only``, when
+        given), each image through ``prepare`` when given; unusable samples are appended to ``bad``."""
+        keys: list[str] = []
+        probs: list[torch.Tensor] = []
+        truth: list[int] = []
+        raws = _raw_batches(shard, self.cfg.batch_size)
+        if only is not None:
+            raws = ([s for s in raw if s["__key__"] in only] for raw in raws)
+        batches = (self.decoder(shard, raw, bad, prepare) for raw in raws if raw)
+        # Overlap decoding with inference only when a GPU runs the model: on CPU the decode threads and torch's
+        # intra-op threads would fight over the same cores, so there the two take turns, each on all of them.
+        for k, x, y in _prefetch(batches) if self.device.type == "cuda" else batches:
+            if k:
+                probs.append(self._infer(x))
+            keys += k
+            truth += y
+        num_classes = probs[0].shape[1] if probs else self.model.num_classes
+        return keys, torch.cat(probs) if probs else torch.zeros(0, num_classes), truth
 
     @torch.inference_mode()
     def _infer(self, x: torch.Tensor) -> torch.Tensor:

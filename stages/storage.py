@@ -29,11 +29,12 @@ Layout (users and later tools rely on it)::
     <storage>/<run>/round-NNN/train_metrics.jsonl  one JSON line per training epoch
     <storage>/<run>/round-NNN/pseudo_labels/     soft labels from the previous model (Parquet per shard)
     <storage>/<run>/round-NNN/selection/         what was kept (Parquet per shard) + selection.json/png
+    <storage>/<run>/round-NNN/eval/<split>/      the model's predictions per test/val/corrupted shard (Parquet)
     <storage>/<run>/round-NNN/manifest.json      stages completed, inputs, sha256 of each file
     <storage>/<run>/ray_train/                   Ray Train's checkpoints (one run per round and inputs)
     <storage>/<run>/report.html                  the run report (pipeline/report/page.py), rewritten after every round
-    <storage>/<run>/report_cache/                the report's cached calibration figures
     <storage>/<run>/tensorboard/                 TensorBoard events (pipeline/report/tensorboard.py)
+    <storage>/.scan-cache/                       labeled/test/val shard scans by shard identity (stages/labeled_scan.py)
 
 Atomic writes. On a local folder every file is written to a temporary name in its directory and renamed, so a
 reader never sees half a file; temporaries left by a killed process (``.<name>.*.tmp``) are swept by

@@ -8,14 +8,19 @@ carve differently is refused. Carved images are never trained on: ``TrainPlan.ex
 loader (``stages/loader.py``) skip them, and they never reach the pseudo-label stage, which reads the unlabeled
 shards only (the data check refuses validation images found there).
 
-``validation_metrics`` is what ``metrics.json`` gets beside ``test_top1``.
+Every round's model is scored on it by the evaluate stage (``stages/evaluate.py``): ``val_top1`` in ``metrics.json``.
 """
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 
 from stages.data import LabeledSet
+from stages.labeled_scan import LabeledIndex
+
+S = TypeVar("S", LabeledSet, LabeledIndex)
 
 
 def carve_keys(keys: list[str], labels: np.ndarray, per_class: int, seed: int) -> list[str]:
@@ -39,20 +44,9 @@ def carve_keys(keys: list[str], labels: np.ndarray, per_class: int, seed: int) -
     return sorted(carved)
 
 
-def split_off(labeled: LabeledSet, carved: set[str]) -> tuple[LabeledSet, LabeledSet]:
-    """``(training part, validation part)`` of ``labeled``: the carved keys go to validation, in their order."""
+def split_off(labeled: S, carved: set[str]) -> tuple[S, S]:
+    """``(training part, validation part)`` of a split (a ``LabeledSet`` or a ``LabeledIndex``): the carved keys go
+    to validation, in their order."""
     held = [i for i, k in enumerate(labeled.keys) if k in carved]
     kept = [i for i, k in enumerate(labeled.keys) if k not in carved]
-
-    def part(rows: list[int]) -> LabeledSet:
-        return LabeledSet(
-            [labeled.keys[i] for i in rows], [labeled.images[i] for i in rows], labeled.labels[rows], labeled.skipped
-        )
-
-    return part(kept), part(held)
-
-
-def validation_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
-    """``val_top1`` and ``val_images``: the numbers every choice is made on."""
-    pred = probs.argmax(axis=1)
-    return {"val_top1": float((pred == labels).mean()), "val_images": int(len(labels))}
+    return labeled.take(kept), labeled.take(held)

@@ -13,7 +13,8 @@ from PIL import Image
 
 from pipeline.distributed.data_check import check_data, scan_data
 from stages.contamination import DuplicateCounter, image_digest
-from stages.data import DataError, decode_image, expand_shards, iter_raw_samples, load_labeled, write_shards
+from stages.data import DataError, decode_image, expand_shards, iter_raw_samples, write_shards
+from stages.labeled_scan import scan_split
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -90,7 +91,7 @@ def contaminated(digits_root, tmp_path):
 def _check(shards, tiny_config, allow=False, **kwargs):
     labeled_shards, unlabeled_shards, test_shards, _ = shards
     data = tiny_config(f"data.allow_test_overlap={str(allow).lower()}").data
-    labeled, test = load_labeled(labeled_shards, 10, 1), load_labeled(test_shards, 10, 1)
+    labeled, test = scan_split(labeled_shards, 10, 1), scan_split(test_shards, 10, 1)
     split = {"labeled": labeled_shards, "unlabeled": unlabeled_shards, "test": test_shards}
     return check_data(data, labeled, test, split, progress=False, **kwargs)
 
@@ -118,7 +119,7 @@ def test_allowed_overlap_and_unlabeled_duplicates_are_reported(contaminated, tin
 
 def test_the_ray_task_scan_equals_the_in_process_scan(ray_session, contaminated, tiny_config):
     labeled_shards, unlabeled_shards, test_shards, _ = contaminated
-    labeled, test = load_labeled(labeled_shards, 10, 1), load_labeled(test_shards, 10, 1)
+    labeled, test = scan_split(labeled_shards, 10, 1), scan_split(test_shards, 10, 1)
     inline = scan_data(1, labeled, test, unlabeled_shards, progress=False)
     tasks = scan_data(1, labeled, test, unlabeled_shards, progress=False, inline_bytes=0)
     assert (inline["ran_as"], tasks["ran_as"]) == ("in-process", "ray tasks")
@@ -146,7 +147,7 @@ def test_the_digits_default_passes_the_check(digits_root, tiny_config):
     (load_digits' 1,797 images are pairwise distinct); the scan takes well under a second."""
     data = tiny_config().data
     split = {name: expand_shards(getattr(data, name)) for name in ("labeled", "unlabeled", "test")}
-    labeled, test = load_labeled(split["labeled"], 10, 1), load_labeled(split["test"], 10, 1)
+    labeled, test = scan_split(split["labeled"], 10, 1), scan_split(split["test"], 10, 1)
     start = time.perf_counter()
     report = check_data(data, labeled, test, split, progress=False)
     lab, unl = report["labeled"], report["unlabeled"]
@@ -168,7 +169,8 @@ def test_the_cli_refuses_the_run_with_one_line_and_makes_no_run_folder(
     assert main(["iterate", "--config", str(config), "--run", "leaky", "--no-progress"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: 3 training image(s) have the same decoded pixels as a test image"), line
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs" / "leaky").exists()  # the storage holds only the scans' cache (.scan-cache)
+    assert {p.name for p in (tmp_path / "runs").iterdir()} == {".scan-cache"}
 
 
 def test_duplicate_examples_do_not_depend_on_the_order_shards_finish_in():

@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.corruptions import CORRUPTIONS, RobustnessConfig, corrupt_all, corruption_metrics
+from stages.corruptions import CORRUPTIONS, RobustnessConfig, corrupt, corruption_metrics, variants
 from stages.digits import split_digits
+
+
+def corrupt_all(images, cfg):
+    return {(n, s): [corrupt(im, n, s, cfg.seed, f"k{i}") for i, im in enumerate(images)] for n, s in variants(cfg)}
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +32,14 @@ def test_each_corruption_is_deterministic_keeps_shape_and_grows_with_severity(na
         diff = [np.abs(np.asarray(o, float) - np.asarray(i, float)).mean() for o, i in pairs]
         change.append(float(np.mean(diff)))
     assert 0 < change[0] <= change[1] <= change[2], change
+
+
+def test_noise_follows_the_key_not_the_position(digits_images):
+    image = digits_images[0]
+    a, b = corrupt(image, "gaussian_noise", 3, 0, "a"), corrupt(image, "gaussian_noise", 3, 0, "b")
+    assert a.tobytes() == corrupt(image, "gaussian_noise", 3, 0, "a").tobytes()
+    assert a.tobytes() != b.tobytes()
+    assert a.tobytes() != corrupt(image, "gaussian_noise", 3, 1, "a").tobytes()  # the config's seed counts too
 
 
 def test_rgb_images_are_corrupted_too():

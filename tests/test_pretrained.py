@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.rounds import preflight, run_round
-from stages.data import DataError
+from stages.data import DataError, load_labeled
 from stages.evaluate import evaluate
 from stages.models import ModelSpec, create_model, load_model, model_card, save_model
 from stages.pretrained import check_init
@@ -120,7 +120,9 @@ def test_from_model_is_round_zero_evaluated_and_recorded_untrained(tiny_config, 
     assert (rdir / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
     assert json.loads((rdir / "model.json").read_text())["adopted_from"] == str(source)
     fresh, fresh_card = load_model(source)
-    assert metrics["test_top1"] == pytest.approx(evaluate(fresh, fresh_card, ctx.test)["test_top1"])
+    test = load_labeled(ctx.test_shards, 10, 1)  # decoded here to check the stage's sidecars against memory
+    assert metrics["test_top1"] == pytest.approx(evaluate(fresh, fresh_card, test)["test_top1"])
+    assert metrics["evaluation"]["ran_as"] == "in-process" and set(metrics["evaluation"]["devices"]) == {"cpu"}
     assert read_json(rdir / "metrics.json")["classes"] == [str(c) for c in range(10)]
     train = RoundManifest(rdir).stage("train")
     assert train["inputs"]["teacher_from_model"] == sha256_file(source / "model.safetensors")

@@ -89,7 +89,8 @@ def test_reliability_bins_match_the_recorded_ece():
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(10) * 0.3, size=500)
     labels = rng.integers(0, 10, size=500)
-    assert reliability_bins(probs, labels)["ece"] == pytest.approx(expected_calibration_error(probs, labels))
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    assert reliability_bins(conf, pred, labels)["ece"] == pytest.approx(expected_calibration_error(conf, pred, labels))
 
 
 def test_report_command_rebuilds_the_page(run_copy, capsys):

@@ -12,6 +12,7 @@ from pipeline.config import ConfigError
 from pipeline.distributed.data_check import check_data
 from pipeline.rounds import preflight
 from stages.data import DataError, LabeledSet, expand_shards, load_labeled
+from stages.labeled_scan import LabeledIndex, scan_split
 from stages.models import ModelSpec
 from stages.train import TrainConfig, TrainPlan, build_stream
 from stages.transforms import clean_transform
@@ -117,19 +118,19 @@ def test_validation_images_among_the_unlabeled_or_test_stop_the_run(digits_root,
     """The pseudo-label stage reads the unlabeled shards: a validation image there would be trained on."""
     data = tiny_config().data
     split = {name: expand_shards(getattr(data, name)) for name in ("labeled", "unlabeled", "test")}
-    labeled, test = load_labeled(split["labeled"], 10, 1), load_labeled(split["test"], 10, 1)
-    val = load_labeled(expand_shards(data.val), 10, 1)
+    labeled, test = scan_split(split["labeled"], 10, 1), scan_split(split["test"], 10, 1)
+    val = scan_split(expand_shards(data.val), 10, 1)
     clean = check_data(data, labeled, test, split | {"val": expand_shards(data.val)}, progress=False, val=val)
     assert clean["validation"] == {"images": 100, "in_test": 0, "in_labeled": 0, "in_unlabeled": 0, "examples": []}
     # the unlabeled shards themselves, passed as validation: every image found there, with no second scan
+    from stages.contamination import image_digest
     from stages.data import decode_image, image_field, iter_raw_samples
 
     samples = [s for shard in split["unlabeled"][:1] for s in iter_raw_samples(shard)][:5]
-    leaked = LabeledSet(
-        [f"v{i}" for i in range(5)], [decode_image(image_field(s), 1) for s in samples], np.zeros(5, int), []
-    )
+    digests = [image_digest(decode_image(image_field(s), 1)) for s in samples]
+    leaked = LabeledIndex([f"v{i}" for i in range(5)], np.zeros(5, int), digests, np.zeros(5, int), ["u"], [])
     with pytest.raises(DataError, match=r"5 validation image\(s\) are also test or training images .*unlabeled 5"):
         check_data(data, labeled, test, split | {"val": split["unlabeled"][:1]}, progress=False, val=leaked)
-    mixed = LabeledSet(["t0"], [test.images[0]], test.labels[:1], [])
+    mixed = test.take([0])
     with pytest.raises(DataError, match=r"test 1, labeled 0, unlabeled 0"):
         check_data(data, labeled, test, split | {"val": split["test"][:1]}, progress=False, val=mixed)

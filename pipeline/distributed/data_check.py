@@ -1,6 +1,8 @@
 """The contamination guard, run before round 0: test images in the training data, duplicates in the unlabeled set.
 
-The test and labeled splits are already decoded in memory (preflight loads them) and are hashed here. The unlabeled
+The labeled, test and validation splits are scanned first (``scan_labeled_splits``: per-shard tasks returning keys,
+labels and pixel digests, cached per shard identity, ``stages/labeled_scan.py``); the driver never holds their
+images, and compares their digests here. The unlabeled
 shards are scanned by ``stages.contamination.scan_shard``: in this process when they are small local files (under
 ``INLINE_BYTES``; the digits default, 1,337 images, takes well under a second), otherwise one Ray task per shard with
 a bounded number in flight, so a cluster decodes millions of images in parallel and the driver only merges 16 bytes
@@ -27,22 +29,53 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.distributed.runtime import run_tasks
-from stages.contamination import (
-    DuplicateCounter,
-    ShardScan,
-    find_in_test,
-    image_digest,
-    index_test_images,
-    merge_scans,
-    scan_shard,
-)
-from stages.data import DataError, LabeledSet
+from stages.contamination import DuplicateCounter, ShardScan, find_digests, index_digests, merge_scans, scan_shard
+from stages.data import DataError
+from stages.labeled_scan import LabeledIndex, merge_indexes, scan_or_cached
 from stages.storage import is_url
 
 log = logging.getLogger(__name__)
 
 INLINE_BYTES = 64 << 20  # below this much local unlabeled data the scan runs in the driver (Ray tasks cost seconds)
 METHOD = "sha256 of decoded pixels after conversion to data.channels, at the stored size"
+
+
+def local_and_small(shards: Sequence[str], limit: int) -> bool:
+    """Local files totalling under ``limit`` bytes: work that Ray tasks would only slow down (seconds of start-up)."""
+    return not any(map(is_url, shards)) and sum(os.path.getsize(s.removeprefix("file://")) for s in shards) < limit
+
+
+def scan_labeled_splits(
+    splits: dict[str, Sequence[str]],
+    num_classes: int,
+    channels: int,
+    max_bad_fraction: float,
+    cache_dir: str,
+    progress: bool = True,
+    inline_bytes: int = INLINE_BYTES,
+    start_ray=None,
+) -> dict[str, LabeledIndex]:
+    """Each split's ``LabeledIndex`` (``{"data.labeled": shards, "data.test": shards, ...}``, keyed by what the
+    errors call the split). Every shard is scanned once, as a Ray task unless all of them are small local files
+    (then in this process; ``start_ray()`` is called first otherwise), or read from ``cache_dir``."""
+    shards = list(dict.fromkeys(s for names in splits.values() for s in names))
+    inline = local_and_small(shards, inline_bytes)
+    if not inline and start_ray is not None:
+        start_ray()
+    args = ((s, num_classes, channels, cache_dir) for s in shards)
+    start = time.perf_counter()
+    parts = {p.shard: p for p in run_tasks(scan_or_cached, args, len(shards), "scan labeled", progress, inline)}
+    cached = sum(p.cached for p in parts.values())
+    log.info(
+        "labeled scan (%s, %.1f s): %d shard(s), %d from the cache",
+        "in-process" if inline else "ray tasks",
+        time.perf_counter() - start,
+        len(shards),
+        cached,
+    )
+    return {
+        what: merge_indexes([parts[s] for s in names], names, max_bad_fraction, what) for what, names in splits.items()
+    }
 
 
 def data_inputs(data: DataConfig, shards: dict[str, Sequence[str]]) -> str:
@@ -64,13 +97,13 @@ def data_inputs(data: DataConfig, shards: dict[str, Sequence[str]]) -> str:
 
 def check_data(
     data: DataConfig,
-    labeled: LabeledSet,
-    test: LabeledSet,
+    labeled: LabeledIndex,
+    test: LabeledIndex,
     shards: dict[str, Sequence[str]],
     previous: dict | None = None,
     progress: bool = True,
     inline_bytes: int = INLINE_BYTES,
-    val: LabeledSet | None = None,
+    val: LabeledIndex | None = None,
 ) -> dict:
     """Scan (or reuse ``previous`` when its inputs match), then enforce ``data.allow_test_overlap``; returns the
     report for ``run.json``. ``shards`` maps ``labeled``/``unlabeled``/``test`` (and ``val``) to the expanded shard
@@ -89,17 +122,17 @@ def check_data(
 
 def scan_data(
     channels: int,
-    labeled: LabeledSet,
-    test: LabeledSet,
+    labeled: LabeledIndex,
+    test: LabeledIndex,
     unlabeled: list[str],
     progress: bool = True,
     inline_bytes: int = INLINE_BYTES,
-    val: LabeledSet | None = None,
+    val: LabeledIndex | None = None,
 ) -> dict:
     start = time.perf_counter()
-    index = index_test_images(test.keys, test.images)
+    index = index_digests(test.keys, test.digests)
     held_out = HeldOut(val, labeled, index, unlabeled) if val is not None else None
-    inline = not any(map(is_url, unlabeled)) and sum(os.path.getsize(s) for s in unlabeled) < inline_bytes
+    inline = local_and_small(unlabeled, inline_bytes)
     if inline:
         scans = (scan_shard(s, channels, index) for s in unlabeled)
     else:
@@ -113,7 +146,7 @@ def scan_data(
     report = {
         "method": METHOD,
         "test": {"images": len(test), "distinct": len(index)},
-        "labeled": find_in_test(labeled.keys, labeled.images, index),
+        "labeled": find_digests(labeled.keys, labeled.digests, index),
         "unlabeled": merge_scans(scans, unlabeled, DuplicateCounter()),
         "ran_as": "in-process" if inline else "ray tasks",
         "seconds": round(time.perf_counter() - start, 3),
@@ -167,12 +200,11 @@ class HeldOut:
     """Validation images found elsewhere: in the test split, the labeled training part, the unlabeled shards (by
     the 64-bit digest prefix every scanned image already carries, looked up as the scans go by)."""
 
-    def __init__(self, val: LabeledSet, labeled: LabeledSet, test_index: dict, unlabeled: list[str]):
+    def __init__(self, val: LabeledIndex, labeled: LabeledIndex, test_index: dict, unlabeled: list[str]):
         self.val, self.shards = val, unlabeled
-        self.in_test = find_in_test(val.keys, val.images, test_index)
-        self.in_labeled = find_in_test(labeled.keys, labeled.images, index_test_images(val.keys, val.images))
-        digests = map(image_digest, val.images)
-        self.prefixes = {int.from_bytes(d[:8], "little"): k for k, d in zip(val.keys, digests, strict=True)}
+        self.in_test = find_digests(val.keys, val.digests, test_index)
+        self.in_labeled = find_digests(labeled.keys, labeled.digests, index_digests(val.keys, val.digests))
+        self.prefixes = {int.from_bytes(d[:8], "little"): k for k, d in zip(val.keys, val.digests, strict=True)}
         self.in_unlabeled: list[list[str]] = []
 
     def tap(self, scans):

@@ -13,14 +13,13 @@ and are kept for the resume.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
 from tqdm import tqdm
 
 from pipeline.config import LabelResources
-from pipeline.distributed.runtime import can_grow
+from pipeline.distributed.runtime import actor_pool_rows, can_grow
 from pipeline.overrides import ConfigError
 from stages.data import DataError
 from stages.pseudo_label import PseudoLabelConfig, ShardLabeler, sidecar_info, sidecar_path
@@ -39,9 +38,6 @@ def run_pseudo_label(
     progress: bool = True,
 ) -> dict:
     """Label every shard once; returns the stage summary (rows, bad samples, images/s, sidecar paths)."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
     out = join(out_dir)
     makedirs(out)
     done = {s: sidecar_info(sidecar_path(out, s), cfg.topk) for s in shards}
@@ -54,29 +50,17 @@ def run_pseudo_label(
     decodes: dict[str, int] = {}  # shards decoded per decoder ("gpu": nvJPEG, "cpu": PIL threads)
     startup = None  # seconds until the first actor began labeling: process start, imports, model load
     if todo:
-        _check_room(resources)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # our own bar counts shards and images
-        context.print_on_execution_start = False
-        ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            ShardLabeler,
-            fn_constructor_kwargs={
-                "model_dir": model_dir,
-                "out_dir": str(out),
-                "cfg": cfg,
-                "channels": channels,
-                "threads": resources.torch_threads(),
-                "decode": resources.decode,
-            },
-            batch_size=1,
-            compute=ActorPoolStrategy(**resources.pool(ray.cluster_resources(), len(todo))),
-            num_cpus=resources.cpus_per_actor,
-            num_gpus=resources.gpus_per_actor or None,
-        )
+        check_room(resources)
+        kwargs = {
+            "model_dir": model_dir,
+            "out_dir": str(out),
+            "cfg": cfg,
+            "channels": channels,
+            "threads": resources.torch_threads(),
+            "decode": resources.decode,
+        }
         bar = tqdm(total=len(todo), unit="shard", desc="pseudo-label", disable=not progress, dynamic_ncols=True)
-        # closing() ends the dataset's execution when the loop is left early, so no actor labels on in the background
-        with bar, contextlib.closing(iter(ds.iter_rows())) as rows:
+        with bar, actor_pool_rows(ShardLabeler, kwargs, [{"shard": s} for s in todo], resources) as rows:
             for row in rows:
                 if row["storage_error"]:  # stop at once: every later sidecar would fail the same way
                     raise StorageError(f"pseudo-label: {row['storage_error']}")
@@ -125,7 +109,7 @@ def run_pseudo_label(
     }
 
 
-def _check_room(resources: LabelResources) -> None:
+def check_room(resources: LabelResources) -> None:
     """A label actor that fits on no node waits for the autoscaler to add one; on a local Ray that this process
     started, nothing ever will, so that is one ``ConfigError`` line instead of a stage that waits forever."""
     import ray

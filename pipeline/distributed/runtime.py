@@ -4,12 +4,14 @@
 dashboard bound to 127.0.0.1. Token authentication, on by default in Ray 2.60, is left on: a fresh local
 Ray writes its token to ``~/.ray/auth_token`` (or ``RAY_AUTH_TOKEN_PATH``) and clients read it from there.
 
-Also the small Ray edges the stages share: ``run_tasks`` (per-shard tasks, bounded in flight) and ``causes`` (the
-exceptions a Ray task, Ray Data or Ray Train error wraps).
+Also the small Ray edges the stages share: ``run_tasks`` (per-shard tasks, bounded in flight), ``actor_pool_rows``
+(shards through a pool of model actors: pseudo-labeling and evaluation) and ``causes`` (the exceptions a Ray task,
+Ray Data or Ray Train error wraps).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -94,6 +96,30 @@ def run_tasks(fn: Callable, args: Iterable[tuple], total: int, desc: str, progre
         for ref in pending:
             ray.cancel(ref)
         bar.close()
+
+
+@contextlib.contextmanager
+def actor_pool_rows(cls: type, kwargs: dict, items: list[dict], resources) -> Iterator[Iterator[dict]]:
+    """Streams ``items`` (one row each) through a Ray Data pool of ``cls(**kwargs)`` actors, sized and placed by
+    ``resources`` (a ``pipeline.config.LabelResources``: autoscaling or fixed, CPUs and GPUs per actor); yields the
+    iterator of result rows. Leaving the block ends the dataset's execution, so no actor works on in the background."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the stages draw their own bars, counting shards and images
+    context.print_on_execution_start = False
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        cls,
+        fn_constructor_kwargs=kwargs,
+        batch_size=1,
+        compute=ActorPoolStrategy(**resources.pool(ray.cluster_resources(), len(items))),
+        num_cpus=resources.cpus_per_actor,
+        num_gpus=resources.gpus_per_actor or None,
+    )
+    with contextlib.closing(iter(ds.iter_rows())) as rows:
+        yield rows
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:

@@ -281,7 +281,12 @@ def _trial_plan(cfg: PipelineConfig, pseudo, count: int, work: Path, threads: in
     data = cfg.data
     labeled_shards = expand_shards(data.labeled, "data.labeled")
     labeled = load_labeled(labeled_shards, data.num_classes, data.channels, data.max_bad_fraction, "data.labeled")
-    train, val, record = load_validation(cfg, labeled)
+    val = None
+    if data.val:  # a trial scores its checkpoints on the decoded validation images, in its own process
+        val = load_labeled(
+            expand_shards(data.val, "data.val"), data.num_classes, data.channels, data.max_bad_fraction, "data.val"
+        )
+    train, val, record = load_validation(cfg, labeled, val)
     train_cfg = dataclasses.replace(cfg.student, seed=round_seeds(cfg, 1)["train"])
     fields, card = plan_input(data, cfg.spec(1))  # the input as the pipeline's own student sees it
     plan = TrainPlan(

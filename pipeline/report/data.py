@@ -1,9 +1,9 @@
 """What the run report reads: a run's per-round files, calibration on the test set, example pseudo-labeled images.
 
 Everything here comes from the run folder (``config.yaml``, ``run.json``, ``round-NNN/{metrics,manifest,model}.json``,
-``train_metrics.jsonl``, ``selection/``) and from the shards it names. The reliability diagram needs per-sample test
-probabilities, which no stage stores, so they are recomputed from each round's model on the test shards of the run's
-``config.yaml`` and the per-bin summary is cached in ``<run>/report_cache/`` keyed by the model's sha256.
+``train_metrics.jsonl``, ``selection/``, ``eval/``) and from the shards it names. The reliability diagram reads each
+round's test predictions from the evaluate stage's sidecars (``round-NNN/eval/test/``: confidence, predicted and true
+class per image); nothing runs the test set a second time.
 
 Used by ``pipeline/report/page.py``; run ``python -m pipeline report RUN``.
 """
@@ -11,7 +11,6 @@ Used by ``pipeline/report/page.py``; run ``python -m pipeline report RUN``.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +22,10 @@ from stages.data import (
     BadSample,
     DataError,
     decode_image,
-    expand_shards,
     image_field,
     iter_raw_samples,
-    load_labeled,
 )
-from stages.storage import StorageError, atomic_write_json, is_url, locate_run, read_json, sha256_file
+from stages.storage import StorageError, is_url, locate_run, read_json
 from stages.train import read_metrics_lines
 
 log = logging.getLogger(__name__)
@@ -113,9 +110,8 @@ def class_names(run: RunFiles) -> list[str]:
     return list(names) if names else [str(c) for c in range(len(latest.metrics["per_class_top1"]))]
 
 
-def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = RELIABILITY_BINS) -> dict:
+def reliability_bins(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, bins: int = RELIABILITY_BINS) -> dict:
     """Per equal-width confidence bin: count, accuracy, mean confidence (None for empty bins), and the ECE."""
-    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
     which = np.minimum((conf * bins).astype(int), bins - 1)
     count, accuracy, confidence = [], [], []
     for b in range(bins):
@@ -136,66 +132,24 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = RELIABIL
 
 
 def calibration(run: RunFiles) -> dict[int, dict]:
-    """Reliability bins per round, from the cache when the model and test shards are unchanged.
+    """Reliability bins per round, from the round's test sidecars (``round-NNN/eval/test/*.parquet``).
 
-    Rounds whose calibration cannot be computed (test shards moved, say) are left out with a warning.
+    Rounds without them (a run made before the evaluate stage wrote sidecars) are left out with a warning.
     """
+    from stages.evaluate import read_predictions
+
     out: dict[int, dict] = {}
     missing = []
-    shards = _test_shards(run)
     for rf in run.rounds:
-        key = {"model_sha256": _model_sha(rf), "test_shards": shards, "bins": RELIABILITY_BINS}
-        cached = _cache_path(run, rf)
-        if cached.is_file():
-            entry = read_json(cached)
-            if entry.get("key") == key:
-                out[rf.index] = entry["reliability"]
-                continue
-        missing.append((rf, key))
-    if missing and shards is None:
-        log.warning(
-            "report: test shards of %s not found; no reliability diagram for rounds %s",
-            run.dir,
-            [rf.index for rf, _ in missing],
-        )
-        return out
-    if missing:
-        from stages.evaluate import predict_probs
-        from stages.models import load_model
-
-        data = run.config.get("data", {})
-        bad = float(data.get("max_bad_fraction", 0.0))
-        test = load_labeled(shards, int(data["num_classes"]), int(data["channels"]), bad, "data.test")
-        for rf, key in missing:
-            model, card = load_model(rf.dir)
-            out[rf.index] = reliability_bins(predict_probs(model, test.images, card), test.labels)
-            atomic_write_json(_cache_path(run, rf), {"key": key, "reliability": out[rf.index]})
-    return out
-
-
-def _cache_path(run: RunFiles, rf: RoundFiles) -> Path:
-    return run.dir / "report_cache" / f"calibration-{rf.rel}.json"
-
-
-def _model_sha(rf: RoundFiles) -> str:
-    recorded = rf.manifest.get("stages", {}).get("evaluate", {}).get("inputs", {}).get("train")
-    return recorded or sha256_file(rf.dir / "model.safetensors")
-
-
-def _test_shards(run: RunFiles) -> list[str] | None:
-    """The config's test shards, relative paths tried from the working folder, then from the storage's parent."""
-    patterns = list(run.config.get("data", {}).get("test", []))
-    try:
-        bases = [Path.cwd(), run.dir.parent.parent]
-    except FileNotFoundError:  # the working folder was removed (e.g. a Ray Job's working_dir after the job)
-        bases = [run.dir.parent.parent]
-    for base in bases:
-        rooted = [p if is_url(p) or os.path.isabs(p) else str(base / p) for p in patterns]
-        try:
-            return expand_shards(rooted, "data.test")
-        except DataError:
+        sidecars = sorted((rf.dir / "eval" / "test").glob("*.parquet"))
+        if not sidecars:
+            missing.append(rf.index)
             continue
-    return None
+        conf, pred, labels = read_predictions(sidecars)
+        out[rf.index] = reliability_bins(conf, pred, labels)
+    if missing:
+        log.warning("report: no test predictions under %s/round-*/eval/test for rounds %s", run.dir, missing)
+    return out
 
 
 @dataclass(frozen=True)

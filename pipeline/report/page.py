@@ -72,8 +72,8 @@ def refresh_report(run_dir: Location) -> Location | None:
     """TensorBoard events and report.html for the round loop: a failure is logged, never raised.
 
     A run at a URL: both writers work on files, so they run on a node-local copy of the run (without Ray Train's
-    checkpoints and the pseudo-label sidecars) and what they wrote is uploaded: ``report.html`` as one object, the
-    calibration cache, and each event folder that changed (its old objects removed first, so TensorBoard does not
+    checkpoints and the pseudo-label sidecars) and what they wrote is uploaded: ``report.html`` as one object, and each
+    event folder that changed (its old objects removed first, so TensorBoard does not
     show a point twice; a reader between the two sees that folder empty for a moment)."""
     if storage.is_url(run_dir):
         return _refresh_copy(str(run_dir))
@@ -111,8 +111,6 @@ def _refresh_copy(url: str) -> Location | None:
             log.warning("tensorboard events for %s not written: %s", url, exc, exc_info=True)
         try:
             report = build_report(local)
-            if (local / "report_cache").is_dir():
-                storage.upload_tree(local / "report_cache", str(storage.join(url, "report_cache")))
             storage.upload(report, str(storage.join(url, "report.html")))
         except Exception as exc:
             log.warning("report for %s not written: %s", url, exc, exc_info=True)
@@ -372,18 +370,18 @@ def _calibration(run: RunFiles) -> str:
         if r.index in reliability and abs(reliability[r.index]["ece"] - r.metrics["test_ece"]) > 1e-6
     ]
     note = (
-        '<p class="note">Reliability diagrams are recomputed from each round\'s model on the test shards of '
-        "<code>config.yaml</code> (15 equal-width bins, as for <code>test_ece</code>).</p>"
+        '<p class="note">Reliability diagrams from each round\'s test predictions (<code>round-NNN/eval/test/</code>; '
+        "15 equal-width bins, as for <code>test_ece</code>).</p>"
     )
     if off:
         note += (
-            f'<p class="note"><b>Recomputed ECE differs from metrics.json for rounds {off}</b>: '
-            "the test data changed since?</p>"
+            f'<p class="note"><b>ECE from the predictions differs from metrics.json for rounds {off}</b>: '
+            "the sidecars were rewritten since?</p>"
         )
     if reliability:
         diagrams = _img(plots.plot_reliability(reliability), "reliability diagrams")
     else:
-        diagrams = '<p class="note">No reliability diagram: the test shards of config.yaml were not found.</p>'
+        diagrams = '<p class="note">No reliability diagram: no round has test predictions (eval/test/).</p>'
     return note + _table(["round", "expected calibration error"], rows) + diagrams
 
 
