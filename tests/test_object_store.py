@@ -55,7 +55,6 @@ def test_rounds_and_download_from_s3(finished_run, s3_bucket, tmp_path, capsys):
     for r in (0, 1):
         assert publish_round(run_dir, r, storage) == f"{storage}/{run_dir.name}"
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/{run_dir.name}/round-001")) == [
-        "eval",  # the round's predictions on test, val and the corrupted test copies (the evaluate stage's files)
         "manifest.json",
         "metrics.json",
         "model.json",

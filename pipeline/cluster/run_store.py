@@ -23,6 +23,13 @@ ROUND_RE = re.compile(r"^round-(\d{3,})$")
 DOWNLOAD_STAGES = ("train", "evaluate")  # model.safetensors + model.json, metrics.json
 
 
+def round_files(manifest: dict) -> list[dict]:
+    """The manifest entries a download or publish copies: the files of ``DOWNLOAD_STAGES`` at the round's top level
+    (the model, its card, metrics); not the evaluate stage's prediction sidecars under ``eval/``, which can be
+    larger than the model and stay with the run."""
+    return [e for stage in DOWNLOAD_STAGES for e in manifest["stages"][stage]["files"] if "/" not in e["path"]]
+
+
 class RunStoreError(RuntimeError):
     """A run, round or file that is missing, unfinished or damaged in storage; the CLI prints it as one line."""
 
@@ -101,9 +108,8 @@ class RunStore:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         try:
-            for stage in DOWNLOAD_STAGES:
-                for entry in manifest["stages"][stage]["files"]:
-                    self._copy_verified(f"round-{r:03d}/{entry['path']}", entry, partial / entry["path"])
+            for entry in round_files(manifest):
+                self._copy_verified(f"round-{r:03d}/{entry['path']}", entry, partial / entry["path"])
             (partial / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
@@ -163,9 +169,8 @@ def publish_round(run_dir: Location, round_index: int, target: str) -> str:
         manifest_bytes = storage.read_bytes(storage.join(source, "manifest.json"))
         manifest = json.loads(manifest_bytes)
         if not _published(storage.join(location, rel), manifest, manifest_bytes):
-            for stage in DOWNLOAD_STAGES:
-                for entry in manifest["stages"][stage]["files"]:
-                    storage.copy_file(storage.join(source, entry["path"]), storage.join(location, rel, entry["path"]))
+            for entry in round_files(manifest):
+                storage.copy_file(storage.join(source, entry["path"]), storage.join(location, rel, entry["path"]))
             storage.copy_file(storage.join(source, "manifest.json"), storage.join(location, rel, "manifest.json"))
         # the run's config and status, also when the round was there already (the status may have moved)
         for name in ("config.yaml", "run.json"):
@@ -181,7 +186,7 @@ def _published(remote_round: Location, manifest: dict, manifest_bytes: bytes) ->
     try:
         if storage.read_bytes(storage.join(remote_round, "manifest.json")) != manifest_bytes:
             return False
-        entries = [e for stage in DOWNLOAD_STAGES for e in manifest["stages"][stage]["files"]]
+        entries = round_files(manifest)
         return all(storage.size(storage.join(remote_round, e["path"])) == e["bytes"] for e in entries)
     except FileNotFoundError:
         return False
