@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_common import add_result_args, save_result  # noqa: E402
 
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
+from stages.compact import pseudo_sources  # noqa: E402
 from stages.data import expand_shards, load_labeled, shard_id  # noqa: E402
 from stages.distill import DistillTermConfig, describe, needs_teacher  # noqa: E402
 from stages.evaluate import evaluate  # noqa: E402
-from stages.loader import PseudoSource  # noqa: E402
 from stages.models import create_model, model_card, save_model  # noqa: E402
 from stages.train import LocalHooks, TrainPlan, train_model  # noqa: E402
 
@@ -168,7 +168,7 @@ def main() -> None:
     count = len(load_labeled(labeled, d.num_classes, d.channels, d.max_bad_fraction, "data.labeled"))
     test = load_labeled(expand_shards(d.test, "data.test"), d.num_classes, d.channels, d.max_bad_fraction, "data.test")
     info = teacher_round(cfg, labeled, count, unlabeled, test, work, args.teacher_epochs or cfg.teacher.epochs)
-    pseudo = tuple(PseudoSource(s, str(work / "selection" / f"{shard_id(s)}.parquet")) for s in unlabeled)
+    pseudo = tuple(pseudo_sources(work / "selection", unlabeled))
     results = {}
     for name in methods:
         terms, weighting = METHODS[name]

@@ -5,9 +5,10 @@
 The same work as ``python -m pipeline iterate`` with the same config, recipe, seeds and models: round 0 trains the
 teacher (``stages.train.train_model`` with ``LocalHooks``), then each round labels the unlabeled shards in this
 process (``ShardLabeler``, one process with every torch thread), selects with the reference selection
-(``stages.select.select_in_memory``) and writes the per-shard selection files the training stream reads, trains the
-student and evaluates on the test shards (``stages.evaluate.evaluate``). What it leaves out is what the pipeline adds
-around the stages: Ray (start, actors, Ray Train), manifests and checksums, the data check, the report.
+(``stages.select.select_in_memory``) and writes the per-shard selection files and compact training shards the
+training stream reads (``stages.compact.write_selection``), trains the student and evaluates on the test shards
+(``stages.evaluate.evaluate``). What it leaves out is what the pipeline adds around the stages: Ray (start, actors,
+Ray Train), manifests and checksums, the data check, the report.
 
 ``bench/e2e.py`` runs it beside the pipeline. Prints one JSON line: ``{"plain_stage_seconds": {"round-000 train":
 s, ...}, "top1": [...], "train_epoch_seconds": {...}, "seconds": total}``.
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
+from stages.compact import pseudo_sources, write_selection  # noqa: E402
 from stages.data import LabeledSet, expand_shards, load_labeled, shard_id  # noqa: E402
 from stages.evaluate import evaluate  # noqa: E402
 from stages.loader import PseudoSource  # noqa: E402
@@ -102,13 +104,10 @@ def select(cfg: PipelineConfig, r: int, sidecars: list[str], data: dict, work: P
     shards = table.column("shard").to_numpy(zero_copy_only=False)
     out = work / f"round-{r:03d}" / "selection"
     out.mkdir(parents=True, exist_ok=True)
-    sources = []
     for shard in data["unlabeled"]:
         rows = np.flatnonzero((shards == shard) & (copies > 0))
-        path = out / f"{shard_id(shard)}.parquet"
-        pq.write_table(kept.take(pa.array(rows, pa.int64())), path)
-        sources.append(PseudoSource(shard, str(path)))
-    return sources, int(copies.sum())
+        write_selection(kept.take(pa.array(rows, pa.int64())), out / f"{shard_id(shard)}.parquet", cfg.select.seed)
+    return pseudo_sources(out, data["unlabeled"]), int(copies.sum())
 
 
 def top1(work: Path, r: int, test: LabeledSet) -> float:

@@ -49,7 +49,6 @@ from bench_common import Accel, add_result_args, save_result  # noqa: E402
 from images import ENCODINGS, make_shards  # noqa: E402
 from train_loops import bare_steps, hand_loop  # noqa: E402
 
-from stages.loader import PseudoSource  # noqa: E402
 from stages.models import ModelSpec  # noqa: E402
 from stages.train import TrainConfig, TrainPlan  # noqa: E402
 
@@ -113,6 +112,7 @@ def fit_teacher(root: Path, labeled: list[str], count: int, size: int, device: s
 def prepare_student(root: Path, labeled: list[str], count: int, unlabeled: list[str], size: int, device: str) -> dict:
     """Teacher, pseudo-label sidecars and selection by the real stage code (not timed)."""
     from pipeline.distributed.select import run_selection
+    from stages.compact import pseudo_sources
     from stages.data import shard_id
     from stages.pseudo_label import PseudoLabelConfig, ShardLabeler
     from stages.select import SelectConfig
@@ -125,13 +125,14 @@ def prepare_student(root: Path, labeled: list[str], count: int, unlabeled: list[
     sidecars = [str(root / "pseudo_labels" / f"{shard_id(s)}.parquet") for s in unlabeled]
     summary = run_selection(sidecars, str(root / "selection"), CLASSES, SelectConfig(floor=0.0), progress=False)
     selection = [str(root / "selection" / f"{shard_id(s)}.parquet") for s in unlabeled]
+    pseudo = tuple(pseudo_sources(root / "selection", unlabeled))
     print(
         f"student data: {summary['kept']} of {summary['rows_in']} pseudo-labeled samples kept, {summary['copies_out']}"
         f" copies (K={summary['K']}), per class {summary['per_class_after']} ({time.perf_counter() - start:.0f} s)",
         flush=True,
     )
     return {
-        "pseudo": tuple(PseudoSource(s, sel) for s, sel in zip(unlabeled, selection, strict=True)),
+        "pseudo": pseudo,
         "selection": selection,
         "pseudo_count": int(summary["copies_out"]),
         "summary": {k: summary[k] for k in ("rows_in", "kept", "copies_out", "K", "per_class_after")},

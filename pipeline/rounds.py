@@ -38,6 +38,7 @@ from pipeline.distributed.select import run_selection
 from pipeline.distributed.train import run_training
 from pipeline.report.page import refresh_report
 from pipeline.report.tracking import track_round
+from stages.compact import SELECTION_FORMAT, pseudo_sources
 from stages.corruptions import variants
 from stages.data import DataError, expand_shards, shard_id
 from stages.evaluate import eval_metrics, eval_sidecar, split_name
@@ -293,11 +294,10 @@ def run_round(ctx: RunContext, r: int, status: dict) -> dict:
         inputs["teacher"] = sha256_file(join(teacher, "model.safetensors"))
         _stage(ctx, manifest, "pseudo_label", inputs, timings, lambda: _pseudo_label(ctx, teacher, rdir))
         inputs["pseudo_label"] = manifest.stage("pseudo_label")["digest"]
+        inputs["selection_format"] = SELECTION_FORMAT  # a selection of an older layout is redone, not read
         summary = _stage(ctx, manifest, "select", inputs, timings, lambda: _select(ctx, rdir, r))
         inputs["select"] = manifest.stage("select")["digest"]
-        pseudo = tuple(
-            PseudoSource(s, str(join(rdir, "selection", f"{shard_id(s)}.parquet"))) for s in ctx.unlabeled_shards
-        )
+        pseudo = tuple(pseudo_sources(join(rdir, "selection"), ctx.unlabeled_shards))  # the non-empty compact shards
         pseudo_count = int(summary["copies_out"])
         if not pseudo_count:
             raise DataError(
@@ -363,6 +363,7 @@ def _select(ctx: RunContext, rdir: Location, r: int) -> tuple[list[Location], di
     select_cfg = dataclasses.replace(cfg.select, seed=round_seeds(cfg, r)["select"])
     summary = run_selection(sidecars, str(join(rdir, "selection")), cfg.data.num_classes, select_cfg)
     files = [join(rdir, "selection", name(p)) for p in sidecars]
+    files += [join(src.shard) for src in pseudo_sources(join(rdir, "selection"), ctx.unlabeled_shards)]  # the tars
     files += [
         p for p in (join(rdir, "selection", "selection.json"), join(rdir, "selection", "selection.png")) if exists(p)
     ]

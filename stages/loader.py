@@ -6,37 +6,55 @@ rank runs the same number of optimizer steps whatever its share of the data (no 
 
 Data is split between *slots* (rank x DataLoader worker): by shard when there are at least as many shards as
 slots, otherwise by sample index within each shard, so every slot sees a disjoint part of the data.
-A pseudo-labeled sample is yielded ``copies`` times per pass (class balancing duplicates scarce classes), each
-copy augmented independently. Labeled samples whose key is in ``exclude_keys`` (a validation split carved from the
-labeled shards, ``stages/validation.py``) are never yielded.
+Labeled samples whose key is in ``exclude_keys`` (a validation split carved from the labeled shards,
+``stages/validation.py``) are never yielded.
+
+Pseudo-labeled samples come from the select stage's compact training shards (``stages/compact.py``): each
+``PseudoSource`` is a tar holding exactly the selected samples, every copy materialised (class balancing
+duplicates scarce classes) and spread over the shard, in a seeded random order, beside the selection sidecar
+holding their targets (member ``i`` is row ``copy_order(copies)[i]``). So every member read is trained on, each
+copy augmented independently. Because the shards come shuffled, the pseudo stream needs only a small shuffle buffer
+to mix the slot's shards: ``min(shuffle_buffer, pseudo_batch)`` (the labeled stream keeps ``shuffle_buffer``), and a
+sample's copies stay a fraction of a shard apart, never back to back in a buffer. A slot whose share (a few samples
+split by index) holds nothing falls back to reading every source: training goes on with ranks x workers above
+the number of selected samples.
 
 Byte counts. Every batch carries ``"bytes"``: int64 ``[labeled read, labeled trained, pseudo read, pseudo trained]``
-(``BYTE_COUNTS``), this slot's counts since its previous batch. *Read* is the tar payload pulled out of the shards:
-the bytes of every file of every sample the shard iterator produced (image and ``.cls`` alike; not the tar's
-512-byte headers and padding, nor the selection sidecars), including the samples skipped as another slot's, as
-excluded, or (pseudo) as not selected. *Trained* is the same payload size for each sample that went into this
-batch, once per copy. They are deltas carried by the batches rather than counters kept on the dataset because
+(``BYTE_COUNTS``), this slot's counts since its previous batch. *Read* is the tar payload pulled out of the shards
+(labeled shards, and for pseudo the compact training shards): the bytes of every file of every sample the shard
+iterator produced (image and ``.cls`` alike; not the tar's 512-byte headers and padding, nor the selection
+sidecars), including the samples skipped as another slot's or as excluded. *Trained* is the same payload size for
+each sample that went into this batch, once per copy (a compact shard holds each copy as a member, so a copy read
+is a copy trained). They are deltas carried by the batches rather than counters kept on the dataset because
 each DataLoader worker iterates its own copy of the dataset in its own process: summing the deltas of the batches
 the trainer consumed is the total over every worker, with nothing shared. Reads run ahead of training (the
 shuffle buffer fills first; prefetched batches wait in the DataLoader), so a delta is charged to the batch during
 whose making the bytes were read, and bytes read for batches never consumed are not counted. Counting costs a
-``len`` per file: no extra reads.
+``len`` per file: no extra reads. With a pseudo buffer of ``B`` samples the first batch of each slot reads ``B``
+samples more than it trains on, so an epoch of ``S`` pseudo samples trained over ``W`` slots reads at most
+``1 + W * B / S`` times what it trains on (when each slot has its own shards; a shard split by index between
+slots is read whole by each of them).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, parse_label
+from stages.select import copy_keys
 from stages.storage import read_table
 
+log = logging.getLogger(__name__)
 BYTE_COUNTS = ("labeled_read_bytes", "labeled_trained_bytes", "pseudo_read_bytes", "pseudo_trained_bytes")
 
 
@@ -55,26 +73,40 @@ class _ReadBytes:
 
 @dataclass(frozen=True)
 class PseudoSource:
-    """An unlabeled shard and the selection sidecar saying which of its samples to use, and how."""
+    """A compact training shard (``stages/compact.py``) and the selection sidecar holding its samples' targets."""
 
     shard: str
     selection: str
 
 
 def soft_targets(table, num_classes: int) -> np.ndarray:
-    """Dense float32 targets from a selection table: full ``probs``, renormalised ``topk_*``, or one-hot ``label``."""
+    """Dense float32 targets from a selection table: full ``probs``, renormalised ``topk_*``, or one-hot ``label``.
+
+    List columns (``list`` or ``fixed_size_list``, in any number of chunks) are flattened by Arrow into one NumPy
+    array and reshaped: no Python object per value."""
     n = table.num_rows
+    if n == 0:
+        return np.zeros((0, num_classes), dtype=np.float32)
     if "probs" in table.column_names:
-        dense = np.asarray(table.column("probs").to_pylist(), dtype=np.float32).reshape(n, num_classes)
+        dense = _list_matrix(table.column("probs"), n, np.float32)
     elif "topk_idx" in table.column_names:
-        idx = np.asarray(table.column("topk_idx").to_pylist(), dtype=np.int64).reshape(n, -1)
-        val = np.asarray(table.column("topk_prob").to_pylist(), dtype=np.float32).reshape(n, -1)
+        idx = _list_matrix(table.column("topk_idx"), n, np.int64)
+        val = _list_matrix(table.column("topk_prob"), n, np.float32)
         dense = np.zeros((n, num_classes), dtype=np.float32)
         np.put_along_axis(dense, idx, val, axis=1)
     else:
         dense = np.zeros((n, num_classes), dtype=np.float32)
         dense[np.arange(n), table.column("label").to_numpy()] = 1.0
+    if dense.shape != (n, num_classes):
+        raise ValueError(f"selection targets are {dense.shape[1]} wide, expected {num_classes} classes")
     return dense / np.clip(dense.sum(axis=1, keepdims=True), 1e-12, None)
+
+
+def _list_matrix(column: pa.ChunkedArray | pa.Array, rows: int, dtype) -> np.ndarray:
+    """An equal-length list column as a ``rows x width`` array."""
+    flat = pc.list_flatten(column)
+    values = flat.to_numpy() if isinstance(flat, pa.ChunkedArray) else flat.to_numpy(zero_copy_only=False)
+    return values.astype(dtype, copy=False).reshape(rows, -1)
 
 
 def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
@@ -159,31 +191,60 @@ class MixedStream(IterableDataset):
     def _pseudo_samples(
         self, slot: int, slots: int, rng: random.Random, read: _ReadBytes
     ) -> Iterator[tuple[bytes, np.ndarray, int]]:
-        """``(image bytes, soft target, payload size)`` per copy, endlessly; every sample pulled (selected or not) is
-        added to ``read.pseudo``."""
+        """``(image bytes, soft target, payload size)`` per copy, endlessly; every member pulled out of a compact
+        shard is added to ``read.pseudo``. A slot whose share yields nothing in a whole pass reads every source."""
         sources, keep = _slot_parts(self.pseudo, slot, slots)
+        everything = slots == 1
         for _ in itertools.count():
             found = 0
-            for source in rng.sample(sources, len(sources)):
-                table = read_table(source.selection)  # a local file or a URL
-                if table.num_rows == 0:
+            for item in self._pseudo_pass(rng.sample(sources, len(sources)), keep, read):
+                found += 1
+                yield item
+            if found:
+                continue
+            if everything:
+                raise DataError(f"no pseudo-labeled sample in {len(self.pseudo)} selection(s): nothing was selected")
+            log.warning(
+                "training slot %d/%d: its share of the %d compact shard(s) holds no sample; reading them all",
+                slot,
+                slots,
+                len(self.pseudo),
+            )
+            sources, keep, everything = list(self.pseudo), lambda i: True, True
+
+    def _pseudo_pass(
+        self, sources: Sequence[PseudoSource], keep: Callable[[int], bool], read: _ReadBytes
+    ) -> Iterator[tuple[bytes, np.ndarray, int]]:
+        """One pass over ``sources``: each compact shard zipped with its selection, member ``i`` = row ``order[i]``."""
+        for source in sources:
+            table = read_table(source.selection)  # a local file or a URL
+            if table.num_rows == 0:
+                continue  # nothing selected: no compact shard either
+            targets = soft_targets(table, self.num_classes)
+            order, members = copy_keys(table.column("key").to_numpy(zero_copy_only=False), table["copies"].to_numpy())
+            count = 0
+            for i, sample in enumerate(iter_raw_samples(source.shard)):
+                if i >= len(members) or sample["__key__"] != members[i]:
+                    got = sample["__key__"]
+                    want = members[i] if i < len(members) else "the end of the shard"
+                    raise DataError(
+                        f"compact shard {source.shard} does not match its selection {source.selection}: member {i} is "
+                        f"{got!r}, expected {want!r}; run the select stage again"
+                    )
+                count += 1
+                size = payload_bytes(sample)
+                read.pseudo += size
+                if not keep(i):
                     continue
-                targets = soft_targets(table, self.num_classes)
-                keys, copies = table.column("key").to_pylist(), table.column("copies").to_pylist()
-                wanted = {k: (int(c), i) for i, (k, c) in enumerate(zip(keys, copies, strict=True))}
-                for i, sample in enumerate(iter_raw_samples(source.shard)):
-                    size = payload_bytes(sample)
-                    read.pseudo += size
-                    hit = wanted.get(sample["__key__"])
-                    if hit is None or not keep(i):
-                        continue
+                try:
                     data = image_field(sample)
-                    for _ in range(hit[0]):
-                        found += 1
-                        yield data, targets[hit[1]], size
-            if not found:
+                except BadSample:
+                    continue  # cannot happen to a selected sample (the teacher labeled it), but never fatal
+                yield data, targets[order[i]], size
+            if count != len(members):
                 raise DataError(
-                    f"training slot {slot}/{slots} got no pseudo-labeled samples from {len(sources)} shard(s)"
+                    f"compact shard {source.shard} does not match its selection {source.selection}: {count} "
+                    f"member(s), expected {len(members)}; run the select stage again"
                 )
 
     def _decoded(self, items: Iterator[tuple[bytes, object, int]]) -> Iterator[tuple[object, object, int]]:
@@ -206,7 +267,9 @@ class MixedStream(IterableDataset):
         labeled = self._decoded(shuffled(self._labeled_samples(slot, slots, rng, read), self.shuffle_buffer, rng))
         pseudo = None
         if self.pseudo_batch:
-            pseudo = self._decoded(shuffled(self._pseudo_samples(slot, slots, rng, read), self.shuffle_buffer, rng))
+            # The compact shards come shuffled: a buffer of one batch mixes the slot's shards (module docstring).
+            buffer = min(self.shuffle_buffer, self.pseudo_batch)
+            pseudo = self._decoded(shuffled(self._pseudo_samples(slot, slots, rng, read), buffer, rng))
         while True:
             lab = [next(labeled) for _ in range(self.labeled_batch)]
             xs = [x for x, _, _ in lab]

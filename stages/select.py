@@ -21,6 +21,10 @@ as Ray tasks, one per shard):
   smallest duplication hashes; ``CandidateMerger.finalize`` merges them into exact per-class cutoffs. Only
   histograms and these few candidates ever reach the driver, never the rows.
 * ``shard_copies``: the per-row copy counts for one shard (0 = dropped), written as its selection sidecar.
+
+Training order (``stages/compact.py`` writes it, ``stages/loader.py`` reads it): ``training_order`` puts a shard's
+kept rows in a seeded random order, and ``copy_order`` lays their copies out as the members of the compact training
+shard, each sample's copies spread across the shard (``copy_keys`` names the members).
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from pydantic import Field, StrictFloat, StrictInt
 
 from stages.config_types import config
 
-# Keys are hashed twice with different salts: one hash breaks confidence ties, the other draws extra copies.
-_RANK_SALT, _DUP_SALT = 0, 1
+# Keys are hashed with different salts: one hash breaks confidence ties, one draws extra copies, one orders a shard.
+_RANK_SALT, _DUP_SALT, _ORDER_SALT = 0, 1, 2
 
 
 @config
@@ -254,3 +258,58 @@ def shard_copies(keys, labels, confidence, plan: SelectPlan, cfg: SelectConfig) 
             h = key_hash(np.asarray(keys, dtype=object)[has_extra], cfg.seed, _DUP_SALT)
             copies[has_extra] += h <= plan.dup_cut[labels[has_extra]]
     return copies
+
+
+# ---- the training order ----------------------------------------------------------------------------------------
+
+
+def training_order(keys, seed: int) -> np.ndarray:
+    """A seeded random permutation of one shard's rows: sorted by a salted hash of the key, so it depends only on
+    the seed and the keys (not on task order or the file layout)."""
+    return np.argsort(key_hash(keys, seed, _ORDER_SALT), kind="stable")
+
+
+def copy_order(copies: np.ndarray) -> np.ndarray:
+    """The row of each member of a compact training shard: row ``r`` appears ``copies[r]`` times, its copies spread
+    evenly over the shard.
+
+    The ``m`` rows holding ``c`` copies form one evenly spaced grid: copy ``j`` of the ``k``-th of them (in row
+    order) sits at position ``(j + (k + 1/2) / m) / c`` in [0, 1), and the members of every grid are sorted by
+    position (ties by row). With equal copies this is the plain pass order (every row once, then every row again,
+    ...). With mixed copies, each row recurs every ``1/c`` of the shard with the rest of its grid and the other
+    grids in between, where passes ``j = 0, 1, ...`` over the rows with ``copies > j`` would put the copies of a
+    shard's only duplicated row back to back at its end. The rows come in a random order already
+    (``training_order``), so the layout is random too, and it is a pure function of ``copies``: the writer and the
+    reader compute the same one.
+    """
+    copies = np.asarray(copies, dtype=np.int64)
+    n = len(copies)
+    rows = np.repeat(np.arange(n), copies)
+    if not len(rows):
+        return rows
+    by_copies = np.lexsort((np.arange(n), copies))  # grouped by copies, row order within a group
+    grouped = copies[by_copies]
+    first = np.searchsorted(grouped, grouped, side="left")
+    rank, size = np.empty(n, np.int64), np.empty(n, np.int64)
+    rank[by_copies] = np.arange(n) - first
+    size[by_copies] = np.searchsorted(grouped, grouped, side="right") - first
+    copy = np.arange(len(rows)) - np.repeat(np.cumsum(copies) - copies, copies)  # j: which copy of its row
+    k, m, c = rank[rows], size[rows], copies[rows]
+    # (j + (k + 1/2) / m) / c as one exact fraction: a correctly rounded division maps equal fractions (rows of
+    # different grids at the same place) to the same float, so such ties are always broken the same way.
+    position = (2 * (copy * m + k) + 1) / (2 * m * c)
+    return rows[np.lexsort((rows, position))]
+
+
+def copy_keys(keys, copies: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """``copy_order(copies)`` and the tar key of each member: a row's key, ``<key>_copy<j>`` for its copy j > 0
+    (webdataset groups consecutive files by key, so two copies must not share one)."""
+    order = copy_order(copies)
+    keys = np.asarray(keys, dtype=object)
+    seen = np.zeros(len(keys), dtype=np.int64)
+    names = []
+    for r in order.tolist():
+        j = seen[r]
+        seen[r] += 1
+        names.append(keys[r] if j == 0 else f"{keys[r]}_copy{j}")
+    return order, names

@@ -28,7 +28,8 @@ Layout (users and later tools rely on it)::
     <storage>/<run>/round-NNN/metrics.json       test top-1, per-class top-1, train images, ...
     <storage>/<run>/round-NNN/train_metrics.jsonl  one JSON line per training epoch
     <storage>/<run>/round-NNN/pseudo_labels/     soft labels from the previous model (Parquet per shard)
-    <storage>/<run>/round-NNN/selection/         what was kept (Parquet per shard) + selection.json/png
+    <storage>/<run>/round-NNN/selection/         what was kept (Parquet per shard), the compact training shards
+                                                 (a tar per shard with kept samples) + selection.json/png
     <storage>/<run>/round-NNN/eval/<split>/      the model's predictions per test/val/corrupted shard (Parquet)
     <storage>/<run>/round-NNN/manifest.json      stages completed, inputs, sha256 of each file
     <storage>/<run>/ray_train/                   Ray Train's checkpoints (one run per round and inputs)

@@ -237,8 +237,15 @@ def check_student_round(run_dir: Path, r: int, cfg, unlabeled_shards: list[str])
     select_cfg = dataclasses.replace(cfg.select, seed=round_seeds(cfg, r)["select"])
     reference = select_in_memory(keys, labels, confidence, cfg.data.num_classes, select_cfg)
     files = sorted((rdir / "selection").glob("*.parquet"))
+    listed = {e["path"] for e in manifest.stage("select")["files"]}
     for f in files:
-        assert int(read_footer(f, "selection/v1")[1][b"rows"]) == pq.read_metadata(f).num_rows, f
+        footer = read_footer(f, "selection/v2")[1]
+        assert int(footer[b"rows"]) == pq.read_metadata(f).num_rows, f
+        tar = f.with_suffix(".tar")  # the compact training shard: there, whole and in the manifest iff rows were kept
+        assert tar.exists() == (int(footer[b"rows"]) > 0) == (f"selection/{tar.name}" in listed), tar
+        if tar.exists():
+            assert tar.stat().st_size == int(footer[b"train_bytes"]), tar
+            assert sum(1 for _ in iter_raw_samples(str(tar))) == int(footer[b"train_members"]), tar
     selection = pa.concat_tables(pq.read_table(f) for f in files)
     copies = dict(zip(selection.column("key").to_pylist(), selection.column("copies").to_pylist(), strict=True))
     assert len(copies) == selection.num_rows, "a selection row is duplicated"
@@ -375,8 +382,8 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
     writes one sidecar, the next fails with ENOSPC. (2) With space again, the disk turns read-only mid select, after
     two of its four sidecars. Each time: exit 2 and one ``error:`` line naming the file, no temporary left, the stage
     not in the manifest. (3) Writable again, the run resumes the stages from the files they had completed."""
-    import pipeline.distributed.select
     import pipeline.rounds
+    import stages.compact
     from pipeline.cli import main
     from pipeline.config import dump_config
     from stages.pseudo_label import sidecar_info
@@ -389,7 +396,7 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
     rdir = run / "round-002"
     # A pseudo-label sidecar takes the pages of its round-1 twin (same rows and columns): leave room for one only.
     pages = max(-(-p.stat().st_size // 4096) for p in (run / "round-001" / "pseudo_labels").glob("*.parquet"))
-    label, write_sidecar = pipeline.rounds.run_pseudo_label, pipeline.distributed.select.write_sidecar
+    label, write_sidecar = pipeline.rounds.run_pseudo_label, stages.compact.write_sidecar
     left = []
 
     def fill_then_label(*args, **kwargs):
@@ -428,7 +435,7 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
             small_disk.read_only(True)
         return write_sidecar(table, path)
 
-    monkeypatch.setattr(pipeline.distributed.select, "write_sidecar", turn_read_only_on_the_third)
+    monkeypatch.setattr(stages.compact, "write_sidecar", turn_read_only_on_the_third)
     say("injected: space freed, then the disk remounted read-only before the 3rd of 4 selection sidecars")
     refused("Read-only file system", "selection")
     written = sorted((rdir / "selection").glob("*.parquet"))
@@ -436,9 +443,14 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
     assert len(written) == 2 and "select" not in RoundManifest(rdir).data["stages"]
 
     small_disk.read_only(False)
-    monkeypatch.setattr(pipeline.distributed.select, "write_sidecar", write_sidecar)
+    monkeypatch.setattr(stages.compact, "write_sidecar", write_sidecar)
+    # a compact shard lost after its sidecar was written: that sidecar is not trusted on resume, both are rewritten
+    tars = [p.with_suffix(".tar") for p in written if p.with_suffix(".tar").exists()]
+    tars[0].unlink()
+    say(f"injected: {tars[0].name} deleted after its sidecar was written")
     assert main(argv) == 0, capsys.readouterr().err[-3000:]
     observed = check_student_round(run, 2, cfg, expand_shards(cfg.data.unlabeled))
     say(f"observed after the resume on a writable disk: {observed}")
-    assert observed["pseudo_label shards resumed"] == len(sidecars) and observed["select shards resumed"] == 2
+    assert observed["pseudo_label shards resumed"] == len(sidecars) and observed["select shards resumed"] == 1
+    assert tars[0].exists()
     assert json.loads((run / "run.json").read_text())["status"] == "finished"

@@ -119,6 +119,8 @@ def test_a_run_whose_storage_is_a_bucket(ray_session, s3_bucket, digits_root, tm
     n_shards = len(expand_shards(cfg.data.unlabeled))
     for stage in ("pseudo_labels", "selection"):
         assert len([f for f in files if f.startswith(f"round-001/{stage}/") and f.endswith(".parquet")]) == n_shards
+    tars = [f for f in files if f.startswith("round-001/selection/") and f.endswith(".tar")]  # compact shards
+    assert 0 < len(tars) <= n_shards
     assert any(f.startswith("ray_train/round-001-") and "/checkpoint_" in f for f in files), "Ray Train's checkpoints"
     assert any(f.startswith("tensorboard/round-000/events.") for f in files)
     assert not any(f.endswith(".tmp") for f in files)

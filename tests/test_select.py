@@ -12,16 +12,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stages.data import iter_raw_samples, write_shards
 from stages.pseudo_label import build_table, write_sidecar
 from stages.select import (
     CandidateMerger,
     SelectConfig,
+    copy_keys,
+    copy_order,
     per_class_budget,
     plan_selection,
     select_in_memory,
     shard_candidates,
     shard_copies,
     shard_histogram,
+    training_order,
 )
 
 # Few distinct confidences, so ties (broken by the key hash) are common.
@@ -144,6 +148,46 @@ def test_golden_hand_worked_example():
     assert per_class_budget(np.array([4, 2, 0, 3]), SelectConfig()) == 3
 
 
+# ---- the training order -----------------------------------------------------------------------------------------
+
+
+def test_copy_order_golden():
+    # equal copies: plain passes, every row once, then every row again
+    assert copy_order(np.array([2, 2, 2])).tolist() == [0, 1, 2, 0, 1, 2]
+    assert copy_order(np.array([1, 1, 1])).tolist() == [0, 1, 2]
+    # one duplicated row among single ones: its copies a third of the shard apart, not back to back at the end
+    assert copy_order(np.array([3, 1, 1, 1])).tolist() == [0, 1, 0, 2, 0, 3]
+    assert copy_order(np.array([1, 1, 1, 3])).tolist() == [0, 3, 1, 3, 2, 3]
+    assert copy_order(np.array([0, 2, 0])).tolist() == [1, 1]  # unselected rows never appear
+    assert copy_order(np.zeros(0, np.int64)).tolist() == []
+    order, names = copy_keys(np.array(["a", "b", "c"], dtype=object), np.array([1, 3, 0]))
+    assert order.tolist() == [1, 0, 1, 1] and names == ["b", "a", "b_copy1", "b_copy2"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5), max_size=60))
+def test_copy_order_holds_every_copy_and_spreads_them(copies):
+    copies = np.array(copies, dtype=np.int64)
+    order = copy_order(copies)
+    np.testing.assert_array_equal(np.bincount(order, minlength=len(copies)), copies)
+    np.testing.assert_array_equal(order, copy_order(copies))  # pure: the writer and the reader agree
+    # A row's copies are never adjacent while some other row holds at least as many copies as it does.
+    for r in np.flatnonzero(copies > 1):
+        if (np.delete(copies, r) >= copies[r]).any():
+            assert not (np.diff(np.flatnonzero(order == r)) == 1).any(), (copies.tolist(), order.tolist())
+
+
+def test_training_order_is_a_seeded_permutation_of_the_keys():
+    keys = np.array([f"k{i}" for i in range(50)], dtype=object)
+    order = training_order(keys, seed=3)
+    assert sorted(order.tolist()) == list(range(50)) and order.tolist() != list(range(50))
+    assert (
+        training_order(keys, seed=3).tolist() == order.tolist() and training_order(keys, 4).tolist() != order.tolist()
+    )
+    # by key, not by position: the same keys in another order come out in the same key order
+    assert keys[order].tolist() == keys[::-1][training_order(keys[::-1], seed=3)].tolist()
+
+
 def test_bad_config_values_are_refused():
     for bad in ({"mode": "paper"}, {"floor": 1.5}, {"per_class": -1}, {"label_type": "fuzzy"}, {"bins": 4}):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -159,6 +203,8 @@ def test_labels_outside_the_classes_are_refused():
 
 
 def write_random_sidecars(root, rows_per_shard, num_classes, seed, topk=0):
+    """Pseudo-label sidecars of random soft labels, each for a small unlabeled shard written beside them (a few
+    bytes per sample, named by its key, so a compact shard's content can be checked against its selection)."""
     rng = np.random.default_rng(seed)
     paths, n = [], 0
     for s, rows in enumerate(rows_per_shard):
@@ -166,7 +212,9 @@ def write_random_sidecars(root, rows_per_shard, num_classes, seed, topk=0):
         probs = torch.softmax(logits, dim=-1)
         keys = [f"s{s}-{i:05d}" for i in range(rows)]
         n += rows
-        table = build_table(f"shard-{s}.tar", keys, probs, [-1] * rows, topk, [])
+        samples = [{"__key__": k, "png": k.encode(), "txt": b"x" * (i % 7)} for i, k in enumerate(keys)]
+        (shard,) = write_shards(samples, root / "unlabeled", f"shard-{s}", 1)
+        table = build_table(shard, keys, probs, [-1] * rows, topk, [])
         path = root / f"shard-{s}.parquet"
         write_sidecar(table, path)
         paths.append(str(path))
@@ -210,12 +258,39 @@ def test_ray_stage_equals_reference(ray_session, tmp_path, cfg, inline):
             got[k] = c
     assert got == {k: int(c) for k, c in expected.items() if c > 0}
     assert summary["copies_out"] == sum(got.values()) and summary["kept"] == len(got)
+    check_compact_shards(tmp_path / "sel", sidecars, summary)
     assert summary["rows_in"] == len(keys)
     assert summary["dropped_by_floor"] == int((conf < cfg.floor).sum())
     assert sum(summary["per_class_after"]) == summary["copies_out"]
     recorded = json.loads((tmp_path / "sel" / "selection.json").read_text())
     assert recorded["per_class_kept"] == summary["per_class_kept"]
     assert (tmp_path / "sel" / "selection.png").stat().st_size > 1000
+
+
+def check_compact_shards(sel, sidecars, summary):
+    """Each non-empty selection has a tar of its samples' original files, copies materialised in ``copy_keys``
+    order; an empty one has no tar; the summary counts them."""
+    members = shards = size = 0
+    for s in sidecars:
+        t = pq.read_table(sel / (s.rsplit("/", 1)[1]))
+        tar = sel / s.rsplit("/", 1)[1].replace(".parquet", ".tar")
+        if t.num_rows == 0:
+            assert not tar.exists()
+            continue
+        original = {x["__key__"]: x for x in iter_raw_samples(t.column("shard")[0].as_py())}
+        order, names = copy_keys(t.column("key").to_numpy(zero_copy_only=False), t.column("copies").to_numpy())
+        got = list(iter_raw_samples(str(tar)))
+        assert [x["__key__"] for x in got] == names
+        for row, x in zip(order, got, strict=True):
+            source = original[t.column("key")[int(row)].as_py()]
+            assert {k: v for k, v in x.items() if k != "__key__" and k != "__url__"} == {
+                k: v for k, v in source.items() if k != "__key__" and k != "__url__"
+            }
+        footer = pq.read_schema(sel / (s.rsplit("/", 1)[1])).metadata
+        assert int(footer[b"train_members"]) == len(got) and int(footer[b"train_bytes"]) == tar.stat().st_size
+        members, shards, size = members + len(got), shards + 1, size + tar.stat().st_size
+    assert (summary["train_shards"], summary["train_members"], summary["train_bytes"]) == (shards, members, size)
+    assert summary["train_members"] == summary["copies_out"]
 
 
 def test_ray_stage_resumes_and_redoes_a_damaged_sidecar(ray_session, tmp_path):
@@ -233,6 +308,16 @@ def test_ray_stage_resumes_and_redoes_a_damaged_sidecar(ray_session, tmp_path):
     assert pq.read_table(damaged).equals(before)
     assert "topk_idx" in before.column_names
     assert second["per_class_after"] == first["per_class_after"]
+    # a compact shard lost after its sidecar was written: the sidecar is not trusted, both are written again
+    tar = tmp_path / "sel" / "shard-2.tar"
+    content = tar.read_bytes()
+    tar.unlink()
+    third = run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False, inline_bytes=0)
+    assert third["shards_resumed"] == 2 and tar.read_bytes() == content
+    tar.write_bytes(content[:-1024])  # cut short: another size than the sidecar records
+    assert run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False)["shards_resumed"] == 2
+    assert tar.read_bytes() == content
+    check_compact_shards(tmp_path / "sel", sidecars, third)
 
 
 def test_ray_stage_names_the_sidecar_with_bad_labels(ray_session, tmp_path):

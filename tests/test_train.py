@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import json
 import math
 import random
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from timm.data.auto_augment import RandAugment
 
 from stages.checkpoint import CheckpointError, load_checkpoint, read_state, save_checkpoint
-from stages.data import decode_image, image_field, iter_raw_samples, parse_label
+from stages.compact import compact_path, pseudo_sources, write_selection
+from stages.data import DataError, decode_image, image_field, iter_raw_samples, parse_label, shard_id, write_shards
 from stages.loader import MixedStream, PseudoSource, shuffled, soft_targets
 from stages.models import ModelSpec
 from stages.train import (
@@ -469,6 +470,42 @@ def test_soft_targets_densifies_topk_renormalised_and_hard_labels():
     np.testing.assert_allclose(full[1], np.eye(10)[9], atol=1e-6)
 
 
+def test_soft_targets_reads_chunked_and_fixed_size_list_columns():
+    """Selections read back from Parquet come in chunks, and a writer may use fixed-size lists: the dense targets
+    are the same as from plain lists (built here value by value, the reference)."""
+    rng = np.random.default_rng(0)
+    idx = np.stack([rng.permutation(10)[:3] for _ in range(7)]).astype(np.int32)
+    val = rng.random((7, 3)).astype(np.float16)
+    expected = np.zeros((7, 10), np.float32)
+    for r in range(7):
+        for i, v in zip(idx[r], val[r], strict=True):
+            expected[r, i] = float(v)
+    expected /= expected.sum(axis=1, keepdims=True)
+    fixed = pa.table(
+        {
+            "topk_idx": pa.FixedSizeListArray.from_arrays(pa.array(idx.reshape(-1)), 3),
+            "topk_prob": pa.FixedSizeListArray.from_arrays(pa.array(val.reshape(-1)), 3),
+        }
+    )
+    chunked = pa.concat_tables([fixed.slice(0, 2), fixed.slice(2, 4), fixed.slice(6)])
+    assert chunked.column("topk_idx").num_chunks == 3
+    for table in (
+        fixed,
+        chunked,
+        chunked.cast(pa.schema({"topk_idx": pa.list_(pa.int32()), "topk_prob": pa.list_(pa.float16())})),
+    ):
+        np.testing.assert_allclose(soft_targets(table, 10), expected, atol=1e-6)
+    labels = pa.chunked_array([pa.array([3, 1], pa.int32()), pa.array([0], pa.int32())])
+    hard = soft_targets(pa.table({"label": labels}), 10)
+    np.testing.assert_array_equal(hard, np.eye(10, dtype=np.float32)[[3, 1, 0]])
+    probs = pa.chunked_array(
+        [pa.array([[0.5] * 10], pa.list_(pa.float16())), pa.array([[0.0] * 9 + [2.0]] * 2, pa.list_(pa.float16()))]
+    )
+    expected = np.stack([np.full(10, 0.1), np.eye(10)[9], np.eye(10)[9]])
+    np.testing.assert_allclose(soft_targets(pa.table({"probs": probs}), 10), expected, atol=1e-6)
+    assert soft_targets(fixed.slice(0, 0), 10).shape == (0, 10)
+
+
 def test_shuffled_is_a_seeded_bounded_permutation():
     items = list(range(200))
     out = list(shuffled(iter(items), 16, random.Random(3)))
@@ -510,24 +547,11 @@ def test_mixed_stream_honours_copies_and_soft_targets(digits_root, tmp_path):
     a, b = samples[5], samples[6]
     probs = np.zeros((2, 10), np.float16)
     probs[0, 2], probs[1, 7] = 1.0, 1.0
-    selection = tmp_path / "selection.parquet"
-    pq.write_table(
-        pa.table(
-            {
-                "key": [a["__key__"], b["__key__"]],
-                "shard": [unlabeled, unlabeled],
-                "copies": pa.array([3, 1], pa.int32()),
-                "label": pa.array([2, 7], pa.int32()),
-                "probs": pa.array(probs.tolist(), pa.list_(pa.float16())),
-            }
-        ),
-        selection,
-    )
+    source = _compact_source(tmp_path, unlabeled, {a["__key__"]: 3, b["__key__"]: 1}, probs)
     transform = clean_transform(16, (0.5,), (0.5,))
     images = {2: transform(decode_image(a["png"], 1)), 7: transform(decode_image(b["png"], 1))}
-    buffer, batches, pseudo_batch = 4, 40, 4
-    sources = [PseudoSource(unlabeled, str(selection))]
-    stream = iter(MixedStream(labeled, sources, 2, pseudo_batch, 10, 1, transform, seed=0, shuffle_buffer=buffer))
+    batches, pseudo_batch = 40, 4
+    stream = iter(MixedStream(labeled, [source], 2, pseudo_batch, 10, 1, transform, seed=0, shuffle_buffer=16))
     counts: collections.Counter = collections.Counter()
     for _ in range(batches):
         batch = next(stream)
@@ -541,8 +565,65 @@ def test_mixed_stream_honours_copies_and_soft_targets(digits_root, tmp_path):
             counts[cls] += 1
     total = batches * pseudo_batch
     assert set(counts) == {2, 7}, "only selected samples may be yielded"
-    # copies 3 : 1, up to what the shuffle buffer still holds
-    assert abs(counts[2] - 0.75 * total) <= buffer, counts
+    # copies 3 : 1, up to what the shuffle buffer (one pseudo batch) still holds
+    assert abs(counts[2] - 0.75 * total) <= pseudo_batch, counts
+
+
+def test_copies_of_a_sample_are_never_adjacent_in_the_pseudo_stream(digits_root, tmp_path):
+    """Compact shards hold each copy as a member, spread over the shard: among several shards, one whose samples
+    have 3 or 4 copies yields no two copies of a sample in a row, pass after pass (a buffer of one keeps the
+    order the shards are read in)."""
+    labeled = [str(digits_root / "labeled" / "labeled-000000.tar")]
+    shards = [str(p) for p in sorted((digits_root / "unlabeled").glob("*.tar"))][:3]
+    sources = []
+    for n, shard in enumerate(shards):
+        keys = [x["__key__"] for x in iter_raw_samples(shard)][:12]
+        copies = {k: (3 + i % 2 if n == 0 else 1) for i, k in enumerate(keys)}
+        probs = np.zeros((len(keys), 10), np.float16)
+        probs[:, 0] = np.arange(1, len(keys) + 1) + 100 * n  # a target of its own per sample, to tell them apart
+        probs[:, 1] = 1000
+        sources.append(_compact_source(tmp_path / str(n), shard, copies, probs))
+    transform = clean_transform(16, (0.5,), (0.5,))
+    stream = iter(MixedStream(labeled, sources, 1, 6, 10, 1, transform, seed=0, shuffle_buffer=1))
+    members = 6 * 3 + 6 * 4 + 12 + 12  # a pass over the three compact shards
+    seen = [tuple(p.tolist()) for _ in range(4 * members // 6) for p in next(stream)["p"]]  # four passes
+    counts = collections.Counter(seen)
+    assert len(counts) == 36 and sorted(set(counts.values())) == [4, 12, 16]
+    assert all(x != y for x, y in itertools.pairwise(seen)), "two copies of a sample back to back"
+
+
+def test_more_slots_than_selected_samples_still_train(digits_root, tmp_path, caplog):
+    """4 slots, 2 selected samples: the slots whose share of the one compact shard is empty read all of it."""
+    labeled = [str(p) for p in sorted((digits_root / "labeled").glob("*.tar"))]
+    unlabeled = str(digits_root / "unlabeled" / "unlabeled-000001.tar")
+    keys = [x["__key__"] for x in iter_raw_samples(unlabeled)][:2]
+    source = _compact_source(tmp_path, unlabeled, dict.fromkeys(keys, 1))
+    transform = clean_transform(16, (0.5,), (0.5,))
+    for rank in range(4):
+        stream = MixedStream(labeled, [source], 2, 3, 10, 1, transform, seed=0, rank=rank, world_size=4)
+        batch = next(iter(stream))
+        assert batch["p"].shape == (3, 10)
+    assert sum("reading them all" in r.getMessage() for r in caplog.records) == 2  # slots 2 and 3
+    empty = _compact_source(tmp_path / "empty", unlabeled, {})
+    with pytest.raises(DataError, match="nothing was selected"):
+        next(iter(MixedStream(labeled, [empty], 2, 3, 10, 1, transform, seed=0)))
+
+
+def test_a_compact_shard_that_does_not_match_its_selection_is_refused(digits_root, tmp_path):
+    labeled = [str(digits_root / "labeled" / "labeled-000000.tar")]
+    unlabeled = str(digits_root / "unlabeled" / "unlabeled-000001.tar")
+    keys = [x["__key__"] for x in iter_raw_samples(unlabeled)]
+    source = _compact_source(tmp_path / "a", unlabeled, dict.fromkeys(keys[:6], 1))
+    other = _compact_source(tmp_path / "b", unlabeled, dict.fromkeys(keys[6:12], 1))
+    transform = clean_transform(16, (0.5,), (0.5,))
+    wrong = PseudoSource(other.shard, source.selection)
+    with pytest.raises(DataError, match="does not match its selection"):
+        next(iter(MixedStream(labeled, [wrong], 2, 3, 10, 1, transform, seed=0)))
+    shorter = tmp_path / "short.tar"  # the right members, the last one missing
+    write_shards(list(iter_raw_samples(source.shard))[:5], tmp_path, "short", 1)
+    (tmp_path / "short-000000.tar").rename(shorter)
+    with pytest.raises(DataError, match=r"5 member\(s\), expected 6"):
+        next(iter(MixedStream(labeled, [PseudoSource(str(shorter), source.selection)], 2, 3, 10, 1, transform, 0)))
 
 
 @pytest.mark.parametrize("op, magnitude", [("Posterize", 0), ("PosterizeIncreasing", 10), ("PosterizeOriginal", 0)])
@@ -614,16 +695,23 @@ def _payload_sizes(shard: str) -> tuple[list[str], list[int]]:
     return list(sizes), list(sizes.values())
 
 
-def _write_selection(path: Path, shard: str, copies: dict[str, int]) -> str:
+def _compact_source(folder: Path, shard: str, copies: dict[str, int], probs=None) -> PseudoSource:
+    """A hand-made selection of ``shard`` written by the select stage's own write path (compact shard, then
+    sidecar), as the round loop lists it."""
     keys = list(copies)
     table = {
-        "key": keys,
-        "shard": [shard] * len(keys),
+        "key": pa.array(keys, pa.string()),
+        "shard": pa.array([shard] * len(keys), pa.string()),
         "copies": pa.array(list(copies.values()), pa.int32()),
         "label": pa.array([i % 10 for i in range(len(keys))], pa.int32()),
     }
-    pq.write_table(pa.table(table), path)
-    return str(path)
+    if probs is not None:
+        table["probs"] = pa.array(np.asarray(probs, np.float16).tolist(), pa.list_(pa.float16()))
+    path = folder / f"{shard_id(shard)}.parquet"
+    write_selection(pa.table(table), path, seed=0)
+    source = PseudoSource(str(compact_path(path)), str(path))
+    assert pseudo_sources(folder, [shard]) == ([source] if keys else [])  # an empty selection is not listed
+    return source
 
 
 def test_the_labeled_stream_reads_exactly_the_samples_it_yields(digits_root):
@@ -643,26 +731,28 @@ def test_the_labeled_stream_reads_exactly_the_samples_it_yields(digits_root):
     assert totals[1] == 2 * sum(sizes)  # two whole passes trained on; read: the same plus the buffered sample
 
 
-def test_the_pseudo_stream_reads_the_whole_shard_and_trains_on_the_selected_samples(digits_root, tmp_path):
-    """The student's input: every sample of an unlabeled shard is read, only the selected ones (each copy) are
-    trained on. A shuffle buffer of one keeps the file order, so the expected counts follow from the shard."""
+def test_the_pseudo_stream_reads_exactly_the_compact_shard_it_trains_on(digits_root, tmp_path):
+    """The student's input: a compact shard holds the selected samples only, each copy a member, so every member
+    read is trained on, plus the one sample a shuffle buffer of one holds (which keeps the file order, so the
+    expected counts follow from the compact shard alone)."""
     labeled = str(digits_root / "labeled" / "labeled-000000.tar")
     unlabeled = str(digits_root / "unlabeled" / "unlabeled-000001.tar")
     _, lsizes = _payload_sizes(labeled)
-    keys, sizes = _payload_sizes(unlabeled)
+    keys, _ = _payload_sizes(unlabeled)
     copies = {keys[i]: 2 if i == 8 else 1 for i in range(0, 40, 4)}  # 10 of the first 40 samples, one twice
-    sources = [PseudoSource(unlabeled, _write_selection(tmp_path / "selection.parquet", unlabeled, copies))]
-    order = [i for i, k in enumerate(keys) for _ in range(copies.get(k, 0))]  # the pseudo samples as yielded
+    source = _compact_source(tmp_path, unlabeled, copies)
+    _, sizes = _payload_sizes(source.shard)
+    assert len(sizes) == 11
+    endless = sizes * 4
     transform = clean_transform(16, (0.5,), (0.5,))
-    stream = iter(MixedStream([labeled], sources, 1, 3, 10, 1, transform, seed=0, shuffle_buffer=1))
+    stream = iter(MixedStream([labeled], [source], 1, 3, 10, 1, transform, seed=0, shuffle_buffer=1))
     totals = torch.zeros(4, dtype=torch.int64)
-    for n in range(1, 4):
+    for n in range(1, 9):  # two passes and more
         totals += next(stream)["bytes"]
         yielded = 3 * n
-        pseudo_read = sum(sizes[: order[yielded] + 1])  # up to the sample the buffer holds, selected or not
-        pseudo_trained = sum(sizes[i] for i in order[:yielded])
-        assert totals.tolist() == [sum(lsizes[: n + 1]), sum(lsizes[:n]), pseudo_read, pseudo_trained], n
-    assert pseudo_read > 3 * pseudo_trained  # 3 of every 4 samples read were not selected
+        pseudo = [sum(endless[: yielded + 1]), sum(endless[:yielded])]  # read: up to the sample the buffer holds
+        assert totals.tolist() == [sum(lsizes[: n + 1]), sum(lsizes[:n]), *pseudo], n
+    assert totals[2] - totals[3] == endless[24]  # read == trained, but for the one sample in the buffer
 
 
 def _byte_plan(digits_root: Path, tmp_path: Path, workers: int) -> TrainPlan:
@@ -671,12 +761,11 @@ def _byte_plan(digits_root: Path, tmp_path: Path, workers: int) -> TrainPlan:
     unlabeled = str(digits_root / "unlabeled" / "unlabeled-000001.tar")
     keys, _ = _payload_sizes(unlabeled)
     copies = {k: 1 for k in keys[::3]}
-    selection = _write_selection(tmp_path / "selection.parquet", unlabeled, copies)
     cfg = TrainConfig(epochs=1, batch_size=4, unlabeled_ratio=2.0, loader_workers=workers, checkpoint_every=1)
     return _plan(
         cfg=cfg,
         labeled=tuple(str(p) for p in sorted((digits_root / "labeled").glob("*.tar"))),
-        pseudo=(PseudoSource(unlabeled, selection),),
+        pseudo=(_compact_source(tmp_path / "selection", unlabeled, copies),),
         pseudo_count=len(copies),
         metrics_path=str(tmp_path / "metrics.jsonl"),
     )
@@ -708,8 +797,10 @@ def test_byte_counts_reach_the_metrics_rows(trained, digits_root, tmp_path):
     plan = _byte_plan(digits_root, tmp_path, workers=0)
     train_model(plan, LocalHooks(tmp_path / "ckpt"))
     (row,) = read_metrics_lines((tmp_path / "metrics.jsonl").read_text())
-    _, sizes = _payload_sizes(plan.pseudo[0].shard)
+    _, sizes = _payload_sizes(plan.pseudo[0].shard)  # the compact shard: the selected samples only
     yielded = plan.steps_per_epoch(1) * plan.cfg.pseudo_batch
-    assert yielded * min(sizes[::3]) <= row["pseudo_trained_bytes"] <= yielded * max(sizes[::3])
-    assert row["pseudo_read_bytes"] > row["pseudo_trained_bytes"]
+    assert yielded * min(sizes) <= row["pseudo_trained_bytes"] <= yielded * max(sizes)
+    # read = trained + the samples still in the pseudo shuffle buffer (one batch)
+    extra = row["pseudo_read_bytes"] - row["pseudo_trained_bytes"]
+    assert plan.cfg.pseudo_batch * min(sizes) <= extra <= plan.cfg.pseudo_batch * max(sizes)
     assert row["labeled_read_bytes"] > 0 and row["labeled_trained_bytes"] > 0

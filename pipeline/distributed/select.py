@@ -1,14 +1,20 @@
-"""The select stage on Ray: three passes of per-shard tasks over the pseudo-label sidecars, never the images.
+"""The select stage on Ray: three passes of per-shard tasks over the pseudo-label sidecars; the last one also copies
+the selected images into compact training shards.
 
 1. histograms (``classes x bins`` per shard, summed in the driver) -> per-class boundary bins and copy counts;
 2. boundary candidates (a few rows per class and shard) -> exact per-class cutoffs;
-3. per-shard selection sidecars ``<out_dir>/<shard_id>.parquet``: ``key, shard, copies, label, confidence`` and,
-   with ``label_type: soft``, the teacher's soft label (``probs`` or ``topk_idx/topk_prob``). A shard with nothing
-   selected gets an empty file, so every unlabeled shard has exactly one selection sidecar.
+3. per shard: the compact training shard ``<out_dir>/<shard_id>.tar`` (the selected samples read from the
+   unlabeled shard once, copies materialised, in a seeded random order: ``stages/compact.py`` says why and how),
+   then the selection sidecar ``<out_dir>/<shard_id>.parquet`` in the same row order: ``key, shard, copies, label,
+   confidence`` and, with ``label_type: soft``, the teacher's soft label (``probs`` or ``topk_idx/topk_prob``). A
+   shard with nothing selected gets an empty sidecar and no tar, so every unlabeled shard has exactly one
+   selection sidecar.
 
-The driver holds histograms and cutoffs only. Pass 3 files carry the plan's digest in their footer; a re-run with
-the same inputs skips shards already written (resume), and a half-written file (temp name) is never trusted.
-``selection.json`` (the summary also recorded in the round manifest) and ``selection.png`` sit beside them.
+The driver holds histograms and cutoffs only. Pass 3 sidecars carry the plan's digest and their tar's size in
+their footer; a re-run with the same inputs skips shards already written (resume), and neither a half-written file
+(temp name) nor a sidecar whose tar is missing or of another size is trusted. ``selection.json`` (the summary also
+recorded in the round manifest; ``train_shards``, ``train_members``, ``train_bytes`` count the compact shards) and
+``selection.png`` sit beside them.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.distributed.runtime import run_tasks
-from stages.pseudo_label import read_footer, write_sidecar
+from stages.compact import selection_footer, write_selection
 from stages.select import (
     CandidateMerger,
     SelectConfig,
@@ -47,9 +53,8 @@ from stages.storage import (
 
 log = logging.getLogger(__name__)
 
-SELECTION_FORMAT = "selection/v1"
 SOFT_COLUMNS = ("probs", "topk_idx", "topk_prob")
-INLINE_BYTES = 16 << 20  # below this much sidecar data, the passes run in the driver
+INLINE_BYTES = 16 << 20  # below this much input (sidecars and the unlabeled shards pass 3 reads), run in the driver
 
 
 def _read(path: str, columns: list[str]) -> pa.Table:
@@ -74,7 +79,8 @@ def _candidates_task(path: str, plan: SelectPlan, cfg: SelectConfig) -> dict:
 
 
 def _write_task(path: str, out_path: str, plan: SelectPlan, cfg: SelectConfig, digest: str) -> dict:
-    """Writes one selection sidecar (unless a valid one with this plan exists); returns per-class counts."""
+    """Writes one compact training shard and its selection sidecar (unless valid ones for this plan exist); returns
+    per-class counts and the compact shard's ``train_members``/``train_bytes``."""
     num_classes = len(plan.boundary)
     existing = _selection_counts(out_path, digest, num_classes)
     if existing is not None:
@@ -93,18 +99,32 @@ def _write_task(path: str, out_path: str, plan: SelectPlan, cfg: SelectConfig, d
         "kept": np.bincount(labels[kept], minlength=num_classes).tolist(),
         "after": np.bincount(labels[kept], weights=copies[kept], minlength=num_classes).astype(int).tolist(),
     }
-    meta = {"format": SELECTION_FORMAT, "rows": str(len(kept)), "plan": digest, "counts": json.dumps(counts)}
-    write_sidecar(out.replace_schema_metadata(meta), out_path)
-    return counts | {"resumed": False}
+    train = write_selection(out, out_path, cfg.seed, plan=digest, counts=json.dumps(counts))
+    return counts | train | {"resumed": False}
 
 
 def _selection_counts(path: str, digest: str, num_classes: int) -> dict | None:
-    """Per-class counts of a complete selection sidecar written for this plan, or None."""
-    footer = read_footer(path, SELECTION_FORMAT)
-    if footer is None or footer[1].get(b"plan") != digest.encode():
+    """Per-class counts and compact-shard sizes of a complete selection written for this plan, or None."""
+    meta = selection_footer(path)
+    if meta is None or meta.get(b"plan") != digest.encode():
         return None
-    counts = json.loads(footer[1][b"counts"])
-    return counts if len(counts["kept"]) == num_classes else None
+    counts = json.loads(meta[b"counts"])
+    if len(counts["kept"]) != num_classes:
+        return None
+    return counts | {k: int(meta[k.encode()]) for k in ("train_members", "train_bytes")}
+
+
+def _input_bytes(sidecars: list[str], limit: int) -> int:
+    """The bytes the passes read: every sidecar, and the unlabeled shard each one labels (pass 3 reads it to copy
+    the selected samples). Counting stops once past ``limit``: only the inline-or-not decision needs it."""
+    total = sum(size(s) for s in sidecars)
+    for s in sidecars:
+        if total >= limit:
+            break
+        shards = _read(s, ["shard"]).column("shard")
+        if len(shards):
+            total += size(shards[0].as_py())
+    return total
 
 
 def plan_digest(plan: SelectPlan, cfg: SelectConfig, sidecars: list[str]) -> str:
@@ -126,8 +146,9 @@ def run_selection(
 ) -> dict:
     """Selects pseudo-labeled samples from per-shard sidecars; returns the summary (also ``selection.json``).
 
-    Sidecars totalling less than ``inline_bytes`` are processed in this process with the same functions: Ray
-    tasks would cost seconds of worker start-up for milliseconds of work (the digits default).
+    Inputs totalling less than ``inline_bytes`` (the sidecars and the unlabeled shards they label, ~1 MB for the
+    digits default) are processed in this process with the same functions: Ray tasks would cost seconds of worker
+    start-up for milliseconds of work.
     """
     import ray
 
@@ -135,7 +156,7 @@ def run_selection(
     out = join(out_dir)
     makedirs(out)
     n = len(sidecars)
-    inline = sum(size(s) for s in sidecars) < inline_bytes
+    inline = _input_bytes(sidecars, inline_bytes) < inline_bytes
     put = (lambda x: x) if inline else ray.put
     hist = np.zeros((num_classes, cfg.bins), dtype=np.int64)
     above = np.zeros(num_classes, dtype=np.int64)
@@ -156,12 +177,17 @@ def run_selection(
     kept = np.zeros(num_classes, dtype=np.int64)
     after = np.zeros(num_classes, dtype=np.int64)
     resumed = 0
+    train = dict.fromkeys(("train_shards", "train_members", "train_bytes"), 0)
     args = ((s, str(join(out, name(s))), plan_ref, cfg, digest) for s in sidecars)
     for counts in run_tasks(_write_task, args, n, "select 3/3", progress, inline):
         kept += counts["kept"]
         after += counts["after"]
         resumed += counts["resumed"]
+        train["train_shards"] += int(counts["train_members"] > 0)
+        train["train_members"] += counts["train_members"]
+        train["train_bytes"] += counts["train_bytes"]
     summary = summarize(hist, plan, kept, after, cfg)
+    summary.update(train)
     summary.update({"shards": n, "shards_resumed": resumed, "seconds": round(time.perf_counter() - start, 3)})
     summary["ran_as"] = "in-process" if inline else "ray tasks"
     atomic_write_json(join(out, "selection.json"), summary)

@@ -252,8 +252,8 @@ def run_trial(knobs: dict, setup: TuneSetup) -> None:
 def _trial_selection(cfg: PipelineConfig, setup: TuneSetup, work: Path):
     """The base run's round-1 soft labels at this trial's temperature, selected with its floor and K factor."""
     from pipeline.distributed.select import run_selection
+    from stages.compact import pseudo_sources
     from stages.data import expand_shards, shard_id
-    from stages.loader import PseudoSource
     from stages.pseudo_label import write_sidecar
     from stages.storage import read_table
     from stages.tuning import retemper_table
@@ -270,7 +270,7 @@ def _trial_selection(cfg: PipelineConfig, setup: TuneSetup, work: Path):
     select_cfg = dataclasses.replace(cfg.select, seed=round_seeds(cfg, 1)["select"])
     # in this process whatever the size: the trial holds its CPUs, Ray tasks would wait for more
     summary = run_selection(sidecars, str(work / "selection"), cfg.data.num_classes, select_cfg, False, 1 << 62)
-    pseudo = tuple(PseudoSource(s, str(work / "selection" / f"{shard_id(s)}.parquet")) for s in shards)
+    pseudo = tuple(pseudo_sources(work / "selection", shards))
     return pseudo, int(summary["copies_out"])
 
 
