@@ -117,7 +117,7 @@ def scale_rows(results: list[dict]) -> list[list[str]]:
                 f"{r['labeled']:,} / {r['unlabeled']:,} / {r['test']:,}",
                 r["setting"],
                 f"{r['driver_peak_rss_mb']:,.0f} MB",
-                _n(r["student_bytes_ratio"], 1),
+                _n(r["student_bytes_ratio"], 1 if r["student_bytes_ratio"] >= 10 else 3),
                 f"{r['seconds']:.0f} s",
                 shares,
                 machine(r),
