@@ -15,9 +15,9 @@ duplicated bytes once on disk, and buys a reader that never skips or buffers a s
 
 Resume. The tar is written first, then the sidecar, whose footer records the tar's sample count and file size
 (``train_members``, ``train_bytes``): a sidecar is trusted only with a tar of that size beside it (or no rows). A
-shard with nothing selected has an empty sidecar and no tar; ``pseudo_sources`` lists the others for training,
-from the sidecar footers (a selected shard whose tar is missing then fails loudly in the loader rather than being
-silently left out).
+shard with nothing selected has an empty sidecar and no tar (an earlier plan's is removed); ``pseudo_sources``
+lists the others for training, from the sidecar footers (a selected shard whose tar is missing then fails loudly
+in the loader rather than being silently left out).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from stages.data import DataError, iter_raw_samples, shard_id
 from stages.loader import PseudoSource
 from stages.pseudo_label import read_footer, write_sidecar
 from stages.select import copy_keys, training_order
-from stages.storage import Location, atomic_target, is_file, join, name, parent, size
+from stages.storage import Location, atomic_target, is_file, join, name, parent, remove_file, size
 
 SELECTION_FORMAT = "selection/v2"
 
@@ -79,6 +79,8 @@ def write_selection(table: pa.Table, path: Location, seed: int, **meta: str) -> 
     if table.num_rows:  # the tar first: a sidecar on disk vouches for the tar beside it
         keys, copies = table.column("key").to_numpy(zero_copy_only=False), table.column("copies").to_numpy()
         train = write_compact_shard(table.column("shard")[0].as_py(), keys, copies, compact_path(path))
+    else:  # nothing kept: a tar left by an earlier plan would only take disk space
+        remove_file(compact_path(path))
     footer = {"format": SELECTION_FORMAT, "rows": str(table.num_rows)} | {k: str(v) for k, v in train.items()}
     write_sidecar(table.replace_schema_metadata(footer | meta), path)
     return train

@@ -385,6 +385,19 @@ def modified(location: Location) -> float | None:
         return None
 
 
+def remove_file(location: Location) -> None:
+    """Delete a file or object if it is there (a missing one is not an error)."""
+    try:
+        if not is_url(location):
+            local_path(location).unlink(missing_ok=True)
+            return
+        fs, path = _fs_path(str(location))
+        if fs.exists(path):
+            fs.rm_file(path)
+    except OSError as exc:
+        raise write_error(location, exc) from exc
+
+
 def makedirs(location: Location) -> None:
     """A folder for a local location; nothing for a URL (object stores have no folders; writes make their own)."""
     if not is_url(location):

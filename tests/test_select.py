@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -318,6 +319,19 @@ def test_ray_stage_resumes_and_redoes_a_damaged_sidecar(ray_session, tmp_path):
     assert run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False)["shards_resumed"] == 2
     assert tar.read_bytes() == content
     check_compact_shards(tmp_path / "sel", sidecars, third)
+
+
+def test_a_shard_with_nothing_selected_keeps_no_compact_shard(tmp_path):
+    from stages.compact import compact_path, selection_footer, write_selection
+
+    (sidecar,) = write_random_sidecars(tmp_path / "pl", [5], 3, seed=0)
+    path = tmp_path / "sel" / "shard-0.parquet"
+    stale = compact_path(path)
+    stale.parent.mkdir()
+    stale.write_bytes(b"a tar an earlier plan wrote")
+    empty = pq.read_table(sidecar).slice(0, 0).append_column("copies", pa.array([], pa.int32()))
+    assert write_selection(empty, path, seed=0) == {"train_members": 0, "train_bytes": 0}
+    assert not stale.exists() and int(selection_footer(path)[b"rows"]) == 0
 
 
 def test_ray_stage_names_the_sidecar_with_bad_labels(ray_session, tmp_path):
