@@ -2,12 +2,13 @@
 
 A labeled shard is scanned once (``scan_labeled_shard``: decode every image, parse its ``.cls``) into a
 ``ShardIndex``: per usable sample its key, its label and the sha256 of its decoded pixels (``image_digest``, what the
-contamination guard compares), plus the unusable samples with their reasons. That is ~100 bytes a sample, so a
-driver holds an index of a million labeled images in ~100 MB, where the decoded images would take hundreds of GB
-at 224 px. The scans run as per-shard Ray tasks (``pipeline/distributed/data_check.py``) and are cached per shard
-identity (``stages.storage.stamp``: size and mtime, or an object's ETag): ``<cache>/<sha of the shard URL>.parquet``
-holds the index, its footer the identity, the channels and the class count it was scanned with; a run that finds
-a matching cache file (a resume, or another run over the same data) does not decode the shard again.
+contamination guard compares), plus the unusable samples with their reasons. That is ~160 bytes a sample in Python
+(16-character keys, measured), so a driver holds the index of a million labeled images in ~160 MB, where the
+decoded images would take hundreds of GB at 224 px. The scans run as per-shard Ray tasks
+(``pipeline/distributed/data_check.py``) and are cached per shard identity (``stages.storage.stamp``: size and
+mtime, or an object's ETag): ``<cache>/<sha of the shard URL>.parquet`` holds the index, its footer the identity,
+the channels and the unusable samples; a label at or above the run's class count forces a rescan (which reports it).
+A run that finds a matching cache file (a resume, or another run over the same data) does not decode the shard again.
 
 ``merge_indexes`` joins the shards of a split in shard order and enforces what ``stages.data.load_labeled`` did for
 an in-memory split: a shard with no sample, a split with no usable sample, too many unusable ones (one-line
