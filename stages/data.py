@@ -196,6 +196,21 @@ class LabeledSet:
         return LabeledSet([self.keys[i] for i in rows], [self.images[i] for i in rows], self.labels[rows], self.skipped)
 
 
+def labeled_samples(
+    url: str, num_classes: int, channels: int, skipped: list[dict]
+) -> Iterator[tuple[str, Image.Image, int]]:
+    """``(key, decoded image, label)`` of each usable sample of one labeled shard; each unusable one is appended to
+    ``skipped`` (shard, key, reason). A label out of range raises ``DataError`` (``parse_label``)."""
+    for sample in iter_raw_samples(url):
+        try:
+            image = decode_image(image_field(sample), channels)
+            label = parse_label(sample, num_classes)
+        except BadSample as exc:
+            skipped.append({"shard": url, "key": sample["__key__"], "reason": str(exc)})
+            continue
+        yield sample["__key__"], image, label
+
+
 def load_labeled(
     shards: Iterable[str], num_classes: int, channels: int, max_bad_fraction: float = 0.0, what: str = "labeled"
 ) -> LabeledSet:
@@ -203,14 +218,8 @@ def load_labeled(
     keys, images, labels, skipped = [], [], [], []
     for url in shards:
         n_before = len(keys) + len(skipped)
-        for sample in iter_raw_samples(url):
-            try:
-                image = decode_image(image_field(sample), channels)
-                label = parse_label(sample, num_classes)
-            except BadSample as exc:
-                skipped.append({"shard": url, "key": sample["__key__"], "reason": str(exc)})
-                continue
-            keys.append(sample["__key__"])
+        for key, image, label in labeled_samples(url, num_classes, channels, skipped):
+            keys.append(key)
             images.append(image)
             labels.append(label)
         if len(keys) + len(skipped) == n_before:

@@ -25,9 +25,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from stages.contamination import image_digest
-from stages.data import BadSample, DataError, check_usable, decode_image, image_field, iter_raw_samples, parse_label
+from stages.data import DataError, check_usable, labeled_samples
 from stages.storage import Location, StorageError, atomic_target, join, read_table, stamp
 
 log = logging.getLogger(__name__)
@@ -79,16 +80,10 @@ class ShardIndex:
 def scan_labeled_shard(shard: str, num_classes: int, channels: int) -> ShardIndex:
     """Decode every image of ``shard`` once; a truncated shard or a label out of range raises ``DataError``."""
     keys, labels, digests, skipped = [], [], [], []
-    for sample in iter_raw_samples(shard):
-        try:
-            digest = image_digest(decode_image(image_field(sample), channels))
-            label = parse_label(sample, num_classes)
-        except BadSample as exc:
-            skipped.append({"shard": shard, "key": sample["__key__"], "reason": str(exc)})
-            continue
-        keys.append(sample["__key__"])
+    for key, image, label in labeled_samples(shard, num_classes, channels, skipped):
+        keys.append(key)
         labels.append(label)
-        digests.append(digest)
+        digests.append(image_digest(image))
     return ShardIndex(shard, keys, np.asarray(labels, dtype=np.int64), digests, skipped)
 
 
@@ -96,12 +91,10 @@ def cache_path(cache_dir: Location, shard: str) -> Location:
     return join(cache_dir, hashlib.sha256(shard.encode()).hexdigest()[:32] + ".parquet")
 
 
-def read_cached(cache_dir: Location, shard: str, num_classes: int, channels: int) -> ShardIndex | None:
-    """The cached index of ``shard`` when it was scanned at its current identity with these settings, else None."""
-    path = cache_path(cache_dir, shard)
+def read_cached(cache_dir: Location, shard: str, identity: str, num_classes: int, channels: int) -> ShardIndex | None:
+    """The cached index of ``shard`` when it was scanned at ``identity`` (``stamp``) with these settings, else None."""
     try:
-        table = read_table(path)
-        identity = stamp(shard)
+        table = read_table(cache_path(cache_dir, shard))
     except (OSError, StorageError, pa.ArrowInvalid):
         return None
     meta = table.schema.metadata or {}
@@ -121,7 +114,7 @@ def read_cached(cache_dir: Location, shard: str, num_classes: int, channels: int
     )
 
 
-def write_cached(cache_dir: Location, index: ShardIndex, channels: int) -> None:
+def write_cached(cache_dir: Location, index: ShardIndex, identity: str, channels: int) -> None:
     """Best effort: a cache that cannot be written costs the next run a rescan, not this one its result."""
     table = pa.table(
         {
@@ -133,14 +126,12 @@ def write_cached(cache_dir: Location, index: ShardIndex, channels: int) -> None:
     meta = {
         "format": SCAN_FORMAT,
         "shard": index.shard,
-        "stamp": stamp(index.shard),
+        "stamp": identity,
         "channels": str(channels),
         "rows": str(len(index.keys)),
         "skipped": json.dumps(index.skipped),
     }
     try:
-        import pyarrow.parquet as pq
-
         with atomic_target(cache_path(cache_dir, index.shard)) as tmp:
             pq.write_table(table.replace_schema_metadata(meta), tmp)
     except (OSError, StorageError) as exc:
@@ -148,12 +139,18 @@ def write_cached(cache_dir: Location, index: ShardIndex, channels: int) -> None:
 
 
 def scan_or_cached(shard: str, num_classes: int, channels: int, cache_dir: str) -> ShardIndex:
-    """The index of one shard: from the cache when its identity matches, else scanned (and cached)."""
-    if cache_dir and (cached := read_cached(cache_dir, shard, num_classes, channels)) is not None:
+    """The index of one shard: from the cache when its identity matches, else scanned (and cached under the
+    identity it had before the scan, so a shard rewritten meanwhile is scanned again next time)."""
+    try:
+        identity = stamp(shard) if cache_dir else ""
+    except OSError:  # a shard that cannot be stat'ed: the scan reports it as one DataError line
+        identity = ""
+    if not identity:
+        return scan_labeled_shard(shard, num_classes, channels)
+    if (cached := read_cached(cache_dir, shard, identity, num_classes, channels)) is not None:
         return cached
     index = scan_labeled_shard(shard, num_classes, channels)
-    if cache_dir:
-        write_cached(cache_dir, index, channels)
+    write_cached(cache_dir, index, identity, channels)
     return index
 
 
