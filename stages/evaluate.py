@@ -16,16 +16,14 @@ The driver plans tasks and reads columns; it never decodes an image (``pipeline/
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 from torch import nn
 
 from stages.corruptions import corrupt, corruption_metrics
-from stages.data import DataError, LabeledSet, shard_id
-from stages.pseudo_label import PseudoLabelConfig, ShardLabeler, build_table, read_footer, write_sidecar
-from stages.storage import StorageError, join, read_table
+from stages.data import LabeledSet, shard_id
+from stages.pseudo_label import PseudoLabelConfig, ShardLabeler, read_footer
+from stages.storage import join, read_table
 from stages.transforms import card_transform
 
 EVAL_FORMAT = "eval/v1"
@@ -85,12 +83,10 @@ def eval_sidecar(out_dir, split: str, shard: str):
     return join(out_dir, split, f"{shard_id(shard)}.parquet")
 
 
-def eval_done(path, model_sha: str) -> dict | None:
-    """The footer of a complete sidecar written by this model, or None."""
+def eval_done(path, model_sha: str) -> bool:
+    """Whether ``path`` is a complete sidecar written by this model."""
     footer = read_footer(path, EVAL_FORMAT)
-    if footer is None or footer[1].get(b"model") != model_sha.encode():
-        return None
-    return {k.decode(): v.decode() for k, v in footer[1].items()}
+    return footer is not None and footer[1].get(b"model") == model_sha.encode()
 
 
 class ShardEvaluator(ShardLabeler):
@@ -114,34 +110,28 @@ class ShardEvaluator(ShardLabeler):
         self.model_sha, self.only, self.corruption_seed = model_sha, only or {}, corruption_seed
 
     def evaluate_task(self, shard: str, split: str, corruption: str = "", severity: int = 0) -> dict:
-        start, bad = time.perf_counter(), []
         path = eval_sidecar(self.out_dir, split, shard)
-        result = {"shard": shard, "split": split, "rows": 0, "error": "", "storage_error": "", "resumed": False}
-        result |= {"device": self.device.type, "decode": "cpu" if corruption else self.decode}
-        if eval_done(path, self.model_sha) is not None:
-            return result | {"resumed": True, "seconds": time.perf_counter() - start}
+        result = {"shard": shard, "split": split, "device": self.device.type, "decode": self.decode}
+        if corruption:
+            result["decode"] = "cpu"  # corruptions apply to PIL images
+        if eval_done(path, self.model_sha):
+            return result | {"rows": 0, "error": "", "storage_error": "", "resumed": True, "seconds": 0.0}
         prepare = None
         if corruption:
 
             def prepare(image, key):
                 return corrupt(image, corruption, severity, self.corruption_seed, key)
 
-        try:
-            keys, probs, truth = self.predict(shard, bad, self.only.get(split), prepare)
-        except DataError as exc:
-            return result | {"error": str(exc), "seconds": time.perf_counter() - start}
-        table = build_table(shard, keys, probs, truth, CORRUPTED_TOPK if corruption else 0, bad)
-        meta = dict(table.schema.metadata) | {
+        meta = {
             b"format": EVAL_FORMAT.encode(),
             b"model": self.model_sha.encode(),
             b"device": result["device"].encode(),
             b"decode": result["decode"].encode(),
         }
-        try:
-            write_sidecar(table.replace_schema_metadata(meta), path)
-        except StorageError as exc:
-            return result | {"storage_error": str(exc), "seconds": time.perf_counter() - start}
-        return result | {"rows": len(keys), "seconds": time.perf_counter() - start}
+        topk = CORRUPTED_TOPK if corruption else 0
+        done = self.write_labels(shard, path, topk, result, self.only.get(split), prepare, meta)
+        del done["bad"]  # listed in the sidecar's footer; every value of a row must be a scalar for Ray Data
+        return done | {"resumed": False}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = [

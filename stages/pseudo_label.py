@@ -268,26 +268,35 @@ class ShardLabeler:
         self.out_dir, self.cfg, self.channels = join(out_dir), cfg, channels  # a folder or a URL, from any node
 
     def label_shard(self, shard: str) -> dict:
-        """Label one shard and write its sidecar. An unreadable shard comes back as ``error``, a sidecar that
-        cannot be written (disk full, read-only) as ``storage_error``: both are one line for the driver to raise,
-        since an exception would reach it only as a Ray Data traceback."""
+        """Label one shard and write its sidecar (``write_labels``)."""
+        result = {"shard": shard, "device": self.device.type, "decode": self.decode}
+        return self.write_labels(shard, sidecar_path(self.out_dir, shard), self.cfg.topk, result)
+
+    def write_labels(
+        self,
+        shard: str,
+        path: Location,
+        topk: int,
+        result: dict,
+        only: frozenset[str] | None = None,
+        prepare: Prepare | None = None,
+        meta: dict[bytes, bytes] | None = None,
+    ) -> dict:
+        """``predict`` a shard and write its sidecar to ``path`` (``meta`` added to its footer); returns ``result``
+        with ``rows``, ``bad``, ``seconds``, ``error`` and ``storage_error``. An unreadable shard comes back as
+        ``error``, a sidecar that cannot be written (disk full, read-only) as ``storage_error``: both are one line
+        for the driver to raise, since an exception would reach it only as a Ray Data traceback."""
         start, bad = time.perf_counter(), []
-        result = {
-            "shard": shard,
-            "rows": 0,
-            "bad": bad,
-            "error": "",
-            "storage_error": "",
-            "device": self.device.type,
-            "decode": self.decode,
-        }
+        result = result | {"rows": 0, "bad": bad, "error": "", "storage_error": ""}
         try:
-            keys, probs, truth = self.predict(shard, bad)
+            keys, probs, truth = self.predict(shard, bad, only, prepare)
         except DataError as exc:
             return result | {"error": str(exc), "seconds": time.perf_counter() - start}
-        table = build_table(shard, keys, probs, truth, self.cfg.topk, bad)
+        table = build_table(shard, keys, probs, truth, topk, bad)
+        if meta:
+            table = table.replace_schema_metadata(dict(table.schema.metadata) | meta)
         try:
-            write_sidecar(table, sidecar_path(self.out_dir, shard))
+            write_sidecar(table, path)
         except StorageError as exc:
             return result | {"storage_error": str(exc), "seconds": time.perf_counter() - start}
         return result | {"rows": len(keys), "seconds": time.perf_counter() - start}

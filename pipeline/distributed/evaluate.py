@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from pipeline.config import LabelResources
 from pipeline.distributed.data_check import local_and_small
-from pipeline.distributed.pseudo_label import check_room
 from pipeline.distributed.runtime import actor_pool_rows
 from stages.data import DataError
 from stages.evaluate import ShardEvaluator
@@ -72,7 +71,6 @@ def run_evaluation(
         with bar:
             _collect((evaluator.evaluate_task(**t) for t in tasks), summary, bar)
     else:
-        check_room(resources)
         with (
             bar,
             actor_pool_rows(ShardEvaluator, kwargs | {"threads": resources.torch_threads()}, tasks, resources) as rows,
@@ -92,9 +90,8 @@ def _collect(rows, summary: dict, bar) -> None:
             errors.append(row["error"])
         summary["rows"] += int(row["rows"])
         summary["resumed"] += bool(row["resumed"])
-        for part in ("devices", "decode"):
-            key = row["device" if part == "devices" else "decode"]
-            summary[part][key] = summary[part].get(key, 0) + 1
+        summary["devices"][row["device"]] = summary["devices"].get(row["device"], 0) + 1
+        summary["decode"][row["decode"]] = summary["decode"].get(row["decode"], 0) + 1
         bar.update(1)
     if errors:
         raise DataError(f"evaluate: {len(errors)} unreadable shard(s): " + "; ".join(errors[:5]))

@@ -19,8 +19,7 @@ import time
 from tqdm import tqdm
 
 from pipeline.config import LabelResources
-from pipeline.distributed.runtime import actor_pool_rows, can_grow
-from pipeline.overrides import ConfigError
+from pipeline.distributed.runtime import actor_pool_rows
 from stages.data import DataError
 from stages.pseudo_label import PseudoLabelConfig, ShardLabeler, sidecar_info, sidecar_path
 from stages.storage import StorageError, join, makedirs
@@ -50,7 +49,6 @@ def run_pseudo_label(
     decodes: dict[str, int] = {}  # shards decoded per decoder ("gpu": nvJPEG, "cpu": PIL threads)
     startup = None  # seconds until the first actor began labeling: process start, imports, model load
     if todo:
-        check_room(resources)
         kwargs = {
             "model_dir": model_dir,
             "out_dir": str(out),
@@ -107,22 +105,3 @@ def run_pseudo_label(
         "decode": decodes,
         "sidecars": [str(sidecar_path(out, s)) for s in shards],
     }
-
-
-def check_room(resources: LabelResources) -> None:
-    """A label actor that fits on no node waits for the autoscaler to add one; on a local Ray that this process
-    started, nothing ever will, so that is one ``ConfigError`` line instead of a stage that waits forever."""
-    import ray
-
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    if resources.fits(nodes):
-        return
-    big = max(nodes, key=lambda n: (n.get("CPU", 0), n.get("GPU", 0)), default={})
-    largest = f"{big.get('CPU', 0):g} CPUs and {big.get('GPU', 0):g} GPUs"
-    if not can_grow():
-        raise ConfigError(
-            f"resources: a label actor needs {resources.describe()} (cpus_per_label_actor, gpus_per_label_actor), "
-            f"but this local Ray's largest node has {largest}; lower them, or join a cluster with such nodes "
-            "(RAY_ADDRESS)"
-        )
-    log.warning("pseudo-label: no node has %s for a label actor yet; waiting for the autoscaler", resources.describe())

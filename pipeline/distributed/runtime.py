@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
+from pipeline.overrides import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Ray Train 2.60's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), and a
@@ -102,10 +104,12 @@ def run_tasks(fn: Callable, args: Iterable[tuple], total: int, desc: str, progre
 def actor_pool_rows(cls: type, kwargs: dict, items: list[dict], resources) -> Iterator[Iterator[dict]]:
     """Streams ``items`` (one row each) through a Ray Data pool of ``cls(**kwargs)`` actors, sized and placed by
     ``resources`` (a ``pipeline.config.LabelResources``: autoscaling or fixed, CPUs and GPUs per actor); yields the
-    iterator of result rows. Leaving the block ends the dataset's execution, so no actor works on in the background."""
+    iterator of result rows. An actor that fits on no node is refused first (``check_room``). Leaving the block ends
+    the dataset's execution, so no actor works on in the background."""
     import ray
     from ray.data import ActorPoolStrategy
 
+    check_room(resources)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the stages draw their own bars, counting shards and images
     context.print_on_execution_start = False
@@ -120,6 +124,25 @@ def actor_pool_rows(cls: type, kwargs: dict, items: list[dict], resources) -> It
     )
     with contextlib.closing(iter(ds.iter_rows())) as rows:
         yield rows
+
+
+def check_room(resources) -> None:
+    """A label actor that fits on no node waits for the autoscaler to add one; on a local Ray that this process
+    started, nothing ever will, so that is one ``ConfigError`` line instead of a stage that waits forever."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if resources.fits(nodes):
+        return
+    big = max(nodes, key=lambda n: (n.get("CPU", 0), n.get("GPU", 0)), default={})
+    largest = f"{big.get('CPU', 0):g} CPUs and {big.get('GPU', 0):g} GPUs"
+    if not can_grow():
+        raise ConfigError(
+            f"resources: a label actor needs {resources.describe()} (cpus_per_label_actor, gpus_per_label_actor), "
+            f"but this local Ray's largest node has {largest}; lower them, or join a cluster with such nodes "
+            "(RAY_ADDRESS)"
+        )
+    log.warning("no node has %s for a label actor yet; waiting for the autoscaler", resources.describe())
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:
