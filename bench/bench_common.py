@@ -23,12 +23,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from stages.device import autocast, place_batch, place_model
+from stages.models.device import autocast, place_batch, place_model
 
 
 class Accel:
     """Where a bench's hand-written loop and bare pass run: the CPU, or with ``gpu`` the first CUDA device with
-    bf16 autocast and channels_last, through the stages' own ``stages.device`` (so the peers do the stage's work)."""
+    bf16 autocast and channels_last, through the stages' own ``stages.models.device`` (so the peers do the stage's
+    work)."""
 
     def __init__(self, gpu: bool) -> None:
         if gpu and not torch.cuda.is_available():

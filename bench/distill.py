@@ -38,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_common import add_result_args, save_result  # noqa: E402
 
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
-from stages.compact import pseudo_sources  # noqa: E402
-from stages.data import expand_shards, load_labeled, shard_id  # noqa: E402
-from stages.distill import DistillTermConfig, describe, needs_teacher  # noqa: E402
+from stages.data.compact import pseudo_sources  # noqa: E402
+from stages.data.shards import expand_shards, load_labeled, shard_id  # noqa: E402
 from stages.evaluate import evaluate  # noqa: E402
-from stages.models import create_model, model_card, save_model  # noqa: E402
+from stages.models.distill import DistillTermConfig, describe, needs_teacher  # noqa: E402
+from stages.models.factory import create_model, model_card, save_model  # noqa: E402
 from stages.train import LocalHooks, TrainPlan, train_model  # noqa: E402
 
 KD, AT, SP = DistillTermConfig("kd", 1.0, 4.0), DistillTermConfig("at", 100.0), DistillTermConfig("sp", 300.0)
@@ -66,7 +66,7 @@ METHODS: dict[str, tuple[tuple[DistillTermConfig, ...], str]] = {
 def ensure_data(cfg: PipelineConfig) -> None:
     root = cfg.data.prepare_digits
     if root and not all(any((Path(root) / s).glob("*.tar")) for s in ("labeled", "unlabeled", "test")):
-        from stages.digits import write_digits_shards
+        from stages.data.digits import write_digits_shards
 
         print(f"preparing the digits data in {root}: {write_digits_shards(root)}", flush=True)
 

@@ -1,7 +1,8 @@
 """The hand-written peers of the pseudo-label stage: what a competent user writes instead of the Ray stage.
 
-Used by ``bench/pseudo_label.py``; each variant decodes with the stage's own functions (``stages.data.decode_image``,
-``stages.transforms.clean_transform``), runs the same model and batch size, and brings the soft labels back to
+Used by ``bench/pseudo_label.py``; each variant decodes with the stage's own functions
+(``stages.data.shards.decode_image``,
+``stages.models.transforms.clean_transform``), runs the same model and batch size, and brings the soft labels back to
 the host:
 
 - ``serial``: one process, webdataset reading and decoding in series with the forward pass (the old bench loop);
@@ -34,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import Accel  # noqa: E402
 
-from stages.data import decode_image, image_field  # noqa: E402
-from stages.transforms import clean_transform  # noqa: E402
+from stages.data.shards import decode_image, image_field  # noqa: E402
+from stages.models.transforms import clean_transform  # noqa: E402
 
 
 class Decode:
@@ -127,7 +128,7 @@ def label_procs(teacher: Path, shards: list[str], n: int, gpu: bool, out: Path, 
 @torch.inference_mode()
 def run_part(args: argparse.Namespace) -> None:
     """One process of ``procs``: what a user's script does from its first line."""
-    from stages.models import load_model
+    from stages.models.factory import load_model
 
     torch.set_num_threads(1)
     accel = Accel(args.gpu)

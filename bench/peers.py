@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import add_result_args, save_result  # noqa: E402
 
-from stages.digits import split_digits  # noqa: E402
+from stages.data.digits import split_digits  # noqa: E402
 
 
 def peer_grid(seed: int = 0) -> dict[str, dict[str, object]]:

@@ -5,8 +5,8 @@
 The same work as ``python -m pipeline iterate`` with the same config, recipe, seeds and models: round 0 trains the
 teacher (``stages.train.train_model`` with ``LocalHooks``), then each round labels the unlabeled shards in this
 process (``ShardLabeler``, one process with every torch thread), selects with the reference selection
-(``stages.select.select_in_memory``) and writes the per-shard selection files and compact training shards the
-training stream reads (``stages.compact.write_selection``), trains the student and evaluates on the test shards
+(``stages.maths.selection.select_in_memory``) and writes the per-shard selection files and compact training shards the
+training stream reads (``stages.data.compact.write_selection``), trains the student and evaluates on the test shards
 (``stages.evaluate.evaluate``). What it leaves out is what the pipeline adds around the stages: Ray (start, actors,
 Ray Train), manifests and checksums, the data check, the report.
 
@@ -36,13 +36,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
-from stages.compact import pseudo_sources, write_selection  # noqa: E402
-from stages.data import LabeledSet, expand_shards, load_labeled, shard_id  # noqa: E402
+from stages.data.compact import pseudo_sources, write_selection  # noqa: E402
+from stages.data.loader import PseudoSource  # noqa: E402
+from stages.data.shards import LabeledSet, expand_shards, load_labeled, shard_id  # noqa: E402
 from stages.evaluate import evaluate  # noqa: E402
-from stages.loader import PseudoSource  # noqa: E402
-from stages.models import create_model, load_model, load_weights, model_card, save_model  # noqa: E402
+from stages.maths.selection import select_in_memory  # noqa: E402
+from stages.models.factory import create_model, load_model, load_weights, model_card, save_model  # noqa: E402
 from stages.pseudo_label import ShardLabeler  # noqa: E402
-from stages.select import select_in_memory  # noqa: E402
 from stages.train import LocalHooks, TrainPlan, read_metrics_lines, train_model  # noqa: E402
 
 SOFT_COLUMNS = ("probs", "topk_idx", "topk_prob")

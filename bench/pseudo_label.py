@@ -52,7 +52,7 @@ VARIANTS = ("serial", "loader", "procs")
 
 
 def save_teacher(out: Path, model: str, input_size: int) -> None:
-    from stages.models import ModelSpec, create_model, model_card, save_model
+    from stages.models.factory import ModelSpec, create_model, model_card, save_model
 
     spec = ModelSpec(model)
     save_model(create_model(spec, CLASSES, 3, noised=False), out, model_card(spec, CLASSES, 3, input_size, MEAN, STD))
@@ -74,7 +74,7 @@ def bench_bare(model: torch.nn.Module, images: int, size: int, accel: Accel) -> 
 
 def run_loops(args, teacher: Path, shards: list[str], stage_cpus: int, accel: Accel, work: Path) -> dict[str, dict]:
     """Every requested loop variant on the same shards; ``{name: {"images_per_s", ...}}``."""
-    from stages.models import load_model
+    from stages.models.factory import load_model
 
     model, card = load_model(teacher)
     model = accel.model(model)
@@ -169,7 +169,7 @@ def main() -> None:
         shards = make_shards(args.shards or root / "shards", args.images, args.image_size, args.encode)
         print(f"{args.images} images in {len(shards)} shards ready in {time.perf_counter() - t0:.1f} s", flush=True)
         save_teacher(root / "teacher", args.model, input_size)
-        from stages.models import load_model
+        from stages.models.factory import load_model
 
         bare_model = accel.model(load_model(root / "teacher")[0])
         bare = bench_bare(bare_model, min(args.images, 50_000 if args.gpu else 5_000), input_size, accel)

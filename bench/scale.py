@@ -26,7 +26,7 @@ Figures: ``stage_seconds`` from ``run.json`` and the log (``bench/e2e.py``'s ``p
 running Ray (imports, config, preflight: loading the labeled and test splits, ``ray.init``), the data check, each
 stage, the time between stages and after the last. ``student_bytes_ratio`` = bytes the student epoch read from the
 unlabeled shards / bytes of the pseudo-labeled samples it trained on (each copy counted), from
-``round-001/train_metrics.jsonl`` (tar payload bytes, counted by ``stages/loader.py``); ``bytes`` holds every count
+``round-001/train_metrics.jsonl`` (tar payload bytes, counted by ``stages/data/loader.py``); ``bytes`` holds every count
 and ratio, labeled and pseudo apart, teacher and student. Final line ``{"bench": "scale", ...}``, saved to
 ``--results``.
 """
@@ -60,7 +60,7 @@ from images import make_shards
 sys.path.insert(0, str(ROOT))  # again: e2e.py and images.py each move the first path entry last
 
 from pipeline.config import dump_config, load_config
-from stages.loader import BYTE_COUNTS
+from stages.data.loader import BYTE_COUNTS
 from stages.train import read_metrics_lines
 
 SEEDS = {"labeled": 1, "unlabeled": 2, "test": 3}  # one per split: no image is drawn twice
@@ -152,7 +152,7 @@ class DriverRss:
 
 
 def tar_payload_bytes(shards: list[str]) -> int:
-    """The members' bytes of these tars (what ``stages/loader.py`` counts as read), from their headers."""
+    """The members' bytes of these tars (what ``stages/data/loader.py`` counts as read), from their headers."""
     total = 0
     for shard in shards:
         with tarfile.open(shard) as tar:

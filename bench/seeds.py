@@ -91,7 +91,7 @@ def machine_facts() -> dict:
 
 def write_results(bench: str, payload: dict, folder: Path = ROOT / "bench" / "results") -> Path:
     """``<folder>/<bench>-<date>.json`` (a second one the same day gets the time too), written atomically."""
-    from stages.storage import atomic_write_json
+    from stages.storage.files import atomic_write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{bench}-{time.strftime('%Y-%m-%d')}.json"

@@ -78,7 +78,7 @@ def main() -> None:
 
     from pipeline.distributed.runtime import init_ray
     from pipeline.distributed.select import run_selection
-    from stages.select import SelectConfig
+    from stages.maths.selection import SelectConfig
 
     with tempfile.TemporaryDirectory(prefix="bench-select-", dir=args.dir or None) as tmp:
         root = Path(tmp)

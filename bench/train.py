@@ -49,7 +49,7 @@ from bench_common import Accel, add_result_args, save_result  # noqa: E402
 from images import ENCODINGS, make_shards  # noqa: E402
 from train_loops import bare_steps, hand_loop  # noqa: E402
 
-from stages.models import ModelSpec  # noqa: E402
+from stages.models.factory import ModelSpec  # noqa: E402
 from stages.train import TrainConfig, TrainPlan  # noqa: E402
 
 CLASSES, PER_EPOCH, RATIO = 10, 20, 3.0  # PER_EPOCH: steps per epoch the data is sized for
@@ -97,7 +97,7 @@ def fit_teacher(root: Path, labeled: list[str], count: int, size: int, device: s
     """A quickly trained ``resnet10t`` (2 epochs, in-process), saved as a round's model folder."""
     from safetensors.torch import load_file
 
-    from stages.models import create_model, model_card, save_model
+    from stages.models.factory import create_model, model_card, save_model
     from stages.train import LocalHooks, train_model
 
     spec, cfg = ModelSpec("resnet10t"), TrainConfig(epochs=2, batch_size=64, warmup_epochs=0, checkpoint_every=2)
@@ -112,10 +112,10 @@ def fit_teacher(root: Path, labeled: list[str], count: int, size: int, device: s
 def prepare_student(root: Path, labeled: list[str], count: int, unlabeled: list[str], size: int, device: str) -> dict:
     """Teacher, pseudo-label sidecars and selection by the real stage code (not timed)."""
     from pipeline.distributed.select import run_selection
-    from stages.compact import pseudo_sources
-    from stages.data import shard_id
+    from stages.data.compact import pseudo_sources
+    from stages.data.shards import shard_id
+    from stages.maths.selection import SelectConfig
     from stages.pseudo_label import PseudoLabelConfig, ShardLabeler
-    from stages.select import SelectConfig
 
     start = time.perf_counter()
     teacher = fit_teacher(root, labeled, count, size, device)

@@ -20,8 +20,8 @@ import torch
 from bench_common import Accel
 from torch.utils.data import DataLoader, IterableDataset
 
-from stages.data import decode_image, image_field
-from stages.models import ModelSpec, create_model
+from stages.data.shards import decode_image, image_field
+from stages.models.factory import ModelSpec, create_model
 from stages.train import TrainConfig, build_optimizer, noisy_student_loss
 
 
@@ -138,7 +138,7 @@ class Mixed(IterableDataset):
 
 def hand_loop(spec, cfg: TrainConfig, data: dict, steps: int, warmup: int, accel: Accel) -> float:
     """The teacher loop (``data["unlabeled"]`` empty) or the student loop; images/s over ``steps`` steps."""
-    from stages.transforms import noised_transform
+    from stages.models.transforms import noised_transform
 
     transform = noised_transform(data["size"], data["mean"], data["std"], spec.randaug_n, spec.randaug_m)
     pseudo_batch = cfg.pseudo_batch if data["unlabeled"] else 0

@@ -1,9 +1,9 @@
 """What the round loop chooses on, and how it records it: validation only, test reported, never used to choose.
 
 * ``load_validation``: the validation split from ``data.val`` shards, or carved from the labeled set
-  (``data.val_per_class``, ``stages/validation.py``); returns the labeled training part, the split and the record
+  (``data.val_per_class``, ``stages/maths/validation.py``); returns the labeled training part, the split and the record
   kept in ``run.json`` (``validation``). A resumed run whose carve would differ from the recorded one is refused.
-* ``round_seeds``: each round's training and selection seeds, derived from the run seed (``stages/stopping.py``).
+* ``round_seeds``: each round's training and selection seeds, derived from the run seed (``stages/maths/stopping.py``).
 * ``stop_record``: the stop rule and the best round (by validation) after each round, kept in ``run.json`` as
   ``stop``; ``python -m pipeline download RUN`` takes its ``best_round``.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 
 from pipeline.config import ConfigError, PipelineConfig
-from stages.data import expand_shards
-from stages.stopping import best_round, gains, round_seed, should_stop
-from stages.validation import S, carve_keys, split_off
+from stages.data.shards import expand_shards
+from stages.maths.stopping import best_round, gains, round_seed, should_stop
+from stages.maths.validation import S, carve_keys, split_off
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from pipeline.config import ConfigError, load_config
 from pipeline.own_data import add_commands
 from pipeline.report.data import ReportError
 from pipeline.report.text import columns as _columns
-from stages.data import DataError
-from stages.export import ExportError
-from stages.storage import StorageError, is_url, join, locate_run, modified, read_json
+from stages.data.shards import DataError
+from stages.models.export import ExportError
+from stages.storage.files import StorageError, is_url, join, locate_run, modified, read_json
 
 DEFAULT_CONFIG = "configs/digits.yaml"
 
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(args) -> int:
-    from stages.digits import write_digits_shards
+    from stages.data.digits import write_digits_shards
 
     counts = write_digits_shards(args.out, seed=args.seed, shards_per_split=args.shards)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -195,7 +195,7 @@ def cmd_prepare(args) -> int:
 def ensure_digits(root: str) -> None:
     """Write the default data set if the config asks for it and it is not there yet."""
     if root and not all(any((Path(root) / s).glob("*.tar")) for s in ("labeled", "unlabeled", "test", "val")):
-        from stages.digits import write_digits_shards
+        from stages.data.digits import write_digits_shards
 
         counts = write_digits_shards(root)
         print(f"prepared the default digits data in {root}: {counts}", file=sys.stderr)
@@ -337,7 +337,7 @@ def cmd_download(args) -> int:
     for folder in store.download(args.to, args.round_index, args.all):
         metrics = json.loads((folder / "metrics.json").read_text())
         print(f"{folder}: {metrics['model']}, test top-1 {metrics['test_top1'] * 100:.2f}% (sha256 verified)")
-    print(f"load it with: model, card = stages.models.load_model({str(folder)!r})")
+    print(f"load it with: model, card = stages.models.factory.load_model({str(folder)!r})")
     return 0
 
 

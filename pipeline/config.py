@@ -4,7 +4,7 @@
 (``pipeline/overrides.py``), then validates the tree once: an unknown key, a wrong type or a value out of range is one
 ``ConfigError`` line naming the field. ``configs/digits.yaml`` documents every key.
 
-Validation is pydantic v2's (``stages/config_types.py``: strict scalars, ``Many[T]``, the one-line message). Pydantic
+Validation is pydantic v2's (``stages/core/config.py``: strict scalars, ``Many[T]``, the one-line message). Pydantic
 dataclasses, not ``BaseModel``s: they stay standard-library dataclasses, so ``fields``, ``replace`` and ``asdict``
 keep working for their callers, and ``to_dict``/``digest`` (part of a run's resume identity) come out as before.
 """
@@ -23,16 +23,16 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeA
 from pydantic_core import ArgsKwargs
 
 from pipeline.overrides import ConfigError, apply_override, read_tree  # noqa: F401 (apply_override: part of this API)
-from stages.config_types import LATE, Many, config, identity_tree, one_line
-from stages.corruptions import RobustnessConfig
-from stages.distill import needs_features
-from stages.folder import read_classes
-from stages.models import ModelSpec, check_ladder
-from stages.online_distill import check_feature_pairs
+from stages.core.config import LATE, Many, config, identity_tree, one_line
+from stages.data.corruptions import RobustnessConfig
+from stages.data.folder import read_classes
+from stages.maths.selection import SelectConfig
+from stages.maths.stopping import StopConfig
+from stages.models.distill import needs_features
+from stages.models.factory import ModelSpec, check_ladder
+from stages.models.online_distill import check_feature_pairs
 from stages.pseudo_label import PseudoLabelConfig
-from stages.select import SelectConfig
-from stages.stopping import StopConfig
-from stages.storage import StorageError, check_storage
+from stages.storage.files import StorageError, check_storage
 from stages.train import TrainConfig
 
 
@@ -102,10 +102,11 @@ class DataConfig:
     by default that stops the run before round 0 (``pipeline/distributed/data_check.py``).
     ``classes``: class names by index, inline or the path of a ``classes.json`` (read here, so the run's config.yaml
     holds the names); ``num_classes`` follows from them. ``augment``: ``digits`` (resize, no crop or flip, the
-    default) or ``natural`` (timm's random-resized crop and flip, centre-crop evaluation; ``stages/transforms.py``).
+    default) or ``natural`` (timm's random-resized crop and flip, centre-crop evaluation;
+    ``stages/models/transforms.py``).
     ``mean``/``std`` left empty: the model's pretrained normalisation under ``natural``, 0.5 per channel otherwise.
     ``val`` (shards) or ``val_per_class`` (K per class carved from the labeled shards by ``val_seed``, never trained
-    on): the validation split every choice is made on (``stages/validation.py``); neither = no validation.
+    on): the validation split every choice is made on (``stages/maths/validation.py``); neither = no validation.
     """
 
     labeled: Shards = ()
@@ -227,7 +228,8 @@ class ResourcesConfig:
 @config
 class TeacherConfig(TrainConfig):
     """The round-0 teacher: ``TrainConfig`` plus where it starts. ``init``: weights to start training from (a
-    ``.safetensors`` state dict, a timm checkpoint, or a model folder of this pipeline; ``stages/pretrained.py``).
+    ``.safetensors`` state dict, a timm checkpoint, or a model folder of this pipeline;
+    ``stages/models/pretrained.py``).
     ``from_model``: a trained model folder (``model.json`` + ``model.safetensors``) that *is* round 0, not trained."""
 
     init: Annotated[StrictStr, LATE] = ""
@@ -255,7 +257,7 @@ class PipelineConfig:
     """One Noisy Student run: ``rounds`` student rounds after the round-0 teacher.
 
     ``storage``: where the run is written and read, by every node: a local folder, a shared filesystem, or an
-    object-store URL (``s3://bucket/runs``, ``gs://…``, any fsspec URL; ``stages/storage.py``).
+    object-store URL (``s3://bucket/runs``, ``gs://…``, any fsspec URL; ``stages/storage/files.py``).
     ``publish``: optional folder or fsspec URL
     (``s3://bucket/runs``) that receives each finished round's model, metrics and manifest (``rounds`` and
     ``download`` read from it).
@@ -263,8 +265,8 @@ class PipelineConfig:
     equal-or-larger students), ``compress`` (never more: knowledge compression into smaller students), ``any``
     (unchecked). Equal sizes pass both, since a ladder shorter than the run repeats its last rung.
     ``seed``: the run seed; every round's training and selection get their own seed derived from it and the stage's
-    ``seed`` key (``stages/stopping.round_seed``). ``stop``: the stop rule on validation (``stages/stopping.py``).
-    ``robustness``: corrupted copies of the test set scored every round (``stages/corruptions.py``).
+    ``seed`` key (``stages/stopping.round_seed``). ``stop``: the stop rule on validation (``stages/maths/stopping.py``).
+    ``robustness``: corrupted copies of the test set scored every round (``stages/data/corruptions.py``).
     """
 
     name: StrictStr = "run"
@@ -322,7 +324,7 @@ class PipelineConfig:
 
     def identity(self) -> dict:
         """``to_dict`` without the keys added later that hold their defaults: what the digests hash, so a run started
-        before a key existed keeps its identity (``stages.config_types.LATE``)."""
+        before a key existed keeps its identity (``stages.core.config.LATE``)."""
         return json.loads(json.dumps(identity_tree(self)))
 
     def digest(self) -> str:

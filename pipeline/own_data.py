@@ -3,7 +3,8 @@
 ``python -m pipeline prepare-folder SRC --out DIR`` (or ``--csv FILE``) writes WebDataset shards, ``classes.json``
 and ``data.yaml`` (``pipeline/distributed/folder.py``); ``predict --model DIR IMAGE…`` classifies files with a round's
 model, by class name (``--json`` for a machine-readable list); ``export RUN --format onnx|torchscript --to FILE``
-writes a round's model with its class names and preprocessing and checks it against PyTorch (``stages/export.py``).
+writes a round's model with its class names and preprocessing and checks it against PyTorch
+(``stages/models/export.py``).
 Registered by ``pipeline/cli.py``, which prints the one-line ``error:`` for the errors raised here.
 """
 
@@ -15,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from stages.data import DataError
+from stages.data.shards import DataError
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 
@@ -103,9 +104,9 @@ def cmd_prepare_folder(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from stages.data import BadSample, decode_image
+    from stages.data.shards import BadSample, decode_image
     from stages.evaluate import predict_probs
-    from stages.models import load_model
+    from stages.models.factory import load_model
 
     model_dir = Path(args.model)
     if not (model_dir / "model.json").is_file() or not (model_dir / "model.safetensors").is_file():
@@ -152,7 +153,7 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from pipeline.cluster.run_store import RunStore
-    from stages.export import export_model
+    from stages.models.export import export_model
 
     for chatty in ("onnx_ir", "onnxscript"):  # a line per optimisation pass at INFO
         logging.getLogger(chatty).setLevel(logging.WARNING)
@@ -182,7 +183,7 @@ def test_images(store, count: int) -> list:
     """The first ``count`` images of the run's test shards (its config.yaml), or none when they cannot be read."""
     import yaml
 
-    from stages.data import BadSample, decode_image, expand_shards, image_field, iter_raw_samples
+    from stages.data.shards import BadSample, decode_image, expand_shards, image_field, iter_raw_samples
 
     try:
         data = yaml.safe_load(_read_text(store, "config.yaml")).get("data", {})
@@ -201,6 +202,6 @@ def test_images(store, count: int) -> list:
 
 
 def _read_text(store, rel: str) -> str:
-    from stages.storage import join, read_text
+    from stages.storage.files import join, read_text
 
     return read_text(join(store.location, rel))

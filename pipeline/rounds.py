@@ -38,15 +38,16 @@ from pipeline.distributed.select import run_selection
 from pipeline.distributed.train import run_training
 from pipeline.report.page import refresh_report
 from pipeline.report.tracking import track_round
-from stages.compact import SELECTION_FORMAT, pseudo_sources
-from stages.corruptions import variants
-from stages.data import DataError, expand_shards, shard_id
+from stages.data.compact import SELECTION_FORMAT, pseudo_sources
+from stages.data.corruptions import variants
+from stages.data.labeled_scan import LabeledIndex
+from stages.data.loader import PseudoSource
+from stages.data.shards import DataError, expand_shards, shard_id
 from stages.evaluate import eval_metrics, eval_sidecar, split_name
-from stages.labeled_scan import LabeledIndex
-from stages.loader import PseudoSource
-from stages.models import atomic_save_safetensors, check_classifier, model_card
-from stages.pretrained import absolute, adopt_model, check_teacher_source, source_digest
-from stages.storage import (
+from stages.models.factory import atomic_save_safetensors, check_classifier, model_card
+from stages.models.pretrained import absolute, adopt_model, check_teacher_source, source_digest
+from stages.models.transforms import preprocessing
+from stages.storage.files import (
     Location,
     RoundManifest,
     StorageError,
@@ -66,7 +67,6 @@ from stages.storage import (
     storage_error,
 )
 from stages.train import TrainPlan
-from stages.transforms import preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,10 @@ STAGES = ("pseudo_label", "select", "train", "evaluate")
 @dataclass
 class RunContext:
     cfg: PipelineConfig
-    run_dir: Location  # a local folder, or a URL (stages/storage.py)
+    run_dir: Location  # a local folder, or a URL (stages/storage/files.py)
     labeled_shards: list[str]
     unlabeled_shards: list[str]
-    labeled: LabeledIndex  # keys, labels and pixel digests: the driver holds no image (stages/labeled_scan.py)
+    labeled: LabeledIndex  # keys, labels and pixel digests: the driver holds no image (stages/data/labeled_scan.py)
     test: LabeledIndex
     params: dict[int, int]
     progress: bool = True
@@ -149,7 +149,7 @@ def stage_config_digest(cfg: PipelineConfig) -> str:
     ``publish`` (what the run is called, where it lives and is copied to), ``data.allow_test_overlap`` (it only
     lets the data check pass) and ``stop`` (it decides whether a next round runs, not what one computes): none
     changes what a stage computes, so none makes a finished stage stale."""
-    tree = cfg.identity()  # keys added later are left out at their defaults (stages.config_types.LATE)
+    tree = cfg.identity()  # keys added later are left out at their defaults (stages.core.config.LATE)
     tree.pop("tracking", None)  # where results are logged, like publish
     for key in ("rounds", "name", "storage", "publish", "stop"):
         tree.pop(key)

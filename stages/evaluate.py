@@ -4,7 +4,8 @@ The model runs un-noised (eval mode, clean resize), exactly as when it pseudo-la
 ``ShardEvaluator`` is a ``ShardLabeler`` (``stages/pseudo_label.py``: model loaded once, decode threads or nvJPEG,
 bf16 and channels_last on a GPU) that writes ``<out_dir>/<split>/<shard_id>.parquet`` per task. A task is a shard
 of one split: ``test``, ``val`` (only the carved keys when the validation split is carved from the labeled shards)
-or ``test-<corruption>-<severity>`` (each image corrupted where it is decoded, ``stages/corruptions.py``). A sidecar
+or ``test-<corruption>-<severity>`` (each image corrupted where it is decoded, ``stages/data/corruptions.py``). A
+sidecar
 holds ``key, shard, label`` (predicted), ``confidence``, ``true_label`` and the probabilities (``probs``; top-5 for
 corrupted copies, which only count top-1); its footer records the device and decoder it ran on and the sha256 of the
 model, so an interrupted stage resumes with the shards it has not done. ``eval_metrics`` reads only the label,
@@ -20,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.corruptions import corrupt, corruption_metrics
-from stages.data import LabeledSet, shard_id
+from stages.data.corruptions import corrupt, corruption_metrics
+from stages.data.shards import LabeledSet, shard_id
+from stages.models.transforms import card_transform
 from stages.pseudo_label import PseudoLabelConfig, ShardLabeler, read_footer
-from stages.storage import join, read_table
-from stages.transforms import card_transform
+from stages.storage.files import join, read_table
 
 EVAL_FORMAT = "eval/v1"
 CORRUPTED_TOPK = 5

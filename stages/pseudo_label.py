@@ -31,12 +31,20 @@ from PIL import Image
 from pydantic import Field, StrictFloat, StrictInt
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from stages.config_types import config
-from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, optional_label, shard_id
-from stages.device import autocast, place_batch, place_model
-from stages.models import load_model
-from stages.storage import Location, StorageError, atomic_target, join, open_read
-from stages.transforms import card_transform, tensor_transform
+from stages.core.config import config
+from stages.data.shards import (
+    BadSample,
+    DataError,
+    decode_image,
+    image_field,
+    iter_raw_samples,
+    optional_label,
+    shard_id,
+)
+from stages.models.device import autocast, place_batch, place_model
+from stages.models.factory import load_model
+from stages.models.transforms import card_transform, tensor_transform
+from stages.storage.files import Location, StorageError, atomic_target, join, open_read
 
 SIDECAR_FORMAT = "pseudo_labels/v1"
 Prepare = Callable[[Image.Image, str], Image.Image]
@@ -136,7 +144,8 @@ def _list_column(matrix: np.ndarray, dtype: pa.DataType) -> pa.Array:
 
 
 def write_sidecar(table: pa.Table, path: Location) -> None:
-    """Write atomically (``stages.storage.atomic_target``); a failed write is a ``StorageError`` naming ``path``."""
+    """Write atomically (``stages.storage.files.atomic_target``); a failed write is a ``StorageError`` naming
+    ``path``."""
     with atomic_target(path) as tmp:
         pq.write_table(table, tmp)
 

@@ -7,14 +7,14 @@ ones, so a student epoch is ``ceil(pseudo_total / (pseudo_batch * W))`` steps an
 ``ceil(labeled_total / (batch_size * W))`` steps, on every worker alike (``steps_per_epoch``).
 
 Loss: ``CE(labeled, label_smoothing) + pseudo_weight * soft-target CE(pseudo)``, computed over one forward
-pass of the mixed batch. With ``distill`` terms (``stages/distill.py``) the student stage adds the weighted
+pass of the mixed batch. With ``distill`` terms (``stages/models/distill.py``) the student stage adds the weighted
 distillation objective: the frozen previous-round model runs beside the noised student on the clean view of the
 same batch when ``online_teacher`` is on, a DML peer trains alongside with the same supervised loss
-(``stages/online_distill.py``). ``pseudo_weight: 0`` then distils instead of learning from the stored soft labels
+(``stages/models/online_distill.py``). ``pseudo_weight: 0`` then distils instead of learning from the stored soft labels
 (the selected images are still what the student reads).
 
 Each epoch's row in ``metrics_path`` (``train_metrics.jsonl``) holds its mean losses, images/s, and the bytes the
-input stream read from the shards and trained on, labeled and pseudo-labeled apart (``stages.loader.BYTE_COUNTS``;
+input stream read from the shards and trained on, labeled and pseudo-labeled apart (``stages.data.loader.BYTE_COUNTS``;
 summed over DataLoader workers by the batches that carry them, and over training workers by one all-reduce).
 
 The loop is plain PyTorch; the distributed edge (Ray Train) comes in through ``TrainHooks``: ``prepare`` (DDP),
@@ -38,16 +38,16 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from stages import storage
-from stages.checkpoint import load_checkpoint, read_state, save_checkpoint
-from stages.config_types import Many, config
-from stages.device import autocast, place_batch, place_model
-from stages.distill import DistillTermConfig, Weighting, check_terms, needs_features
-from stages.loader import BYTE_COUNTS, MixedStream, PseudoSource
-from stages.models import ModelSpec, create_model, load_weights, unwrap
-from stages.online_distill import DistillStudent, OnlineTeacher, build_distill
-from stages.pretrained import create_from_weights
-from stages.transforms import card_transform, check_ops, train_transform
+from stages.core.config import Many, config
+from stages.data.loader import BYTE_COUNTS, MixedStream, PseudoSource
+from stages.models.checkpoint import load_checkpoint, read_state, save_checkpoint
+from stages.models.device import autocast, place_batch, place_model
+from stages.models.distill import DistillTermConfig, Weighting, check_terms, needs_features
+from stages.models.factory import ModelSpec, create_model, load_weights, unwrap
+from stages.models.online_distill import DistillStudent, OnlineTeacher, build_distill
+from stages.models.pretrained import create_from_weights
+from stages.models.transforms import card_transform, check_ops, train_transform
+from stages.storage import files as storage
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +178,12 @@ class TrainPlan:
     init_weights: str = ""
     threads: int = 0
     teacher_dir: str = ""
-    init_from: str = ""  # teacher.init: weights loaded through timm (stages/pretrained.py)
+    init_from: str = ""  # teacher.init: weights loaded through timm (stages/models/pretrained.py)
     preprocess: tuple[tuple[str, object], ...] = ()  # model.json's input items beyond mean/std (augment, crop_pct)
 
     @property
     def card(self) -> dict:
-        """The input half of this plan's model card (what ``stages.transforms`` reads)."""
+        """The input half of this plan's model card (what ``stages.models.transforms`` reads)."""
         size = [self.channels, self.image_size, self.image_size]
         return {"input_size": size, "mean": self.mean, "std": self.std, **dict(self.preprocess)}
 
@@ -379,7 +379,7 @@ def _train_one_epoch(
     model.train()
     sums: dict[str, float] = {}
     images, start = 0, time.perf_counter()
-    shard_bytes = torch.zeros(len(BYTE_COUNTS), dtype=torch.int64)  # summed from the batches (stages/loader.py)
+    shard_bytes = torch.zeros(len(BYTE_COUNTS), dtype=torch.int64)  # summed from the batches (stages/data/loader.py)
     for _ in range(per_epoch):
         batch = next(batches)
         shard_bytes += batch["bytes"]

@@ -70,7 +70,7 @@ def s3_bucket():
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     """The real default data set written as shards once per session."""
-    from stages.digits import write_digits_shards
+    from stages.data.digits import write_digits_shards
 
     root = tmp_path_factory.mktemp("digits")
     write_digits_shards(root)

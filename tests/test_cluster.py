@@ -186,9 +186,9 @@ def test_rounds_download_and_predict(finished_run, tmp_path, capsys, digits_root
     images = [str(tmp_path / m.name) for m in pngs]
     assert main(["predict", "--model", str(tmp_path / "dl" / "round-001"), *images]) == 0
     lines = capsys.readouterr().out.strip().splitlines()[2:]
-    from stages.data import decode_image
+    from stages.data.shards import decode_image
     from stages.evaluate import predict_probs
-    from stages.models import load_model
+    from stages.models.factory import load_model
 
     model, card = load_model(tmp_path / "dl" / "round-001")
     probs = predict_probs(model, [decode_image(Path(p).read_bytes(), 1) for p in images], card)
@@ -412,9 +412,9 @@ def test_submitted_run_on_a_two_node_cluster(loopback_cluster, s3_bucket, tmp_pa
     assert sorted(p.name for p in work.iterdir()) == ["digits", "tiny.yaml"]
 
     assert main(["download", "c1", "--all", "--to", "ckpt", "--storage", url]) == 0
-    from stages.data import expand_shards, load_labeled
+    from stages.data.shards import expand_shards, load_labeled
     from stages.evaluate import evaluate
-    from stages.models import load_model
+    from stages.models.factory import load_model
 
     test = load_labeled(expand_shards([f"{work}/digits/test/*.tar"]), 10, 1, 0.0, "test")
     for r in (0, 1):

@@ -20,7 +20,7 @@ from pipeline.config import (
     dump_config,
     load_config,
 )
-from stages.models import ModelSpec
+from stages.models.factory import ModelSpec
 from stages.pseudo_label import PseudoLabelConfig
 from stages.train import TrainConfig
 from tests.conftest import tiny_tree

@@ -1,4 +1,5 @@
-"""The contamination guard (stages/contamination.py, pipeline/distributed/data_check.py): test images in the training
+"""The contamination guard (stages/data/contamination.py, pipeline/distributed/data_check.py): test images in the
+training
 data are found by their decoded pixels and refused with one line; unlabeled duplicates are counted in bounded memory."""
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import pytest
 from PIL import Image
 
 from pipeline.distributed.data_check import check_data, scan_data
-from stages.contamination import DuplicateCounter, image_digest
-from stages.data import DataError, decode_image, expand_shards, iter_raw_samples, write_shards
-from stages.labeled_scan import scan_split
+from stages.data.contamination import DuplicateCounter, image_digest
+from stages.data.labeled_scan import scan_split
+from stages.data.shards import DataError, decode_image, expand_shards, iter_raw_samples, write_shards
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

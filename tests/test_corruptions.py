@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.corruptions import CORRUPTIONS, RobustnessConfig, corrupt, corruption_metrics, variants
-from stages.digits import split_digits
+from stages.data.corruptions import CORRUPTIONS, RobustnessConfig, corrupt, corruption_metrics, variants
+from stages.data.digits import split_digits
 
 
 def corrupt_all(images, cfg):

@@ -1,4 +1,5 @@
-"""stages/data.py and stages/digits.py: shard patterns and ids, decoding, labels, damaged shards, the digits split."""
+"""stages/data/shards.py and stages/data/digits.py: shard patterns and ids, decoding, labels, damaged shards, the digits
+split."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.data import (
+from stages.data.digits import split_digits
+from stages.data.shards import (
     BadSample,
     DataError,
     decode_image,
@@ -24,7 +26,6 @@ from stages.data import (
     shard_id,
     write_shards,
 )
-from stages.digits import split_digits
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:

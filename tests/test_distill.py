@@ -1,4 +1,5 @@
-"""stages/distill.py, stages/online_distill.py: every loss against hand-computed values, every loss trains, stage
+"""stages/models/distill.py, stages/models/online_distill.py: every loss against hand-computed values, every loss
+trains, stage
 pairing, learned weights, the online teacher (clean view, eval, no grad), the loader's two views, config checks."""
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, load_config
-from stages.data import decode_image, image_field, iter_raw_samples, parse_label
-from stages.distill import (
+from stages.data.loader import MixedStream
+from stages.data.shards import decode_image, image_field, iter_raw_samples, parse_label
+from stages.models.distill import (
     DISTILL_LOSSES,
     AttentionTransferLoss,
     DistillLoss,
@@ -30,11 +32,10 @@ from stages.distill import (
     pair_stages,
     term_pairs,
 )
-from stages.loader import MixedStream
-from stages.models import ModelSpec, create_model, model_card, save_model
-from stages.online_distill import OnlineTeacher, build_distill, stage_shapes
+from stages.models.factory import ModelSpec, create_model, model_card, save_model
+from stages.models.online_distill import OnlineTeacher, build_distill, stage_shapes
+from stages.models.transforms import clean_transform
 from stages.train import LocalHooks, TrainConfig, TrainPlan, train_model
-from stages.transforms import clean_transform
 from tests.conftest import tiny_tree
 
 LN = math.log

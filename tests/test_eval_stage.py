@@ -9,11 +9,11 @@ import pytest
 
 from pipeline.config import LabelResources
 from pipeline.distributed.evaluate import evaluation_inline, run_evaluation
-from stages.corruptions import corrupt
-from stages.data import expand_shards, load_labeled
+from stages.data.corruptions import corrupt
+from stages.data.shards import expand_shards, load_labeled
 from stages.evaluate import eval_metrics, eval_sidecar, evaluate, predict_probs, split_name
-from stages.models import ModelSpec, create_model, load_model, model_card, save_model
-from stages.storage import sha256_file
+from stages.models.factory import ModelSpec, create_model, load_model, model_card, save_model
+from stages.storage.files import sha256_file
 
 
 @pytest.fixture(scope="module")

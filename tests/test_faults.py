@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.data import expand_shards, iter_raw_samples, write_shards
+from stages.data.shards import expand_shards, iter_raw_samples, write_shards
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ class Killer(threading.Thread):
 def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, digits_root, tmp_path):
     from pipeline.config import LabelResources
     from pipeline.distributed.pseudo_label import run_pseudo_label
-    from stages.models import ModelSpec, create_model, model_card, save_model
+    from stages.models.factory import ModelSpec, create_model, model_card, save_model
     from stages.pseudo_label import PseudoLabelConfig, sidecar_path
 
     # 24 shards of 250 (the digits unlabeled images, repeated under new keys): long enough to kill mid-stage.
@@ -101,7 +101,7 @@ def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, dig
 
 def digits_train_plan(digits_root: Path, tmp_path: Path, epochs: int):
     """A small teacher run on the real digits labeled shards: 100 images, batch 16, a checkpoint per epoch."""
-    from stages.models import ModelSpec
+    from stages.models.factory import ModelSpec
     from stages.train import TrainConfig, TrainPlan
 
     return TrainPlan(
@@ -219,9 +219,9 @@ def check_student_round(run_dir: Path, r: int, cfg, unlabeled_shards: list[str])
     import numpy as np
 
     from pipeline.choices import round_seeds
+    from stages.maths.selection import select_in_memory
     from stages.pseudo_label import read_footer
-    from stages.select import select_in_memory
-    from stages.storage import RoundManifest, verify_entry
+    from stages.storage.files import RoundManifest, verify_entry
 
     rdir = run_dir / f"round-{r:03d}"
     manifest = RoundManifest(rdir)
@@ -274,7 +274,7 @@ def test_driver_killed_at_every_boundary_and_mid_stage_resumes_losing_nothing(ra
     (its log line), which is as close to mid-stage as they can be hit reliably.
     """
     from pipeline.config import dump_config
-    from stages.storage import RoundManifest
+    from stages.storage.files import RoundManifest
 
     cfg, run = copy_finished_run(finished_run, tmp_path / "runs")
     before = {r: (run / f"round-{r:03d}" / "manifest.json").read_text() for r in (0, 1)}
@@ -383,11 +383,11 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
     two of its four sidecars. Each time: exit 2 and one ``error:`` line naming the file, no temporary left, the stage
     not in the manifest. (3) Writable again, the run resumes the stages from the files they had completed."""
     import pipeline.rounds
-    import stages.compact
+    import stages.data.compact
     from pipeline.cli import main
     from pipeline.config import dump_config
     from stages.pseudo_label import sidecar_info
-    from stages.storage import RoundManifest
+    from stages.storage.files import RoundManifest
 
     cfg, run = copy_finished_run(finished_run, small_disk.path)
     config = tmp_path / "config.yaml"
@@ -396,7 +396,7 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
     rdir = run / "round-002"
     # A pseudo-label sidecar takes the pages of its round-1 twin (same rows and columns): leave room for one only.
     pages = max(-(-p.stat().st_size // 4096) for p in (run / "round-001" / "pseudo_labels").glob("*.parquet"))
-    label, write_sidecar = pipeline.rounds.run_pseudo_label, stages.compact.write_sidecar
+    label, write_sidecar = pipeline.rounds.run_pseudo_label, stages.data.compact.write_sidecar
     left = []
 
     def fill_then_label(*args, **kwargs):
@@ -435,7 +435,7 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
             small_disk.read_only(True)
         return write_sidecar(table, path)
 
-    monkeypatch.setattr(stages.compact, "write_sidecar", turn_read_only_on_the_third)
+    monkeypatch.setattr(stages.data.compact, "write_sidecar", turn_read_only_on_the_third)
     say("injected: space freed, then the disk remounted read-only before the 3rd of 4 selection sidecars")
     refused("Read-only file system", "selection")
     written = sorted((rdir / "selection").glob("*.parquet"))
@@ -443,7 +443,7 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
     assert len(written) == 2 and "select" not in RoundManifest(rdir).data["stages"]
 
     small_disk.read_only(False)
-    monkeypatch.setattr(stages.compact, "write_sidecar", write_sidecar)
+    monkeypatch.setattr(stages.data.compact, "write_sidecar", write_sidecar)
     # a compact shard lost after its sidecar was written: that sidecar is not trusted on resume, both are rewritten
     tars = [p.with_suffix(".tar") for p in written if p.with_suffix(".tar").exists()]
     tars[0].unlink()

@@ -1,4 +1,4 @@
-"""stages/folder.py and prepare-folder in this process: scanning, shard plans, byte-exact copies, skipped files,
+"""stages/data/folder.py and prepare-folder in this process: scanning, shard plans, byte-exact copies, skipped files,
 re-runs, the CSV form, and bad input refused with one line (the Ray fan-out runs in tests/test_own_data.py)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.distributed.folder import prepare_folder
-from stages.data import expand_shards, iter_raw_samples
-from stages.folder import read_classes, scan_csv, scan_folder
+from stages.data.folder import read_classes, scan_csv, scan_folder
+from stages.data.shards import expand_shards, iter_raw_samples
 from tests.conftest import tiny_tree
 
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages.data import decode_image, iter_raw_samples
+from stages.data.shards import decode_image, iter_raw_samples
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,7 +25,7 @@ pytestmark = [
 def _teacher(tmp_path, channels: int, size: int, mean: tuple) -> str:
     """A resnet10t whose outputs differ between images: BatchNorm statistics moved, the head scaled up so the
     top two classes stand apart (a fresh head gives near-uniform outputs, where bf16 flips argmaxes at random)."""
-    from stages.models import ModelSpec, create_model, model_card, save_model
+    from stages.models.factory import ModelSpec, create_model, model_card, save_model
 
     spec = ModelSpec("resnet10t")
     torch.manual_seed(0)
@@ -65,9 +65,9 @@ def _agree_but_for_near_ties(got: np.ndarray, want: np.ndarray, what: str) -> No
 def test_two_label_actors_share_one_gpu_and_agree_with_the_cpu(ray_session, digits_root, tmp_path):
     from pipeline.config import LabelResources
     from pipeline.distributed.pseudo_label import run_pseudo_label
-    from stages.models import load_model
+    from stages.models.factory import load_model
+    from stages.models.transforms import clean_transform
     from stages.pseudo_label import PseudoLabelConfig, sidecar_path
-    from stages.transforms import clean_transform
 
     teacher = _teacher(tmp_path, 1, 16, (0.5,))
     shards = sorted(str(p) for p in (digits_root / "unlabeled").glob("*.tar"))
@@ -107,7 +107,7 @@ def test_gpu_decoding_labels_as_the_cpu_decoding_does(ray_session, tmp_path):
 
     from pipeline.config import LabelResources
     from pipeline.distributed.pseudo_label import run_pseudo_label
-    from stages.data import write_shards
+    from stages.data.shards import write_shards
     from stages.pseudo_label import PseudoLabelConfig, ShardLabeler
 
     rng = np.random.default_rng(0)

@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 
-import stages.labeled_scan
+import stages.data.labeled_scan
 from pipeline.distributed.data_check import scan_labeled_splits
-from stages.contamination import image_digest
-from stages.data import DataError, expand_shards, load_labeled, write_shards
-from stages.labeled_scan import LabeledIndex, scan_or_cached, scan_split
+from stages.data.contamination import image_digest
+from stages.data.labeled_scan import LabeledIndex, scan_or_cached, scan_split
+from stages.data.shards import DataError, expand_shards, load_labeled, write_shards
 
 
 def test_the_index_holds_what_a_decoded_split_would_give(digits_root):
@@ -33,8 +33,8 @@ def test_a_resume_reads_the_cache_and_a_rewritten_shard_is_scanned_again(digits_
     first = scan_or_cached(str(copy), 10, 1, str(tmp_path / "cache"))
     assert not first.cached
     scans = []
-    real = stages.labeled_scan.scan_labeled_shard
-    monkeypatch.setattr(stages.labeled_scan, "scan_labeled_shard", lambda *a: scans.append(a) or real(*a))
+    real = stages.data.labeled_scan.scan_labeled_shard
+    monkeypatch.setattr(stages.data.labeled_scan, "scan_labeled_shard", lambda *a: scans.append(a) or real(*a))
     again = scan_or_cached(str(copy), 10, 1, str(tmp_path / "cache"))
     assert again.cached and scans == []
     assert again.keys == first.keys and (again.labels == first.labels).all() and again.digests == first.digests

@@ -57,7 +57,7 @@ def test_stages_never_import_pipeline(graph):
 
 
 def test_storage_is_the_bottom_floor(graph):
-    assert graph["stages.storage"] == set()
+    assert graph["stages.storage.files"] == set()
 
 
 def test_no_module_imports_one_that_imports_it_back(graph):

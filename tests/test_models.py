@@ -1,4 +1,5 @@
-"""stages/models.py: contracts over every model in the default ladder, noise on/off, artifacts, early refusal."""
+"""stages/models/factory.py: contracts over every model in the default ladder, noise on/off, artifacts, early
+refusal."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from timm.layers import DropPath
 
-from stages.models import ModelSpec, check_classifier, create_model, load_model, model_card, save_model
+from stages.models.factory import ModelSpec, check_classifier, create_model, load_model, model_card, save_model
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 

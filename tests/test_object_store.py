@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from stages.data import DataError, iter_raw_samples
+from stages.data.shards import DataError, iter_raw_samples
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_pseudo_label_streams_unlabeled_shards_from_s3(ray_session, s3_bucket, digits_root, tmp_path):
     from pipeline.config import LabelResources
     from pipeline.distributed.pseudo_label import run_pseudo_label
-    from stages.models import ModelSpec, create_model, model_card, save_model
+    from stages.models.factory import ModelSpec, create_model, model_card, save_model
     from stages.pseudo_label import PseudoLabelConfig
 
     fs, bucket = s3_bucket
@@ -95,9 +95,9 @@ def test_a_run_whose_storage_is_a_bucket(ray_session, s3_bucket, digits_root, tm
     from pipeline.cluster.run_store import RunStore
     from pipeline.config import load_config
     from pipeline.rounds import run_pipeline
-    from stages.data import expand_shards, load_labeled
+    from stages.data.shards import expand_shards, load_labeled
     from stages.evaluate import evaluate
-    from stages.models import load_model
+    from stages.models.factory import load_model
     from tests.conftest import tiny_tree
 
     fs, bucket = s3_bucket

@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from stages.data import expand_shards, iter_raw_samples, load_labeled
-from stages.export import read_metadata, run_onnx, run_torchscript
-from stages.models import load_model
-from stages.transforms import card_transform
+from stages.data.shards import expand_shards, iter_raw_samples, load_labeled
+from stages.models.export import read_metadata, run_onnx, run_torchscript
+from stages.models.factory import load_model
+from stages.models.transforms import card_transform
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def readme_commands() -> list[list[str]]:
 def write_photos(root: Path) -> None:
     """The digits as PNG files: 10 labeled per class, 60 test, 200 unlabeled in nested folders, plus one broken
     image and one note (both must be skipped and listed)."""
-    from stages.digits import split_digits
+    from stages.data.digits import split_digits
 
     split = split_digits(0)
     for name, xs, ys in (("labeled", split.labeled_x, split.labeled_y), ("test", split.test_x[:60], split.test_y[:60])):

@@ -14,11 +14,11 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.rounds import run_pipeline
-from stages.data import expand_shards, load_labeled
+from stages.data.shards import expand_shards, load_labeled
 from stages.evaluate import evaluate
-from stages.models import load_model
-from stages.stopping import StopConfig
-from stages.storage import RoundManifest, read_json, verify_entry
+from stages.maths.stopping import StopConfig
+from stages.models.factory import load_model
+from stages.storage.files import RoundManifest, read_json, verify_entry
 
 pytestmark = pytest.mark.slow
 

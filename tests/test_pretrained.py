@@ -1,5 +1,5 @@
-"""Bringing your own teacher (stages/pretrained.py): teacher.init weights reach the model before its first step, the
-head re-initialised only when the class count differs; teacher.from_model is round 0 as it is. No Ray needed."""
+"""Bringing your own teacher (stages/models/pretrained.py): teacher.init weights reach the model before its first step,
+the head re-initialised only when the class count differs; teacher.from_model is round 0 as it is. No Ray needed."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.rounds import preflight, run_round
-from stages.data import DataError, load_labeled
+from stages.data.shards import DataError, load_labeled
 from stages.evaluate import evaluate
-from stages.models import ModelSpec, create_model, load_model, model_card, save_model
-from stages.pretrained import check_init
-from stages.storage import RoundManifest, read_json, sha256_file
+from stages.models.factory import ModelSpec, create_model, load_model, model_card, save_model
+from stages.models.pretrained import check_init
+from stages.storage.files import RoundManifest, read_json, sha256_file
 from stages.train import LocalHooks, TrainConfig, TrainPlan, train_model
 
 SPEC = ModelSpec("test_resnet", drop_rate=0.1, randaug_n=0)

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages.data import decode_image, image_field, iter_raw_samples, shard_id, write_shards
-from stages.models import ModelSpec, create_model, load_model, model_card, save_model
+from stages.data.shards import decode_image, image_field, iter_raw_samples, shard_id, write_shards
+from stages.models.factory import ModelSpec, create_model, load_model, model_card, save_model
+from stages.models.transforms import clean_transform
 from stages.pseudo_label import (
     PseudoLabelConfig,
     ShardLabeler,
@@ -23,7 +24,6 @@ from stages.pseudo_label import (
     soft_labels,
     write_sidecar,
 )
-from stages.transforms import clean_transform
 
 # ---------------------------------------------------------------- soft_labels, config
 

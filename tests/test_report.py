@@ -22,7 +22,7 @@ from pipeline.report.data import ReportError, reliability_bins
 from pipeline.report.page import build_report, refresh_report
 from pipeline.report.tensorboard import write_tensorboard
 from stages.evaluate import expected_calibration_error
-from stages.storage import read_json
+from stages.storage.files import read_json
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from stages.data import expand_shards, iter_raw_samples
+from stages.data.shards import expand_shards, iter_raw_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"labeled": 12, "unlabeled": 20, "test": 6}

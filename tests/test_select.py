@@ -13,9 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.data import iter_raw_samples, write_shards
-from stages.pseudo_label import build_table, write_sidecar
-from stages.select import (
+from stages.data.shards import iter_raw_samples, write_shards
+from stages.maths.selection import (
     CandidateMerger,
     SelectConfig,
     copy_keys,
@@ -28,6 +27,7 @@ from stages.select import (
     shard_histogram,
     training_order,
 )
+from stages.pseudo_label import build_table, write_sidecar
 
 # Few distinct confidences, so ties (broken by the key hash) are common.
 CONFIDENCES = [0.05, 0.2, 0.3, 0.31, 0.5, 0.5001, 0.75, 0.9, 0.99, 1.0]
@@ -322,7 +322,7 @@ def test_ray_stage_resumes_and_redoes_a_damaged_sidecar(ray_session, tmp_path):
 
 
 def test_a_shard_with_nothing_selected_keeps_no_compact_shard(tmp_path):
-    from stages.compact import compact_path, selection_footer, write_selection
+    from stages.data.compact import compact_path, selection_footer, write_selection
 
     (sidecar,) = write_random_sidecars(tmp_path / "pl", [5], 3, seed=0)
     path = tmp_path / "sel" / "shard-0.parquet"

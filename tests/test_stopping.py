@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.choices import round_seeds, stop_record
-from stages.stopping import StopConfig, best_round, gains, round_seed, should_stop
+from stages.maths.stopping import StopConfig, best_round, gains, round_seed, should_stop
 
 
 @pytest.mark.parametrize(

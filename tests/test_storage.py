@@ -1,4 +1,4 @@
-"""stages/storage.py and the one-line errors of pipeline/rounds.py: failed writes name their file, leave no
+"""stages/storage/files.py and the one-line errors of pipeline/rounds.py: failed writes name their file, leave no
 temporary behind, and reach the CLI as one line however Ray wrapped them (fast: no training)."""
 
 from __future__ import annotations
@@ -10,10 +10,17 @@ from pathlib import Path
 import pytest
 
 from pipeline.rounds import one_line_errors, stage_config_digest, user_error
-from stages.data import DataError
-from stages.models import atomic_save_safetensors, load_weights
+from stages.data.shards import DataError
+from stages.models.factory import atomic_save_safetensors, load_weights
 from stages.pseudo_label import build_table, write_sidecar
-from stages.storage import StorageError, atomic_write_bytes, is_url, remove_temp_files, storage_error, verify_entry
+from stages.storage.files import (
+    StorageError,
+    atomic_write_bytes,
+    is_url,
+    remove_temp_files,
+    storage_error,
+    verify_entry,
+)
 
 
 def _fail_replace(monkeypatch, code: int) -> None:
@@ -91,7 +98,7 @@ def test_rounds_name_and_storage_do_not_make_finished_stages_stale(tiny_config):
 
 
 def test_a_damaged_manifest_is_never_trusted(tmp_path):
-    from stages.storage import RoundManifest
+    from stages.storage.files import RoundManifest
 
     (tmp_path / "metrics.json").write_text("{}")
     RoundManifest(tmp_path).record("evaluate", [tmp_path / "metrics.json"], 1.0, inputs={"config": "x"})
@@ -121,8 +128,8 @@ def root(request, tmp_path, monkeypatch):
 def test_write_read_verify_on_a_folder_and_a_bucket(root):
     import torch
 
-    from stages import storage
-    from stages.storage import RoundManifest
+    from stages.storage import files as storage
+    from stages.storage.files import RoundManifest
 
     rdir = storage.round_dir(storage.join(root, "run"), 1)
     assert isinstance(rdir, str if storage.is_url(root) else Path)  # a URL never becomes a local path
@@ -170,7 +177,7 @@ def test_write_read_verify_on_a_folder_and_a_bucket(root):
 
 def test_a_bad_storage_url_is_one_line_at_config_load_or_preflight(tiny_config, s3_bucket):
     from pipeline.config import ConfigError
-    from stages.storage import probe_storage
+    from stages.storage.files import probe_storage
 
     with pytest.raises(ConfigError, match=r"^config\.storage: cannot open storage nope://b/runs: unknown protocol"):
         tiny_config("storage=nope://b/runs")
@@ -200,7 +207,7 @@ def _has(protocol: str) -> bool:
 
 def test_locate_run_is_the_one_way_to_a_run(root, tmp_path, monkeypatch):
     """A name under the storage root first, else a run folder or URL given whole; neither is one line naming both."""
-    from stages.storage import RunNotFoundError, atomic_write_text, join, locate_run
+    from stages.storage.files import RunNotFoundError, atomic_write_text, join, locate_run
 
     atomic_write_text(join(root, "r1", "config.yaml"), "name: r1\n")
     found = locate_run("r1", root)

@@ -1,5 +1,5 @@
-"""stages/train.py, stages/loader.py, stages/checkpoint.py, stages/transforms.py: losses, schedule, checkpoints,
-the in-process training loop with resume, and the mixed labeled/pseudo-labeled input stream."""
+"""stages/train.py, stages/data/loader.py, stages/models/checkpoint.py, stages/models/transforms.py: losses, schedule,
+checkpoints, the in-process training loop with resume, and the mixed labeled/pseudo-labeled input stream."""
 
 from __future__ import annotations
 
@@ -21,11 +21,20 @@ from PIL import Image
 from safetensors.torch import load_file
 from timm.data.auto_augment import RandAugment
 
-from stages.checkpoint import CheckpointError, load_checkpoint, read_state, save_checkpoint
-from stages.compact import compact_path, pseudo_sources, write_selection
-from stages.data import DataError, decode_image, image_field, iter_raw_samples, parse_label, shard_id, write_shards
-from stages.loader import MixedStream, PseudoSource, shuffled, soft_targets
-from stages.models import ModelSpec
+from stages.data.compact import compact_path, pseudo_sources, write_selection
+from stages.data.loader import MixedStream, PseudoSource, shuffled, soft_targets
+from stages.data.shards import (
+    DataError,
+    decode_image,
+    image_field,
+    iter_raw_samples,
+    parse_label,
+    shard_id,
+    write_shards,
+)
+from stages.models.checkpoint import CheckpointError, load_checkpoint, read_state, save_checkpoint
+from stages.models.factory import ModelSpec
+from stages.models.transforms import clean_transform, noised_transform
 from stages.train import (
     LocalHooks,
     TrainConfig,
@@ -39,7 +48,6 @@ from stages.train import (
     steps_per_epoch,
     train_model,
 )
-from stages.transforms import clean_transform, noised_transform
 
 LN = math.log
 
@@ -631,7 +639,7 @@ def test_posterize_at_any_magnitude_is_a_valid_image(op, magnitude):
     # timm maps these magnitudes to 0 bits, which Pillow refuses; the run crashed mid-epoch on it.
     from PIL import Image
 
-    from stages.transforms import noised_transform
+    from stages.models.transforms import noised_transform
 
     transform = noised_transform(16, (0.5,), (0.5,), randaug_n=3, randaug_m=magnitude, ops=[op])
     for seed in range(10):

@@ -1,5 +1,5 @@
-"""stages/transforms.py: data.augment natural (timm's crop, flip, centre-crop evaluation, the model's mean/std) on
-RGB images, and data.augment digits unchanged bit for bit."""
+"""stages/models/transforms.py: data.augment natural (timm's crop, flip, centre-crop evaluation, the model's mean/std)
+on RGB images, and data.augment digits unchanged bit for bit."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from stages.transforms import (
+from stages.models.transforms import (
     _posterize,
     card_transform,
     clean_transform,
@@ -142,8 +142,8 @@ def _photo_jpeg(seed: int, width: int, height: int) -> bytes:
 def test_tensor_transform_matches_the_pil_transform_to_a_few_grey_levels(card, width, height):
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from stages.data import decode_image
-    from stages.transforms import tensor_transform
+    from stages.data.shards import decode_image
+    from stages.models.transforms import tensor_transform
 
     channels = card["input_size"][0]
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB

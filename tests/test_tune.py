@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.distributed.tune import pick_best, run_tune, trial_tree
-from stages.tuning import SPACE, apply_knobs, recipe, retemper, retemper_table
+from stages.maths.tuning import SPACE, apply_knobs, recipe, retemper, retemper_table
 
 
 def test_knobs_round_trip_through_a_config_and_validate(tiny_config):

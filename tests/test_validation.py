@@ -11,12 +11,12 @@ from pipeline.choices import check_recorded, load_validation
 from pipeline.config import ConfigError
 from pipeline.distributed.data_check import check_data
 from pipeline.rounds import preflight
-from stages.data import DataError, LabeledSet, expand_shards, load_labeled
-from stages.labeled_scan import LabeledIndex, scan_split
-from stages.models import ModelSpec
+from stages.data.labeled_scan import LabeledIndex, scan_split
+from stages.data.shards import DataError, LabeledSet, expand_shards, load_labeled
+from stages.maths.validation import carve_keys, split_off
+from stages.models.factory import ModelSpec
+from stages.models.transforms import clean_transform
 from stages.train import TrainConfig, TrainPlan, build_stream
-from stages.transforms import clean_transform
-from stages.validation import carve_keys, split_off
 
 # ---------------------------------------------------------------- the carve (pure)
 
@@ -123,8 +123,8 @@ def test_validation_images_among_the_unlabeled_or_test_stop_the_run(digits_root,
     clean = check_data(data, labeled, test, split | {"val": expand_shards(data.val)}, progress=False, val=val)
     assert clean["validation"] == {"images": 100, "in_test": 0, "in_labeled": 0, "in_unlabeled": 0, "examples": []}
     # the unlabeled shards themselves, passed as validation: every image found there, with no second scan
-    from stages.contamination import image_digest
-    from stages.data import decode_image, image_field, iter_raw_samples
+    from stages.data.contamination import image_digest
+    from stages.data.shards import decode_image, image_field, iter_raw_samples
 
     samples = [s for shard in split["unlabeled"][:1] for s in iter_raw_samples(shard)][:5]
     digests = [image_digest(decode_image(image_field(s), 1)) for s in samples]

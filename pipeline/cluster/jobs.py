@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.config import PipelineConfig, dump_config
-from stages.storage import is_url
+from stages.storage.files import is_url
 
 # Never shipped to the cluster: environments, outputs, data (read from storage instead), caches.
 SHIP_EXCLUDES = (

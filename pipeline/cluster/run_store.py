@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stages import storage
-from stages.storage import Location, StorageError
+from stages.storage import files as storage
+from stages.storage.files import Location, StorageError
 
 ROUND_RE = re.compile(r"^round-(\d{3,})$")
 DOWNLOAD_STAGES = ("train", "evaluate")  # model.safetensors + model.json, metrics.json
@@ -35,7 +35,7 @@ class RunStoreError(RuntimeError):
 
 
 class RunStore:
-    """One run's folder under a storage root, read through ``stages.storage`` (a folder or any fsspec URL)."""
+    """One run's folder under a storage root, read through ``stages.storage.files`` (a folder or any fsspec URL)."""
 
     def __init__(self, run: str, storage_root: str = "runs"):
         try:

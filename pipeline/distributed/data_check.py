@@ -1,9 +1,9 @@
 """The contamination guard, run before round 0: test images in the training data, duplicates in the unlabeled set.
 
 The labeled, test and validation splits are scanned first (``scan_labeled_splits``: per-shard tasks returning keys,
-labels and pixel digests, cached per shard identity, ``stages/labeled_scan.py``); the driver never holds their
+labels and pixel digests, cached per shard identity, ``stages/data/labeled_scan.py``); the driver never holds their
 images, and compares their digests here. The unlabeled
-shards are scanned by ``stages.contamination.scan_shard``: in this process when they are small local files (under
+shards are scanned by ``stages.data.contamination.scan_shard``: in this process when they are small local files (under
 ``INLINE_BYTES``; the digits default, 1,337 images, takes well under a second), otherwise one Ray task per shard with
 a bounded number in flight, so a cluster decodes millions of images in parallel and the driver only merges 16 bytes
 an image. The report is recorded in ``run.json`` as ``data_check`` and reused on resume while the shards (names,
@@ -29,10 +29,10 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.distributed.runtime import run_tasks
-from stages.contamination import DuplicateCounter, ShardScan, find_digests, index_digests, merge_scans, scan_shard
-from stages.data import DataError
-from stages.labeled_scan import LabeledIndex, merge_indexes, scan_or_cached
-from stages.storage import is_url
+from stages.data.contamination import DuplicateCounter, ShardScan, find_digests, index_digests, merge_scans, scan_shard
+from stages.data.labeled_scan import LabeledIndex, merge_indexes, scan_or_cached
+from stages.data.shards import DataError
+from stages.storage.files import is_url
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from pipeline.config import LabelResources
 from pipeline.distributed.data_check import local_and_small
 from pipeline.distributed.runtime import actor_pool_rows
-from stages.data import DataError
+from stages.data.shards import DataError
 from stages.evaluate import ShardEvaluator
-from stages.storage import StorageError, makedirs
+from stages.storage.files import StorageError, makedirs
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``python -m pipeline prepare-folder``: a folder (or CSV) of images to WebDataset shards, one Ray task per shard.
 
-The scan and the shard plan are made here in the driver (``stages/folder.py``); each shard is written by one task
+The scan and the shard plan are made here in the driver (``stages/data/folder.py``); each shard is written by one task
 (``run_tasks``), or in this process for a small tree: a Ray task costs ~5 s to start on this project's 2-core
 machine, more than copying a few thousand small images. A shard whose record matches its plan is skipped, so a
 re-run after an interruption writes only what is missing. At the end ``classes.json``, ``data.yaml`` (the
@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from pipeline.config import DataConfig
 from pipeline.distributed.runtime import init_ray, run_tasks
-from stages.data import DataError
-from stages.folder import (
+from stages.data.folder import (
     SPLITS,
     Scan,
     ShardPlan,
@@ -33,7 +32,8 @@ from stages.folder import (
     shard_pattern,
     write_shard,
 )
-from stages.storage import atomic_write_json, atomic_write_text
+from stages.data.shards import DataError
+from stages.storage.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

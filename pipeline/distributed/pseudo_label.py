@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from pipeline.config import LabelResources
 from pipeline.distributed.runtime import actor_pool_rows
-from stages.data import DataError
+from stages.data.shards import DataError
 from stages.pseudo_label import PseudoLabelConfig, ShardLabeler, sidecar_info, sidecar_path
-from stages.storage import StorageError, join, makedirs
+from stages.storage.files import StorageError, join, makedirs
 
 log = logging.getLogger(__name__)
 

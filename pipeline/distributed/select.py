@@ -4,7 +4,7 @@ the selected images into compact training shards.
 1. histograms (``classes x bins`` per shard, summed in the driver) -> per-class boundary bins and copy counts;
 2. boundary candidates (a few rows per class and shard) -> exact per-class cutoffs;
 3. per shard: the compact training shard ``<out_dir>/<shard_id>.tar`` (the selected samples read from the
-   unlabeled shard once, copies materialised, in a seeded random order: ``stages/compact.py`` says why and how),
+   unlabeled shard once, copies materialised, in a seeded random order: ``stages/data/compact.py`` says why and how),
    then the selection sidecar ``<out_dir>/<shard_id>.parquet`` in the same row order: ``key, shard, copies, label,
    confidence`` and, with ``label_type: soft``, the teacher's soft label (``probs`` or ``topk_idx/topk_prob``). A
    shard with nothing selected gets an empty sidecar and no tar, so every unlabeled shard has exactly one
@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.distributed.runtime import run_tasks
-from stages.compact import selection_footer, write_selection
-from stages.select import (
+from stages.data.compact import selection_footer, write_selection
+from stages.maths.selection import (
     CandidateMerger,
     SelectConfig,
     SelectPlan,
@@ -39,7 +39,7 @@ from stages.select import (
     shard_copies,
     shard_histogram,
 )
-from stages.storage import (
+from stages.storage.files import (
     Location,
     atomic_write_bytes,
     atomic_write_json,

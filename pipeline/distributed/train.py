@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.config import TrainResources
-from stages.storage import filesystem, is_url, local_path
+from stages.storage.files import filesystem, is_url, local_path
 from stages.train import TrainPlan, train_model
 
 log = logging.getLogger(__name__)

@@ -30,10 +30,10 @@ from pathlib import Path
 from pipeline.choices import load_validation, round_seeds
 from pipeline.config import ConfigError, PipelineConfig, dump_config, load_config
 from pipeline.rounds import check_same_config, plan_input, run_folder, run_pipeline
-from stages.data import expand_shards
-from stages.stopping import StopConfig
-from stages.storage import Location, atomic_write_text, exists, join, read_json, round_dir
-from stages.tuning import SPACE, apply_knobs, recipe
+from stages.data.shards import expand_shards
+from stages.maths.stopping import StopConfig
+from stages.maths.tuning import SPACE, apply_knobs, recipe
+from stages.storage.files import Location, atomic_write_text, exists, join, read_json, round_dir
 
 log = logging.getLogger(__name__)
 
@@ -252,11 +252,11 @@ def run_trial(knobs: dict, setup: TuneSetup) -> None:
 def _trial_selection(cfg: PipelineConfig, setup: TuneSetup, work: Path):
     """The base run's round-1 soft labels at this trial's temperature, selected with its floor and K factor."""
     from pipeline.distributed.select import run_selection
-    from stages.compact import pseudo_sources
-    from stages.data import expand_shards, shard_id
+    from stages.data.compact import pseudo_sources
+    from stages.data.shards import expand_shards, shard_id
+    from stages.maths.tuning import retemper_table
     from stages.pseudo_label import write_sidecar
-    from stages.storage import read_table
-    from stages.tuning import retemper_table
+    from stages.storage.files import read_table
 
     shards = expand_shards(cfg.data.unlabeled, "data.unlabeled")
     labels = join(round_dir(setup.run_dir, 1), "pseudo_labels")
@@ -275,7 +275,7 @@ def _trial_selection(cfg: PipelineConfig, setup: TuneSetup, work: Path):
 
 
 def _trial_plan(cfg: PipelineConfig, pseudo, count: int, work: Path, threads: int):
-    from stages.data import expand_shards, load_labeled
+    from stages.data.shards import expand_shards, load_labeled
     from stages.train import TrainPlan
 
     data = cfg.data
@@ -324,7 +324,7 @@ class ValidationHooks:
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         from stages.evaluate import predict_probs
-        from stages.models import create_model, load_weights
+        from stages.models.factory import create_model, load_weights
 
         if checkpoint_dir is None:
             return

@@ -1,5 +1,5 @@
 """The run report: ``page`` (report.html, ``compare``), ``data`` (reading a run's files), ``plots`` (matplotlib
 figures as PNG bytes), ``tensorboard`` (event files), ``check`` (headless-Chromium check of a built page).
 
-Everything here reads a run's files through ``stages.storage``; nothing trains or runs Ray.
+Everything here reads a run's files through ``stages.storage.files``; nothing trains or runs Ray.
 """

@@ -18,14 +18,14 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from stages.data import (
+from stages.data.shards import (
     BadSample,
     DataError,
     decode_image,
     image_field,
     iter_raw_samples,
 )
-from stages.storage import StorageError, is_url, locate_run, read_json
+from stages.storage.files import StorageError, is_url, locate_run, read_json
 from stages.train import read_metrics_lines
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class RunFiles:
 
 
 def resolve_run(run: str, storage: str = "runs") -> Path:
-    """A local run for the report: ``stages.storage.locate_run``, with a ``ReportError`` when there is none."""
+    """A local run for the report: ``stages.storage.files.locate_run``, with a ``ReportError`` when there is none."""
     try:
         location = locate_run(run, storage)
     except StorageError as exc:

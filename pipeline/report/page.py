@@ -22,8 +22,8 @@ from pathlib import Path
 from pipeline.report import plots
 from pipeline.report.data import RoundFiles, RunFiles, calibration, class_names, example_images, load_run
 from pipeline.report.tensorboard import write_tensorboard
-from stages import storage
-from stages.storage import Location, atomic_write_bytes, atomic_write_text
+from stages.storage import files as storage
+from stages.storage.files import Location, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 

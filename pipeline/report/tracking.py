@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.storage import copy_file, exists, is_url, join, name, read_json, read_text, round_dir
+from stages.storage.files import copy_file, exists, is_url, join, name, read_json, read_text, round_dir
 from stages.train import read_metrics_lines
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ bytes it trained on. The select stage already knows which samples each shard kee
 into ``<selection>/<shard_id>.tar`` beside the selection sidecar ``<shard_id>.parquet``, and training reads those:
 every member read is trained on.
 
-Layout. The sidecar's rows are in a seeded random order (``stages.select.training_order``); the tar holds every
+Layout. The sidecar's rows are in a seeded random order (``stages.maths.selection.training_order``); the tar holds every
 file of each selected sample as it was in the unlabeled shard (image, and whatever else the sample carried), its
-copies materialised and spread over the shard (``stages.select.copy_order``), copy ``j > 0`` under the key
+copies materialised and spread over the shard (``stages.maths.selection.copy_order``), copy ``j > 0`` under the key
 ``<key>_copy<j>`` (``copy_keys``). Member ``i`` is thus row ``copy_order(copies)[i]`` of the sidecar, which holds
 its target: the loader zips the two and refuses a tar that does not match. Materialising copies costs the
 duplicated bytes once on disk, and buys a reader that never skips or buffers a sample to duplicate it.
@@ -28,11 +28,11 @@ import numpy as np
 import pyarrow as pa
 from webdataset import TarWriter
 
-from stages.data import DataError, iter_raw_samples, shard_id
-from stages.loader import PseudoSource
+from stages.data.shards import DataError, iter_raw_samples, shard_id
+from stages.data.loader import PseudoSource
 from stages.pseudo_label import read_footer, write_sidecar
-from stages.select import copy_keys, training_order
-from stages.storage import Location, atomic_target, is_file, join, name, parent, remove_file, size
+from stages.maths.selection import copy_keys, training_order
+from stages.storage.files import Location, atomic_target, is_file, join, name, parent, remove_file, size
 
 SELECTION_FORMAT = "selection/v2"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.data import write_shards
+from stages.data.shards import write_shards
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from pydantic import Field, StrictInt
 
-from stages.config_types import Many, config
+from stages.core.config import Many, config
 
 Corruption = Literal["gaussian_noise", "gaussian_blur", "contrast", "brightness", "jpeg", "pixelate"]
 

@@ -6,7 +6,7 @@ compression level, an added opaque alpha band, 16-bit -> 8-bit) still matches. A
 crop does not: that would need a perceptual hash, and its false positives, which this guard does not attempt.
 
 The test, labeled and validation splits are compared by the digests their scans recorded
-(``stages/labeled_scan.py``): the driver never holds their images. The unlabeled split is streamed shard by shard
+(``stages/data/labeled_scan.py``): the driver never holds their images. The unlabeled split is streamed shard by shard
 (``scan_shard``, one Ray task per shard in ``pipeline/distributed/data_check.py``): each shard comes back as its
 test matches (with keys) and one 64-bit hash per image, and ``DuplicateCounter`` counts duplicates among those in
 bounded memory (exact up to ``limit`` images, a consistent hash sample beyond it).
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from stages.data import BadSample, decode_image, image_field, iter_raw_samples
+from stages.data.shards import BadSample, decode_image, image_field, iter_raw_samples
 
 EXAMPLES = 3  # example keys kept per finding: enough to look one up, small enough for run.json
 HASH_DTYPE = np.dtype([("hash", "<u8"), ("shard", "<u4"), ("index", "<u4")])
@@ -43,7 +43,7 @@ def index_digests(keys: Sequence[str], digests: Iterable[bytes]) -> dict[bytes, 
 
 
 def find_digests(keys: Sequence[str], digests: Iterable[bytes], index: Mapping[bytes, str]) -> dict:
-    """``{"images", "in_test", "examples"}`` for a scanned split (``stages/labeled_scan.py``); examples are
+    """``{"images", "in_test", "examples"}`` for a scanned split (``stages/data/labeled_scan.py``); examples are
     ``[key, test key]`` pairs."""
     hits = [[k, index[d]] for k, d in zip(keys, digests, strict=True) if d in index]
     return {"images": len(keys), "in_test": len(hits), "examples": hits[:EXAMPLES]}

@@ -17,7 +17,7 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field, StrictFloat, StrictInt
 
-from stages.config_types import config
+from stages.core.config import config
 
 # Validation accuracies are ratios k/n: a gain of exactly min_gain must not fall below it by rounding.
 _EPS = 1e-9

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.models import load_model
-from stages.storage import Location, atomic_target
-from stages.transforms import card_transform
+from stages.models.factory import load_model
+from stages.models.transforms import card_transform
+from stages.storage.files import Location, atomic_target
 
 log = logging.getLogger(__name__)
 

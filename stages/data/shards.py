@@ -26,7 +26,7 @@ from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import group_by_keys
 
-from stages.storage import is_url
+from stages.storage.files import is_url
 
 log = logging.getLogger(__name__)
 

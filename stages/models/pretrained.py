@@ -22,9 +22,9 @@ from pathlib import Path
 import timm
 from torch import nn
 
-from stages.data import DataError
-from stages.models import ModelSpec, load_model
-from stages.storage import Location, atomic_write_json, copy_file, exists, join, read_text
+from stages.data.shards import DataError
+from stages.models.factory import ModelSpec, load_model
+from stages.storage.files import Location, atomic_write_json, copy_file, exists, join, read_text
 
 
 def weights_file(source: str) -> str:
@@ -103,7 +103,7 @@ def check_init(spec: ModelSpec, num_classes: int, in_chans: int, source: str) ->
 
 
 def create_from_weights(spec: ModelSpec, num_classes: int, in_chans: int, source: str, noised: bool) -> nn.Module:
-    """``stages.models.create_model`` starting from the weights in ``source`` (see the module docstring)."""
+    """``stages.models.factory.create_model`` starting from the weights in ``source`` (see the module docstring)."""
     info = check_init(spec, num_classes, in_chans, source)
     kwargs = {"drop_rate": spec.drop_rate, "drop_path_rate": spec.drop_path_rate} if noised else {}
     return timm.create_model(
@@ -166,7 +166,7 @@ def check_teacher_source(
 
 def source_digest(init: str, from_model: str) -> dict:
     """What round 0's training depends on beyond the config: the sha256 of the weights it starts from or adopts."""
-    from stages.storage import sha256_file
+    from stages.storage.files import sha256_file
 
     if init:
         return {"teacher_init": sha256_file(weights_file(init))}

@@ -22,7 +22,8 @@ as Ray tasks, one per shard):
   histograms and these few candidates ever reach the driver, never the rows.
 * ``shard_copies``: the per-row copy counts for one shard (0 = dropped), written as its selection sidecar.
 
-Training order (``stages/compact.py`` writes it, ``stages/loader.py`` reads it): ``training_order`` puts a shard's
+Training order (``stages/data/compact.py`` writes it, ``stages/data/loader.py`` reads it): ``training_order`` puts a
+shard's
 kept rows in a seeded random order, and ``copy_order`` lays their copies out as the members of the compact training
 shard, each sample's copies spread across the shard (``copy_keys`` names the members).
 """
@@ -37,7 +38,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, StrictFloat, StrictInt
 
-from stages.config_types import config
+from stages.core.config import config
 
 # Keys are hashed with different salts: one hash breaks confidence ties, one draws extra copies, one orders a shard.
 _RANK_SALT, _DUP_SALT, _ORDER_SALT = 0, 1, 2

@@ -2,7 +2,7 @@
 
 A downloaded round loads in one line of user code::
 
-    model = stages.models.load_model("runs/<run>/round-003")            # or, without this package:
+    model = stages.models.factory.load_model("runs/<run>/round-003")            # or, without this package:
     m = timm.create_model(**json.load(open("model.json"))["create"])
     safetensors.torch.load_model(m, "model.safetensors")
 """
@@ -21,8 +21,8 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, model
 from safetensors.torch import load, load_file, save_file
 from torch import nn
 
-from stages.config_types import LATE, config
-from stages.storage import (
+from stages.core.config import LATE, config
+from stages.storage.files import (
     atomic_target,
     atomic_write_json,
     is_url,
@@ -134,7 +134,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """Write atomically (``stages.storage.atomic_target``: a local folder or a URL); a failed write is a
+    """Write atomically (``stages.storage.files.atomic_target``: a local folder or a URL); a failed write is a
     ``StorageError`` naming ``path``."""
     from safetensors import SafetensorError
 

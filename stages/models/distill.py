@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from pydantic import Field, StrictFloat, StrictStr, model_validator
 from torch import nn
 
-from stages.config_types import config
+from stages.core.config import config
 
 Weighting = Literal["fixed", "uncertainty"]
 WEIGHTINGS = get_args(Weighting)
@@ -91,7 +91,7 @@ class MutualLoss(nn.Module):
     ``temperature != 1`` (the paper uses 1).
 
     Wiring: the peer is a second model of the student's own ladder rung (same timm name and noise, its own random
-    initialisation), built by ``stages.online_distill`` and trained alongside on the same noised batch with the
+    initialisation), built by ``stages.models.online_distill`` and trained alongside on the same noised batch with the
     same supervised loss; it is checkpointed with the run and discarded at the end. No teacher is needed.
     """
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from stages.data import IMAGE_EXTENSIONS, BadSample, DataError, decode_image
-from stages.storage import atomic_target, atomic_write_json, exists, read_json, size
+from stages.data.shards import IMAGE_EXTENSIONS, BadSample, DataError, decode_image
+from stages.storage.files import atomic_target, atomic_write_json, exists, read_json, size
 
 SPLITS = ("labeled", "val", "test", "unlabeled")
 LABELED_SPLITS = ("labeled", "val", "test")
@@ -286,7 +286,7 @@ def write_shard(plan: ShardPlan) -> dict:
 
 
 def _decodable_mode(data: bytes) -> str:
-    """The image's Pillow mode, after decoding it whole the way training will (``stages.data.decode_image``)."""
+    """The image's Pillow mode, after decoding it whole the way training will (``stages.data.shards.decode_image``)."""
     decode_image(data, 3)
     return Image.open(io.BytesIO(data)).mode
 

@@ -1,11 +1,11 @@
 """The validation split: held-out labeled images that every choice of the pipeline is made on, never test.
 
 Two sources (``data`` in the config): ``data.val``, shards of their own (the digits default: 10 per class drawn from
-the unlabeled pool by ``stages/digits.py``), or ``data.val_per_class: K``, carved from the labeled shards. A carve is
-stratified (K per class), drawn by ``data.val_seed`` over the sorted keys, so it depends only on the labeled samples,
+the unlabeled pool by ``stages/data/digits.py``), or ``data.val_per_class: K``, carved from the labeled shards. A carve
+is stratified (K per class), drawn by ``data.val_seed`` over the sorted keys, so it depends only on the labeled samples,
 never on shard order or the run's seed; the carved keys are recorded in ``run.json`` and a resumed run that would
 carve differently is refused. Carved images are never trained on: ``TrainPlan.exclude_keys`` makes the training
-loader (``stages/loader.py``) skip them, and they never reach the pseudo-label stage, which reads the unlabeled
+loader (``stages/data/loader.py``) skip them, and they never reach the pseudo-label stage, which reads the unlabeled
 shards only (the data check refuses validation images found there).
 
 Every round's model is scored on it by the evaluate stage (``stages/evaluate.py``): ``val_top1`` in ``metrics.json``.
@@ -17,8 +17,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from stages.data import LabeledSet
-from stages.labeled_scan import LabeledIndex
+from stages.data.labeled_scan import LabeledIndex
+from stages.data.shards import LabeledSet
 
 S = TypeVar("S", LabeledSet, LabeledIndex)
 

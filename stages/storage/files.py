@@ -35,7 +35,8 @@ Layout (users and later tools rely on it)::
     <storage>/<run>/ray_train/                   Ray Train's checkpoints (one run per round and inputs)
     <storage>/<run>/report.html                  the run report (pipeline/report/page.py), rewritten after every round
     <storage>/<run>/tensorboard/                 TensorBoard events (pipeline/report/tensorboard.py)
-    <storage>/.scan-cache/                       labeled/test/val shard scans by shard identity (stages/labeled_scan.py)
+    <storage>/.scan-cache/                       labeled/test/val shard scans by shard identity
+    (stages/data/labeled_scan.py)
 
 Atomic writes. On a local folder every file is written to a temporary name in its directory and renamed, so a
 reader never sees half a file; temporaries left by a killed process (``.<name>.*.tmp``) are swept by

@@ -7,9 +7,9 @@ rank runs the same number of optimizer steps whatever its share of the data (no 
 Data is split between *slots* (rank x DataLoader worker): by shard when there are at least as many shards as
 slots, otherwise by sample index within each shard, so every slot sees a disjoint part of the data.
 Labeled samples whose key is in ``exclude_keys`` (a validation split carved from the labeled shards,
-``stages/validation.py``) are never yielded.
+``stages/maths/validation.py``) are never yielded.
 
-Pseudo-labeled samples come from the select stage's compact training shards (``stages/compact.py``): each
+Pseudo-labeled samples come from the select stage's compact training shards (``stages/data/compact.py``): each
 ``PseudoSource`` is a tar holding exactly the selected samples, every copy materialised (class balancing
 duplicates scarce classes) and spread over the shard, in a seeded random order, beside the selection sidecar
 holding their targets (member ``i`` is row ``copy_order(copies)[i]``). So every member read is trained on, each
@@ -50,9 +50,9 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from stages.data import BadSample, DataError, decode_image, image_field, iter_raw_samples, parse_label
-from stages.select import copy_keys
-from stages.storage import read_table
+from stages.data.shards import BadSample, DataError, decode_image, image_field, iter_raw_samples, parse_label
+from stages.maths.selection import copy_keys
+from stages.storage.files import read_table
 
 log = logging.getLogger(__name__)
 BYTE_COUNTS = ("labeled_read_bytes", "labeled_trained_bytes", "pseudo_read_bytes", "pseudo_trained_bytes")
@@ -73,7 +73,7 @@ class _ReadBytes:
 
 @dataclass(frozen=True)
 class PseudoSource:
-    """A compact training shard (``stages/compact.py``) and the selection sidecar holding its samples' targets."""
+    """A compact training shard (``stages/data/compact.py``) and the selection sidecar holding its samples' targets."""
 
     shard: str
     selection: str

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from stages.models import atomic_save_safetensors, unwrap
-from stages.storage import atomic_write_json, sha256_file
+from stages.models.factory import atomic_save_safetensors, unwrap
+from stages.storage.files import atomic_write_json, sha256_file
 
 
 class CheckpointError(ValueError):

@@ -1,7 +1,7 @@
 """Online distillation in the student stage: the frozen teacher beside the noised student, and the DML peer.
 
-When ``student.distill`` lists terms (``stages/distill.py``), ``stages.train.prepare_distill`` wraps the student in a
-``DistillStudent``: the student (``.module``, so ``unwrap`` still finds it for checkpoints and EMA), the
+When ``student.distill`` lists terms (``stages/models/distill.py``), ``stages.train.prepare_distill`` wraps the student
+in a ``DistillStudent``: the student (``.module``, so ``unwrap`` still finds it for checkpoints and EMA), the
 objective's learnable parts (hint regressors, uncertainty log-variances) and, for ``dml``, the peer model
 (``.aux``). That one module is what ``hooks.prepare`` hands to DDP, so every learnable part's gradients are
 synchronised across workers; the student's weights alone become the round's model.
@@ -9,7 +9,7 @@ synchronised across workers; the student's weights alone become the round's mode
 The teacher (``OnlineTeacher``) is the previous round's model loaded from its folder: built un-noised, in eval mode,
 ``requires_grad=False``, run under ``torch.no_grad()``, never given to ``hooks.prepare`` (so never DDP-wrapped) and
 never saved. It reads ``batch["x_clean"]``, the clean transform of the very images whose RandAugmented version the
-student reads in ``batch["x"]`` (``stages.loader.MixedStream`` yields both views when ``clean_transform`` is set).
+student reads in ``batch["x"]`` (``stages.data.loader.MixedStream`` yields both views when ``clean_transform`` is set).
 """
 
 from __future__ import annotations
@@ -21,9 +21,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.device import place_model
-from stages.distill import DistillLoss, DistillTermConfig, Shape, Tap, describe, needs_features, pair_stages, term_pairs
-from stages.models import ModelSpec, check_classifier, create_model, load_model
+from stages.models.device import place_model
+from stages.models.distill import (
+    DistillLoss,
+    DistillTermConfig,
+    Shape,
+    Tap,
+    describe,
+    needs_features,
+    pair_stages,
+    term_pairs,
+)
+from stages.models.factory import ModelSpec, check_classifier, create_model, load_model
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,12 @@ A labeled shard is scanned once (``scan_labeled_shard``: decode every image, par
 contamination guard compares), plus the unusable samples with their reasons. That is ~160 bytes a sample in Python
 (16-character keys, measured), so a driver holds the index of a million labeled images in ~160 MB, where the
 decoded images would take hundreds of GB at 224 px. The scans run as per-shard Ray tasks
-(``pipeline/distributed/data_check.py``) and are cached per shard identity (``stages.storage.stamp``: size and
+(``pipeline/distributed/data_check.py``) and are cached per shard identity (``stages.storage.files.stamp``: size and
 mtime, or an object's ETag): ``<cache>/<sha of the shard URL>.parquet`` holds the index, its footer the identity,
 the channels and the unusable samples; a label at or above the run's class count forces a rescan (which reports it).
 A run that finds a matching cache file (a resume, or another run over the same data) does not decode the shard again.
 
-``merge_indexes`` joins the shards of a split in shard order and enforces what ``stages.data.load_labeled`` did for
+``merge_indexes`` joins the shards of a split in shard order and enforces what ``stages.data.shards.load_labeled`` did for
 an in-memory split: a shard with no sample, a split with no usable sample, too many unusable ones (one-line
 ``DataError`` each); a label outside ``[0, num_classes)`` is a ``DataError`` from the scan itself.
 """
@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.contamination import image_digest
-from stages.data import DataError, check_usable, labeled_samples
-from stages.storage import Location, StorageError, atomic_target, join, read_table, stamp
+from stages.data.contamination import image_digest
+from stages.data.shards import DataError, check_usable, labeled_samples
+from stages.storage.files import Location, StorageError, atomic_target, join, read_table, stamp
 
 log = logging.getLogger(__name__)
 
