@@ -38,12 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_common import add_result_args, save_result  # noqa: E402
 
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
+from stages.core.hooks import LocalHooks
 from stages.data.compact import pseudo_sources  # noqa: E402
 from stages.data.shards import expand_shards, load_labeled, shard_id  # noqa: E402
 from stages.evaluate import evaluate  # noqa: E402
 from stages.models.distill import DistillTermConfig, describe, needs_teacher  # noqa: E402
 from stages.models.factory import create_model, model_card, save_model  # noqa: E402
-from stages.train import LocalHooks, TrainPlan, train_model  # noqa: E402
+from stages.train import TrainPlan, train_model  # noqa: E402
 
 KD, AT, SP = DistillTermConfig("kd", 1.0, 4.0), DistillTermConfig("at", 100.0), DistillTermConfig("sp", 300.0)
 # name: (terms, weighting). Weights put each term near the cross-entropy's size (about 1.5 in a first epoch) with the

@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
+from stages.core.hooks import LocalHooks
 from stages.data.compact import pseudo_sources, write_selection  # noqa: E402
 from stages.data.loader import PseudoSource  # noqa: E402
 from stages.data.shards import LabeledSet, expand_shards, load_labeled, shard_id  # noqa: E402
@@ -43,7 +44,7 @@ from stages.evaluate import evaluate  # noqa: E402
 from stages.maths.selection import select_in_memory  # noqa: E402
 from stages.models.factory import create_model, load_model, load_weights, model_card, save_model  # noqa: E402
 from stages.pseudo_label import ShardLabeler  # noqa: E402
-from stages.train import LocalHooks, TrainPlan, read_metrics_lines, train_model  # noqa: E402
+from stages.train import TrainPlan, read_metrics_lines, train_model  # noqa: E402
 
 SOFT_COLUMNS = ("probs", "topk_idx", "topk_prob")
 

@@ -97,8 +97,9 @@ def fit_teacher(root: Path, labeled: list[str], count: int, size: int, device: s
     """A quickly trained ``resnet10t`` (2 epochs, in-process), saved as a round's model folder."""
     from safetensors.torch import load_file
 
+    from stages.core.hooks import LocalHooks
     from stages.models.factory import create_model, model_card, save_model
-    from stages.train import LocalHooks, train_model
+    from stages.train import train_model
 
     spec, cfg = ModelSpec("resnet10t"), TrainConfig(epochs=2, batch_size=64, warmup_epochs=0, checkpoint_every=2)
     plan = make_plan(spec, cfg, size, labeled, count, (), 0, str(root / "teacher.jsonl"))
@@ -113,9 +114,9 @@ def prepare_student(root: Path, labeled: list[str], count: int, unlabeled: list[
     """Teacher, pseudo-label sidecars and selection by the real stage code (not timed)."""
     from pipeline.distributed.select import run_selection
     from stages.data.compact import pseudo_sources
-    from stages.data.shards import shard_id
     from stages.maths.selection import SelectConfig
     from stages.pseudo_label import PseudoLabelConfig, ShardLabeler
+    from stages.storage.layout import shard_id
 
     start = time.perf_counter()
     teacher = fit_teacher(root, labeled, count, size, device)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config import PipelineConfig
+from stages.core.errors import ConfigError
 from stages.data.shards import expand_shards
 from stages.maths.stopping import best_round, gains, round_seed, should_stop
 from stages.maths.validation import S, carve_keys, split_off

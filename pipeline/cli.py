@@ -16,13 +16,12 @@ from pathlib import Path
 
 from pipeline.cluster.jobs import JobError
 from pipeline.cluster.run_store import RunStoreError
-from pipeline.config import ConfigError, load_config
 from pipeline.own_data import add_commands
-from pipeline.report.data import ReportError
+from pipeline.report import ReportError
 from pipeline.report.text import columns as _columns
-from stages.data.shards import DataError
-from stages.models.export import ExportError
-from stages.storage.files import StorageError, is_url, join, locate_run, modified, read_json
+from stages.core.errors import ConfigError, DataError, ExportError
+from stages.storage.files import StorageError, is_url, modified, read_json
+from stages.storage.layout import RunLayout, locate_run, round_index
 
 DEFAULT_CONFIG = "configs/digits.yaml"
 
@@ -203,6 +202,8 @@ def ensure_digits(root: str) -> None:
 
 def _load_run(args, prepare: bool = True):
     """The config (with --rounds/--set applied), the default data prepared if asked for, and the run name."""
+    from pipeline.config import load_config
+
     overrides = list(args.overrides) + ([f"rounds={args.rounds}"] if args.rounds is not None else [])
     cfg = load_config(args.config, overrides)
     if prepare:
@@ -211,7 +212,8 @@ def _load_run(args, prepare: bool = True):
 
 
 def cmd_iterate(args) -> int:
-    from pipeline.rounds import run_folder, run_pipeline
+    from pipeline.plan import run_folder
+    from pipeline.rounds import run_pipeline
 
     cfg, run = _load_run(args)
     start, started = time.perf_counter(), time.time()
@@ -219,9 +221,10 @@ def cmd_iterate(args) -> int:
     print()
     print(format_table(rows))
     run_dir = run_folder(cfg, run)
-    print(format_choice(read_json(join(run_dir, "run.json")).get("stop")))
+    layout = RunLayout(run_dir)
+    print(format_choice(read_json(layout.status).get("stop")))
     print(f"\nrun {run} finished in {time.perf_counter() - start:.0f} s; outputs in {run_dir}")
-    report = join(run_dir, "report.html")
+    report = layout.report
     # an object store stamps the upload with its own clock: allow it a little skew
     written = modified(report)
     if written is not None and written >= started - (60 if is_url(report) else 0):
@@ -232,14 +235,24 @@ def cmd_iterate(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from pipeline.distributed.tune import run_tune
+    import dataclasses
+
+    from pipeline.distributed.tune import base_run_done, run_tune
+    from pipeline.plan import check_same_config, run_folder
+    from pipeline.rounds import run_pipeline
+    from stages.maths.stopping import StopConfig
 
     cfg, run = _load_run(args)
     if args.run is None:
         run = f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = run_folder(cfg, run)
+    if base_run_done(run_dir):  # read as it is: running it again with rounds: 1 would rewrite its run.json
+        check_same_config(cfg, run_dir)
+    else:  # the base run: rounds 0 and 1 of this config, an ordinary run
+        run_pipeline(dataclasses.replace(cfg, rounds=1, stop=StopConfig()), run, progress=not args.no_progress)
     summary = run_tune(
         cfg,
-        run,
+        run_dir,
         args.trials,
         args.budget_minutes,
         Path(args.out) if args.out else None,
@@ -261,8 +274,10 @@ def cmd_tune(args) -> int:
 
 def cmd_submit(args) -> int:
     from pipeline.cluster import jobs
+    from pipeline.config import check_models
 
     cfg, run = _load_run(args, prepare=False)
+    check_models(cfg)  # the checks that build models, here before anything is shipped
     # A relative default-data folder lives beside the submitter (a local cluster shares this disk): prepare it
     # here. An absolute one (e.g. /mnt/runs/data on the cluster's volume) is prepared by the job itself.
     if cfg.data.prepare_digits and not os.path.isabs(os.path.expanduser(cfg.data.prepare_digits)):
@@ -335,7 +350,7 @@ def cmd_download(args) -> int:
 
     store = RunStore(args.run, args.storage)
     for folder in store.download(args.to, args.round_index, args.all):
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = json.loads(RunLayout(folder.parent).round(round_index(folder.name)).metrics.read_text())
         print(f"{folder}: {metrics['model']}, test top-1 {metrics['test_top1'] * 100:.2f}% (sha256 verified)")
     print(f"load it with: model, card = stages.models.factory.load_model({str(folder)!r})")
     return 0

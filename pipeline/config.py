@@ -1,7 +1,9 @@
 """The pipeline config: frozen, typed dataclasses composed from each stage's own config, loaded from YAML.
 
 ``load_config(path, overrides)`` reads YAML with ``yaml.safe_load`` and applies ``key.path=value`` overrides
-(``pipeline/overrides.py``), then validates the tree once: an unknown key, a wrong type or a value out of range is one
+(``read_tree``: the overrides are parsed as YAML scalars and written into the tree, knowing nothing of the fields;
+a file or override that is not YAML is one ``ConfigError`` naming the file's line and column, or the override), then
+validates the tree once: an unknown key, a wrong type or a value out of range is one
 ``ConfigError`` line naming the field. ``configs/digits.yaml`` documents every key.
 
 Validation is pydantic v2's (``stages/core/config.py``: strict scalars, ``Many[T]``, the one-line message). Pydantic
@@ -11,6 +13,7 @@ keep working for their callers, and ``to_dict``/``digest`` (part of a run's resu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -22,72 +25,17 @@ import yaml
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError, model_validator
 from pydantic_core import ArgsKwargs
 
-from pipeline.overrides import ConfigError, apply_override, read_tree  # noqa: F401 (apply_override: part of this API)
 from stages.core.config import LATE, Many, config, identity_tree, one_line
+from stages.core.errors import ConfigError
+from stages.core.stage import LabelResources, TrainResources
 from stages.data.corruptions import RobustnessConfig
 from stages.data.folder import read_classes
 from stages.maths.selection import SelectConfig
 from stages.maths.stopping import StopConfig
-from stages.models.distill import needs_features
-from stages.models.factory import ModelSpec, check_ladder
-from stages.models.online_distill import check_feature_pairs
+from stages.models.factory import ModelSpec
 from stages.pseudo_label import PseudoLabelConfig
 from stages.storage.files import StorageError, check_storage
 from stages.train import TrainConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainResources:
-    """The Ray Train workers of one training stage (``pipeline/distributed/train.py``)."""
-
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelResources:
-    """``actors: N`` is a fixed pool; ``actors: 0`` an autoscaling one (``pool``) that starts with what the cluster
-    holds now (one actor per ``gpus_per_actor`` GPUs, else per ``cpus_per_actor`` CPUs) and grows, as the cluster's
-    autoscaler adds nodes, up to ``max_actors`` (0 = one per shard). ``threads: 0`` gives each actor one torch
-    thread and one decode thread per CPU it holds; ``decode: gpu`` decodes JPEGs on the actor's GPU
-    (``pipeline/distributed/pseudo_label.py``, ``stages/pseudo_label.Decoder``)."""
-
-    actors: int = 0
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    threads: int = 0
-    decode: str = "cpu"
-    max_actors: int = 0
-
-    def actor_count(self, cluster: dict[str, float]) -> int:
-        """Actors the cluster holds room for now (at least one: an autoscaling group at zero scales up for it)."""
-        if self.actors:
-            return self.actors
-        if self.gpus_per_actor:
-            return max(1, int(cluster.get("GPU", 0) // self.gpus_per_actor))
-        return max(1, int(cluster.get("CPU", 1) // self.cpus_per_actor))
-
-    def pool(self, cluster: dict[str, float], shards: int) -> dict[str, int]:
-        """``ActorPoolStrategy`` arguments: never more actors than shards; ``min_size`` 1 when autoscaling, so the
-        stage starts as soon as one actor is up and Ray Data adds actors as nodes join."""
-        shards = max(1, shards)
-        if self.actors:
-            return {"size": min(self.actors, shards)}
-        most = min(shards, self.max_actors or shards)
-        return {"min_size": 1, "max_size": most, "initial_size": min(self.actor_count(cluster), most)}
-
-    def torch_threads(self) -> int:
-        return self.threads or max(1, int(self.cpus_per_actor))
-
-    def fits(self, nodes: Sequence[dict[str, float]]) -> bool:
-        """Whether one actor fits on one of these nodes (each node's total resources, as ``ray.nodes()`` has them)."""
-        return any(n.get("CPU", 0) >= self.cpus_per_actor and n.get("GPU", 0) >= self.gpus_per_actor for n in nodes)
-
-    def describe(self) -> str:
-        return f"{self.cpus_per_actor:g} CPUs" + (f" and {self.gpus_per_actor:g} GPUs" if self.gpus_per_actor else "")
-
 
 Shards = Annotated[Many[StrictStr], Field(min_length=1, description="shard path or pattern")]
 NonNegative = Annotated[StrictInt, Field(ge=0)]
@@ -189,6 +137,9 @@ class ResourcesConfig:
     ``label_max_actors`` (0 = one per shard); ``label_threads: 0`` gives each actor one torch thread and one decode
     thread per CPU it holds; ``label_decode: gpu`` decodes JPEGs on the actors' GPUs (needs
     ``gpus_per_label_actor``). ``torch_threads`` is for the training workers (0 = Ray's default, one per CPU held).
+    ``executor``: where the run's work runs: ``ray`` (Ray tasks, actor pools, Ray Train), ``local`` (this process),
+    or ``auto``: this process for a small local run (under 64 MB of shards, no cluster, no GPU), Ray otherwise
+    (``pipeline/distributed/executor.choose_executor``).
     """
 
     address: StrictStr = ""
@@ -204,6 +155,7 @@ class ResourcesConfig:
     label_decode: Annotated[Literal["cpu", "gpu"], LATE] = "cpu"
     label_max_actors: Annotated[NonNegative, LATE] = 0
     torch_threads: NonNegative = 0
+    executor: Annotated[Literal["auto", "local", "ray"], LATE] = "auto"
 
     @model_validator(mode="after")
     def _gpu_decode_needs_a_gpu(self) -> ResourcesConfig:
@@ -304,15 +256,6 @@ class PipelineConfig:
             raise ValueError(
                 "stop.patience: the stop rule needs a validation split; set data.val (shards) or data.val_per_class"
             )
-        if self.ladder_mode != "any":
-            check_ladder(self.ladder, self.ladder_mode, d.num_classes, d.channels, d.image_size)
-        if any(needs_features(t.name) for t in self.student.distill):
-            # every (teacher, student) rung pair the run trains; later rounds repeat the last rung's pair
-            rungs = [(r, self.spec(r - 1), self.spec(r)) for r in range(1, min(self.rounds, len(self.ladder)) + 1)]
-            try:
-                check_feature_pairs(rungs, self.student.distill, d.num_classes, d.channels, d.image_size)
-            except ValueError as exc:
-                raise ValueError(f"student.distill: {exc}") from exc
         return self
 
     def spec(self, round_index: int) -> ModelSpec:
@@ -334,6 +277,29 @@ class PipelineConfig:
 _VALIDATE = TypeAdapter(PipelineConfig)
 
 
+def check_models(cfg: PipelineConfig) -> None:
+    """The checks that build models, kept out of loading a config (which stays free of torch and timm): under
+    ``ladder_mode`` the rungs' sizes, and the rung pairs that feature-distillation terms must be able to join. One
+    ``ConfigError`` line naming the field; the run's preflight and ``submit`` call it before any work."""
+    from stages.models.distill import needs_features
+    from stages.models.factory import check_ladder
+    from stages.models.online_distill import check_feature_pairs
+
+    d = cfg.data
+    if cfg.ladder_mode != "any":
+        try:
+            check_ladder(cfg.ladder, cfg.ladder_mode, d.num_classes, d.channels, d.image_size)
+        except ValueError as exc:
+            raise ConfigError(f"config.{exc}") from exc
+    if any(needs_features(t.name) for t in cfg.student.distill):
+        # every (teacher, student) rung pair the run trains; later rounds repeat the last rung's pair
+        rungs = [(r, cfg.spec(r - 1), cfg.spec(r)) for r in range(1, min(cfg.rounds, len(cfg.ladder)) + 1)]
+        try:
+            check_feature_pairs(rungs, cfg.student.distill, d.num_classes, d.channels, d.image_size)
+        except ValueError as exc:
+            raise ConfigError(f"config.student.distill: {exc}") from exc
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), base: dict | None = None) -> PipelineConfig:
     """The config in YAML file ``path`` (or ``base`` alone), ``--set`` ``overrides`` applied, validated once."""
     tree = read_tree(path, overrides, base)
@@ -345,3 +311,80 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), base: di
 
 def dump_config(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ---- the tree: a YAML file and --set overrides (nothing here knows the config's fields) ----
+
+
+def read_tree(path: str | Path | None, overrides: Sequence[str] = (), base: dict | None = None) -> dict:
+    """``base`` (copied), updated by the YAML mapping in ``path``, then each override applied in order."""
+    tree: dict = copy.deepcopy(base or {})  # overrides edit nested sections in place; the caller's base stays as is
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} not found") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            hint = "; quote strings holding { } [ ] , or : inside [...]" if "flow" in str(exc) else ""
+            raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(exc)}{hint}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+        tree.update(loaded or {})
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return tree
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """``a.b.c=value`` into a nested dict; the value is parsed as YAML (``5``, ``0.1``, ``[a, b]``, ``true``).
+
+    A number steps into a list (``ladder.1.model=x``); the entry must already exist.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    path, raw = assignment.split("=", 1)
+    path = path.strip()
+    keys = path.split(".")
+    node: dict | list = tree
+    for depth, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            child = node[_list_index(node, key, path, ".".join(keys[:depth]))]
+        else:
+            child = node.setdefault(key, {})
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"--set {path}: {key} is not a section")
+        node = child
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"--set {path}: the value {raw!r} is not valid YAML ({_yaml_problem(exc)}); "
+            "quote strings holding { } [ ] , : or #, e.g. data.labeled=['/d/x-{0..3}.tar']"
+        ) from exc
+    if isinstance(node, list):
+        node[_list_index(node, keys[-1], path, ".".join(keys[:-1]))] = value
+    else:
+        node[keys[-1]] = value
+
+
+def _list_index(items: list, key: str, path: str, where: str) -> int:
+    """``key`` as an index of the list at ``where``, or a ``ConfigError`` saying which indices exist."""
+    valid = f"indices 0..{len(items) - 1}" if items else "it is empty"
+    if not key.isdigit():
+        raise ConfigError(f"--set {path}: {where} is a list ({valid}); put an entry index before {key!r}")
+    if int(key) >= len(items):
+        raise ConfigError(
+            f"--set {path}: {where} has no entry {key} ({valid}); "
+            f"add the entry in the config file or set the whole list ({where}=[...])"
+        )
+    return int(key)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's problem in one line, without its multi-line location excerpt."""
+    context, problem = getattr(exc, "context", None), getattr(exc, "problem", None)
+    if problem is None:
+        return str(exc).splitlines()[0]
+    return f"{context}: {problem}" if context else problem

@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from stages.data.shards import DataError
+from stages.core.errors import DataError
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 
@@ -48,7 +48,7 @@ def add_commands(sub) -> None:
         "--parallel",
         choices=("auto", "ray", "off"),
         default="auto",
-        help="ray: one Ray task per shard; off: in this process; auto (default): Ray above 5,000 images",
+        help="ray: one Ray task per shard; off: in this process; auto (default): Ray above 64 MB of images",
     )
     p.add_argument("--seed", type=int, default=0, help="shuffles which images share a shard (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -68,7 +68,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser(
         "export",
-        help="export a round's model to ONNX or TorchScript, checked against PyTorch",
+        help="export a round's model to ONNX or torch.export (.pt2), checked against PyTorch",
         description="Writes the model with its class names and preprocessing (size, mean, std, resize) in the file's "
         "metadata, runs it on a few of the run's test images beside PyTorch and prints the largest difference; a "
         "difference above the tolerance is an error. ONNX needs pip install -e '.[export]'.",
@@ -76,41 +76,51 @@ def add_commands(sub) -> None:
     p.add_argument("run", metavar="RUN", help="run name under --storage, or a path or URL of a run folder")
     p.add_argument("--storage", default="runs", help="storage root: folder or URL (default runs)")
     p.add_argument("--round", type=int, dest="round_index", help="round to export (default: the latest finished)")
-    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default onnx")
-    p.add_argument("--to", required=True, help="file to write (e.g. model.onnx, model.pt)")
+    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="default onnx")
+    p.add_argument("--to", required=True, help="file to write (e.g. model.onnx, model.pt2)")
     p.add_argument("--images", type=int, default=8, help="test images the check runs on (default 8)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_prepare_folder(args) -> int:
-    from pipeline.distributed.folder import prepare_folder
+    from pipeline.distributed.executor import choose_executor
+    from pipeline.distributed.runtime import init_ray
+    from stages.prepare import prepare_folder, source_images
+    from stages.storage.layout import CLASSES, PREPARE_CONFIG, PREPARE_SUMMARY
 
     if bool(args.src) == bool(args.csv_path):
         raise DataError("prepare-folder: give either SRC or --csv FILE")
-    summary = prepare_folder(
-        args.src, args.out, args.csv_path, args.shard_size, args.parallel, args.seed, progress=not args.no_progress
-    )
+    mode = {"auto": "auto", "ray": "ray", "off": "local"}[args.parallel]
+    progress = not args.no_progress
+    executor, why = choose_executor(mode, "", False, source_images(args.src, args.csv_path), "", progress)
+    if executor.kind == "ray":
+        init_ray()
+    print(f"prepare-folder: {executor.kind} ({why})", file=sys.stderr)
+    summary = prepare_folder(args.src, args.out, executor, args.csv_path, args.shard_size, args.seed, progress)
     counts = ", ".join(f"{s} {i['samples']} ({i['shards']} shard(s))" for s, i in summary["splits"].items())
     print(f"wrote {summary['out']}: {len(summary['classes'])} classes, {counts}")
     if summary["skipped_count"]:
         first = summary["skipped"][0]
         print(
             f"skipped {summary['skipped_count']} file(s), e.g. {first['path']}: {first['reason']} "
-            f"(all listed in {Path(summary['out']) / 'prepare.json'})"
+            f"(all listed in {Path(summary['out']) / PREPARE_SUMMARY})"
         )
-    print(f"classes: {Path(summary['out']) / 'classes.json'}")
-    print(f"data section: {Path(summary['out']) / 'data.yaml'}")
+    print(f"classes: {Path(summary['out']) / CLASSES}")
+    print(f"data section: {Path(summary['out']) / PREPARE_CONFIG}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from stages.data.shards import BadSample, decode_image
+    from stages.core.errors import BadSample
+    from stages.data.shards import decode_image
     from stages.evaluate import predict_probs
     from stages.models.factory import load_model
+    from stages.storage.layout import MODEL_CARD, MODEL_WEIGHTS, ModelFiles
 
     model_dir = Path(args.model)
-    if not (model_dir / "model.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        raise DataError(f"--model {model_dir}: needs model.json and model.safetensors (a round folder or download)")
+    files = ModelFiles(model_dir)
+    if not Path(files.card).is_file() or not Path(files.weights).is_file():
+        raise DataError(f"--model {model_dir}: needs {MODEL_CARD} and {MODEL_WEIGHTS} (a round folder or download)")
     model, card = load_model(model_dir)
     names = card.get("classes") or [str(c) for c in range(card["num_classes"])]
     images = []
@@ -183,10 +193,12 @@ def test_images(store, count: int) -> list:
     """The first ``count`` images of the run's test shards (its config.yaml), or none when they cannot be read."""
     import yaml
 
-    from stages.data.shards import BadSample, decode_image, expand_shards, image_field, iter_raw_samples
+    from stages.core.errors import BadSample
+    from stages.data.shards import decode_image, expand_shards, image_field, iter_raw_samples
+    from stages.storage.layout import CONFIG
 
     try:
-        data = yaml.safe_load(_read_text(store, "config.yaml")).get("data", {})
+        data = yaml.safe_load(_read_text(store, CONFIG)).get("data", {})
         images = []
         for shard in expand_shards(data.get("test", []), "data.test"):
             for sample in iter_raw_samples(shard):

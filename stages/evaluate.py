@@ -1,33 +1,46 @@
-"""Evaluation of a round's model: per-shard prediction sidecars, and the metrics read back from them.
+"""The evaluate stage: a round's model scores the test split, the validation split and corrupted copies of the test
+split, one prediction sidecar per shard and split, and ``metrics.json`` is read back from them.
 
 The model runs un-noised (eval mode, clean resize), exactly as when it pseudo-labels, and on the same path: a
 ``ShardEvaluator`` is a ``ShardLabeler`` (``stages/pseudo_label.py``: model loaded once, decode threads or nvJPEG,
-bf16 and channels_last on a GPU) that writes ``<out_dir>/<split>/<shard_id>.parquet`` per task. A task is a shard
-of one split: ``test``, ``val`` (only the carved keys when the validation split is carved from the labeled shards)
-or ``test-<corruption>-<severity>`` (each image corrupted where it is decoded, ``stages/data/corruptions.py``). A
-sidecar
-holds ``key, shard, label`` (predicted), ``confidence``, ``true_label`` and the probabilities (``probs``; top-5 for
-corrupted copies, which only count top-1); its footer records the device and decoder it ran on and the sha256 of the
-model, so an interrupted stage resumes with the shards it has not done. ``eval_metrics`` reads only the label,
-confidence and true-label columns back: top-1, per-class top-1, confusion, ECE, validation and corruption top-1.
-The driver plans tasks and reads columns; it never decodes an image (``pipeline/distributed/evaluate.py``).
+bf16 and channels_last on a GPU) that writes ``round-NNN/eval/<split>/<shard_id>.parquet`` per task. A task is a
+shard of one split: ``test``, ``val`` (only the carved keys when the validation split is carved from the labeled
+shards) or ``test-<corruption>-<severity>`` (each image corrupted where it is decoded, ``stages/data/corruptions.py``).
+A sidecar holds ``key, shard, label`` (predicted), ``confidence``, ``true_label`` and the probabilities (``probs``;
+top-5 for corrupted copies, which only count top-1); its footer records the device and decoder it ran on and what
+made it (the model's sha256, the split and its corruption, the shard), so an interrupted stage resumes with the
+tasks this model has not done. ``eval_metrics`` reads only the label, confidence and true-label columns back. The
+driver plans tasks and reads columns; it never decodes an image.
 
 ``predict_probs``/``evaluate`` score images held in memory: the benches' plain loops and ``tune``'s trials use them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from stages.data.corruptions import corrupt, corruption_metrics
-from stages.data.shards import LabeledSet, shard_id
+from stages.core.stage import LabelResources, RunData, StageContext, StageOutput
+from stages.data.corruptions import RobustnessConfig, corrupt, corruption_metrics, variants
+from stages.data.shards import LabeledSet
+from stages.maths.metrics import classification_metrics, prediction_metrics
+from stages.models.factory import model_sha
 from stages.models.transforms import card_transform
-from stages.pseudo_label import PseudoLabelConfig, ShardLabeler, read_footer
-from stages.storage.files import join, read_table
+from stages.pseudo_label import PseudoLabelConfig, ShardLabeler
+from stages.storage.artifacts import inputs_digest, trusted_table
+from stages.storage.files import Location, atomic_write_json, join, makedirs, read_json, read_table, stamp
+from stages.storage.layout import sidecar_file
 
-EVAL_FORMAT = "eval/v1"
+log = logging.getLogger(__name__)
+
+EVAL_FORMAT = "eval/v2"
 CORRUPTED_TOPK = 5
 
 
@@ -42,35 +55,6 @@ def predict_probs(model: nn.Module, images: list, card: dict, batch_size: int = 
     return torch.cat(out).numpy()
 
 
-def expected_calibration_error(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins: sum_b |B|/n * |accuracy(B) - confidence(B)|."""
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs((pred[mask] == labels[mask]).mean() - conf[mask].mean())
-    return float(ece)
-
-
-def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    return prediction_metrics(probs.max(axis=1), probs.argmax(axis=1), labels, num_classes)
-
-
-def prediction_metrics(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    """Test metrics from each sample's confidence, predicted class and true class."""
-    per_class = [float((pred[labels == c] == c).mean()) if (labels == c).any() else None for c in range(num_classes)]
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
-    return {
-        "test_top1": float((pred == labels).mean()),
-        "per_class_top1": per_class,
-        "test_ece": expected_calibration_error(conf, pred, labels),
-        "test_images": int(len(labels)),
-        "confusion": confusion.tolist(),
-    }
-
-
 def evaluate(model: nn.Module, card: dict, test: LabeledSet) -> dict:
     return classification_metrics(predict_probs(model, test.images, card), test.labels, card["num_classes"])
 
@@ -80,27 +64,43 @@ def split_name(corruption: str = "", severity: int = 0, split: str = "test") -> 
     return f"{split}-{corruption}-{severity}" if corruption else split
 
 
-def eval_sidecar(out_dir, split: str, shard: str):
-    return join(out_dir, split, f"{shard_id(shard)}.parquet")
+def eval_sidecar(out_dir: Location, split: str, shard: str) -> Location:
+    return join(out_dir, split, sidecar_file(shard))
 
 
-def eval_done(path, model_sha: str) -> bool:
-    """Whether ``path`` is a complete sidecar written by this model."""
-    footer = read_footer(path, EVAL_FORMAT)
-    return footer is not None and footer[1].get(b"model") == model_sha.encode()
+@dataclasses.dataclass(frozen=True)
+class EvalTask:
+    """One shard of one split, scored by one model: what its sidecar's ``made_by`` names."""
+
+    shard: str
+    split: str
+    corruption: str = ""
+    severity: int = 0
+
+    def made_by(self, model_sha: str, corruption_seed: int, only: frozenset[str] | None) -> str:
+        keys = inputs_digest(keys=sorted(only)) if only is not None else ""
+        return inputs_digest(
+            format=EVAL_FORMAT,
+            model=model_sha,
+            split=self.split,
+            corruption=self.corruption,
+            severity=self.severity,
+            seed=corruption_seed if self.corruption else 0,
+            only=keys,
+            shard=self.shard,
+            stamp=stamp(self.shard),
+        )
 
 
 class ShardEvaluator(ShardLabeler):
-    """Writes one evaluation sidecar per task (``{"shard", "split", "corruption", "severity"}``: a Ray Data batch of
-    them, or one call of ``evaluate_task`` in process). ``only``: per split, the keys to score (a carved validation
-    split), absent = every sample of the shard."""
+    """A pool worker: writes one evaluation sidecar per task. ``only``: per split, the keys to score (a carved
+    validation split), absent = every sample of the shard."""
 
     def __init__(
         self,
         model_dir: str,
         out_dir: str,
         channels: int,
-        model_sha: str,
         threads: int = 0,
         decode: str = "cpu",
         only: dict[str, frozenset[str]] | None = None,
@@ -108,40 +108,81 @@ class ShardEvaluator(ShardLabeler):
         decode_threads: int = 0,
     ):
         super().__init__(model_dir, out_dir, PseudoLabelConfig(), channels, threads, decode, decode_threads)
-        self.model_sha, self.only, self.corruption_seed = model_sha, only or {}, corruption_seed
+        self.only, self.corruption_seed = only or {}, corruption_seed
 
-    def evaluate_task(self, shard: str, split: str, corruption: str = "", severity: int = 0) -> dict:
-        path = eval_sidecar(self.out_dir, split, shard)
-        result = {"shard": shard, "split": split, "device": self.device.type, "decode": self.decode}
-        if corruption:
-            result["decode"] = "cpu"  # corruptions apply to PIL images
-        if eval_done(path, self.model_sha):
-            return result | {"rows": 0, "error": "", "storage_error": "", "resumed": True, "seconds": 0.0}
+    def process(self, shard: str, split: str, corruption: str, severity: int, made_by: str) -> dict:
+        decode = "cpu" if corruption else self.decode  # corruptions apply to PIL images
         prepare = None
         if corruption:
 
             def prepare(image, key):
                 return corrupt(image, corruption, severity, self.corruption_seed, key)
 
-        meta = {
-            b"format": EVAL_FORMAT.encode(),
-            b"model": self.model_sha.encode(),
-            b"device": result["device"].encode(),
-            b"decode": result["decode"].encode(),
-        }
+        path = eval_sidecar(self.out_dir, split, shard)
         topk = CORRUPTED_TOPK if corruption else 0
-        done = self.write_labels(shard, path, topk, result, self.only.get(split), prepare, meta)
-        del done["bad"]  # listed in the sidecar's footer; every value of a row must be a scalar for Ray Data
-        return done | {"resumed": False}
+        meta = {"device": self.device.type, "decode": decode}
+        done = self.write_labels(
+            shard, path, topk, format=EVAL_FORMAT, made_by=made_by, only=self.only.get(split), prepare=prepare, **meta
+        )
+        return {"rows": done["rows"], "seconds": done["seconds"], **meta}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [
-            self.evaluate_task(str(shard), str(split), str(c), int(s))
-            for shard, split, c, s in zip(
-                batch["shard"], batch["split"], batch["corruption"], batch["severity"], strict=True
-            )
-        ]
-        return {k: np.array([r[k] for r in results], dtype=object) for k in results[0]}
+
+def evaluation_tasks(data: RunData, robustness: RobustnessConfig) -> tuple[list[EvalTask], list[str]]:
+    """``(tasks, validation shards)``: the test shards, the validation shards (the labeled shards holding the carved
+    keys, scored on those keys only, when the split is carved) and the test shards once per corruption."""
+    tasks = [EvalTask(s, "test") for s in data.test_shards]
+    val_shards = data.val.shards_holding() if data.val is not None else []
+    tasks += [EvalTask(s, "val") for s in val_shards]
+    for corruption, severity in variants(robustness):
+        split = split_name(corruption, severity)
+        tasks += [EvalTask(s, split, corruption, severity) for s in data.test_shards]
+    return tasks, val_shards
+
+
+def evaluate_tasks(
+    model_dir: Location,
+    model_sha: str,
+    tasks: list[EvalTask],
+    out_dir: Location,
+    channels: int,
+    resources: LabelResources,
+    executor,
+    only: dict[str, frozenset[str]] | None = None,
+    corruption_seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Run every task whose sidecar this model has not written (whole); returns the summary: tasks, resumed, rows,
+    devices and decoders per task, where it ran, seconds."""
+    start = time.perf_counter()
+    makedirs(out_dir)
+    only = only or {}
+    items = []
+    for t in tasks:
+        made = t.made_by(model_sha, corruption_seed, only.get(t.split))
+        if trusted_table(eval_sidecar(out_dir, t.split, t.shard), EVAL_FORMAT, made) is None:
+            items.append(dataclasses.asdict(t) | {"made_by": made})
+    summary: dict = {"tasks": len(tasks), "resumed": len(tasks) - len(items), "rows": 0, "devices": {}, "decode": {}}
+    if items:
+        kwargs = {
+            "model_dir": str(model_dir),
+            "out_dir": str(out_dir),
+            "channels": channels,
+            "decode": resources.decode,
+            "only": only,
+            "corruption_seed": corruption_seed,
+        }
+        bar = tqdm(
+            total=len(items), unit="task", desc="evaluate", disable=not progress, dynamic_ncols=True, leave=False
+        )
+        with bar, executor.pool(ShardEvaluator, kwargs, items, resources) as results:
+            for row in results:
+                summary["rows"] += int(row["rows"])
+                summary["devices"][row["device"]] = summary["devices"].get(row["device"], 0) + 1
+                summary["decode"][row["decode"]] = summary["decode"].get(row["decode"], 0) + 1
+                bar.update(1)
+    summary["ran_as"] = executor.kind
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    return summary
 
 
 def read_predictions(paths: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -170,3 +211,63 @@ def eval_metrics(out_dir, test_shards: list[str], num_classes: int, val_shards: 
             top1[(corruption, severity)] = float((cpred == ctrue).mean())
         metrics["corruption_top1"] = corruption_metrics(top1)
     return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluate:
+    """The stage: this round's model scores every split (``evaluate_tasks``), and ``metrics.json`` is written."""
+
+    robustness: RobustnessConfig
+    resources: LabelResources
+    seeds: dict[str, int]  # the round's seeds, recorded in metrics.json
+    name: ClassVar[str] = "evaluate"
+
+    def inputs(self, ctx: StageContext) -> dict[str, str]:
+        return {"config": ctx.config_digest, "train": model_sha(ctx.layout.model)}
+
+    def run(self, ctx: StageContext) -> StageOutput:
+        data, layout = ctx.data, ctx.layout
+        tasks, val_shards = evaluation_tasks(data, self.robustness)
+        only = {"val": data.exclude_keys} if data.exclude_keys else {}
+        summary = evaluate_tasks(
+            layout.model.dir,
+            model_sha(layout.model),
+            tasks,
+            layout.eval,
+            data.channels,
+            self.resources,
+            ctx.executor,
+            only,
+            self.robustness.seed,
+            ctx.progress,
+        )
+        metrics = eval_metrics(layout.eval, data.test_shards, data.num_classes, val_shards, variants(self.robustness))
+        metrics |= {"classes": data.names, "evaluation": summary, "seeds": self.seeds}
+        metrics |= round_facts(ctx)
+        atomic_write_json(layout.metrics, metrics)
+        sidecars = [eval_sidecar(layout.eval, t.split, t.shard) for t in tasks]
+        return StageOutput([layout.metrics, *sidecars], metrics)
+
+
+def round_facts(ctx: StageContext) -> dict:
+    """What ``metrics.json`` says of the round besides its scores: model, sizes, stage times, its teacher's scores."""
+    card = read_json(ctx.layout.model.card)
+    stages = ctx.manifest.data["stages"]
+    pseudo = int(ctx.manifest.result("select").get("copies_out", 0)) if ctx.round > 0 else 0
+    facts = {
+        "round": ctx.round,
+        "model": card["timm_name"],
+        "params": card.get("params"),
+        "labeled_images": len(ctx.data.labeled),
+        "pseudo_images": pseudo,
+        "train_images": len(ctx.data.labeled) + pseudo,
+        "stage_seconds": {s: stages[s]["seconds"] for s in ("pseudo_label", "select", "train") if s in stages},
+    }
+    if ctx.previous is not None:
+        teacher = read_json(ctx.previous.metrics)
+        facts |= {
+            "teacher_top1": teacher["test_top1"],
+            "teacher_val_top1": teacher.get("val_top1"),
+            "pseudo_label_accuracy": ctx.manifest.result("pseudo_label").get("accuracy"),
+        }
+    return facts

@@ -24,13 +24,14 @@ The loop is plain PyTorch; the distributed edge (Ray Train) comes in through ``T
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,15 +40,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stages.core.config import Many, config
+from stages.core.hooks import TrainHooks
+from stages.core.stage import StageContext, StageOutput, TrainResources
+from stages.data.compact import pseudo_sources
 from stages.data.loader import BYTE_COUNTS, MixedStream, PseudoSource
 from stages.models.checkpoint import load_checkpoint, read_state, save_checkpoint
 from stages.models.device import autocast, place_batch, place_model
 from stages.models.distill import DistillTermConfig, Weighting, check_terms, needs_features
-from stages.models.factory import ModelSpec, create_model, load_weights, unwrap
+from stages.models.factory import ModelSpec, atomic_save_safetensors, create_model, load_weights, model_sha, unwrap
 from stages.models.online_distill import DistillStudent, OnlineTeacher, build_distill
-from stages.models.pretrained import create_from_weights
+from stages.models.pretrained import adopt_model, create_from_weights, source_digest
 from stages.models.transforms import card_transform, check_ops, train_transform
 from stages.storage import files as storage
+from stages.storage.artifacts import inputs_digest
+from stages.storage.files import atomic_write_json
+from stages.storage.layout import CKPT_EMA, MODEL_WEIGHTS, round_name
 
 log = logging.getLogger(__name__)
 
@@ -130,24 +137,34 @@ def noisy_student_loss(
     }
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr_ratio: float) -> float:
-    """Linear warmup from ~0 to ``base_lr``, then cosine decay to ``base_lr * min_lr_ratio``."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+# The paper's RMSprop is TensorFlow's (epsilon inside the square root, 1e-3): timm's ``rmsproptf``.
+TIMM_OPTIMIZERS = {"sgd": ("sgd", {}), "adamw": ("adamw", {}), "rmsprop": ("rmsproptf", {"eps": 1e-3})}
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """No weight decay on biases and norm weights (1-d parameters), as timm does."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, alpha=0.9, eps=1e-3)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    """timm's optimizer factory: ``sgd`` is Nesterov SGD, ``rmsprop`` TF-style RMSprop; no weight decay on biases
+    and norm weights (1-d parameters)."""
+    from timm.optim import create_optimizer_v2
+
+    name, extra = TIMM_OPTIMIZERS[cfg.optimizer]
+    kwargs = {"momentum": cfg.momentum} if cfg.optimizer != "adamw" else {}
+    return create_optimizer_v2(model, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs, **extra)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, warmup_steps: int):
+    """timm's ``CosineLRScheduler`` by step: a linear warmup from ``lr / warmup_steps`` to ``lr``, then a cosine
+    decay to ``lr * min_lr_ratio`` over the remaining steps. Stateless in the step, so a resumed run continues it."""
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup_steps),
+        lr_min=cfg.lr * cfg.min_lr_ratio,
+        warmup_t=warmup_steps,
+        warmup_lr_init=cfg.lr / max(1, warmup_steps),
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
 
 
 def steps_per_epoch(driving_samples: int, per_step: int, world_size: int) -> int:
@@ -214,16 +231,6 @@ def prepare_distill(
         teacher.check_input(plan.num_classes, plan.channels, plan.image_size, plan.mean, plan.std)
     shape = (plan.num_classes, plan.channels, plan.image_size)
     return build_distill(student, plan.spec, cfg.distill, cfg.distill_weighting, *shape, teacher), teacher
-
-
-class TrainHooks(Protocol):
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def prepare(self, model: nn.Module) -> nn.Module: ...
-    def restore(self) -> Path | None: ...
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None: ...
 
 
 def _append_metrics(path: str, row: dict, keep_until_epoch: int | None = None) -> None:
@@ -308,15 +315,16 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
         log.info("resumed from %s at epoch %d, step %d", restored, start_epoch, step)
     model = hooks.prepare(model)
     per_epoch, epochs = plan.steps_per_epoch(hooks.world_size), plan.epochs(hooks.world_size)
-    total, warmup = per_epoch * epochs, round(cfg.warmup_epochs * per_epoch)
+    schedule = build_schedule(optimizer, cfg, per_epoch * epochs, round(cfg.warmup_epochs * per_epoch))
     metrics: dict = {"epoch": start_epoch, "step": step}
     # One endless stream for the whole run (seeded by the start epoch, so a resume does not replay old batches).
     batches = iter(build_stream(plan, start_epoch, hooks.rank, hooks.world_size))
     for epoch in range(start_epoch, epochs):
         metrics = _train_one_epoch(
-            model, teacher, optimizer, ema, batches, plan, hooks, epoch, step, per_epoch, total, warmup
+            model, teacher, optimizer, schedule, ema, batches, plan, hooks, epoch, step, per_epoch
         )
         step = metrics["step"]
+        metrics["epochs"] = epochs
         if hooks.rank == 0:
             _append_metrics(plan.metrics_path, metrics, keep_until_epoch=epoch if epoch == start_epoch else None)
             log.info(
@@ -365,6 +373,7 @@ def _train_one_epoch(
     model,
     teacher: OnlineTeacher | None,
     optimizer,
+    schedule,
     ema,
     batches,
     plan: TrainPlan,
@@ -372,8 +381,6 @@ def _train_one_epoch(
     epoch: int,
     step: int,
     per_epoch: int,
-    total: int,
-    warmup: int,
 ) -> dict:
     cfg, device = plan.cfg, hooks.device
     model.train()
@@ -383,9 +390,8 @@ def _train_one_epoch(
     for _ in range(per_epoch):
         batch = next(batches)
         shard_bytes += batch["bytes"]
-        lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        schedule.step_update(step)
+        lr = optimizer.param_groups[0]["lr"]
         x = place_batch(batch["x"], device)
         loss, parts = _step_loss(model, teacher, batch, x, cfg, device)
         optimizer.zero_grad(set_to_none=True)
@@ -439,28 +445,59 @@ def _report(hooks: TrainHooks, metrics: dict, model, optimizer, ema, epoch: int,
         hooks.report(metrics, ckpt)
 
 
-class LocalHooks:
-    """In-process hooks (one worker, no Ray): checkpoints kept as ``<ckpt_root>/epoch-NNNN`` directories."""
+@dataclasses.dataclass(frozen=True)
+class Train:
+    """The stage that makes a round's model: the teacher from the labeled shards in round 0, a student from them and
+    this round's selection after. ``plan`` (``pipeline.plan.plan_for``) holds everything but the pseudo-labeled
+    sources, which come from the round's select stage; ``card`` is the model card written beside the weights."""
 
-    rank, world_size = 0, 1
+    plan: TrainPlan
+    card: dict
+    resources: TrainResources
+    name: ClassVar[str] = "train"
 
-    def __init__(self, ckpt_root: str | Path, device: str = "cpu"):
-        self.root, self.device = Path(ckpt_root), torch.device(device)
-        self.reports: list[dict] = []
+    def inputs(self, ctx: StageContext) -> dict[str, str]:
+        inputs = {"config": ctx.config_digest}
+        if self.plan.init_from:
+            inputs |= source_digest(self.plan.init_from, "")
+        if ctx.previous is not None:
+            inputs |= {"teacher": model_sha(ctx.previous.model), "select": ctx.manifest.digest("select")}
+        return inputs
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return model
+    def run(self, ctx: StageContext) -> StageOutput:
+        plan = self.plan
+        if ctx.previous is not None:
+            pseudo = tuple(pseudo_sources(ctx.layout.selection, ctx.data.unlabeled_shards))
+            plan = dataclasses.replace(
+                plan, pseudo=pseudo, pseudo_count=int(ctx.manifest.result("select")["copies_out"])
+            )
+        name = f"{round_name(ctx.round)}-{inputs_digest(**self.inputs(ctx))[:10]}"
+        with tempfile.TemporaryDirectory(prefix="ns-final-") as tmp:  # node-local scratch, whatever the storage
+            train = functools.partial(train_model, plan)
+            final = ctx.executor.fit(train, name, ctx.run.checkpoints, self.resources, Path(tmp))
+            weights = Path(tmp) / f"final-{CKPT_EMA if plan.cfg.ema_decay else MODEL_WEIGHTS}"
+            atomic_save_safetensors(load_weights(weights), ctx.layout.model.weights)
+        atomic_write_json(ctx.layout.model.card, self.card | {"round": ctx.round})
+        result = {
+            "final_epoch": final.get("epoch"),
+            "steps": final.get("step"),
+            "images_per_s": final.get("images_per_s"),
+            "loss": final.get("loss"),
+        }
+        return StageOutput([ctx.layout.model.weights, ctx.layout.model.card], result)
 
-    def restore(self) -> Path | None:
-        """The latest complete checkpoint; ``.tmp`` ones were cut off mid-copy by a crash."""
-        done = sorted(p for p in self.root.glob("epoch-*") if p.is_dir() and p.suffix != ".tmp")
-        return done[-1] if done else None
 
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        self.reports.append(metrics)
-        if checkpoint_dir is not None:
-            import shutil
+@dataclasses.dataclass(frozen=True)
+class Adopt:
+    """Round 0 as a given trained model (``teacher.from_model``): copied with its card, not trained."""
 
-            target = self.root / f"epoch-{metrics['epoch']:04d}"
-            shutil.copytree(checkpoint_dir, target.with_suffix(".tmp"), dirs_exist_ok=True)
-            target.with_suffix(".tmp").replace(target)
+    source: str
+    name: ClassVar[str] = "train"
+
+    def inputs(self, ctx: StageContext) -> dict[str, str]:
+        return {"config": ctx.config_digest} | source_digest("", self.source)
+
+    def run(self, ctx: StageContext) -> StageOutput:
+        data = ctx.data
+        files, result = adopt_model(self.source, ctx.layout.dir, data.num_classes, data.channels, data.names)
+        return StageOutput(files, result)

@@ -116,7 +116,8 @@ def tiny_config(digits_root, tmp_path):
 
 @pytest.fixture(scope="session")
 def finished_run(ray_session, digits_root, tmp_path_factory):
-    """A tiny run of rounds 0 and 1 through Ray on the real digits data: ``(cfg, run_dir, rows)``.
+    """A tiny run of rounds 0 and 1 through Ray (``resources.executor: ray``: Ray tasks, the label actors' pool and
+    Ray Train, though the data is small enough to run in process) on the real digits data: ``(cfg, run_dir, rows)``.
 
     Shared by the whole session because training it is the slow part; tests that change the run must leave it as
     they found it (test_pipeline.py's damage test redoes the round it damages), or work on a copy.
@@ -125,6 +126,6 @@ def finished_run(ray_session, digits_root, tmp_path_factory):
     from pipeline.rounds import run_pipeline
 
     storage, published = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("published")
-    cfg = load_config(None, [f"publish={published}"], base=tiny_tree(digits_root, storage))
+    cfg = load_config(None, [f"publish={published}", "resources.executor=ray"], base=tiny_tree(digits_root, storage))
     rows = run_pipeline(cfg, "one-round", progress=False)
     return cfg, storage / "one-round", rows

@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from pipeline.config import (
-    ConfigError,
     DataConfig,
     PipelineConfig,
     ResourcesConfig,
@@ -20,6 +19,7 @@ from pipeline.config import (
     dump_config,
     load_config,
 )
+from stages.core.errors import ConfigError
 from stages.models.factory import ModelSpec
 from stages.pseudo_label import PseudoLabelConfig
 from stages.train import TrainConfig
@@ -342,15 +342,12 @@ def test_stage_configs_are_validated_in_code_too_and_stay_dataclasses():
     assert dataclasses.is_dataclass(cfg) and dataclasses.asdict(cfg)["randaug_ops"] == ("Rotate",)
 
 
-def test_the_ray_edges_take_their_resources_from_the_config_module(tree):
-    from pipeline import config
-    from pipeline.distributed import pseudo_label, train
+def test_the_config_gives_the_stages_their_resources(tree):
+    from stages.core.stage import TrainResources
 
-    assert train.TrainResources is config.TrainResources
-    assert pseudo_label.LabelResources is config.LabelResources
     resources = load_config(None, ["resources.train_workers=2", "resources.label_threads=3"], base=tree).resources
-    assert resources.train() == config.TrainResources(workers=2, use_gpu=False, cpus_per_worker=1.0, max_failures=2)
-    assert resources.label().threads == 3
+    assert resources.train() == TrainResources(workers=2, use_gpu=False, cpus_per_worker=1.0, max_failures=2)
+    assert resources.label().threads == 3 and resources.executor == "auto"
 
 
 def test_gpu_decoding_needs_label_actors_on_gpus(tree):

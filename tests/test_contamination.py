@@ -1,4 +1,4 @@
-"""The contamination guard (stages/data/contamination.py, pipeline/distributed/data_check.py): test images in the
+"""The contamination guard (stages/data/contamination.py, stages/data_check.py): test images in the
 training
 data are found by their decoded pixels and refused with one line; unlabeled duplicates are counted in bounded memory."""
 
@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.distributed.data_check import check_data, scan_data
+from pipeline.distributed.executor import RayExecutor
+from stages.core.errors import DataError
+from stages.core.stage import InProcess
 from stages.data.contamination import DuplicateCounter, image_digest
 from stages.data.labeled_scan import scan_split
-from stages.data.shards import DataError, decode_image, expand_shards, iter_raw_samples, write_shards
+from stages.data.shards import decode_image, expand_shards, iter_raw_samples, write_shards
+from stages.data_check import CheckSettings, check_data, scan_data
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -91,10 +94,10 @@ def contaminated(digits_root, tmp_path):
 
 def _check(shards, tiny_config, allow=False, **kwargs):
     labeled_shards, unlabeled_shards, test_shards, _ = shards
-    data = tiny_config(f"data.allow_test_overlap={str(allow).lower()}").data
+    settings = CheckSettings(1, allow)
     labeled, test = scan_split(labeled_shards, 10, 1), scan_split(test_shards, 10, 1)
     split = {"labeled": labeled_shards, "unlabeled": unlabeled_shards, "test": test_shards}
-    return check_data(data, labeled, test, split, progress=False, **kwargs)
+    return check_data(settings, labeled, test, split, InProcess(False), **kwargs)
 
 
 def test_test_images_in_the_training_data_are_refused_with_one_line(contaminated, tiny_config):
@@ -121,17 +124,17 @@ def test_allowed_overlap_and_unlabeled_duplicates_are_reported(contaminated, tin
 def test_the_ray_task_scan_equals_the_in_process_scan(ray_session, contaminated, tiny_config):
     labeled_shards, unlabeled_shards, test_shards, _ = contaminated
     labeled, test = scan_split(labeled_shards, 10, 1), scan_split(test_shards, 10, 1)
-    inline = scan_data(1, labeled, test, unlabeled_shards, progress=False)
-    tasks = scan_data(1, labeled, test, unlabeled_shards, progress=False, inline_bytes=0)
-    assert (inline["ran_as"], tasks["ran_as"]) == ("in-process", "ray tasks")
+    inline = scan_data(1, labeled, test, unlabeled_shards, InProcess(False))
+    tasks = scan_data(1, labeled, test, unlabeled_shards, RayExecutor(False))
+    assert (inline["ran_as"], tasks["ran_as"]) == ("in-process", "ray")
     assert tasks["unlabeled"] == inline["unlabeled"] and tasks["labeled"] == inline["labeled"]
 
 
 def test_a_resume_reuses_the_check_until_a_shard_changes(contaminated, tiny_config, monkeypatch):
-    import pipeline.distributed.data_check
+    import stages.data_check
 
     first = _check(contaminated, tiny_config, allow=True)
-    monkeypatch.setattr(pipeline.distributed.data_check, "scan_data", lambda *a, **k: pytest.fail("scanned again"))
+    monkeypatch.setattr(stages.data_check, "scan_data", lambda *a, **k: pytest.fail("scanned again"))
     assert _check(contaminated, tiny_config, allow=True, previous=first) is first
     with pytest.raises(DataError):  # the record is reused, the policy is applied afresh
         _check(contaminated, tiny_config, previous=first)
@@ -150,7 +153,7 @@ def test_the_digits_default_passes_the_check(digits_root, tiny_config):
     split = {name: expand_shards(getattr(data, name)) for name in ("labeled", "unlabeled", "test")}
     labeled, test = scan_split(split["labeled"], 10, 1), scan_split(split["test"], 10, 1)
     start = time.perf_counter()
-    report = check_data(data, labeled, test, split, progress=False)
+    report = check_data(CheckSettings(1), labeled, test, split, InProcess(False))
     lab, unl = report["labeled"], report["unlabeled"]
     print(f"\nobserved: digits check in {time.perf_counter() - start:.2f} s: labeled {lab}, unlabeled {unl}")
     assert report["test"] == {"images": 360, "distinct": 360} and report["ran_as"] == "in-process"

@@ -13,19 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stages.core.errors import BadSample, DataError
 from stages.data.digits import split_digits
 from stages.data.shards import (
-    BadSample,
-    DataError,
     decode_image,
     expand_shards,
     image_field,
     iter_raw_samples,
     load_labeled,
     parse_label,
-    shard_id,
     write_shards,
 )
+from stages.storage.layout import shard_id
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:

@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import check_models, load_config
+from stages.core.errors import ConfigError
+from stages.core.hooks import LocalHooks
 from stages.data.loader import MixedStream
 from stages.data.shards import decode_image, image_field, iter_raw_samples, parse_label
 from stages.models.distill import (
@@ -35,7 +37,7 @@ from stages.models.distill import (
 from stages.models.factory import ModelSpec, create_model, model_card, save_model
 from stages.models.online_distill import OnlineTeacher, build_distill, stage_shapes
 from stages.models.transforms import clean_transform
-from stages.train import LocalHooks, TrainConfig, TrainPlan, train_model
+from stages.train import TrainConfig, TrainPlan, train_model
 from tests.conftest import tiny_tree
 
 LN = math.log
@@ -395,6 +397,16 @@ def _refused(*overrides: str, tree: dict | None = None) -> str:
     return str(info.value)
 
 
+def _refused_before_work(*overrides: str, tree: dict) -> str:
+    """The checks that build models: not at load (a config loads without torch), but before any work
+    (``check_models``, from the run's preflight and from ``submit``)."""
+    cfg = load_config(None, list(overrides), base=tree)
+    with pytest.raises(ConfigError) as info:
+        check_models(cfg)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
 def test_an_unknown_loss_name_lists_the_allowed_ones():
     message = _refused("student.distill=[{name: hinton}]")
     assert message == (
@@ -423,20 +435,23 @@ def test_distill_config_mistakes_are_one_line_errors(overrides, expected):
 def test_a_compress_ladder_that_grows_is_refused_and_vice_versa():
     tree = tiny_tree(Path("/data/digits"), Path("/tmp/runs"))
     tree["ladder"] = [{"model": "test_resnet"}, {"model": "resnet10t"}]
-    message = _refused("ladder_mode=compress", tree=tree)
+    message = _refused_before_work("ladder_mode=compress", tree=tree)
     assert message.startswith("config.ladder_mode: the compress ladder grows at ladder[1]: resnet10t has 4,927,186")
-    assert load_config(None, ["ladder_mode=expand"], base=tree).ladder_mode == "expand"
+    check_models(load_config(None, ["ladder_mode=expand"], base=tree))
     tree["ladder"].reverse()
-    assert "the expand ladder shrinks at ladder[1]: test_resnet" in _refused("ladder_mode=expand", tree=tree)
-    assert load_config(None, ["ladder_mode=compress"], base=tree).ladder_mode == "compress"
+    assert "the expand ladder shrinks at ladder[1]: test_resnet" in _refused_before_work(
+        "ladder_mode=expand", tree=tree
+    )
+    check_models(load_config(None, ["ladder_mode=compress"], base=tree))
 
 
-def test_feature_losses_on_unpairable_rungs_are_refused_at_load():
+def test_feature_losses_on_unpairable_rungs_are_refused_before_any_work():
     tree = tiny_tree(Path("/data/digits"), Path("/tmp/runs"))
     tree["ladder"] = [{"model": "resnet10t"}, {"model": "test_resnet"}]
-    message = _refused("student.distill=[{name: fsp}]", "student.online_teacher=true", tree=tree)
+    message = _refused_before_work("student.distill=[{name: fsp}]", "student.online_teacher=true", tree=tree)
     assert message.startswith("config.student.distill: round 1, resnet10t teaching test_resnet: fsp:")
     cfg = load_config(None, ["student.distill=[{name: at}, {name: sp}]", "student.online_teacher=true"], base=tree)
+    check_models(cfg)
     assert [t.name for t in cfg.student.distill] == ["at", "sp"]
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import LabelResources
-from pipeline.distributed.evaluate import evaluation_inline, run_evaluation
+from pipeline.distributed.executor import RayExecutor
+from stages.core.stage import InProcess, LabelResources
 from stages.data.corruptions import corrupt
 from stages.data.shards import expand_shards, load_labeled
-from stages.evaluate import eval_metrics, eval_sidecar, evaluate, predict_probs, split_name
+from stages.evaluate import EvalTask, eval_metrics, eval_sidecar, evaluate, evaluate_tasks, predict_probs, split_name
 from stages.models.factory import ModelSpec, create_model, load_model, model_card, save_model
 from stages.storage.files import sha256_file
 
@@ -28,11 +28,13 @@ def model_dir(tmp_path_factory):
 
 
 def _tasks(test, val, corruption=("gaussian_noise", 3)):
-    tasks = [{"shard": s, "split": "test", "corruption": "", "severity": 0} for s in test]
-    tasks += [{"shard": s, "split": "val", "corruption": "", "severity": 0} for s in val]
+    tasks = [EvalTask(s, "test") for s in test] + [EvalTask(s, "val") for s in val]
     name, severity = corruption
-    split = split_name(name, severity)
-    return tasks + [{"shard": s, "split": split, "corruption": name, "severity": severity} for s in test]
+    return tasks + [EvalTask(s, split_name(name, severity), name, severity) for s in test]
+
+
+def run_evaluation(model_dir, sha, tasks, out, resources, only, executor=None):
+    return evaluate_tasks(model_dir, sha, tasks, out, 1, resources, executor or InProcess(False), only, 0, False)
 
 
 def test_sidecar_metrics_equal_scoring_in_memory_and_a_resume_skips_what_this_model_did(
@@ -45,7 +47,7 @@ def test_sidecar_metrics_equal_scoring_in_memory_and_a_resume_skips_what_this_mo
     sha = sha256_file(model_dir / "model.safetensors")
     tasks = _tasks(test, labeled[:1])
     out = tmp_path / "eval"
-    summary = run_evaluation(str(model_dir), sha, tasks, str(out), 1, LabelResources(), {"val": only}, 0, False)
+    summary = run_evaluation(model_dir, sha, tasks, out, LabelResources(), {"val": only})
     assert summary["ran_as"] == "in-process" and summary["devices"] == {"cpu": len(tasks)} and not summary["resumed"]
     got = eval_metrics(out, test, 10, labeled[:1], [("gaussian_noise", 3)])
 
@@ -63,12 +65,13 @@ def test_sidecar_metrics_equal_scoring_in_memory_and_a_resume_skips_what_this_mo
 
     table = pq.read_table(eval_sidecar(out, "test", test[0]))
     meta = table.schema.metadata
-    assert meta[b"device"] == b"cpu" and meta[b"model"] == sha.encode() and "probs" in table.column_names
+    assert meta[b"device"] == b"cpu" and meta[b"made_by"] == tasks[0].made_by(sha, 0, None).encode()
+    assert "probs" in table.column_names
     assert "topk_idx" in pq.read_table(eval_sidecar(out, split_name("gaussian_noise", 3), test[0])).column_names
 
-    again = run_evaluation(str(model_dir), sha, tasks, str(out), 1, LabelResources(), {"val": only}, 0, False)
+    again = run_evaluation(model_dir, sha, tasks, out, LabelResources(), {"val": only})
     assert again["resumed"] == len(tasks) and again["rows"] == 0
-    other = run_evaluation(str(model_dir), "0" * 64, tasks[:1], str(out), 1, LabelResources(), None, 0, False)
+    other = run_evaluation(model_dir, "0" * 64, tasks[:1], out, LabelResources(), None)
     assert other["resumed"] == 0 and other["rows"] == len(load_labeled(test[:1], 10, 1))  # another model: redone
 
 
@@ -76,14 +79,11 @@ def test_ray_actors_write_the_same_predictions(ray_session, digits_root, model_d
     test = expand_shards([f"{digits_root}/test/*.tar"])
     tasks = _tasks(test, [])
     sha = sha256_file(model_dir / "model.safetensors")
-    assert evaluation_inline(tasks, LabelResources()) and not evaluation_inline(tasks, LabelResources(gpus_per_actor=1))
-    local = run_evaluation(str(model_dir), sha, tasks, str(tmp_path / "a"), 1, LabelResources(), None, 0, False)
-    actors = run_evaluation(
-        str(model_dir), sha, tasks, str(tmp_path / "b"), 1, LabelResources(actors=1), None, 0, False, inline=False
-    )
-    assert actors["ran_as"] == "ray actors" and actors["rows"] == local["rows"] > 0
+    local = run_evaluation(model_dir, sha, tasks, tmp_path / "a", LabelResources(), None)
+    actors = run_evaluation(model_dir, sha, tasks, tmp_path / "b", LabelResources(actors=1), None, RayExecutor(False))
+    assert actors["ran_as"] == "ray" and actors["rows"] == local["rows"] > 0
     for task in tasks:
-        a = pq.read_table(eval_sidecar(tmp_path / "a", task["split"], task["shard"]))
-        b = pq.read_table(eval_sidecar(tmp_path / "b", task["split"], task["shard"]))
+        a = pq.read_table(eval_sidecar(tmp_path / "a", task.split, task.shard))
+        b = pq.read_table(eval_sidecar(tmp_path / "b", task.split, task.shard))
         assert a.column("key").to_pylist() == b.column("key").to_pylist()
         assert np.array_equal(a.column("label").to_numpy(), b.column("label").to_numpy())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -59,10 +60,11 @@ class Killer(threading.Thread):
 
 
 def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, digits_root, tmp_path):
-    from pipeline.config import LabelResources
-    from pipeline.distributed.pseudo_label import run_pseudo_label
+    from pipeline.distributed.executor import RayExecutor
+    from stages.core.stage import LabelResources
     from stages.models.factory import ModelSpec, create_model, model_card, save_model
-    from stages.pseudo_label import PseudoLabelConfig, sidecar_path
+    from stages.pseudo_label import PseudoLabelConfig, label_shards
+    from stages.storage.layout import sidecar_file
 
     # 24 shards of 250 (the digits unlabeled images, repeated under new keys): long enough to kill mid-stage.
     base = [s for p in sorted((digits_root / "unlabeled").glob("*.tar")) for s in iter_raw_samples(str(p))]
@@ -73,16 +75,18 @@ def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, dig
         create_model(spec, 10, 1, noised=False), tmp_path / "teacher", model_card(spec, 10, 1, 32, (0.5,), (0.5,))
     )
     out = tmp_path / "pseudo_labels"
-    killer = Killer(lambda: len(list(out.glob("*.parquet"))) >= 2, "ShardLabeler")
+    killer = Killer(lambda: len(list(out.glob("*.parquet"))) >= 2, "MapWorker")
     killer.probe = lambda: len(list(out.glob("*.parquet")))
     killer.start()
-    summary = run_pseudo_label(
-        str(tmp_path / "teacher"),
+    summary = label_shards(
+        tmp_path / "teacher",
+        "sha",
         shards,
-        str(out),
+        out,
         PseudoLabelConfig(batch_size=128),
         1,
         LabelResources(threads=1),
+        RayExecutor(False),
         progress=False,
     )
     killer.join(timeout=1)
@@ -91,7 +95,7 @@ def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, dig
     assert killer.at_kill < 24, "the stage had finished before the kill: nothing was tested"
     keys: list[str] = []
     for shard in shards:
-        table = pq.read_table(sidecar_path(out, shard))
+        table = pq.read_table(out / sidecar_file(shard))
         assert table.column("key").to_pylist() == [s["__key__"] for s in iter_raw_samples(shard)]
         keys += table.column("key").to_pylist()
     print(f"observed: {summary['rows']} rows in {len(shards)} sidecars, {len(set(keys))} distinct keys")
@@ -121,9 +125,18 @@ def digits_train_plan(digits_root: Path, tmp_path: Path, epochs: int):
     )
 
 
+def run_training(plan, storage: str, name: str, resources, out: Path) -> dict:
+    """The train stage's Ray Train call (``RayExecutor.fit``) for a plan made here."""
+    import functools
+
+    from pipeline.distributed.executor import RayExecutor
+    from stages.train import train_model
+
+    return RayExecutor(False).fit(functools.partial(train_model, plan), name, storage, resources, out)
+
+
 def test_killed_training_worker_resumes_from_its_checkpoint(ray_session, digits_root, tmp_path):
-    from pipeline.config import TrainResources
-    from pipeline.distributed.train import run_training
+    from stages.core.stage import TrainResources
 
     epochs, per_epoch = 8, 7  # ceil(100 labeled / 16)
     plan = digits_train_plan(digits_root, tmp_path, epochs)
@@ -186,8 +199,7 @@ def test_killed_driver_resumes_training_from_the_checkpoint(ray_session, digits_
 
 def test_two_workers_split_each_epoch_as_documented(ray_session, digits_root, tmp_path):
     """README: a teacher epoch is ceil(labeled / (batch_size * workers)) steps on every worker."""
-    from pipeline.config import TrainResources
-    from pipeline.distributed.train import run_training
+    from stages.core.stage import TrainResources
 
     plan = digits_train_plan(digits_root, tmp_path, epochs=2)
     resources = TrainResources(workers=2, cpus_per_worker=0.5, max_failures=0)
@@ -219,9 +231,9 @@ def check_student_round(run_dir: Path, r: int, cfg, unlabeled_shards: list[str])
     import numpy as np
 
     from pipeline.choices import round_seeds
+    from stages.data.compact import SELECTION_FORMAT
     from stages.maths.selection import select_in_memory
-    from stages.pseudo_label import read_footer
-    from stages.storage.files import RoundManifest, verify_entry
+    from stages.storage.artifacts import RoundManifest, read_footer, verify_entry
 
     rdir = run_dir / f"round-{r:03d}"
     manifest = RoundManifest(rdir)
@@ -239,13 +251,13 @@ def check_student_round(run_dir: Path, r: int, cfg, unlabeled_shards: list[str])
     files = sorted((rdir / "selection").glob("*.parquet"))
     listed = {e["path"] for e in manifest.stage("select")["files"]}
     for f in files:
-        footer = read_footer(f, "selection/v2")[1]
-        assert int(footer[b"rows"]) == pq.read_metadata(f).num_rows, f
+        footer = read_footer(f, SELECTION_FORMAT)
+        assert footer.rows == pq.read_metadata(f).num_rows, f
         tar = f.with_suffix(".tar")  # the compact training shard: there, whole and in the manifest iff rows were kept
-        assert tar.exists() == (int(footer[b"rows"]) > 0) == (f"selection/{tar.name}" in listed), tar
+        assert tar.exists() == (footer.rows > 0) == (f"selection/{tar.name}" in listed), tar
         if tar.exists():
-            assert tar.stat().st_size == int(footer[b"train_bytes"]), tar
-            assert sum(1 for _ in iter_raw_samples(str(tar))) == int(footer[b"train_members"]), tar
+            assert tar.stat().st_size == int(footer.meta["tar_bytes"]), tar
+            assert sum(1 for _ in iter_raw_samples(str(tar))) == int(footer.meta["train_members"]), tar
     selection = pa.concat_tables(pq.read_table(f) for f in files)
     copies = dict(zip(selection.column("key").to_pylist(), selection.column("copies").to_pylist(), strict=True))
     assert len(copies) == selection.num_rows, "a selection row is duplicated"
@@ -274,7 +286,7 @@ def test_driver_killed_at_every_boundary_and_mid_stage_resumes_losing_nothing(ra
     (its log line), which is as close to mid-stage as they can be hit reliably.
     """
     from pipeline.config import dump_config
-    from stages.storage.files import RoundManifest
+    from stages.storage.artifacts import RoundManifest
 
     cfg, run = copy_finished_run(finished_run, tmp_path / "runs")
     before = {r: (run / f"round-{r:03d}" / "manifest.json").read_text() for r in (0, 1)}
@@ -382,21 +394,23 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
     writes one sidecar, the next fails with ENOSPC. (2) With space again, the disk turns read-only mid select, after
     two of its four sidecars. Each time: exit 2 and one ``error:`` line naming the file, no temporary left, the stage
     not in the manifest. (3) Writable again, the run resumes the stages from the files they had completed."""
-    import pipeline.rounds
     import stages.data.compact
+    import stages.pseudo_label
     from pipeline.cli import main
     from pipeline.config import dump_config
-    from stages.pseudo_label import sidecar_info
-    from stages.storage.files import RoundManifest
+    from stages.pseudo_label import SIDECAR_FORMAT
+    from stages.storage.artifacts import RoundManifest, read_footer
 
     cfg, run = copy_finished_run(finished_run, small_disk.path)
     config = tmp_path / "config.yaml"
     config.write_text(dump_config(cfg))
-    argv = ["iterate", "--config", str(config), "--run", "r", "--no-progress"]
+    # in this process: the injections below patch this process's functions (the Ray paths' errors: test_select,
+    # test_pseudo_label, test_cluster)
+    argv = ["iterate", "--config", str(config), "--run", "r", "--no-progress", "--set", "resources.executor=local"]
     rdir = run / "round-002"
     # A pseudo-label sidecar takes the pages of its round-1 twin (same rows and columns): leave room for one only.
     pages = max(-(-p.stat().st_size // 4096) for p in (run / "round-001" / "pseudo_labels").glob("*.parquet"))
-    label, write_sidecar = pipeline.rounds.run_pseudo_label, stages.data.compact.write_sidecar
+    label, write_table = stages.pseudo_label.label_shards, stages.data.compact.write_table
     left = []
 
     def fill_then_label(*args, **kwargs):
@@ -416,26 +430,26 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
         assert line.startswith("error: ") and line.endswith(reason) and str(rdir / folder) in line, line
         assert not temps
 
-    monkeypatch.setattr(pipeline.rounds, "run_pseudo_label", fill_then_label)
+    monkeypatch.setattr(stages.pseudo_label, "label_shards", fill_then_label)
     say("\ninjected: the disk filled up at the start of round-002 pseudo_label, room left for one sidecar")
     refused("No space left on device", "pseudo_labels")
     sidecars = sorted((rdir / "pseudo_labels").glob("*.parquet"))
-    complete = [sidecar_info(p, cfg.pseudo_label.topk) is not None for p in sidecars]
+    complete = [read_footer(p, SIDECAR_FORMAT) is not None for p in sidecars]
     say(f"observed: {left[0]} bytes were free; {len(sidecars)}/4 sidecars kept, complete: {complete}")
     assert 1 <= len(sidecars) < 4 and all(complete)
     assert "pseudo_label" not in RoundManifest(rdir).data["stages"]
 
     small_disk.free()
-    monkeypatch.setattr(pipeline.rounds, "run_pseudo_label", label)
+    monkeypatch.setattr(stages.pseudo_label, "label_shards", label)
     calls = []
 
-    def turn_read_only_on_the_third(table, path):
+    def turn_read_only_on_the_third(table, path, **footer):
         calls.append(path)
         if len(calls) == 3:
             small_disk.read_only(True)
-        return write_sidecar(table, path)
+        return write_table(table, path, **footer)
 
-    monkeypatch.setattr(stages.data.compact, "write_sidecar", turn_read_only_on_the_third)
+    monkeypatch.setattr(stages.data.compact, "write_table", turn_read_only_on_the_third)
     say("injected: space freed, then the disk remounted read-only before the 3rd of 4 selection sidecars")
     refused("Read-only file system", "selection")
     written = sorted((rdir / "selection").glob("*.parquet"))
@@ -443,7 +457,7 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
     assert len(written) == 2 and "select" not in RoundManifest(rdir).data["stages"]
 
     small_disk.read_only(False)
-    monkeypatch.setattr(stages.data.compact, "write_sidecar", write_sidecar)
+    monkeypatch.setattr(stages.data.compact, "write_table", write_table)
     # a compact shard lost after its sidecar was written: that sidecar is not trusted on resume, both are rewritten
     tars = [p.with_suffix(".tar") for p in written if p.with_suffix(".tar").exists()]
     tars[0].unlink()
@@ -454,3 +468,94 @@ def test_full_then_read_only_storage_fails_the_stage_cleanly_and_a_later_run_res
     assert observed["pseudo_label shards resumed"] == len(sidecars) and observed["select shards resumed"] == 1
     assert tars[0].exists()
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+# ---------------------------------------------------------------- artifacts that no longer match what made them
+
+
+def _teacher(folder: Path, seed: int) -> Path:
+    """A random resnet10t teacher folder for the tiny digits config (``teacher.from_model``)."""
+    import torch
+
+    from stages.models.factory import ModelSpec, create_model, model_card, save_model
+
+    torch.manual_seed(seed)
+    spec = ModelSpec("resnet10t")
+    save_model(create_model(spec, 10, 1, noised=False), folder, model_card(spec, 10, 1, 16, (0.5,), (0.5,)))
+    return folder
+
+
+def _teacher_labels(teacher: Path, shards: list[str]) -> dict[str, int]:
+    """Each unlabeled key's argmax under ``teacher``, computed here in memory."""
+    from stages.data.shards import decode_image, image_field
+    from stages.evaluate import predict_probs
+    from stages.models.factory import load_model
+
+    model, card = load_model(teacher)
+    samples = [s for shard in shards for s in iter_raw_samples(shard)]
+    probs = predict_probs(model, [decode_image(image_field(s), 1) for s in samples], card)
+    return {s["__key__"]: int(p) for s, p in zip(samples, probs.argmax(axis=1), strict=True)}
+
+
+def _pseudo_labels(rdir: Path) -> dict[str, int]:
+    tables = [pq.read_table(p) for p in sorted((rdir / "pseudo_labels").glob("*.parquet"))]
+    return {k: int(v) for t in tables for k, v in zip(t["key"].to_pylist(), t["label"].to_pylist(), strict=True)}
+
+
+def test_a_teacher_swapped_under_a_finished_run_relabels_and_reselects(tiny_config, tmp_path, caplog):
+    """``teacher.from_model`` replaced at the same path by other weights of the same architecture, then the run
+    resumed with the same command: round 0 adopts the new model, round 1 labels every shard again with it (before,
+    every old sidecar was re-adopted and the student trained on the old teacher's labels), and the selection follows
+    the new labels."""
+    from pipeline.rounds import run_pipeline
+
+    teacher = _teacher(tmp_path / "teacher", seed=1)
+    cfg = tiny_config(f"teacher.from_model={teacher}", "student.epochs=1")
+    unlabeled = expand_shards(cfg.data.unlabeled)
+    run_pipeline(cfg, "swap", progress=False)
+    rdir = tmp_path / "runs" / "swap" / "round-001"
+    old = _pseudo_labels(rdir)
+    assert old == _teacher_labels(teacher, unlabeled)
+
+    _teacher(tmp_path / "other", seed=2)
+    (teacher / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_pipeline(cfg, "swap", progress=False)
+    new = _pseudo_labels(rdir)
+    changed = sum(old[k] != new[k] for k in old)
+    print(f"\ninjected: the teacher's weights replaced in place\nobserved: {changed}/{len(old)} labels changed")
+    assert new == _teacher_labels(teacher, unlabeled), "round 1 kept labels the new teacher did not give"
+    assert changed > 0 and "already labeled" not in caplog.text
+    manifest = json.loads((rdir / "manifest.json").read_text())
+    assert manifest["stages"]["pseudo_label"]["result"]["shards_resumed"] == 0
+    check_student_round(tmp_path / "runs" / "swap", 1, cfg, unlabeled)  # the selection is the new labels'
+
+
+def test_same_size_damage_left_by_an_interrupted_stage_is_redone(tiny_config, tmp_path):
+    """Round 1 interrupted (its stages unrecorded, as after a kill) with one pseudo-label sidecar and one compact
+    training tar damaged in place at the same size: the resume labels that one shard again and rewrites that one
+    selection, keeps every other file, and ends with the bytes a clean run wrote."""
+    from pipeline.rounds import run_pipeline
+    from stages.storage.artifacts import RoundManifest
+
+    cfg = tiny_config(f"teacher.from_model={_teacher(tmp_path / 'teacher', seed=1)}", "student.epochs=1")
+    run_pipeline(cfg, "damage", progress=False)
+    rdir = tmp_path / "runs" / "damage" / "round-001"
+    sidecars = sorted((rdir / "pseudo_labels").glob("*.parquet"))
+    tars = sorted((rdir / "selection").glob("*.tar"))
+    clean = {p: p.read_bytes() for p in [*sidecars, *tars]}
+    manifest = RoundManifest(rdir)
+    for stage in ("evaluate", "train", "select", "pseudo_label"):
+        manifest.forget(stage)
+    for path, at in ((sidecars[0], len(clean[sidecars[0]]) // 3), (tars[-1], 1000)):
+        data = bytearray(clean[path])
+        data[at] ^= 0xFF
+        path.write_bytes(bytes(data))
+    print(f"\ninjected: round-001 unrecorded; one byte flipped in {sidecars[0].name} and {tars[-1].name}")
+    run_pipeline(cfg, "damage", progress=False)
+    stages = RoundManifest(rdir).data["stages"]
+    resumed = {s: stages[s]["result"]["shards_resumed"] for s in ("pseudo_label", "select")}
+    print(f"observed: shards resumed {resumed} of {len(sidecars)}")
+    assert resumed == {"pseudo_label": len(sidecars) - 1, "select": len(sidecars) - 1}
+    assert {p: p.read_bytes() for p in clean} == clean, "a damaged file was kept, or a clean one changed"

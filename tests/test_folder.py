@@ -12,10 +12,12 @@ import yaml
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
-from pipeline.distributed.folder import prepare_folder
+from pipeline.config import load_config
+from stages.core.errors import ConfigError
+from stages.core.stage import InProcess
 from stages.data.folder import read_classes, scan_csv, scan_folder
 from stages.data.shards import expand_shards, iter_raw_samples
+from stages.prepare import prepare_folder
 from tests.conftest import tiny_tree
 
 
@@ -54,7 +56,7 @@ def test_classes_are_sorted_names_like_imagefolder_and_unlabeled_is_any_depth(tr
 
 def test_prepare_copies_bytes_exactly_lists_what_it_skips_and_reruns_skip_finished_shards(tree, tmp_path):
     out = tmp_path / "out"
-    summary = prepare_folder(str(tree), str(out), shard_bytes=4096, parallel="off", progress=False)
+    summary = prepare_folder(str(tree), str(out), InProcess(False), shard_bytes=4096, progress=False)
     assert summary["classes"] == ["ant", "cat", "dog"] and summary["channels"] == 3
     assert {s: i["samples"] for s, i in summary["splits"].items()} == {"labeled": 9, "test": 6, "unlabeled": 7}
     assert summary["skipped_count"] == 2  # the note and the broken jpeg, each with its reason
@@ -77,13 +79,18 @@ def test_prepare_copies_bytes_exactly_lists_what_it_skips_and_reruns_skip_finish
     shards = sorted(out.glob("*/*.tar"))
     stamps = {p: p.stat().st_mtime_ns for p in shards}
     first = {p: p.read_bytes() for p in shards}
-    prepare_folder(str(tree), str(out), shard_bytes=4096, parallel="off", progress=False)
+    prepare_folder(str(tree), str(out), InProcess(False), shard_bytes=4096, progress=False)
     assert {p: p.stat().st_mtime_ns for p in shards} == stamps  # nothing rewritten
     victim = shards[0]
     victim.unlink()
-    prepare_folder(str(tree), str(out), shard_bytes=4096, parallel="off", progress=False)
+    prepare_folder(str(tree), str(out), InProcess(False), shard_bytes=4096, progress=False)
     assert victim.read_bytes() == first[victim]  # the same plan writes the same bytes
     assert all(p.stat().st_mtime_ns == stamps[p] for p in shards if p != victim)
+    damaged = bytearray(first[victim])  # damaged in place at the same size: its receipt's sha256 finds it
+    damaged[700] ^= 0xFF
+    victim.write_bytes(bytes(damaged))
+    prepare_folder(str(tree), str(out), InProcess(False), shard_bytes=4096, progress=False)
+    assert victim.read_bytes() == first[victim]
 
     # the data section loads into a config as it is written
     cfg = load_config(None, base={**tiny_tree(tmp_path, tmp_path / "runs"), "data": data})
@@ -99,7 +106,7 @@ def test_a_csv_lists_the_same_kind_of_source(tree, tmp_path):
     scan = scan_csv(tmp_path / "list.csv")
     assert scan.classes == ("cat", "dog")
     assert sorted(i.label for i in scan.images["unlabeled"]) == [-1, 0]  # a given label is kept as a diagnostic
-    summary = prepare_folder(None, str(tmp_path / "out"), str(tmp_path / "list.csv"), parallel="off", progress=False)
+    summary = prepare_folder(None, str(tmp_path / "out"), InProcess(False), str(tmp_path / "list.csv"), progress=False)
     assert {s: i["samples"] for s, i in summary["splits"].items()} == {"labeled": 6, "test": 2, "unlabeled": 2}
 
 

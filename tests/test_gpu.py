@@ -39,9 +39,23 @@ def _teacher(tmp_path, channels: int, size: int, mean: tuple) -> str:
     return str(tmp_path / "teacher")
 
 
-def _probs(labels_dir, shards) -> np.ndarray:
-    from stages.pseudo_label import sidecar_path
+def sidecar_path(out_dir, shard: str):
+    from stages.storage.layout import sidecar_file
 
+    return out_dir / sidecar_file(shard)
+
+
+def run_pseudo_label(teacher, shards, out, cfg, channels, resources, progress=False) -> dict:
+    """The pseudo-label stage's driver on the Ray executor (the label actors' pool)."""
+    from pathlib import Path
+
+    from pipeline.distributed.executor import RayExecutor
+    from stages.pseudo_label import label_shards
+
+    return label_shards(Path(teacher), "sha", shards, Path(out), cfg, channels, resources, RayExecutor(False), progress)
+
+
+def _probs(labels_dir, shards) -> np.ndarray:
     tables = [pq.read_table(sidecar_path(labels_dir, shard)) for shard in shards]
     return np.concatenate([np.asarray(t.column("probs").to_pylist(), dtype=np.float32) for t in tables])
 
@@ -63,11 +77,10 @@ def _agree_but_for_near_ties(got: np.ndarray, want: np.ndarray, what: str) -> No
 
 
 def test_two_label_actors_share_one_gpu_and_agree_with_the_cpu(ray_session, digits_root, tmp_path):
-    from pipeline.config import LabelResources
-    from pipeline.distributed.pseudo_label import run_pseudo_label
+    from stages.core.stage import LabelResources
     from stages.models.factory import load_model
     from stages.models.transforms import clean_transform
-    from stages.pseudo_label import PseudoLabelConfig, sidecar_path
+    from stages.pseudo_label import PseudoLabelConfig
 
     teacher = _teacher(tmp_path, 1, 16, (0.5,))
     shards = sorted(str(p) for p in (digits_root / "unlabeled").glob("*.tar"))
@@ -105,8 +118,7 @@ def test_gpu_decoding_labels_as_the_cpu_decoding_does(ray_session, tmp_path):
 
     from PIL import Image
 
-    from pipeline.config import LabelResources
-    from pipeline.distributed.pseudo_label import run_pseudo_label
+    from stages.core.stage import LabelResources
     from stages.data.shards import write_shards
     from stages.pseudo_label import PseudoLabelConfig, ShardLabeler
 
@@ -127,16 +139,15 @@ def test_gpu_decoding_labels_as_the_cpu_decoding_does(ray_session, tmp_path):
     summary = run_pseudo_label(teacher, shards, str(tmp_path / "gpu"), cfg, 3, resources, progress=False)
     assert summary["decode"] == {"gpu": len(shards)} and summary["rows"] == len(samples)
     reference = ShardLabeler(teacher, str(tmp_path / "cpu"), cfg, 3, threads=2, decode="cpu")  # PIL, same GPU
-    assert all(reference.label_shard(shard)["decode"] == "cpu" for shard in shards)
+    assert all(reference.process(shard, "m")["decode"] == "cpu" for shard in shards)
     _agree_but_for_near_ties(
         _probs(tmp_path / "gpu", shards), _probs(tmp_path / "cpu", shards), "nvJPEG vs PIL decoding (both bf16)"
     )
 
 
 def test_a_ray_train_worker_trains_on_the_gpu(ray_session, digits_root, tmp_path):
-    from pipeline.config import TrainResources
-    from pipeline.distributed.train import run_training
-    from tests.test_faults import digits_train_plan
+    from stages.core.stage import TrainResources
+    from tests.test_faults import digits_train_plan, run_training
 
     plan = digits_train_plan(digits_root, tmp_path, 3)
     final = run_training(plan, str(tmp_path / "ray_train"), "gpu", TrainResources(use_gpu=True), tmp_path / "final")

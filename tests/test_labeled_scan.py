@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 import stages.data.labeled_scan
-from pipeline.distributed.data_check import scan_labeled_splits
+from pipeline.distributed.executor import RayExecutor
+from stages.core.errors import DataError
+from stages.core.stage import InProcess
 from stages.data.contamination import image_digest
 from stages.data.labeled_scan import LabeledIndex, scan_or_cached, scan_split
-from stages.data.shards import DataError, expand_shards, load_labeled, write_shards
+from stages.data.shards import expand_shards, load_labeled, write_shards
+from stages.data_check import scan_labeled_splits
 
 
 def test_the_index_holds_what_a_decoded_split_would_give(digits_root):
@@ -50,8 +53,8 @@ def test_ray_tasks_give_the_same_index_and_errors_name_the_split(ray_session, di
     labeled = expand_shards([f"{digits_root}/labeled/*.tar"])
     test = expand_shards([f"{digits_root}/test/*.tar"])
     splits = {"data.labeled": labeled, "data.test": test}
-    inline = scan_labeled_splits(splits, 10, 1, 0.0, "", progress=False)
-    tasks = scan_labeled_splits(splits, 10, 1, 0.0, str(tmp_path / "c"), progress=False, inline_bytes=0)
+    inline = scan_labeled_splits(splits, 10, 1, 0.0, "", InProcess(False))
+    tasks = scan_labeled_splits(splits, 10, 1, 0.0, str(tmp_path / "c"), RayExecutor(False))
     for name in splits:
         a, b = inline[name], tasks[name]
         assert isinstance(b, LabeledIndex) and a.keys == b.keys and a.digests == b.digests
@@ -59,9 +62,9 @@ def test_ray_tasks_give_the_same_index_and_errors_name_the_split(ray_session, di
     empty = write_shards([], tmp_path / "e", "empty", 1)
     bad = write_shards([{"__key__": "x", "png": b"not a png", "cls": b"1"}], tmp_path / "b", "bad", 1)
     with pytest.raises(DataError, match=r"^data.test: shard .*empty-000000.tar holds no samples"):
-        scan_labeled_splits({"data.test": empty}, 10, 1, 0.0, "", progress=False)
+        scan_labeled_splits({"data.test": empty}, 10, 1, 0.0, "", RayExecutor(False))
     with pytest.raises(DataError, match=r"^data.labeled: no usable samples in 1 read"):
-        scan_labeled_splits({"data.labeled": bad}, 10, 1, 1.0, "", progress=False)
+        scan_labeled_splits({"data.labeled": bad}, 10, 1, 1.0, "", RayExecutor(False))
     with pytest.raises(DataError, match=r"^data.labeled: 1 of \d+ samples unusable"):
-        scan_labeled_splits({"data.labeled": [*labeled[:1], *bad]}, 10, 1, 0.0, "", progress=False)
+        scan_labeled_splits({"data.labeled": [*labeled[:1], *bad]}, 10, 1, 0.0, "", RayExecutor(False))
     assert np.array_equal(np.unique(inline["data.test"].labels), np.arange(10))

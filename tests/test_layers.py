@@ -115,3 +115,72 @@ def test_every_project_import_in_the_bench_scripts_resolves():
                 module = importlib.import_module(node.module)
                 missing += [f"{script.name}: {node.module}.{a.name}" for a in node.names if not hasattr(module, a.name)]
     assert missing == []
+
+
+def test_only_the_cli_imports_the_round_loop(graph):
+    """``tune``, the report, the cluster client reuse the stages and the plan, never the loop itself."""
+    users = sorted(m for m, deps in graph.items() if "pipeline.rounds" in deps and m.startswith("pipeline"))
+    assert users == ["pipeline.cli"]
+
+
+def test_stages_is_a_few_stage_modules_and_its_rooms():
+    top = sorted(p.name for p in (ROOT / "stages").glob("*.py"))
+    rooms = sorted(p.name for p in (ROOT / "stages").iterdir() if (p / "__init__.py").is_file())
+    assert len(top) <= 8, top
+    assert rooms == ["core", "data", "maths", "models", "storage"]
+
+
+def _artifact_names() -> set[str]:
+    from stages.storage import layout
+
+    return {v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str) and "." in v}
+
+
+def _string_constants(tree: ast.AST):
+    """Every string constant but docstrings (f-string parts included)."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node
+
+
+def test_artifact_file_names_live_in_the_layout_module():
+    """``model.safetensors``, ``metrics.json``, ``run.json``, ...: one place names them (``stages/storage/layout.py``);
+    elsewhere a path is built from the layout, so two modules cannot disagree on a file's name."""
+    names = _artifact_names()
+    assert {"model.safetensors", "metrics.json", "run.json", "manifest.json", "config.yaml"} <= names
+    found = []
+    for pkg in ("stages", "pipeline", "bench"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            if path.name == "layout.py" and path.parent.name == "storage":
+                continue
+            for node in _string_constants(ast.parse(path.read_text())):
+                text = node.value.strip()
+                if any(text == n or text.endswith("/" + n) for n in names):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {text!r}")
+    assert found == []
+
+
+def test_the_command_line_starts_without_torch():
+    """``python -m pipeline --help`` and ``status`` (a Ray Jobs query) load neither torch nor timm."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['pipeline', '--help']\n"
+        "try:\n    runpy.run_module('pipeline', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "from pipeline.cli import build_parser\n"
+        "build_parser().parse_args(['status', 'job-1'])\n"
+        "import pipeline.cluster.jobs\n"
+        "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:]

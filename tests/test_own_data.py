@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from stages.data.shards import expand_shards, iter_raw_samples, load_labeled
-from stages.models.export import read_metadata, run_onnx, run_torchscript
+from stages.models.export import read_metadata, run_onnx, run_program
 from stages.models.factory import load_model
 from stages.models.transforms import card_transform
 
@@ -169,14 +169,14 @@ def test_onnx_export_agrees_with_pytorch_on_every_test_image(walkthrough):
     assert "largest |logit difference| to PyTorch" in _output(results, "export")
 
 
-def test_torchscript_export_of_the_teacher_carries_names_and_preprocessing(walkthrough):
+def test_the_pt2_export_of_the_teacher_carries_names_and_preprocessing(walkthrough):
     work, _ = walkthrough
-    meta = read_metadata(work / "own1-teacher.pt")
+    meta = read_metadata(work / "own1-teacher.pt2")
     assert json.loads(meta["classes"]) == sorted(NAMES) and meta["timm_model"] == "test_resnet"
     model, card = load_model(work / "runs" / "own1" / "round-000")
     x = torch.stack([card_transform(card)(Image.new("RGB", (30, 20), (i * 40, 0, 0))) for i in range(3)])
     with torch.inference_mode():
-        assert np.allclose(run_torchscript(work / "own1-teacher.pt", x), model(x).numpy(), atol=1e-4)
+        assert np.allclose(run_program(work / "own1-teacher.pt2", x), model(x).numpy(), atol=1e-4)
 
 
 def test_mlflow_has_a_parent_run_and_one_run_per_round(walkthrough):

@@ -18,7 +18,8 @@ from stages.data.shards import expand_shards, load_labeled
 from stages.evaluate import evaluate
 from stages.maths.stopping import StopConfig
 from stages.models.factory import load_model
-from stages.storage.files import RoundManifest, read_json, verify_entry
+from stages.storage.artifacts import RoundManifest, verify_entry
+from stages.storage.files import read_json
 
 pytestmark = pytest.mark.slow
 

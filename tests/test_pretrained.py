@@ -10,12 +10,16 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.rounds import preflight, run_round
-from stages.data.shards import DataError, load_labeled
+from stages.core.errors import DataError
+from stages.core.hooks import LocalHooks
+from stages.data.shards import load_labeled
 from stages.evaluate import evaluate
 from stages.models.factory import ModelSpec, create_model, load_model, model_card, save_model
 from stages.models.pretrained import check_init
-from stages.storage.files import RoundManifest, read_json, sha256_file
-from stages.train import LocalHooks, TrainConfig, TrainPlan, train_model
+from stages.storage.artifacts import RoundManifest
+from stages.storage.files import read_json, sha256_file
+from stages.storage.layout import RunLayout
+from stages.train import TrainConfig, TrainPlan, train_model
 
 SPEC = ModelSpec("test_resnet", drop_rate=0.1, randaug_n=0)
 
@@ -112,15 +116,15 @@ def test_from_model_is_round_zero_evaluated_and_recorded_untrained(tiny_config, 
     card = model_card(ModelSpec("resnet10t"), 10, 1, 16, [0.5], [0.5])
     save_model(model, source, card)
     cfg = tiny_config(f"teacher.from_model={source}")
-    ctx = preflight(cfg, progress=False)
-    ctx.run_dir = tmp_path / "runs" / "adopt"
+    run = preflight(cfg, progress=False)
+    run.layout = RunLayout(tmp_path / "runs" / "adopt")
     status: dict = {"rounds": {}}
-    metrics = run_round(ctx, 0, status)  # no Ray: adopting and evaluating run in this process
-    rdir = ctx.run_dir / "round-000"
+    metrics = run_round(run, 0, status)  # no Ray: the digits are small, adopting and evaluating run in this process
+    rdir = run.layout.round(0).dir
     assert (rdir / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
     assert json.loads((rdir / "model.json").read_text())["adopted_from"] == str(source)
     fresh, fresh_card = load_model(source)
-    test = load_labeled(ctx.test_shards, 10, 1)  # decoded here to check the stage's sidecars against memory
+    test = load_labeled(run.data.test_shards, 10, 1)  # decoded here to check the stage's sidecars against memory
     assert metrics["test_top1"] == pytest.approx(evaluate(fresh, fresh_card, test)["test_top1"])
     assert metrics["evaluation"]["ran_as"] == "in-process" and set(metrics["evaluation"]["devices"]) == {"cpu"}
     assert read_json(rdir / "metrics.json")["classes"] == [str(c) for c in range(10)]

@@ -1,4 +1,5 @@
-"""stages/pseudo_label.py: soft labels, the sidecar schema, sidecar validation, and labeling real shards in-process."""
+"""stages/pseudo_label.py: soft labels, the sidecar schema, which sidecars are trusted, and labeling real shards
+in-process."""
 
 from __future__ import annotations
 
@@ -12,18 +13,44 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages.data.shards import decode_image, image_field, iter_raw_samples, shard_id, write_shards
+from stages.core.errors import DataError
+from stages.data.shards import decode_image, image_field, iter_raw_samples, write_shards
 from stages.models.factory import ModelSpec, create_model, load_model, model_card, save_model
 from stages.models.transforms import clean_transform
 from stages.pseudo_label import (
+    SIDECAR_FORMAT,
     PseudoLabelConfig,
     ShardLabeler,
     build_table,
-    sidecar_info,
-    sidecar_path,
+    made_by,
     soft_labels,
-    write_sidecar,
+    truth_counts,
 )
+from stages.storage.artifacts import read_footer, trusted_table, write_table
+from stages.storage.layout import shard_id, sidecar_file
+
+
+def sidecar_path(out_dir: Path, shard: str) -> Path:
+    return out_dir / sidecar_file(shard)
+
+
+def write_sidecar(table: pa.Table, path: Path, bad: list | None = None, made: str = "teacher-a") -> None:
+    write_table(table, path, format=SIDECAR_FORMAT, made_by=made, bad=json.dumps(bad or []), **truth_counts(table))
+
+
+def sidecar_info(path: Path) -> dict | None:
+    """What the stage reads back from a sidecar's footer (None when it is not a complete sidecar)."""
+    footer = read_footer(path, SIDECAR_FORMAT)
+    if footer is None:
+        return None
+    meta = footer.meta
+    return {
+        "rows": footer.rows,
+        "bad": json.loads(meta["bad"]),
+        "with_truth": int(meta["with_truth"]),
+        "correct": int(meta["correct"]),
+    }
+
 
 # ---------------------------------------------------------------- soft_labels, config
 
@@ -53,7 +80,7 @@ def test_pseudo_label_config_refuses_bad_values(field, value):
         PseudoLabelConfig(**{field: value})
 
 
-# ---------------------------------------------------------------- build_table, sidecar_info
+# ---------------------------------------------------------------- build_table, the footer, trust
 
 PROBS = torch.tensor([[0.1, 0.6, 0.3, 0.0], [0.5, 0.2, 0.2, 0.1], [0.05, 0.05, 0.1, 0.8]])
 KEYS = ["k0", "k1", "k2"]
@@ -62,7 +89,7 @@ BAD = [{"shard": "s.tar", "key": "kx", "reason": "undecodable image (x)"}]
 
 
 def test_build_table_with_full_probabilities():
-    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=0, bad=BAD)
+    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=0)
     schema = table.schema
     assert schema.field("key").type == pa.string() and schema.field("shard").type == pa.string()
     assert schema.field("label").type == pa.int32() and schema.field("true_label").type == pa.int32()
@@ -76,16 +103,12 @@ def test_build_table_with_full_probabilities():
     assert [len(row) for row in probs] == [4, 4, 4]
     np.testing.assert_allclose(probs, PROBS.numpy(), atol=1e-3)  # float16
     assert table.column("true_label").to_pylist() == TRUTH
-    meta = schema.metadata
-    assert meta[b"format"] == b"pseudo_labels/v1"
-    assert meta[b"rows"] == b"3"
-    assert json.loads(meta[b"bad"]) == BAD
-    assert (meta[b"with_truth"], meta[b"correct"]) == (b"2", b"1")
+    assert truth_counts(table) == {"with_truth": 2, "correct": 1}
 
 
 @pytest.mark.parametrize("topk, width", [(2, 2), (3, 3), (9, 4)])  # k larger than the class count stores all
 def test_build_table_with_topk(topk, width):
-    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=topk, bad=[])
+    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=topk)
     schema = table.schema
     assert "probs" not in schema.names
     assert schema.field("topk_idx").type == pa.list_(pa.int32())
@@ -96,20 +119,19 @@ def test_build_table_with_topk(topk, width):
     for row_idx, row_prob, full in zip(idx, prob, PROBS.numpy(), strict=True):
         assert row_prob == sorted(row_prob, reverse=True)
         np.testing.assert_allclose(row_prob, full[row_idx], atol=1e-3)
-    assert json.loads(schema.metadata[b"bad"]) == []
 
 
 def test_build_table_with_no_rows_is_valid(tmp_path):
-    table = build_table("s.tar", [], torch.zeros(0, 4), [], topk=2, bad=BAD)
+    table = build_table("s.tar", [], torch.zeros(0, 4), [], topk=2)
     assert table.num_rows == 0 and table.schema.field("topk_idx").type == pa.list_(pa.int32())
-    write_sidecar(table, tmp_path / "empty.parquet")
-    assert sidecar_info(tmp_path / "empty.parquet", topk=2) == {"rows": 0, "bad": BAD, "with_truth": 0, "correct": 0}
+    write_sidecar(table, tmp_path / "empty.parquet", BAD)
+    assert sidecar_info(tmp_path / "empty.parquet") == {"rows": 0, "bad": BAD, "with_truth": 0, "correct": 0}
 
 
 @pytest.fixture
 def sidecar(tmp_path) -> Path:
     path = sidecar_path(tmp_path, "/data/u/unlabeled-000001.tar")
-    write_sidecar(build_table("s.tar", KEYS, PROBS, TRUTH, topk=0, bad=BAD), path)
+    write_sidecar(build_table("s.tar", KEYS, PROBS, TRUTH, topk=0), path, BAD)
     return path
 
 
@@ -117,13 +139,45 @@ def test_sidecar_path_is_named_by_shard_id(tmp_path):
     assert sidecar_path(tmp_path, "/data/u/x.tar") == tmp_path / f"{shard_id('/data/u/x.tar')}.parquet"
 
 
-def test_sidecar_info_of_a_complete_sidecar(sidecar):
-    assert sidecar_info(sidecar, topk=0) == {"rows": 3, "bad": BAD, "with_truth": 2, "correct": 1}
+def test_the_footer_of_a_complete_sidecar(sidecar):
+    assert sidecar_info(sidecar) == {"rows": 3, "bad": BAD, "with_truth": 2, "correct": 1}
     assert not list(sidecar.parent.glob("*.tmp")), "the temporary file must be gone"
 
 
-def test_sidecar_info_refuses_the_other_schema(sidecar):
-    assert sidecar_info(sidecar, topk=3) is None
+def test_a_sidecar_is_trusted_only_by_the_inputs_that_made_it(sidecar):
+    assert trusted_table(sidecar, SIDECAR_FORMAT, "teacher-a") is not None
+    assert trusted_table(sidecar, SIDECAR_FORMAT, "teacher-b") is None  # another teacher: labeled again
+    assert trusted_table(sidecar, "selection/v3", "teacher-a") is None
+
+
+def test_made_by_names_the_teacher_the_settings_and_the_shard_as_it_is(digits_root, tmp_path):
+    shard = str(digits_root / "test" / "test-000001.tar")
+    cfg = PseudoLabelConfig(temperature=0.5)
+    base = made_by("sha-a", cfg, 1, shard)
+    assert base == made_by("sha-a", cfg, 1, shard)
+    others = [
+        made_by("sha-b", cfg, 1, shard),
+        made_by("sha-a", PseudoLabelConfig(temperature=1.0), 1, shard),
+        made_by("sha-a", PseudoLabelConfig(temperature=0.5, topk=3), 1, shard),
+        made_by("sha-a", cfg, 3, shard),
+        made_by("sha-a", cfg, 1, str(digits_root / "test" / "test-000002.tar")),
+    ]
+    assert base not in others and len(set(others)) == len(others)
+    copy = tmp_path / "copy.tar"
+    copy.write_bytes(Path(shard).read_bytes())
+    before = made_by("sha-a", cfg, 1, str(copy))
+    copy.write_bytes(Path(shard).read_bytes() + b"\0" * 512)  # the shard rewritten: its stamp moves
+    assert made_by("sha-a", cfg, 1, str(copy)) != before
+
+
+def test_a_sidecar_damaged_in_place_at_the_same_size_is_not_trusted(sidecar):
+    data = bytearray(sidecar.read_bytes())
+    start = data.index(b"k1")  # inside the key column's data page
+    data[start : start + 2] = b"zz"
+    sidecar.write_bytes(bytes(data))
+    assert read_footer(sidecar, SIDECAR_FORMAT) is not None  # the footer alone looks fine ...
+    assert trusted_table(sidecar, SIDECAR_FORMAT, "teacher-a", verify=False) is not None
+    assert trusted_table(sidecar, SIDECAR_FORMAT, "teacher-a") is None  # ... the rows do not hash as written
 
 
 @pytest.mark.parametrize("damage", ["half", "tail", "garbage", "empty", "missing"])
@@ -137,20 +191,22 @@ def test_sidecar_info_refuses_a_damaged_file(sidecar, damage):
                 damage
             ]
         )
-    assert sidecar_info(sidecar, topk=0) is None
+    assert sidecar_info(sidecar) is None
+    assert trusted_table(sidecar, SIDECAR_FORMAT, "teacher-a") is None
 
 
-def test_sidecar_info_refuses_a_row_count_that_does_not_match(tmp_path):
-    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=0, bad=[])
+def test_a_row_count_that_does_not_match_is_refused(tmp_path):
+    write_sidecar(build_table("s.tar", KEYS, PROBS, TRUTH, topk=0), tmp_path / "x.parquet")
+    table = pq.read_table(tmp_path / "x.parquet")
     table = table.replace_schema_metadata({**table.schema.metadata, b"rows": b"4"})
     pq.write_table(table, tmp_path / "x.parquet")
-    assert sidecar_info(tmp_path / "x.parquet", topk=0) is None
+    assert sidecar_info(tmp_path / "x.parquet") is None
 
 
-def test_sidecar_info_refuses_a_parquet_without_the_format_tag(tmp_path):
-    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=0, bad=[])
-    pq.write_table(table.replace_schema_metadata({}), tmp_path / "x.parquet")
-    assert sidecar_info(tmp_path / "x.parquet", topk=0) is None
+def test_a_parquet_without_the_format_tag_is_refused(tmp_path):
+    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=0)
+    pq.write_table(table, tmp_path / "x.parquet")
+    assert sidecar_info(tmp_path / "x.parquet") is None
 
 
 # ---------------------------------------------------------------- ShardLabeler on real shards
@@ -186,11 +242,11 @@ def _reference_probs(teacher_dir: Path, images: list[bytes]) -> np.ndarray:
 def test_label_shard_writes_one_row_per_sample(teacher_dir, digits_root, tmp_path):
     shard = str(digits_root / "unlabeled" / "unlabeled-000002.tar")
     samples = list(iter_raw_samples(shard))
-    result = _labeler(teacher_dir, tmp_path).label_shard(shard)
-    assert result["error"] == "" and result["bad"] == []
+    result = _labeler(teacher_dir, tmp_path).process(shard, "m")
+    assert result["bad"] == []
     assert result["rows"] == len(samples) > 64  # more than one inference batch
     path = sidecar_path(tmp_path, shard)
-    assert sidecar_info(path, topk=0)["rows"] == len(samples)
+    assert sidecar_info(path)["rows"] == len(samples)
     table = pq.read_table(path)
     assert table.column("key").to_pylist() == [s["__key__"] for s in samples]
     assert set(table.column("shard").to_pylist()) == {shard}
@@ -206,11 +262,11 @@ def test_label_shard_writes_one_row_per_sample(teacher_dir, digits_root, tmp_pat
 
 def test_label_shard_records_truth_when_the_shard_has_it(teacher_dir, digits_root, tmp_path):
     shard = str(digits_root / "test" / "test-000000.tar")
-    result = _labeler(teacher_dir, tmp_path, topk=3, temperature=2.0).label_shard(shard)
+    result = _labeler(teacher_dir, tmp_path, topk=3, temperature=2.0).process(shard, "m")
     table = pq.read_table(sidecar_path(tmp_path, shard))
     truth = [int(s["cls"]) for s in iter_raw_samples(shard)]
     assert table.column("true_label").to_pylist() == truth
-    info = sidecar_info(sidecar_path(tmp_path, shard), topk=3)
+    info = sidecar_info(sidecar_path(tmp_path, shard))
     assert info["rows"] == result["rows"] == len(truth) and info["with_truth"] == len(truth)
     assert info["correct"] == int((table.column("label").to_numpy() == np.asarray(truth)).sum())
     assert {len(r) for r in table.column("topk_idx").to_pylist()} == {3}
@@ -222,14 +278,14 @@ def test_label_shard_lists_bad_samples_and_labels_the_rest(teacher_dir, digits_r
     samples.insert(1, {"__key__": "broken", "png": b"\x89PNG\r\n\x1a\n truncated"})
     samples.insert(3, {"__key__": "imageless", "cls": b"4"})
     shard = write_shards(samples, tmp_path / "shards", "bad", 1)[0]
-    result = _labeler(teacher_dir, tmp_path / "out").label_shard(shard)
-    assert result["error"] == "" and result["rows"] == 4
+    result = _labeler(teacher_dir, tmp_path / "out").process(shard, "m")
+    assert result["rows"] == 4
     assert [(b["key"], b["shard"]) for b in result["bad"]] == [("broken", shard), ("imageless", shard)]
     assert "undecodable" in result["bad"][0]["reason"] and "no image" in result["bad"][1]["reason"]
     path = sidecar_path(tmp_path / "out", shard)
     table = pq.read_table(path)
     assert table.column("key").to_pylist() == [s["__key__"] for s in good]
-    assert sidecar_info(path, topk=0) == {"rows": 4, "bad": result["bad"], "with_truth": 0, "correct": 0}
+    assert sidecar_info(path) == {"rows": 4, "bad": result["bad"], "with_truth": 0, "correct": 0}
     reference = _reference_probs(teacher_dir, [image_field(s) for s in good])
     np.testing.assert_allclose(np.asarray(table.column("probs").to_pylist(), np.float32), reference, atol=2e-3)
 
@@ -243,9 +299,9 @@ def _cut(src: str, dst: Path, cut: int) -> str:
 def test_a_shard_damaged_inside_a_member_is_an_error_and_writes_no_sidecar(teacher_dir, digits_root, tmp_path):
     src = str(digits_root / "unlabeled" / "unlabeled-000000.tar")
     shard = _cut(src, tmp_path / "shards" / "cut.tar", 1024 * 100 + 700)  # inside the 101st member's data
-    result = _labeler(teacher_dir, tmp_path / "out").label_shard(shard)
-    assert result["rows"] == 0
-    assert shard in result["error"] and "truncated" in result["error"]
+    with pytest.raises(DataError) as info:
+        _labeler(teacher_dir, tmp_path / "out").process(shard, "m")
+    assert shard in str(info.value) and "truncated" in str(info.value)
     assert not sidecar_path(tmp_path / "out", shard).exists()
     assert not list((tmp_path / "out").rglob("*.parquet*")), "no sidecar, not even a temporary one"
 
@@ -253,19 +309,31 @@ def test_a_shard_damaged_inside_a_member_is_an_error_and_writes_no_sidecar(teach
 def test_a_shard_cut_in_half_is_an_error_and_writes_no_sidecar(teacher_dir, digits_root, tmp_path):
     src = str(digits_root / "unlabeled" / "unlabeled-000000.tar")
     shard = _cut(src, tmp_path / "shards" / "half.tar", Path(src).stat().st_size // 2)
-    result = _labeler(teacher_dir, tmp_path / "out").label_shard(shard)
-    assert shard in result["error"]
+    with pytest.raises(DataError, match=shard):
+        _labeler(teacher_dir, tmp_path / "out").process(shard, "m")
     assert not sidecar_path(tmp_path / "out", shard).exists()
 
 
-def test_the_ray_batch_interface_wraps_label_shard(teacher_dir, digits_root, tmp_path):
-    shards = [str(digits_root / "test" / f"test-00000{i}.tar") for i in (1, 2)]
-    out = _labeler(teacher_dir, tmp_path)({"shard": np.array(shards, dtype=object)})
-    assert out["shard"].tolist() == shards
-    assert out["rows"].dtype == np.int64 and out["rows"].tolist() == [90, 90]
-    assert out["error"].tolist() == ["", ""] and [json.loads(b) for b in out["bad"]] == [[], []]
-    assert out["device"].tolist() == ["cuda" if torch.cuda.is_available() else "cpu"] * 2
-    assert all(sidecar_info(sidecar_path(tmp_path, s), topk=0)["rows"] == 90 for s in shards)
+def test_label_shards_keeps_only_what_this_teacher_wrote_whole(teacher_dir, digits_root, tmp_path):
+    """The stage's driver: a resume labels the shards whose sidecars are missing, from another teacher, or damaged."""
+    from stages.core.stage import InProcess, LabelResources
+    from stages.pseudo_label import label_shards
+
+    shards = [str(digits_root / "test" / f"test-00000{i}.tar") for i in range(3)]
+    cfg, out = PseudoLabelConfig(batch_size=64), tmp_path / "labels"
+
+    def label(sha: str) -> dict:
+        return label_shards(teacher_dir, sha, shards, out, cfg, 1, LabelResources(), InProcess(False), False)
+
+    first = label("sha-a")
+    assert (first["rows"], first["shards_resumed"], first["ran_as"]) == (270, 0, "in-process")
+    assert label("sha-a")["shards_resumed"] == 3
+    assert label("sha-b")["shards_resumed"] == 0  # another teacher: everything again
+    damaged = sidecar_path(out, shards[1])
+    data = bytearray(damaged.read_bytes())
+    data[data.index(b"test-") + 5] ^= 1  # one key's byte, same size
+    damaged.write_bytes(bytes(data))
+    assert label("sha-b")["shards_resumed"] == 2
 
 
 @pytest.mark.parametrize(
@@ -285,7 +353,7 @@ def test_the_ray_batch_interface_wraps_label_shard(teacher_dir, digits_root, tmp
     ],
 )
 def test_label_resources_resolve_actor_count_and_threads(resources, cluster, actors, threads):
-    from pipeline.config import LabelResources
+    from stages.core.stage import LabelResources
 
     res = LabelResources(**resources)
     assert res.actor_count(cluster) == actors
@@ -318,7 +386,7 @@ CARD = {"input_size": [3, 24, 24], "mean": [0.5] * 3, "std": [0.5] * 3, "interpo
 
 
 def test_the_decoder_threads_keep_stream_order_and_record_bad_samples_in_place():
-    from stages.pseudo_label import Decoder
+    from stages.data.decode import Decoder
 
     samples = _mixed_samples()
     serial_bad, threaded_bad = [], []
@@ -333,7 +401,7 @@ def test_the_decoder_threads_keep_stream_order_and_record_bad_samples_in_place()
 def test_the_nvjpeg_path_decodes_jpegs_in_one_call_and_leaves_the_rest_to_pil(monkeypatch):
     """The GPU decode path with ``device=cpu`` (torchvision decodes JPEG lists on either): every good JPEG goes
     through ``decode_jpeg``, the PNG and the two broken JPEGs through PIL, and the result matches PIL's."""
-    import stages.pseudo_label as pl
+    import stages.data.decode as pl
 
     calls = []
 
@@ -359,9 +427,9 @@ def test_the_nvjpeg_path_decodes_jpegs_in_one_call_and_leaves_the_rest_to_pil(mo
 def test_a_gpu_decode_asked_of_a_cpu_actor_falls_back_and_says_so(teacher_dir, digits_root, tmp_path):
     shard = str(digits_root / "test" / "test-000001.tar")
     labeler = ShardLabeler(str(teacher_dir), str(tmp_path), PseudoLabelConfig(batch_size=64), 1, decode="gpu")
-    result = labeler.label_shard(shard)
+    result = labeler.process(shard, "m")
     want = "gpu" if torch.cuda.is_available() else "cpu"
-    assert result["decode"] == want and result["rows"] == 90 and result["error"] == ""
+    assert result["decode"] == want and result["rows"] == 90
 
 
 @pytest.mark.parametrize(
@@ -386,7 +454,7 @@ def test_a_gpu_decode_asked_of_a_cpu_actor_falls_back_and_says_so(teacher_dir, d
 def test_the_label_pool_follows_the_autoscaler(resources, cluster, shards, pool):
     from ray.data import ActorPoolStrategy
 
-    from pipeline.config import LabelResources
+    from stages.core.stage import LabelResources
 
     got = LabelResources(**resources).pool(cluster, shards)
     assert got == pool
@@ -406,7 +474,7 @@ def test_the_label_pool_follows_the_autoscaler(resources, cluster, shards, pool)
     ],
 )
 def test_a_label_actor_fits_only_where_one_node_has_all_it_asks_for(resources, fits):
-    from pipeline.config import LabelResources
+    from stages.core.stage import LabelResources
 
     nodes = [{"CPU": 2.0, "GPU": 1.0, "memory": 1e9}, {"CPU": 8.0}]
     assert LabelResources(**resources).fits(nodes) is fits
@@ -414,14 +482,23 @@ def test_a_label_actor_fits_only_where_one_node_has_all_it_asks_for(resources, f
 
 def test_a_label_actor_too_big_for_the_local_ray_is_one_config_error(ray_session, teacher_dir, digits_root, tmp_path):
     """On a local Ray this process started no node will be added: waiting for one would hang the run forever."""
-    from pipeline.config import LabelResources
-    from pipeline.distributed.pseudo_label import run_pseudo_label
-    from pipeline.overrides import ConfigError
+    from pipeline.distributed.executor import RayExecutor
+    from stages.core.errors import ConfigError
+    from stages.core.stage import LabelResources
+    from stages.pseudo_label import label_shards
 
     shards = [str(digits_root / "test" / "test-000001.tar")]
     with pytest.raises(ConfigError) as info:
-        run_pseudo_label(
-            str(teacher_dir), shards, str(tmp_path), PseudoLabelConfig(), 1, LabelResources(cpus_per_actor=3.0)
+        label_shards(
+            teacher_dir,
+            "sha",
+            shards,
+            tmp_path,
+            PseudoLabelConfig(),
+            1,
+            LabelResources(cpus_per_actor=3.0),
+            RayExecutor(False),
+            False,
         )
     message = str(info.value)
     assert "\n" not in message and "needs 3 CPUs" in message and "largest node has 2 CPUs and 0 GPUs" in message

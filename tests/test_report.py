@@ -18,10 +18,10 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.report.check import check_images, check_numbers, check_sections, find_chromium, parse_report
-from pipeline.report.data import ReportError, reliability_bins
+from pipeline.report.data import ReportError
 from pipeline.report.page import build_report, refresh_report
 from pipeline.report.tensorboard import write_tensorboard
-from stages.evaluate import expected_calibration_error
+from stages.maths.metrics import prediction_metrics, reliability
 from stages.storage.files import read_json
 
 pytestmark = pytest.mark.slow
@@ -85,12 +85,17 @@ def test_number_check_catches_a_wrong_or_unsourced_number(report_html, run_copy)
     assert any("no data-file" in p for p in check_numbers(unsourced, run_copy))
 
 
-def test_reliability_bins_match_the_recorded_ece():
-    rng = np.random.default_rng(0)
-    probs = rng.dirichlet(np.ones(10) * 0.3, size=500)
-    labels = rng.integers(0, 10, size=500)
-    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
-    assert reliability_bins(conf, pred, labels)["ece"] == pytest.approx(expected_calibration_error(conf, pred, labels))
+def test_the_reliability_bins_and_the_ece_are_one_computation():
+    """Golden values: confidences .95, .95 (one right), .55 (right), .25 (wrong) in 15 bins: ECE = 2/4 * |.5 - .95|
+    + 1/4 * |1 - .55| + 1/4 * |0 - .25| = .4; and metrics.json's test_ece is that same number."""
+    conf, pred, labels = np.array([0.95, 0.95, 0.55, 0.25]), np.array([1, 1, 0, 2]), np.array([1, 0, 0, 0])
+    bins = reliability(conf, pred, labels)
+    assert bins["ece"] == pytest.approx(0.4) and bins["top1"] == 0.5
+    assert (bins["count"][14], bins["count"][8], bins["count"][3], sum(bins["count"])) == (2, 1, 1, 4)
+    assert bins["accuracy"][14] == 0.5 and bins["accuracy"][0] is None
+    metrics = prediction_metrics(conf, pred, labels, 3)
+    assert metrics["test_ece"] == bins["ece"] and metrics["per_class_top1"] == [1 / 3, 1.0, None]
+    assert metrics["confusion"] == [[1, 1, 1], [0, 1, 0], [0, 0, 0]]
 
 
 def test_report_command_rebuilds_the_page(run_copy, capsys):

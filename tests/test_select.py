@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.distributed.executor import RayExecutor
+from stages.core.stage import InProcess
 from stages.data.shards import iter_raw_samples, write_shards
 from stages.maths.selection import (
     CandidateMerger,
@@ -27,7 +29,9 @@ from stages.maths.selection import (
     shard_histogram,
     training_order,
 )
-from stages.pseudo_label import build_table, write_sidecar
+from stages.pseudo_label import SIDECAR_FORMAT, build_table
+from stages.select import select_shards
+from stages.storage.artifacts import write_table
 
 # Few distinct confidences, so ties (broken by the key hash) are common.
 CONFIDENCES = [0.05, 0.2, 0.3, 0.31, 0.5, 0.5001, 0.75, 0.9, 0.99, 1.0]
@@ -215,11 +219,15 @@ def write_random_sidecars(root, rows_per_shard, num_classes, seed, topk=0):
         n += rows
         samples = [{"__key__": k, "png": k.encode(), "txt": b"x" * (i % 7)} for i, k in enumerate(keys)]
         (shard,) = write_shards(samples, root / "unlabeled", f"shard-{s}", 1)
-        table = build_table(shard, keys, probs, [-1] * rows, topk, [])
+        table = build_table(shard, keys, probs, [-1] * rows, topk)
         path = root / f"shard-{s}.parquet"
-        write_sidecar(table, path)
+        write_table(table, path, format=SIDECAR_FORMAT, made_by="test", bad="[]")
         paths.append(str(path))
     return paths
+
+
+def run_selection(sidecars, out, num_classes, cfg, executor):
+    return select_shards(sidecars, out, num_classes, cfg, "labels", executor)
 
 
 def read_all(paths):
@@ -241,13 +249,9 @@ def read_all(paths):
     ids=["balanced", "topk-hard", "none", "balanced-in-process"],
 )
 def test_ray_stage_equals_reference(ray_session, tmp_path, cfg, inline):
-    from pipeline.distributed.select import run_selection
-
     sidecars = write_random_sidecars(tmp_path / "pl", [90, 0, 57, 130], 5, seed=1)
-    summary = run_selection(
-        sidecars, str(tmp_path / "sel"), 5, cfg, progress=False, inline_bytes=1 << 30 if inline else 0
-    )
-    assert summary["ran_as"] == ("in-process" if inline else "ray tasks")
+    summary = run_selection(sidecars, tmp_path / "sel", 5, cfg, InProcess(False) if inline else RayExecutor(False))
+    assert summary["ran_as"] == ("in-process" if inline else "ray")
     keys, labels, conf = read_all(sidecars)
     expected = dict(zip(keys, select_in_memory(keys, labels, conf, 5, cfg), strict=True))
     got = {}
@@ -263,9 +267,6 @@ def test_ray_stage_equals_reference(ray_session, tmp_path, cfg, inline):
     assert summary["rows_in"] == len(keys)
     assert summary["dropped_by_floor"] == int((conf < cfg.floor).sum())
     assert sum(summary["per_class_after"]) == summary["copies_out"]
-    recorded = json.loads((tmp_path / "sel" / "selection.json").read_text())
-    assert recorded["per_class_kept"] == summary["per_class_kept"]
-    assert (tmp_path / "sel" / "selection.png").stat().st_size > 1000
 
 
 def check_compact_shards(sel, sidecars, summary):
@@ -288,23 +289,22 @@ def check_compact_shards(sel, sidecars, summary):
                 k: v for k, v in source.items() if k != "__key__" and k != "__url__"
             }
         footer = pq.read_schema(sel / (s.rsplit("/", 1)[1])).metadata
-        assert int(footer[b"train_members"]) == len(got) and int(footer[b"train_bytes"]) == tar.stat().st_size
+        assert int(footer[b"train_members"]) == len(got) and int(footer[b"tar_bytes"]) == tar.stat().st_size
+        assert footer[b"tar_sha256"].decode() == hashlib.sha256(tar.read_bytes()).hexdigest()
         members, shards, size = members + len(got), shards + 1, size + tar.stat().st_size
     assert (summary["train_shards"], summary["train_members"], summary["train_bytes"]) == (shards, members, size)
     assert summary["train_members"] == summary["copies_out"]
 
 
 def test_ray_stage_resumes_and_redoes_a_damaged_sidecar(ray_session, tmp_path):
-    from pipeline.distributed.select import run_selection
-
     sidecars = write_random_sidecars(tmp_path / "pl", [40, 40, 40], 4, seed=2, topk=2)
-    cfg = SelectConfig()
-    first = run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False, inline_bytes=0)
+    cfg, ray = SelectConfig(), RayExecutor(False)
+    first = run_selection(sidecars, tmp_path / "sel", 4, cfg, ray)
     assert first["shards_resumed"] == 0
     damaged = tmp_path / "sel" / "shard-1.parquet"
     before = pq.read_table(damaged)
     damaged.write_bytes(damaged.read_bytes()[:100])
-    second = run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False, inline_bytes=0)
+    second = run_selection(sidecars, tmp_path / "sel", 4, cfg, ray)
     assert second["shards_resumed"] == 2
     assert pq.read_table(damaged).equals(before)
     assert "topk_idx" in before.column_names
@@ -313,16 +313,22 @@ def test_ray_stage_resumes_and_redoes_a_damaged_sidecar(ray_session, tmp_path):
     tar = tmp_path / "sel" / "shard-2.tar"
     content = tar.read_bytes()
     tar.unlink()
-    third = run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False, inline_bytes=0)
+    third = run_selection(sidecars, tmp_path / "sel", 4, cfg, ray)
     assert third["shards_resumed"] == 2 and tar.read_bytes() == content
     tar.write_bytes(content[:-1024])  # cut short: another size than the sidecar records
-    assert run_selection(sidecars, str(tmp_path / "sel"), 4, cfg, progress=False)["shards_resumed"] == 2
+    assert run_selection(sidecars, tmp_path / "sel", 4, cfg, InProcess(False))["shards_resumed"] == 2
+    assert tar.read_bytes() == content
+    damaged = bytearray(content)  # damaged in place, same size: the receipt's sha256 finds it
+    damaged[600] ^= 0xFF
+    tar.write_bytes(bytes(damaged))
+    assert run_selection(sidecars, tmp_path / "sel", 4, cfg, InProcess(False))["shards_resumed"] == 2
     assert tar.read_bytes() == content
     check_compact_shards(tmp_path / "sel", sidecars, third)
 
 
 def test_a_shard_with_nothing_selected_keeps_no_compact_shard(tmp_path):
-    from stages.data.compact import compact_path, selection_footer, write_selection
+    from stages.data.compact import trusted_selection, write_selection
+    from stages.storage.layout import compact as compact_path
 
     (sidecar,) = write_random_sidecars(tmp_path / "pl", [5], 3, seed=0)
     path = tmp_path / "sel" / "shard-0.parquet"
@@ -330,13 +336,22 @@ def test_a_shard_with_nothing_selected_keeps_no_compact_shard(tmp_path):
     stale.parent.mkdir()
     stale.write_bytes(b"a tar an earlier plan wrote")
     empty = pq.read_table(sidecar).slice(0, 0).append_column("copies", pa.array([], pa.int32()))
-    assert write_selection(empty, path, seed=0) == {"train_members": 0, "train_bytes": 0}
-    assert not stale.exists() and int(selection_footer(path)[b"rows"]) == 0
+    assert write_selection(empty, path, 0, "plan") == {"train_members": 0, "tar_bytes": 0, "tar_sha256": ""}
+    assert not stale.exists() and trusted_selection(path, "plan").rows == 0
 
 
 def test_ray_stage_names_the_sidecar_with_bad_labels(ray_session, tmp_path):
-    from pipeline.distributed.select import run_selection
-
     sidecars = write_random_sidecars(tmp_path / "pl", [10], 4, seed=0)
-    with pytest.raises(Exception, match="shard-0.parquet"):
-        run_selection(sidecars, str(tmp_path / "sel"), 3, SelectConfig(), progress=False, inline_bytes=0)
+    with pytest.raises(ValueError, match="shard-0.parquet"):  # the task's own exception, not Ray's wrapper
+        run_selection(sidecars, tmp_path / "sel", 3, SelectConfig(), RayExecutor(False))
+
+
+def test_a_selection_made_from_other_pseudo_labels_is_not_reused(tmp_path):
+    """The plan's digest names the pseudo-labels' digest: labels from another teacher make another selection, even
+    where the per-class cutoffs come out the same."""
+    sidecars = write_random_sidecars(tmp_path / "pl", [30, 30], 3, seed=4)
+    cfg = SelectConfig(floor=0.0)
+    first = select_shards(sidecars, tmp_path / "sel", 3, cfg, "labels-a", InProcess(False))
+    assert select_shards(sidecars, tmp_path / "sel", 3, cfg, "labels-a", InProcess(False))["shards_resumed"] == 2
+    again = select_shards(sidecars, tmp_path / "sel", 3, cfg, "labels-b", InProcess(False))
+    assert again["shards_resumed"] == 0 and again["per_class_after"] == first["per_class_after"]

@@ -43,7 +43,7 @@ def test_stop_record_says_why_and_which_round(tiny_config):
 
 
 def test_the_stop_rule_needs_validation(tiny_config):
-    from pipeline.config import ConfigError
+    from stages.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="stop.patience: the stop rule needs a validation split"):
         tiny_config("data.val=[]", "stop.patience=1")

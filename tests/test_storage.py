@@ -1,5 +1,5 @@
-"""stages/storage/files.py and the one-line errors of pipeline/rounds.py: failed writes name their file, leave no
-temporary behind, and reach the CLI as one line however Ray wrapped them (fast: no training)."""
+"""stages/storage/files.py and the one-line errors of pipeline/distributed/runtime.py: failed writes name their file,
+leave no temporary behind, and reach the CLI as one line however Ray wrapped them (fast: no training)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.rounds import one_line_errors, stage_config_digest, user_error
-from stages.data.shards import DataError
+from pipeline.distributed.runtime import one_line_errors, user_error
+from pipeline.plan import stage_config_digest
+from stages.core.errors import DataError
 from stages.models.factory import atomic_save_safetensors, load_weights
-from stages.pseudo_label import build_table, write_sidecar
-from stages.storage.files import (
-    StorageError,
-    atomic_write_bytes,
-    is_url,
-    remove_temp_files,
-    storage_error,
-    verify_entry,
-)
+from stages.pseudo_label import build_table
+from stages.storage.artifacts import verify_entry, write_table
+from stages.storage.files import StorageError, atomic_write_bytes, is_url, remove_temp_files, storage_error
 
 
 def _fail_replace(monkeypatch, code: int) -> None:
@@ -39,7 +34,9 @@ def test_a_failed_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch,
     writers = {
         "run.json": lambda p: atomic_write_bytes(p, b"{}"),
         "model.safetensors": lambda p: atomic_save_safetensors({"w": torch.zeros(3)}, p),
-        "x.parquet": lambda p: write_sidecar(build_table("s.tar", ["a"], torch.ones(1, 2) / 2, [-1], 0, []), p),
+        "x.parquet": lambda p: write_table(
+            build_table("s.tar", ["a"], torch.ones(1, 2) / 2, [-1], 0), p, format="f", made_by="m"
+        ),
     }
     for name, write in writers.items():
         with pytest.raises(StorageError) as info:
@@ -98,7 +95,7 @@ def test_rounds_name_and_storage_do_not_make_finished_stages_stale(tiny_config):
 
 
 def test_a_damaged_manifest_is_never_trusted(tmp_path):
-    from stages.storage.files import RoundManifest
+    from stages.storage.artifacts import RoundManifest
 
     (tmp_path / "metrics.json").write_text("{}")
     RoundManifest(tmp_path).record("evaluate", [tmp_path / "metrics.json"], 1.0, inputs={"config": "x"})
@@ -129,9 +126,10 @@ def test_write_read_verify_on_a_folder_and_a_bucket(root):
     import torch
 
     from stages.storage import files as storage
-    from stages.storage.files import RoundManifest
+    from stages.storage.artifacts import RoundManifest
+    from stages.storage.layout import RunLayout
 
-    rdir = storage.round_dir(storage.join(root, "run"), 1)
+    rdir = RunLayout(storage.join(root, "run")).round(1).dir
     assert isinstance(rdir, str if storage.is_url(root) else Path)  # a URL never becomes a local path
     card, weights = storage.join(rdir, "model.json"), storage.join(rdir, "model.safetensors")
     assert not storage.exists(card) and storage.listdir(rdir) == []
@@ -176,7 +174,7 @@ def test_write_read_verify_on_a_folder_and_a_bucket(root):
 
 
 def test_a_bad_storage_url_is_one_line_at_config_load_or_preflight(tiny_config, s3_bucket):
-    from pipeline.config import ConfigError
+    from stages.core.errors import ConfigError
     from stages.storage.files import probe_storage
 
     with pytest.raises(ConfigError, match=r"^config\.storage: cannot open storage nope://b/runs: unknown protocol"):
@@ -207,7 +205,8 @@ def _has(protocol: str) -> bool:
 
 def test_locate_run_is_the_one_way_to_a_run(root, tmp_path, monkeypatch):
     """A name under the storage root first, else a run folder or URL given whole; neither is one line naming both."""
-    from stages.storage.files import RunNotFoundError, atomic_write_text, join, locate_run
+    from stages.storage.files import atomic_write_text, join
+    from stages.storage.layout import RunNotFoundError, locate_run
 
     atomic_write_text(join(root, "r1", "config.yaml"), "name: r1\n")
     found = locate_run("r1", root)

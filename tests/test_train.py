@@ -21,27 +21,22 @@ from PIL import Image
 from safetensors.torch import load_file
 from timm.data.auto_augment import RandAugment
 
-from stages.data.compact import compact_path, pseudo_sources, write_selection
+from stages.core.errors import DataError
+from stages.core.hooks import LocalHooks
+from stages.data.compact import pseudo_sources, write_selection
 from stages.data.loader import MixedStream, PseudoSource, shuffled, soft_targets
-from stages.data.shards import (
-    DataError,
-    decode_image,
-    image_field,
-    iter_raw_samples,
-    parse_label,
-    shard_id,
-    write_shards,
-)
+from stages.data.shards import decode_image, image_field, iter_raw_samples, parse_label, write_shards
 from stages.models.checkpoint import CheckpointError, load_checkpoint, read_state, save_checkpoint
 from stages.models.factory import ModelSpec
 from stages.models.transforms import clean_transform, noised_transform
+from stages.storage.layout import compact as compact_path
+from stages.storage.layout import shard_id
 from stages.train import (
-    LocalHooks,
     TrainConfig,
     TrainPlan,
     build_optimizer,
+    build_schedule,
     build_stream,
-    lr_at,
     noisy_student_loss,
     read_metrics_lines,
     soft_cross_entropy,
@@ -127,23 +122,31 @@ def test_noisy_student_loss_weights_the_pseudo_rows():
 # ---------------------------------------------------------------- schedule, optimizer, steps
 
 
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr_ratio: float) -> float:
+    """The learning rate the stage's schedule (timm's ``CosineLRScheduler``) sets at ``step``."""
+    cfg = TrainConfig(lr=lr, min_lr_ratio=min_lr_ratio)
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    build_schedule(optimizer, cfg, total, warmup).step_update(step)
+    return optimizer.param_groups[0]["lr"]
+
+
 @pytest.mark.parametrize(
     "step, expected",
     [
-        (0, 0.25),  # warmup: base * (step + 1) / warmup = 1 * 1/4
-        (1, 0.50),
-        (3, 1.00),  # last warmup step reaches the base rate
+        (0, 0.25),  # warmup from lr / warmup = 1/4, linearly: + t * (1 - 1/4) / 4
+        (1, 0.4375),
+        (3, 0.8125),
         (4, 1.00),  # cosine starts at progress 0
         (9, 0.55),  # progress (9-4)/(14-4) = .5: .1 + .9 * .5 * (1 + cos(pi/2)) = .55
         (14, 0.10),  # progress 1: base * min_lr_ratio
         (30, 0.10),  # past the end it stays at the floor
     ],
 )
-def test_lr_at_warmup_then_cosine(step, expected):
-    assert lr_at(step, total_steps=14, warmup_steps=4, base_lr=1.0, min_lr_ratio=0.1) == pytest.approx(expected)
+def test_the_schedule_warms_up_then_decays_on_a_cosine(step, expected):
+    assert lr_at(step, 14, 4, 1.0, 0.1) == pytest.approx(expected)
 
 
-def test_lr_at_without_warmup_starts_at_the_base_rate():
+def test_the_schedule_without_warmup_starts_at_the_base_rate():
     assert lr_at(0, 10, 0, 0.5, 0.0) == pytest.approx(0.5)
     # progress 5/10: .5 * .5 * (1 + cos(pi/2)) = .25
     assert lr_at(5, 10, 0, 0.5, 0.0) == pytest.approx(0.25)
@@ -196,16 +199,19 @@ def test_build_optimizer_exempts_biases_and_norms_from_weight_decay():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2)
     )
-    for name, cls in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("rmsprop", torch.optim.RMSprop)):
+    from timm.optim import RMSpropTF
+
+    for name, cls in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("rmsprop", RMSpropTF)):
         opt = build_optimizer(model, TrainConfig(optimizer=name, weight_decay=0.05, lr=0.1))
-        assert type(opt) is cls
-        decay, no_decay = opt.param_groups
+        assert type(opt) is cls  # the paper's RMSprop is TensorFlow's: timm's rmsproptf, epsilon 1e-3
+        no_decay, decay = opt.param_groups
         assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
         assert {p.ndim for p in decay["params"]} == {4, 2}  # conv and linear weights
         assert {p.ndim for p in no_decay["params"]} == {1}  # biases, BN weight and bias
         assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
         assert decay["lr"] == 0.1
     assert build_optimizer(model, TrainConfig(optimizer="sgd")).param_groups[0]["nesterov"] is True
+    assert build_optimizer(model, TrainConfig(optimizer="rmsprop")).param_groups[0]["eps"] == pytest.approx(1e-3)
 
 
 # ---------------------------------------------------------------- TrainConfig
@@ -716,7 +722,7 @@ def _compact_source(folder: Path, shard: str, copies: dict[str, int], probs=None
     if probs is not None:
         table["probs"] = pa.array(np.asarray(probs, np.float16).tolist(), pa.list_(pa.float16()))
     path = folder / f"{shard_id(shard)}.parquet"
-    write_selection(pa.table(table), path, seed=0)
+    write_selection(pa.table(table), path, 0, "plan")
     source = PseudoSource(str(compact_path(path)), str(path))
     assert pseudo_sources(folder, [shard]) == ([source] if keys else [])  # an empty selection is not listed
     return source

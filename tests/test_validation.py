@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from pipeline.choices import check_recorded, load_validation
-from pipeline.config import ConfigError
-from pipeline.distributed.data_check import check_data
 from pipeline.rounds import preflight
+from stages.core.errors import ConfigError, DataError
+from stages.core.stage import InProcess
 from stages.data.labeled_scan import LabeledIndex, scan_split
-from stages.data.shards import DataError, LabeledSet, expand_shards, load_labeled
+from stages.data.shards import LabeledSet, expand_shards, load_labeled
+from stages.data_check import CheckSettings, check_data
 from stages.maths.validation import carve_keys, split_off
 from stages.models.factory import ModelSpec
 from stages.models.transforms import clean_transform
@@ -87,12 +88,12 @@ def test_carved_keys_never_appear_in_a_training_batch(digits_root):
 
 def test_the_carve_is_recorded_and_a_resume_that_would_carve_differently_is_refused(tiny_config):
     cfg = tiny_config("data.val=[]", "data.val_per_class=2")
-    ctx = preflight(cfg, progress=False)
+    ctx = preflight(cfg, progress=False).data
     record = ctx.validation
     assert record["source"] == "carved from data.labeled" and len(record["carved_keys"]) == 20
     assert len(ctx.labeled) == 80 and len(ctx.val) == 20 and ctx.exclude_keys == frozenset(record["carved_keys"])
     assert not set(ctx.labeled.keys) & set(ctx.val.keys)
-    assert preflight(cfg, progress=False).validation == record  # deterministic: a resume carves the same
+    assert preflight(cfg, progress=False).data.validation == record  # deterministic: a resume carves the same
     check_recorded(record, record)
     changed = dict(record, carved_keys=record["carved_keys"][1:] + ["other"])
     with pytest.raises(ConfigError, match="would carve a different set"):
@@ -120,7 +121,8 @@ def test_validation_images_among_the_unlabeled_or_test_stop_the_run(digits_root,
     split = {name: expand_shards(getattr(data, name)) for name in ("labeled", "unlabeled", "test")}
     labeled, test = scan_split(split["labeled"], 10, 1), scan_split(split["test"], 10, 1)
     val = scan_split(expand_shards(data.val), 10, 1)
-    clean = check_data(data, labeled, test, split | {"val": expand_shards(data.val)}, progress=False, val=val)
+    settings, executor = CheckSettings(1), InProcess(False)
+    clean = check_data(settings, labeled, test, split | {"val": expand_shards(data.val)}, executor, val=val)
     assert clean["validation"] == {"images": 100, "in_test": 0, "in_labeled": 0, "in_unlabeled": 0, "examples": []}
     # the unlabeled shards themselves, passed as validation: every image found there, with no second scan
     from stages.data.contamination import image_digest
@@ -130,7 +132,7 @@ def test_validation_images_among_the_unlabeled_or_test_stop_the_run(digits_root,
     digests = [image_digest(decode_image(image_field(s), 1)) for s in samples]
     leaked = LabeledIndex([f"v{i}" for i in range(5)], np.zeros(5, int), digests, np.zeros(5, int), ["u"], [])
     with pytest.raises(DataError, match=r"5 validation image\(s\) are also test or training images .*unlabeled 5"):
-        check_data(data, labeled, test, split | {"val": split["unlabeled"][:1]}, progress=False, val=leaked)
+        check_data(settings, labeled, test, split | {"val": split["unlabeled"][:1]}, executor, val=leaked)
     mixed = test.take([0])
     with pytest.raises(DataError, match=r"test 1, labeled 0, unlabeled 0"):
-        check_data(data, labeled, test, split | {"val": split["test"][:1]}, progress=False, val=mixed)
+        check_data(settings, labeled, test, split | {"val": split["test"][:1]}, executor, val=mixed)

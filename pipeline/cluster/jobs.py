@@ -32,9 +32,12 @@ import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import PipelineConfig, dump_config
 from stages.storage.files import is_url
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
 
 # Never shipped to the cluster: environments, outputs, data (read from storage instead), caches.
 SHIP_EXCLUDES = (
@@ -169,6 +172,8 @@ def project_root() -> Path:
 def stage_working_dir(cfg: PipelineConfig, out: Path) -> Path:
     """Copy the project (minus ``SHIP_EXCLUDES``) to ``out`` and add the resolved config; returns ``out``."""
     shutil.copytree(project_root(), out, ignore=shutil.ignore_patterns(*SHIP_EXCLUDES))
+    from pipeline.config import dump_config
+
     (out / SUBMITTED_CONFIG).write_text(dump_config(cfg))
     return out
 

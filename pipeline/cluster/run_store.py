@@ -11,23 +11,35 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from stages.storage import files as storage
 from stages.storage.files import Location, StorageError
+from stages.storage.layout import (
+    CONFIG,
+    MANIFEST,
+    METRICS,
+    ROUND_DELIVERABLES,
+    STATUS,
+    RunLayout,
+    locate_run,
+    round_name,
+)
 
-ROUND_RE = re.compile(r"^round-(\d{3,})$")
-DOWNLOAD_STAGES = ("train", "evaluate")  # model.safetensors + model.json, metrics.json
+
+def _rel(r: int, file: str) -> str:
+    """``round-NNN/<file>``, relative to the run."""
+    return f"{round_name(r)}/{file}"
 
 
 def round_files(manifest: dict) -> list[dict]:
-    """The manifest entries a download or publish copies: the files of ``DOWNLOAD_STAGES`` at the round's top level
-    (the model, its card, metrics); not the evaluate stage's prediction sidecars under ``eval/``, which can be
-    larger than the model and stay with the run."""
-    return [e for stage in DOWNLOAD_STAGES for e in manifest["stages"][stage]["files"] if "/" not in e["path"]]
+    """The manifest entries a download or publish copies: the round's deliverables (``ROUND_DELIVERABLES``: the
+    model, its card, its metrics); not the evaluate stage's prediction sidecars under ``eval/``, which can be larger
+    than the model and stay with the run. The manifest itself is copied last, by the caller."""
+    wanted = set(ROUND_DELIVERABLES) - {MANIFEST}
+    return [e for stage in manifest["stages"].values() for e in stage.get("files", []) if e["path"] in wanted]
 
 
 class RunStoreError(RuntimeError):
@@ -40,7 +52,7 @@ class RunStore:
     def __init__(self, run: str, storage_root: str = "runs"):
         try:
             storage.check_storage(run if storage.is_url(run) else storage_root)
-            location = storage.locate_run(run, storage_root)
+            location = locate_run(run, storage_root)
         except StorageError as exc:
             raise RunStoreError(str(exc)) from exc
         self.location = location
@@ -64,13 +76,13 @@ class RunStore:
             raise RunStoreError(f"cannot read {self.location}/{rel}: {exc}") from exc
 
     def status(self) -> dict:
-        return self.read_json("run.json") if self._exists("run.json") else {}
+        return self.read_json(STATUS) if self._exists(STATUS) else {}
 
     def round_indices(self) -> list[int]:
-        return sorted(int(m.group(1)) for n in storage.listdir(self.location) if (m := ROUND_RE.match(n)))
+        return RunLayout(self.location).round_indices()
 
     def manifest(self, r: int) -> dict:
-        rel = f"round-{r:03d}/manifest.json"
+        rel = _rel(r, MANIFEST)
         return self.read_json(rel) if self._exists(rel) else {"stages": {}}
 
     def finished(self, r: int) -> bool:
@@ -84,7 +96,7 @@ class RunStore:
             done = [s for s, e in stages.items() if e.get("status") == "done"]
             row: dict = {"round": r, "stages_done": done, "finished": "evaluate" in done}
             if row["finished"]:
-                row.update(self.read_json(f"round-{r:03d}/metrics.json"))
+                row.update(self.read_json(_rel(r, METRICS)))
                 row["finished_at"] = stages["evaluate"].get("finished_at", "")
             rows.append(row)
         return rows
@@ -103,14 +115,14 @@ class RunStore:
             raise RunStoreError(
                 f"round {r} of {self.location} is not finished (stages done: {', '.join(done) or 'none'})"
             )
-        final = Path(dest) / f"round-{r:03d}"
-        partial = Path(dest) / f".round-{r:03d}.partial"
+        final = Path(dest) / round_name(r)
+        partial = Path(dest) / f".{round_name(r)}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         try:
             for entry in round_files(manifest):
-                self._copy_verified(f"round-{r:03d}/{entry['path']}", entry, partial / entry["path"])
-            (partial / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+                self._copy_verified(_rel(r, entry["path"]), entry, partial / entry["path"])
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
         finally:
@@ -150,7 +162,7 @@ class RunStore:
             raise RunStoreError(f"{self.location} has no round {round_index} (rounds: {self.round_indices()})")
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        for rel in ("config.yaml", "run.json"):
+        for rel in (CONFIG, STATUS):
             if self._exists(rel):
                 (dest / rel).write_bytes(storage.read_bytes(self._path(rel)))
         return [self.download_round(r, dest) for r in chosen]
@@ -162,18 +174,18 @@ def publish_round(run_dir: Location, round_index: int, target: str) -> str:
     ``download`` read them. The run itself may be in a folder or at a URL. Each file is written whole (an object
     store has no partial objects; a folder gets a temporary and a rename); the manifest goes last, so a reader never
     sees a manifest whose files are not there yet. Returns the run's location under ``target``."""
-    rel = f"round-{round_index:03d}"
+    rel = round_name(round_index)
     source = storage.join(run_dir, rel)
     location = storage.join(target if storage.is_url(target) else storage.local_path(target), storage.name(run_dir))
     try:
-        manifest_bytes = storage.read_bytes(storage.join(source, "manifest.json"))
+        manifest_bytes = storage.read_bytes(storage.join(source, MANIFEST))
         manifest = json.loads(manifest_bytes)
         if not _published(storage.join(location, rel), manifest, manifest_bytes):
             for entry in round_files(manifest):
                 storage.copy_file(storage.join(source, entry["path"]), storage.join(location, rel, entry["path"]))
-            storage.copy_file(storage.join(source, "manifest.json"), storage.join(location, rel, "manifest.json"))
+            storage.copy_file(storage.join(source, MANIFEST), storage.join(location, rel, MANIFEST))
         # the run's config and status, also when the round was there already (the status may have moved)
-        for name in ("config.yaml", "run.json"):
+        for name in (CONFIG, STATUS):
             storage.copy_file(storage.join(run_dir, name), storage.join(location, name))
     except (OSError, ImportError, ValueError) as exc:
         raise RunStoreError(f"cannot publish {storage.name(run_dir)}/{rel} to {location}: {exc}") from exc
@@ -184,7 +196,7 @@ def _published(remote_round: Location, manifest: dict, manifest_bytes: bytes) ->
     """The round is already there: same manifest, and every file it lists has the recorded size (a same-size
     corruption is still caught where it matters: ``download`` checks each sha256)."""
     try:
-        if storage.read_bytes(storage.join(remote_round, "manifest.json")) != manifest_bytes:
+        if storage.read_bytes(storage.join(remote_round, MANIFEST)) != manifest_bytes:
             return False
         entries = round_files(manifest)
         return all(storage.size(storage.join(remote_round, e["path"])) == e["bytes"] for e in entries)

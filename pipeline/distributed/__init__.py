@@ -1,7 +1,4 @@
-"""The Ray edges: each ``stages/`` function run across the cluster, and nothing else.
-
-``runtime`` (``ray.init``, task fan-out with progress, error unwrapping), ``data_check`` (per-shard data checks as
-Ray tasks), ``train`` (Ray Train ``TorchTrainer`` around ``stages.train.train_model``), ``pseudo_label`` (Ray Data
-actor pool around ``stages.pseudo_label.ShardLabeler``), ``select`` (selection passes as Ray tasks), ``folder``
-(``prepare-folder``'s shards as Ray tasks), ``tune`` (the recipe search on Ray Tune).
-"""
+"""The Ray edges, and nothing else: ``runtime`` (``ray.init``, and the one-line error a Ray wrapper hides),
+``executor`` (the one choice of where a run's work runs, and the Ray executor: tasks, a Ray Data actor pool, Ray
+Train), ``tune`` (the recipe search on Ray Tune). The stages themselves live in ``stages/`` and run on whichever
+executor the run chose."""

@@ -4,9 +4,8 @@
 dashboard bound to 127.0.0.1. Token authentication, on by default in Ray 2.60, is left on: a fresh local
 Ray writes its token to ``~/.ray/auth_token`` (or ``RAY_AUTH_TOKEN_PATH``) and clients read it from there.
 
-Also the small Ray edges the stages share: ``run_tasks`` (per-shard tasks, bounded in flight), ``actor_pool_rows``
-(shards through a pool of model actors: pseudo-labeling and evaluation) and ``causes`` (the exceptions a Ray task,
-Ray Data or Ray Train error wraps).
+Also ``causes``: the exceptions a Ray task, Ray Data or Ray Train error wraps (``pipeline/rounds.user_error`` finds
+the one a user can act on among them).
 """
 
 from __future__ import annotations
@@ -14,11 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 
-from tqdm import tqdm
-
-from pipeline.overrides import ConfigError
+from stages.core.errors import ConfigError, DataError
+from stages.storage.files import Location, StorageError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -70,81 +68,6 @@ def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def run_tasks(fn: Callable, args: Iterable[tuple], total: int, desc: str, progress: bool, inline: bool) -> Iterator:
-    """Runs ``fn(*a)`` for each ``a`` in ``args`` as Ray tasks (1 CPU each, retried on worker death) with a bounded
-    number in flight, or in this process when ``inline``; yields results as they finish. A task's exception comes
-    back as Ray's ``RayTaskError(cause)``; ``rounds.user_error`` turns it back into the one-line cause."""
-    if inline:
-        yield from (fn(*a) for a in args)
-        return
-    import ray
-
-    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
-    window = max(2, 2 * int(ray.available_resources().get("CPU", 1)))
-    pending: list = []
-    bar = tqdm(total=total, unit="shard", desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-    try:
-        for a in args:
-            pending.append(remote.remote(*a))
-            if len(pending) >= window:
-                done, pending = ray.wait(pending, num_returns=1)
-                bar.update(1)
-                yield ray.get(done[0])
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            bar.update(1)
-            yield ray.get(done[0])
-    finally:  # a failed task (e.g. a full disk) stops the pass: the tasks still in flight are not left writing
-        for ref in pending:
-            ray.cancel(ref)
-        bar.close()
-
-
-@contextlib.contextmanager
-def actor_pool_rows(cls: type, kwargs: dict, items: list[dict], resources) -> Iterator[Iterator[dict]]:
-    """Streams ``items`` (one row each) through a Ray Data pool of ``cls(**kwargs)`` actors, sized and placed by
-    ``resources`` (a ``pipeline.config.LabelResources``: autoscaling or fixed, CPUs and GPUs per actor); yields the
-    iterator of result rows. An actor that fits on no node is refused first (``check_room``). Leaving the block ends
-    the dataset's execution, so no actor works on in the background."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    check_room(resources)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the stages draw their own bars, counting shards and images
-    context.print_on_execution_start = False
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        cls,
-        fn_constructor_kwargs=kwargs,
-        batch_size=1,
-        compute=ActorPoolStrategy(**resources.pool(ray.cluster_resources(), len(items))),
-        num_cpus=resources.cpus_per_actor,
-        num_gpus=resources.gpus_per_actor or None,
-    )
-    with contextlib.closing(iter(ds.iter_rows())) as rows:
-        yield rows
-
-
-def check_room(resources) -> None:
-    """A label actor that fits on no node waits for the autoscaler to add one; on a local Ray that this process
-    started, nothing ever will, so that is one ``ConfigError`` line instead of a stage that waits forever."""
-    import ray
-
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    if resources.fits(nodes):
-        return
-    big = max(nodes, key=lambda n: (n.get("CPU", 0), n.get("GPU", 0)), default={})
-    largest = f"{big.get('CPU', 0):g} CPUs and {big.get('GPU', 0):g} GPUs"
-    if not can_grow():
-        raise ConfigError(
-            f"resources: a label actor needs {resources.describe()} (cpus_per_label_actor, gpus_per_label_actor), "
-            f"but this local Ray's largest node has {largest}; lower them, or join a cluster with such nodes "
-            "(RAY_ADDRESS)"
-        )
-    log.warning("no node has %s for a label actor yet; waiting for the autoscaler", resources.describe())
-
-
 def causes(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and what it wraps, outermost first: a task's ``RayTaskError.cause``, Ray Train's per-worker and
     controller failures, and ``__cause__`` chains. Ray's own wrappers are walked through but not yielded: a
@@ -163,3 +86,27 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         todo += [getattr(current, "cause", None), getattr(current, "controller_failure", None)]
         todo += list((getattr(current, "worker_failures", None) or {}).values())
         todo.append(current.__cause__)
+
+
+def user_error(exc: BaseException, where: Location) -> Exception | None:
+    """The error a user can act on inside ``exc``, however Ray wrapped it: a ``ConfigError``, ``DataError`` or
+    ``StorageError``, or an ``OSError`` saying the disk is full or read-only (as a ``StorageError``; the path is
+    the failing file when known, else ``where``). None when there is none."""
+    for cause in causes(exc):
+        if isinstance(cause, (ConfigError, DataError, StorageError)):
+            return cause
+        if (storage := storage_error(cause, where)) is not None:
+            return storage
+    return None
+
+
+@contextlib.contextmanager
+def one_line_errors(where: Location) -> Iterator[None]:
+    """Re-raise what ``user_error`` finds, so that the CLI prints one line instead of a remote traceback."""
+    try:
+        yield
+    except Exception as exc:
+        clear = user_error(exc, where)
+        if clear is None or clear is exc:
+            raise
+        raise clear from exc

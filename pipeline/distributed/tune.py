@@ -1,15 +1,17 @@
 """Recipe search on validation: ``python -m pipeline tune --config C [--trials N] [--budget-minutes M]``.
 
-1. A base run (rounds 0 and 1 of the config, an ordinary run: ``--run`` names an existing one of the same config to
-   reuse, read as it is) gives the teacher, its soft labels for every unlabeled sample, and the current recipe's
-   round-1 student as the baseline.
-2. Ray Tune samples the knobs of ``stages/tuning.SPACE`` (random search) under ASHA. A trial is only the round-1
-   student: the base run's soft labels re-tempered to the trial's temperature (no teacher, no pseudo-labeling),
-   selection in-process, then ``stages.train.train_model`` in the trial's process. It reports validation top-1 five
-   times along its schedule, at 20%, 40%, ... of its own epochs, and ASHA compares trials at equal fractions of their
-   schedules (``percent``), so a short schedule is not favoured for being further along its cosine.
+1. A base run (rounds 0 and 1 of the config, an ordinary run made by the CLI, or ``--run`` naming an existing one of
+   the same config) gives the teacher, its soft labels for every unlabeled sample, and the current recipe's round-1
+   student as the baseline.
+2. Ray Tune samples the knobs of ``stages/maths/tuning.SPACE`` (random search) under ASHA. A trial is only the
+   round-1 student, made by the round's own stages: the base run's soft labels re-tempered to the trial's
+   temperature stand in for the pseudo-label stage, then ``stages.select.Select`` and ``stages.train.Train`` (its
+   plan from ``pipeline.plan.plan_for``, as the run's) in the trial's process. It reports validation top-1 five
+   times along its schedule, at 20%, 40%, ... of its own epochs, and ASHA compares trials at equal fractions of
+   their schedules (``percent``), so a short schedule is not favoured for being further along its cosine.
 3. The best trial that ran to the end (highest validation top-1, the earlier on a tie) becomes ``best.yaml``: the
-   whole config with its knobs, for every student round. ``trials.csv`` and ``trials.md`` list every trial.
+   whole config with its knobs, for every student round. ``trials.csv`` and ``trials.md`` list every trial; a trial
+   whose recipe the pipeline refuses (a floor that keeps nothing) is listed as refused, never chosen.
 
 Scoring is validation only. Test is neither read nor printed here: the base run's own ``metrics.json`` still holds
 its test figures, as every run's does. ``--budget-minutes`` bounds the search (Ray Tune's ``time_budget_s``; trials
@@ -27,13 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.choices import load_validation, round_seeds
-from pipeline.config import ConfigError, PipelineConfig, dump_config, load_config
-from pipeline.rounds import check_same_config, plan_input, run_folder, run_pipeline
+from pipeline.config import PipelineConfig, dump_config, load_config
+from stages.core.errors import ConfigError
+from stages.core.stage import InProcess
 from stages.data.shards import expand_shards
-from stages.maths.stopping import StopConfig
 from stages.maths.tuning import SPACE, apply_knobs, recipe
-from stages.storage.files import Location, atomic_write_text, exists, join, read_json, round_dir
+from stages.storage.files import Location, atomic_write_text, join, read_json
+from stages.storage.layout import TUNE_BEST, TUNE_SUMMARY, TUNE_TRIALS_CSV, TUNE_TRIALS_MD, RoundLayout, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def search_space(space: dict[str, tuple[str, tuple]]) -> dict:
 
 def run_tune(
     cfg: PipelineConfig,
-    run_name: str,
+    run_dir: Location,
     trials: int,
     budget_minutes: float,
     out: Path | None = None,
@@ -69,17 +71,19 @@ def run_tune(
     progress: bool = True,
     space: dict[str, tuple[str, tuple]] = SPACE,
 ) -> dict:
-    """Base run, search, outputs; returns the summary also written as ``tune.json``. ``space``: where each knob
-    of ``SPACE`` is searched (the tests narrow it to seconds-long trials)."""
+    """The search over a finished base run (rounds 0 and 1 of ``cfg`` at ``run_dir``), then the outputs; returns
+    the summary also written as ``tune.json``. ``space``: where each knob of ``SPACE`` is searched (the tests narrow
+    it to seconds-long trials)."""
     if not cfg.data.has_validation:
         raise ConfigError("tune scores on validation: set data.val (shards) or data.val_per_class in the config")
-    run_dir, baseline_val = base_run(cfg, run_name, progress)
-    out = Path(out) if out else Path(str(join(run_dir, "tune")))
+    layout = RunLayout(run_dir)
+    baseline_val = read_json(layout.round(1).metrics)["val_top1"]
+    out = Path(out) if out else Path(str(layout.tune))
     out.mkdir(parents=True, exist_ok=True)
     setup = TuneSetup(trial_tree(cfg), str(run_dir), cfg.pseudo_label.temperature, cpus_per_trial)
     from pipeline.distributed.runtime import init_ray
 
-    log.info("ray: %s", init_ray(cfg.resources.address or None, cfg.resources.num_cpus or None))  # a reused run
+    log.info("ray: %s", init_ray(cfg.resources.address or None, cfg.resources.num_cpus or None))
     start = time.perf_counter()
     results = _search(setup, search_space(space), trials, budget_minutes, out, progress)
     table = trial_table(results)
@@ -90,7 +94,8 @@ def run_tune(
     summary = {
         "base_run": str(run_dir),
         "trials": len(table),
-        "finished": sum(t["percent"] >= 100 for t in table),
+        "finished": sum(t["ended"] == "finished" for t in table),
+        "refused": sum(t["ended"] == "refused" for t in table),
         "search_seconds": round(time.perf_counter() - start, 1),
         "baseline": baseline,
         "best": best,
@@ -98,24 +103,19 @@ def run_tune(
     }
     if best is not None:
         best_cfg = load_config(None, base=apply_knobs(cfg.to_dict(), best["knobs"]))
-        summary["outputs"]["best.yaml"] = _write(out / "best.yaml", _best_yaml(best_cfg, best, baseline))
-    summary["outputs"]["trials.csv"] = _write(out / "trials.csv", table_csv(table))
-    summary["outputs"]["trials.md"] = _write(out / "trials.md", table_markdown(table, baseline))
-    _write(out / "tune.json", json.dumps(summary, indent=2) + "\n")
+        summary["outputs"][TUNE_BEST] = _write(out / TUNE_BEST, _best_yaml(best_cfg, best, baseline))
+    summary["outputs"][TUNE_TRIALS_CSV] = _write(out / TUNE_TRIALS_CSV, table_csv(table))
+    summary["outputs"][TUNE_TRIALS_MD] = _write(out / TUNE_TRIALS_MD, table_markdown(table, baseline))
+    _write(out / TUNE_SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def base_run(cfg: PipelineConfig, run_name: str, progress: bool) -> tuple[Location, float]:
-    """``(run folder, its round-1 validation top-1)``: an existing run of this config with round 1 finished is read
-    as it is (running it again with ``rounds: 1`` would rewrite its run.json as a 1-round run); otherwise rounds 0-1
-    are run (or resumed)."""
-    run_dir = run_folder(cfg, run_name)
-    status_path = join(run_dir, "run.json")
-    if exists(status_path) and read_json(status_path).get("rounds_completed", 0) >= 2:
-        check_same_config(cfg, run_dir)
-        return run_dir, read_json(join(round_dir(run_dir, 1), "metrics.json"))["val_top1"]
-    rows = run_pipeline(dataclasses.replace(cfg, rounds=1, stop=StopConfig()), run_name, progress=progress)
-    return run_dir, rows[1]["val_top1"]
+def base_run_done(run_dir: Location) -> bool:
+    """Whether a run's round 1 is finished (``tune`` reads it as it is, rather than running it again)."""
+    from stages.storage.files import exists
+
+    status = RunLayout(run_dir).status
+    return exists(status) and read_json(status).get("rounds_completed", 0) >= 2
 
 
 def trial_tree(cfg: PipelineConfig) -> dict:
@@ -130,7 +130,7 @@ def trial_tree(cfg: PipelineConfig) -> dict:
 
 def _trial_error(results) -> Exception:
     """The first trial's error as the one line a user can act on (a bad path, bad data), else a summary."""
-    from pipeline.rounds import user_error
+    from pipeline.distributed.runtime import user_error
 
     first = next(r.error for r in results if r.error)
     return user_error(first, "") or RuntimeError(f"every tune trial failed; the first: {first}")
@@ -185,11 +185,19 @@ def trial_table(results) -> list[dict]:
                 "val_top1": m.get("val_top1"),
                 "percent": int(m.get("percent", 0)),
                 "epoch": m.get("epoch"),
-                "ended": "error" if result.error else ("finished" if m.get("percent", 0) >= 100 else "stopped"),
+                "ended": _ended(result.error, m),
                 "knobs": {k: result.config[k] for k in SPACE},
             }
         )
     return rows
+
+
+def _ended(error, metrics: dict) -> str:
+    if error:
+        return "error"
+    if metrics.get("refused"):
+        return "refused"  # the pipeline would refuse this recipe (its floor keeps nothing): never chosen
+    return "finished" if metrics.get("percent", 0) >= 100 else "stopped"
 
 
 def pick_best(table: list[dict]) -> dict | None:
@@ -232,112 +240,149 @@ def table_markdown(table: list[dict], baseline: dict) -> str:
 
 
 def run_trial(knobs: dict, setup: TuneSetup) -> None:
-    """Re-temper, select, train the round-1 student; report validation top-1 along the way (ASHA may stop it)."""
+    """Re-temper, select, train the round-1 student with the round's stages; report validation top-1 along the way
+    (ASHA may stop it). A recipe whose selection keeps nothing reports ``refused`` and is never chosen."""
     from ray import tune
+
+    from stages.core.errors import DataError
 
     cfg = load_config(None, base=apply_knobs(setup.tree, {k: knobs[k] for k in SPACE}))
     with tempfile.TemporaryDirectory(prefix="ns-trial-") as tmp:
-        work = Path(tmp)
-        pseudo, count = _trial_selection(cfg, setup, work)
-        if not count:  # this floor keeps no pseudo-label: a recipe that cannot train a student scores 0, not an error
-            tune.report({"val_top1": 0.0, "epoch": 0, "percent": 100, "loss": None, "note": "selection kept nothing"})
-            return
-        plan, val, card = _trial_plan(cfg, pseudo, count, work, setup.threads)
-        hooks = ValidationHooks(plan, val, card, report=tune.report)
-        from stages.train import train_model
-
-        train_model(plan, hooks)
+        try:
+            train_trial(cfg, setup, Path(tmp), tune.report)
+        except DataError as exc:
+            if "selection kept no" not in str(exc):
+                raise
+            tune.report({"val_top1": None, "epoch": 0, "percent": 0, "loss": None, "refused": str(exc)})
 
 
-def _trial_selection(cfg: PipelineConfig, setup: TuneSetup, work: Path):
-    """The base run's round-1 soft labels at this trial's temperature, selected with its floor and K factor."""
-    from pipeline.distributed.select import run_selection
-    from stages.data.compact import pseudo_sources
-    from stages.data.shards import expand_shards, shard_id
-    from stages.maths.tuning import retemper_table
-    from stages.pseudo_label import write_sidecar
-    from stages.storage.files import read_table
+def train_trial(cfg: PipelineConfig, setup: TuneSetup, work: Path, report) -> None:
+    """The round-1 student of ``cfg`` in ``work``: the base run's soft labels at this temperature, selected and
+    trained by ``stages.select.Select`` and ``stages.train.Train`` in this process, each checkpoint scored on
+    validation and handed to ``report``."""
+    import dataclasses
 
-    shards = expand_shards(cfg.data.unlabeled, "data.unlabeled")
-    labels = join(round_dir(setup.run_dir, 1), "pseudo_labels")
-    sidecars = []
-    for shard in shards:
-        table = read_table(join(labels, f"{shard_id(shard)}.parquet"))
-        path = work / "pseudo_labels" / f"{shard_id(shard)}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_sidecar(retemper_table(table, setup.labeled_at, cfg.pseudo_label.temperature), path)
-        sidecars.append(str(path))
-    select_cfg = dataclasses.replace(cfg.select, seed=round_seeds(cfg, 1)["select"])
-    # in this process whatever the size: the trial holds its CPUs, Ray tasks would wait for more
-    summary = run_selection(sidecars, str(work / "selection"), cfg.data.num_classes, select_cfg, False, 1 << 62)
-    pseudo = tuple(pseudo_sources(work / "selection", shards))
-    return pseudo, int(summary["copies_out"])
-
-
-def _trial_plan(cfg: PipelineConfig, pseudo, count: int, work: Path, threads: int):
-    from stages.data.shards import expand_shards, load_labeled
-    from stages.train import TrainPlan
+    from pipeline.choices import load_validation, round_seeds
+    from pipeline.plan import model_card_for, plan_for, stage_config_digest
+    from stages.core.stage import RunData, StageContext
+    from stages.data.labeled_scan import scan_split
+    from stages.data.shards import load_labeled
+    from stages.maths.validation import split_off
+    from stages.select import Select
+    from stages.storage.artifacts import RoundManifest
+    from stages.train import Train
 
     data = cfg.data
-    labeled_shards = expand_shards(data.labeled, "data.labeled")
-    labeled = load_labeled(labeled_shards, data.num_classes, data.channels, data.max_bad_fraction, "data.labeled")
+    base, trial = RunLayout(setup.run_dir), RunLayout(work)
+    link_teacher(base.round(0), trial.round(0))
+    shards = {s: expand_shards(getattr(data, s), f"data.{s}") for s in ("labeled", "unlabeled", "test")}
+    labeled = scan_split(shards["labeled"], data.num_classes, data.channels, data.max_bad_fraction, "data.labeled")
     val = None
     if data.val:  # a trial scores its checkpoints on the decoded validation images, in its own process
-        val = load_labeled(
-            expand_shards(data.val, "data.val"), data.num_classes, data.channels, data.max_bad_fraction, "data.val"
-        )
-    train, val, record = load_validation(cfg, labeled, val)
-    train_cfg = dataclasses.replace(cfg.student, seed=round_seeds(cfg, 1)["train"])
-    fields, card = plan_input(data, cfg.spec(1))  # the input as the pipeline's own student sees it
-    plan = TrainPlan(
-        **fields,
-        cfg=train_cfg,
-        labeled=tuple(labeled_shards),
-        pseudo=pseudo,
-        labeled_count=len(train),
-        pseudo_count=count,
-        metrics_path=str(work / "train_metrics.jsonl"),
-        threads=threads,
-        exclude_keys=frozenset(record.get("carved_keys", ())),
+        val = load_labeled(expand_shards(data.val, "data.val"), data.num_classes, data.channels, 1.0, "data.val")
+    train_part, _, record = load_validation(cfg, labeled, val)
+    if data.val_per_class:  # the carved images, decoded
+        all_labeled = load_labeled(shards["labeled"], data.num_classes, data.channels, 1.0, "data.labeled")
+        val = split_off(all_labeled, set(record["carved_keys"]))[1]
+    run_data = RunData(
+        shards["labeled"],
+        shards["unlabeled"],
+        shards["test"],
+        train_part,
+        train_part,
+        data.num_classes,
+        data.channels,
+        data.names(),
+        validation=record,
+    )
+    layout = trial.round(1)
+    manifest = RoundManifest(layout.dir)
+    t_from, t_to = setup.labeled_at, cfg.pseudo_label.temperature
+    manifest.record("pseudo_label", write_retempered(base.round(1), layout, shards["unlabeled"], t_from, t_to), 0.0)
+    plan = plan_for(
+        cfg, 1, shards["labeled"], len(train_part), exclude_keys=run_data.exclude_keys, run=trial, threads=setup.threads
     )
     every = max(1, plan.epochs(1) // REPORTS)  # a "checkpoint" here is a validation report
-    plan = dataclasses.replace(plan, cfg=dataclasses.replace(train_cfg, checkpoint_every=every))
-    return plan, val, card
+    plan = dataclasses.replace(plan, cfg=dataclasses.replace(plan.cfg, checkpoint_every=every))
+    card = model_card_for(cfg, 1, 0)
+
+    def hooks(root: Path, device: str) -> ValidationHooks:
+        return ValidationHooks(root, plan, card, val, report)
+
+    ctx = StageContext(trial, layout, run_data, InProcess(False, hooks), manifest, stage_config_digest(cfg), False)
+    selection = Select(dataclasses.replace(cfg.select, seed=round_seeds(cfg, 1)["select"])).run(ctx)
+    manifest.record("select", selection.files, 0.0, result=selection.result)
+    Train(plan, card, cfg.resources.train()).run(ctx)
+
+
+def link_teacher(source: RoundLayout, target: RoundLayout) -> None:
+    """The base run's round 0 as the trial's: a link to a local folder, a copy of its model files from a URL."""
+    from stages.storage.files import copy_file, is_url
+
+    if not is_url(source.dir):
+        Path(str(target.dir)).symlink_to(Path(str(source.dir)), target_is_directory=True)
+        return
+    for f in (source.model.weights, source.model.card, source.manifest):
+        copy_file(f, join(target.dir, str(f).rsplit("/", 1)[-1]))
+
+
+def write_retempered(base: object, layout: object, shards: list[str], t_from: float, t_to: float) -> list:
+    """The base run's round-1 sidecars as if labeled at ``t_to``, written as the trial round's pseudo-labels."""
+    from stages.maths.tuning import retemper_table
+    from stages.pseudo_label import SIDECAR_FORMAT
+    from stages.storage.artifacts import read_footer, write_table
+    from stages.storage.files import read_table
+
+    written = []
+    for shard in shards:
+        source = base.pseudo_label(shard)
+        footer = read_footer(source, SIDECAR_FORMAT)
+        table = retemper_table(read_table(source), t_from, t_to)
+        write_table(
+            table,
+            layout.pseudo_label(shard),
+            format=SIDECAR_FORMAT,
+            made_by=f"retempered:{t_to}",
+            **(footer.meta if footer else {}),
+        )
+        written.append(layout.pseudo_label(shard))
+    return written
 
 
 class ValidationHooks:
-    """``TrainHooks`` for a trial: one process, no resume; each checkpoint is scored on validation and reported."""
+    """``TrainHooks`` for a trial: one process, checkpoints kept locally (the last one is the trial's model), each
+    scored on the validation images and reported."""
 
-    rank, world_size = 0, 1
+    def __init__(self, root: Path, plan, card: dict, val, report) -> None:
+        from stages.core.hooks import LocalHooks
 
-    def __init__(self, plan, val, card: dict, report) -> None:
-        import torch
-
-        self.plan, self.val, self.card, self._report = plan, val, card, report
-        self.device = torch.device("cpu")
+        self.local = LocalHooks(root)
+        self.rank, self.world_size, self.device = 0, 1, self.local.device
+        self.plan, self.card, self.val, self._report = plan, card, val, report
 
     def prepare(self, model):
         return model
 
     def restore(self):
-        return None
+        return self.local.restore()
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         from stages.evaluate import predict_probs
         from stages.models.factory import create_model, load_weights
+        from stages.storage.layout import CheckpointFiles
 
         if checkpoint_dir is None:
             return
-        name = "ema.safetensors" if self.plan.cfg.ema_decay else "model.safetensors"
+        self.local.report(metrics, checkpoint_dir)
+        files = CheckpointFiles(checkpoint_dir)
         model = create_model(self.plan.spec, self.plan.num_classes, self.plan.channels, noised=False)
-        model.load_state_dict(load_weights(Path(checkpoint_dir) / name), strict=True)
+        model.load_state_dict(load_weights(files.ema if self.plan.cfg.ema_decay else files.model), strict=True)
         probs = predict_probs(model.eval(), self.val.images, self.card)
-        epochs = self.plan.epochs(1)
         self._report(
             {
                 "val_top1": float((probs.argmax(axis=1) == self.val.labels).mean()),
                 "epoch": metrics["epoch"],
-                "percent": round(100 * metrics["epoch"] / epochs),
+                "percent": round(100 * metrics["epoch"] / metrics["epochs"]),
                 "loss": metrics.get("loss"),
             }
         )

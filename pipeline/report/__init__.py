@@ -3,3 +3,7 @@ figures as PNG bytes), ``tensorboard`` (event files), ``check`` (headless-Chromi
 
 Everything here reads a run's files through ``stages.storage.files``; nothing trains or runs Ray.
 """
+
+
+class ReportError(ValueError):
+    """A run that cannot be reported: missing folder, no finished round. The message says what to do."""

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.report.data import ReportError, resolve_run
+from pipeline.report import ReportError
+from pipeline.report.data import resolve_run
+from stages.storage.layout import RunLayout, round_name
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 MAX_SCREENSHOT_HEIGHT = 16384
@@ -92,9 +94,10 @@ def check_numbers(html_text: str, run_dir: str | Path) -> list[str]:
         if cell["tag"] == "td" and "data-file" not in cell["attrs"] and _NUMBER.match(cell["text"]):
             problems.append(f"number {cell['text'].strip()!r} in the page has no data-file/data-key")
     shown = {c["attrs"].get("data-round") for c in sourced if c["attrs"].get("data-metric") == "test_top1"}
-    for rdir in sorted(run_dir.glob("round-[0-9][0-9][0-9]")):
-        if (rdir / "metrics.json").is_file() and str(int(rdir.name[-3:])) not in shown:
-            problems.append(f"{rdir.name}: test_top1 is not in the page")
+    layout = RunLayout(run_dir)
+    for i in layout.round_indices():
+        if layout.round(i).metrics.is_file() and str(i) not in shown:
+            problems.append(f"{round_name(i)}: test_top1 is not in the page")
     if not sourced:
         problems.append("the page holds no sourced number at all")
     return problems
@@ -210,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_dir = resolve_run(args.run, args.storage)
-        report = run_dir / "report.html"
+        report = RunLayout(run_dir).report
         if not report.is_file():
             raise ReportError(f"{report} does not exist; build it with python -m pipeline report {run_dir}")
-        screenshot = Path(args.screenshot) if args.screenshot else run_dir / "report.png"
+        screenshot = Path(args.screenshot) if args.screenshot else RunLayout(run_dir).report_screenshot
         dom, widths = render(report, screenshot)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)

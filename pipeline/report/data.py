@@ -14,27 +14,18 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import yaml
 from PIL import Image
 
-from stages.data.shards import (
-    BadSample,
-    DataError,
-    decode_image,
-    image_field,
-    iter_raw_samples,
-)
-from stages.storage.files import StorageError, is_url, locate_run, read_json
+from pipeline.report import ReportError
+from stages.core.errors import BadSample, DataError
+from stages.data.shards import decode_image, image_field, iter_raw_samples
+from stages.maths.metrics import reliability
+from stages.storage.files import StorageError, is_url, read_json
+from stages.storage.layout import CONFIG, METRICS, RoundLayout, RunLayout, locate_run
 from stages.train import read_metrics_lines
 
 log = logging.getLogger(__name__)
-
-RELIABILITY_BINS = 15  # the bins of stages.evaluate.expected_calibration_error, so the diagram matches test_ece
-
-
-class ReportError(ValueError):
-    """A run that cannot be reported: missing folder, no finished round. The message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -77,27 +68,27 @@ def resolve_run(run: str, storage: str = "runs") -> Path:
 def load_run(run_dir: str | Path) -> RunFiles:
     """Read every round that has a ``metrics.json`` (a round still in progress is left out)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ReportError(f"{run_dir} is not a run folder (no config.yaml)")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    status = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
-    rounds = [_load_round(d) for d in sorted(run_dir.glob("round-[0-9][0-9][0-9]")) if (d / "metrics.json").is_file()]
+    layout = RunLayout(run_dir)
+    if not layout.config.is_file():
+        raise ReportError(f"{run_dir} is not a run folder (no {CONFIG})")
+    config = yaml.safe_load(layout.config.read_text()) or {}
+    status = read_json(layout.status) if layout.status.is_file() else {}
+    rounds = [_load_round(layout.round(i)) for i in layout.round_indices() if layout.round(i).metrics.is_file()]
     if not rounds:
-        raise ReportError(f"run {run_dir} has no evaluated round yet (no round-NNN/metrics.json)")
+        raise ReportError(f"run {run_dir} has no evaluated round yet (no round-NNN/{METRICS})")
     return RunFiles(run_dir, config, status, rounds)
 
 
-def _load_round(rdir: Path) -> RoundFiles:
-    selection = rdir / "selection" / "selection.json"
-    log_path = rdir / "train_metrics.jsonl"
+def _load_round(layout: RoundLayout) -> RoundFiles:
+    selection, log_path = layout.selection_summary, layout.train_metrics
     train_log = read_metrics_lines(log_path.read_text()) if log_path.exists() else []
-    manifest = read_json(rdir / "manifest.json") if (rdir / "manifest.json").is_file() else {"stages": {}}
+    manifest = read_json(layout.manifest) if layout.manifest.is_file() else {"stages": {}}
     return RoundFiles(
-        index=int(rdir.name.split("-")[1]),
-        dir=rdir,
-        metrics=read_json(rdir / "metrics.json"),
+        index=layout.index,
+        dir=layout.dir,
+        metrics=read_json(layout.metrics),
         manifest=manifest,
-        card=read_json(rdir / "model.json"),
+        card=read_json(layout.model.card),
         selection=read_json(selection) if selection.is_file() else None,
         train_log=train_log,
     )
@@ -110,27 +101,6 @@ def class_names(run: RunFiles) -> list[str]:
     return list(names) if names else [str(c) for c in range(len(latest.metrics["per_class_top1"]))]
 
 
-def reliability_bins(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, bins: int = RELIABILITY_BINS) -> dict:
-    """Per equal-width confidence bin: count, accuracy, mean confidence (None for empty bins), and the ECE."""
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    count, accuracy, confidence = [], [], []
-    for b in range(bins):
-        mask = which == b
-        count.append(int(mask.sum()))
-        accuracy.append(float((pred[mask] == labels[mask]).mean()) if mask.any() else None)
-        confidence.append(float(conf[mask].mean()) if mask.any() else None)
-    n = max(len(labels), 1)
-    ece = sum(c / n * abs(a - m) for c, a, m in zip(count, accuracy, confidence, strict=True) if c)
-    return {
-        "bins": bins,
-        "count": count,
-        "accuracy": accuracy,
-        "confidence": confidence,
-        "ece": float(ece),
-        "top1": float((pred == labels).mean()),
-    }
-
-
 def calibration(run: RunFiles) -> dict[int, dict]:
     """Reliability bins per round, from the round's test sidecars (``round-NNN/eval/test/*.parquet``).
 
@@ -141,12 +111,12 @@ def calibration(run: RunFiles) -> dict[int, dict]:
     out: dict[int, dict] = {}
     missing = []
     for rf in run.rounds:
-        sidecars = sorted((rf.dir / "eval" / "test").glob("*.parquet"))
+        sidecars = sorted(Path(RoundLayout(rf.dir, rf.index).eval, "test").glob("*.parquet"))
         if not sidecars:
             missing.append(rf.index)
             continue
         conf, pred, labels = read_predictions(sidecars)
-        out[rf.index] = reliability_bins(conf, pred, labels)
+        out[rf.index] = reliability(conf, pred, labels)
     if missing:
         log.warning("report: no test predictions under %s/round-*/eval/test for rounds %s", run.dir, missing)
     return out

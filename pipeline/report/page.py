@@ -22,13 +22,14 @@ from pathlib import Path
 from pipeline.report import plots
 from pipeline.report.data import RoundFiles, RunFiles, calibration, class_names, example_images, load_run
 from pipeline.report.tensorboard import write_tensorboard
+from stages.core.stage import ROUND_STAGES
 from stages.storage import files as storage
 from stages.storage.files import Location, atomic_write_bytes, atomic_write_text
+from stages.storage.layout import CONFIG, MODEL_WEIGHTS, STATUS, RoundLayout, RunLayout
 
 log = logging.getLogger(__name__)
 
 EXAMPLES_PER_SIDE = 4
-STAGES = ("pseudo_label", "select", "train", "evaluate")
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
@@ -58,7 +59,7 @@ def build_report(run_dir: str | Path) -> Path:
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(run.dir.name)} report</title>'
         f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
-    path = run.dir / "report.html"
+    path = RunLayout(run.dir).report
     atomic_write_text(path, page)
     log.info("report: wrote %s", path)
     return path
@@ -111,11 +112,11 @@ def _refresh_copy(url: str) -> Location | None:
             log.warning("tensorboard events for %s not written: %s", url, exc, exc_info=True)
         try:
             report = build_report(local)
-            storage.upload(report, str(storage.join(url, "report.html")))
+            storage.upload(report, str(RunLayout(url).report))
         except Exception as exc:
             log.warning("report for %s not written: %s", url, exc, exc_info=True)
             return None
-    return storage.join(url, "report.html")
+    return RunLayout(url).report
 
 
 def compare_runs(run_a: Path, run_b: Path, out: Path) -> list[dict]:
@@ -186,15 +187,15 @@ def _guarded(title: str, fn: Callable[[RunFiles], str], run: RunFiles) -> str:
 
 
 def _metrics(r: RoundFiles) -> str:
-    return f"{r.rel}/metrics.json"
+    return str(RoundLayout(r.rel, r.index).metrics)
 
 
 def _sel(r: RoundFiles) -> str:
-    return f"{r.rel}/selection/selection.json"
+    return str(RoundLayout(r.rel, r.index).selection_summary)
 
 
 def _man(r: RoundFiles) -> str:
-    return f"{r.rel}/manifest.json"
+    return str(RoundLayout(r.rel, r.index).manifest)
 
 
 # ---- sections -----------------------------------------------------------------------------------------------
@@ -205,9 +206,8 @@ def _header(run: RunFiles) -> str:
     planned = run.config.get("rounds")
     facts = [
         f"config <code>{_e(run.config.get('name', ''))}</code>",
-        "rounds completed "
-        + (_num(done, "run.json", "rounds_completed", "{:d}", tag="span") if done is not None else "?"),
-        "planned student rounds " + _num(planned, "config.yaml", "rounds", "{:d}", tag="span"),
+        "rounds completed " + (_num(done, STATUS, "rounds_completed", "{:d}", tag="span") if done is not None else "?"),
+        "planned student rounds " + _num(planned, CONFIG, "rounds", "{:d}", tag="span"),
         f"last update {_e(run.status.get('updated_at', '?'))}",
     ]
     return f'<h1>Run {_e(run.dir.name)}</h1>\n<p class="note">{" · ".join(facts)}</p>'
@@ -392,7 +392,7 @@ def _timing(run: RunFiles) -> str:
         cells = [_th(r.index)]
         cells += [
             _num(st[s]["seconds"], _man(r), f"stages.{s}.seconds", "{:.1f}") if s in st else "<td>-</td>"
-            for s in STAGES
+            for s in ROUND_STAGES
         ]
         for s in ("pseudo_label", "train"):
             rate = st.get(s, {}).get("result", {}).get("images_per_s")
@@ -400,7 +400,7 @@ def _timing(run: RunFiles) -> str:
                 _num(rate, _man(r), f"stages.{s}.result.images_per_s", "{:.0f}") if rate is not None else "<td>-</td>"
             )
         rows.append(cells)
-    header = ["round", *(f"{s} s" for s in STAGES), "pseudo_label images/s", "train images/s"]
+    header = ["round", *(f"{s} s" for s in ROUND_STAGES), "pseudo_label images/s", "train images/s"]
     return _img(plots.plot_timing(run.rounds), "time and throughput per stage") + _table(header, rows)
 
 
@@ -410,7 +410,7 @@ def _models(run: RunFiles) -> str:
     for r in run.rounds:
         step = min(r.index, len(ladder) - 1)
         files = r.manifest.get("stages", {}).get("train", {}).get("files", [])
-        at = next((i for i, f in enumerate(files) if f["path"] == "model.safetensors"), None)
+        at = next((i for i, f in enumerate(files) if f["path"] == MODEL_WEIGHTS), None)
         size = (
             _num(files[at]["bytes"], _man(r), f"stages.train.files.{at}.bytes", "{:.2f}", 1e-6, " MB")
             if at is not None
@@ -424,7 +424,7 @@ def _models(run: RunFiles) -> str:
                 size,
             ]
             + [
-                _num(ladder[step][k], "config.yaml", f"ladder.{step}.{k}", "{:g}")
+                _num(ladder[step][k], CONFIG, f"ladder.{step}.{k}", "{:g}")
                 for k in ("drop_rate", "drop_path_rate", "randaug_n", "randaug_m")
             ]
         )

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from stages.storage.layout import RunLayout, round_name
 from stages.train import read_metrics_lines
 
 log = logging.getLogger(__name__)
@@ -27,17 +28,16 @@ ROUND_TAGS = ("test_top1", "teacher_top1", "test_ece", "pseudo_label_accuracy", 
 
 def write_tensorboard(run_dir: str | Path) -> list[Path]:
     """(Re)write the event folders of ``run_dir`` whose sources changed; returns the folders written."""
-    run_dir = Path(run_dir)
-    out = run_dir / "tensorboard"
+    layout = RunLayout(Path(run_dir))
+    out = layout.tensorboard
     written = []
-    rounds = sorted(run_dir.glob("round-[0-9][0-9][0-9]"))
-    for rdir in rounds:
-        jsonl = rdir / "train_metrics.jsonl"
-        if jsonl.is_file():
-            records = read_metrics_lines(jsonl.read_text())
-            if _write_if_changed(out / rdir.name, records, _train_scalars):
-                written.append(out / rdir.name)
-    results = [json.loads((r / "metrics.json").read_text()) for r in rounds if (r / "metrics.json").is_file()]
+    rounds = [layout.round(i) for i in layout.round_indices()]
+    for r in rounds:
+        if r.train_metrics.is_file():
+            records = read_metrics_lines(r.train_metrics.read_text())
+            if _write_if_changed(out / round_name(r.index), records, _train_scalars):
+                written.append(out / round_name(r.index))
+    results = [json.loads(r.metrics.read_text()) for r in rounds if r.metrics.is_file()]
     if results and _write_if_changed(out / "rounds", results, _round_scalars):
         written.append(out / "rounds")
     return written

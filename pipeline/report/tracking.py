@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.storage.files import copy_file, exists, is_url, join, name, read_json, read_text, round_dir
+from stages.storage.files import copy_file, exists, is_url, name, read_json, read_text
+from stages.storage.layout import RoundLayout, RunLayout, round_name
 from stages.train import read_metrics_lines
 
 log = logging.getLogger(__name__)
-
-MODEL_FILES = ("model.safetensors", "model.json", "metrics.json")
 
 
 def tracking_uri(uri: str) -> str:
@@ -67,31 +66,30 @@ def _log_round(cfg, run_dir, r: int, tracked: dict) -> None:
         parent = run.info.run_id
         _log_params(client, parent, _flatten(cfg.to_dict()))
         tracked.update({"uri": uri, "experiment_id": experiment_id, "parent_run_id": parent, "rounds": {}})
-    rdir = round_dir(run_dir, r)
-    metrics = read_json(join(rdir, "metrics.json"))
+    layout = RunLayout(run_dir).round(r)
+    metrics = read_json(layout.metrics)
     child = client.create_run(
         tracked["experiment_id"],
-        run_name=f"round-{r:03d}",
+        run_name=round_name(r),
         tags={"mlflow.parentRunId": parent, "noisy_student.round": str(r)},
     )
     run_id = child.info.run_id
     train_cfg = cfg.teacher if r == 0 else cfg.student
     settings = {"model": dataclasses.asdict(cfg.spec(r)), "train": dataclasses.asdict(train_cfg)}
     _log_params(client, run_id, {"round": r, **_flatten(settings)})
-    _log_metrics(client, run_id, metrics, rdir)
+    _log_metrics(client, run_id, metrics, layout)
     with tempfile.TemporaryDirectory(prefix="ns-mlflow-") as tmp:
-        for file in MODEL_FILES:
-            local = join(rdir, file)
+        for local in (layout.model.weights, layout.model.card, layout.metrics):
             if is_url(local):  # MLflow logs local files: an object-store run's are fetched first
-                copy_file(local, Path(tmp) / file)
-                local = Path(tmp) / file
+                copy_file(local, Path(tmp) / name(local))
+                local = Path(tmp) / name(local)
             client.log_artifact(run_id, str(local), artifact_path="model")
     client.set_terminated(run_id)
     tracked["rounds"][str(r)] = run_id
     client.log_metric(parent, "test_top1", float(metrics["test_top1"]), step=r)
 
 
-def _log_metrics(client, run_id: str, metrics: dict, rdir) -> None:
+def _log_metrics(client, run_id: str, metrics: dict, layout: RoundLayout) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -103,7 +101,7 @@ def _log_metrics(client, run_id: str, metrics: dict, rdir) -> None:
         {f"top1_{_metric_name(n)}": v for n, v in zip(names, metrics.get("per_class_top1", []), strict=False)}
     )
     batch = [Metric(k, float(v), now, 0) for k, v in values.items() if isinstance(v, (int, float))]
-    log_path = join(rdir, "train_metrics.jsonl")
+    log_path = layout.train_metrics
     if exists(log_path):
         for row in read_metrics_lines(read_text(log_path)):
             batch += [Metric(f"train_{k}", float(row[k]), now, int(row["epoch"])) for k in ("loss", "lr") if k in row]

@@ -6,18 +6,19 @@ bytes it trained on. The select stage already knows which samples each shard kee
 into ``<selection>/<shard_id>.tar`` beside the selection sidecar ``<shard_id>.parquet``, and training reads those:
 every member read is trained on.
 
-Layout. The sidecar's rows are in a seeded random order (``stages.maths.selection.training_order``); the tar holds every
-file of each selected sample as it was in the unlabeled shard (image, and whatever else the sample carried), its
-copies materialised and spread over the shard (``stages.maths.selection.copy_order``), copy ``j > 0`` under the key
-``<key>_copy<j>`` (``copy_keys``). Member ``i`` is thus row ``copy_order(copies)[i]`` of the sidecar, which holds
-its target: the loader zips the two and refuses a tar that does not match. Materialising copies costs the
+Layout. The sidecar's rows are in a seeded random order (``stages.maths.selection.training_order``); the tar holds
+every file of each selected sample as it was in the unlabeled shard (image, and whatever else the sample carried),
+its copies materialised and spread over the shard (``stages.maths.selection.copy_order``), copy ``j > 0`` under the
+key ``<key>_copy<j>`` (``copy_keys``). Member ``i`` is thus row ``copy_order(copies)[i]`` of the sidecar, which
+holds its target: the loader zips the two and refuses a tar that does not match. Materialising copies costs the
 duplicated bytes once on disk, and buys a reader that never skips or buffers a sample to duplicate it.
 
-Resume. The tar is written first, then the sidecar, whose footer records the tar's sample count and file size
-(``train_members``, ``train_bytes``): a sidecar is trusted only with a tar of that size beside it (or no rows). A
-shard with nothing selected has an empty sidecar and no tar (an earlier plan's is removed); ``pseudo_sources``
-lists the others for training, from the sidecar footers (a selected shard whose tar is missing then fails loudly
-in the loader rather than being silently left out).
+Trust. The tar is written first, then the sidecar (``stages.storage.artifacts.write_table``), whose footer records
+what made the selection (``made_by``), a digest of its rows, and the tar's receipt (``tar_bytes``, ``tar_sha256``,
+``train_members``): a sidecar is trusted only with a tar that matches it (or no rows). A shard with nothing
+selected has an empty sidecar and no tar (an earlier plan's is removed); ``pseudo_sources`` lists the others for
+training from the sidecar footers (a selected shard whose tar is missing then fails loudly in the loader rather than
+being silently left out).
 """
 
 from __future__ import annotations
@@ -28,25 +29,22 @@ import numpy as np
 import pyarrow as pa
 from webdataset import TarWriter
 
-from stages.data.shards import DataError, iter_raw_samples, shard_id
+from stages.core.errors import DataError
 from stages.data.loader import PseudoSource
-from stages.pseudo_label import read_footer, write_sidecar
+from stages.data.shards import iter_raw_samples
 from stages.maths.selection import copy_keys, training_order
-from stages.storage.files import Location, atomic_target, is_file, join, name, parent, remove_file, size
+from stages.storage.artifacts import Footer, file_matches, read_footer, trusted_table, write_table
+from stages.storage.files import Location, atomic_target, join, remove_file, sha256_file
+from stages.storage.layout import compact, sidecar_file
 
-SELECTION_FORMAT = "selection/v2"
-
-
-def compact_path(selection: Location) -> Location:
-    """The compact training shard beside a selection sidecar: ``<shard_id>.tar`` for ``<shard_id>.parquet``."""
-    return join(parent(selection), name(selection).removesuffix(".parquet") + ".tar")
+SELECTION_FORMAT = "selection/v3"
 
 
 def write_compact_shard(source: str, keys, copies: np.ndarray, path: Location) -> dict:
     """Copy the selected samples of ``source`` into the tar ``path``, member ``i`` being row ``copy_order[i]``.
 
     ``source`` is read once; only the selected samples' bytes are held. Returns ``{"train_members",
-    "train_bytes"}``: samples written (copies counted) and the tar's size.
+    "tar_bytes", "tar_sha256"}``: samples written (copies counted), the tar's size and sha256.
     """
     order, members = copy_keys(keys, copies)
     wanted = {str(k): None for k in keys}
@@ -62,42 +60,36 @@ def write_compact_shard(source: str, keys, copies: np.ndarray, path: Location) -
             for row, member in zip(order.tolist(), members, strict=True):
                 writer.write({"__key__": member, **wanted[str(keys[row])]})
             writer.close()
-        written = os.path.getsize(tmp)
-    return {"train_members": len(members), "train_bytes": written}
+        receipt = {"tar_bytes": os.path.getsize(tmp), "tar_sha256": sha256_file(tmp)}  # hashed once, as written
+    return {"train_members": len(members), **receipt}
 
 
-def write_selection(table: pa.Table, path: Location, seed: int, **meta: str) -> dict:
+def write_selection(table: pa.Table, path: Location, seed: int, made_by: str, **meta: str) -> dict:
     """Write one shard's selection: its compact training shard, then the sidecar ``path``, both in training order.
 
     ``table`` holds the shard's selected rows (``key``, ``shard``: the unlabeled shard they come from, ``copies``,
     ``label``, targets), in any order; ``meta`` goes into the sidecar's footer. Returns ``{"train_members",
-    "train_bytes"}`` (zeros, and no tar, when nothing is selected).
+    "tar_bytes", "tar_sha256"}`` (zeros, and no tar, when nothing is selected).
     """
     order = training_order(table.column("key").to_numpy(zero_copy_only=False), seed)
     table = table.take(pa.array(order, pa.int64()))
-    train = {"train_members": 0, "train_bytes": 0}
+    train = {"train_members": 0, "tar_bytes": 0, "tar_sha256": ""}
     if table.num_rows:  # the tar first: a sidecar on disk vouches for the tar beside it
         keys, copies = table.column("key").to_numpy(zero_copy_only=False), table.column("copies").to_numpy()
-        train = write_compact_shard(table.column("shard")[0].as_py(), keys, copies, compact_path(path))
+        train = write_compact_shard(table.column("shard")[0].as_py(), keys, copies, compact(path))
     else:  # nothing kept: a tar left by an earlier plan would only take disk space
-        remove_file(compact_path(path))
-    footer = {"format": SELECTION_FORMAT, "rows": str(table.num_rows)} | {k: str(v) for k, v in train.items()}
-    write_sidecar(table.replace_schema_metadata(footer | meta), path)
+        remove_file(compact(path))
+    write_table(table, path, format=SELECTION_FORMAT, made_by=made_by, **train, **meta)
     return train
 
 
-def selection_footer(path: Location) -> dict[bytes, bytes] | None:
-    """The footer of a complete selection sidecar whose compact shard is there at its recorded size, or None."""
-    footer = read_footer(path, SELECTION_FORMAT)
-    if footer is None:
-        return None
-    meta = footer[1]
-    if int(meta[b"rows"]) == 0:
-        return meta
-    tar = compact_path(path)
-    if not is_file(tar) or size(tar) != int(meta.get(b"train_bytes", b"-1")):
-        return None
-    return meta
+def trusted_selection(path: Location, made_by: str, verify: bool = True) -> Footer | None:
+    """The footer of a selection these inputs made, whose rows and compact tar are whole (``verify``), or None."""
+    footer = trusted_table(path, SELECTION_FORMAT, made_by, verify)
+    if footer is None or footer.rows == 0:
+        return footer
+    receipt = {"bytes": footer.meta.get("tar_bytes", -1), "sha256": footer.meta.get("tar_sha256")}
+    return footer if file_matches(compact(path), receipt, verify) else None
 
 
 def pseudo_sources(selection_dir: Location, shards: list[str]) -> list[PseudoSource]:
@@ -108,10 +100,10 @@ def pseudo_sources(selection_dir: Location, shards: list[str]) -> list[PseudoSou
     """
     sources = []
     for shard in shards:
-        sidecar = join(selection_dir, f"{shard_id(shard)}.parquet")
+        sidecar = join(selection_dir, sidecar_file(shard))
         footer = read_footer(sidecar, SELECTION_FORMAT)
         if footer is None:
             raise DataError(f"selection sidecar {sidecar} is missing or incomplete; run the select stage again")
-        if int(footer[1][b"rows"]):
-            sources.append(PseudoSource(str(compact_path(sidecar)), str(sidecar)))
+        if footer.rows:
+            sources.append(PseudoSource(str(compact(sidecar)), str(sidecar)))
     return sources

@@ -32,14 +32,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from stages.data.shards import IMAGE_EXTENSIONS, BadSample, DataError, decode_image
+from stages.data.shards import IMAGE_EXTENSIONS, decode_image
+
+from stages.core.errors import BadSample, DataError
+from stages.storage.artifacts import trusted_receipt, write_receipt
 from stages.storage.files import atomic_target, atomic_write_json, exists, read_json, size
 
 SPLITS = ("labeled", "val", "test", "unlabeled")
 LABELED_SPLITS = ("labeled", "val", "test")
 REQUIRED_SPLITS = ("labeled", "test", "unlabeled")
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-RECORD_FORMAT = "prepare-folder/v1"
+RECORD_FORMAT = "prepare-folder/v2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,16 +240,8 @@ def plan_shards(scan: Scan, out: str, shard_bytes: int, seed: int = 0) -> list[S
 
 
 def shard_done(plan: ShardPlan) -> dict | None:
-    """The record of a shard written for this very plan (and still its recorded size), else None."""
-    if not exists(plan.record_path) or not exists(plan.path):
-        return None
-    try:
-        record = read_json(plan.record_path)
-    except (OSError, ValueError):
-        return None
-    if record.get("plan") != plan.digest() or record.get("bytes") != size(plan.path):
-        return None
-    return record
+    """The record of a shard written for this very plan, whose tar still matches it (size and sha256), else None."""
+    return trusted_receipt(plan.record_path, plan.path, RECORD_FORMAT, plan.digest())
 
 
 def write_shard(plan: ShardPlan) -> dict:
@@ -270,19 +265,8 @@ def write_shard(plan: ShardPlan) -> dict:
                 sink.write(sample)
                 samples += 1
                 gray, color = (gray + 1, color) if mode in GRAY_MODES else (gray, color + 1)
-    record = {
-        "format": RECORD_FORMAT,
-        "plan": plan.digest(),
-        "split": plan.split,
-        "index": plan.index,
-        "samples": samples,
-        "skipped": skipped,
-        "gray": gray,
-        "color": color,
-        "bytes": size(plan.path),
-    }
-    atomic_write_json(plan.record_path, record)
-    return record
+    meta = {"split": plan.split, "index": plan.index, "samples": samples, "skipped": skipped, "gray": gray}
+    return write_receipt(plan.record_path, plan.path, format=RECORD_FORMAT, made_by=plan.digest(), **meta, color=color)
 
 
 def _decodable_mode(data: bytes) -> str:

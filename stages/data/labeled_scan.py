@@ -25,15 +25,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from stages.data.contamination import image_digest
-from stages.data.shards import DataError, check_usable, labeled_samples
-from stages.storage.files import Location, StorageError, atomic_target, join, read_table, stamp
+from stages.data.shards import check_usable, labeled_samples
+from stages.core.errors import DataError
+from stages.storage.artifacts import inputs_digest, read_footer, read_verified, write_table
+from stages.storage.files import Location, StorageError, join, stamp
 
 log = logging.getLogger(__name__)
 
-SCAN_FORMAT = "labeled_scan/v1"
+SCAN_FORMAT = "labeled_scan/v2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,27 +92,26 @@ def cache_path(cache_dir: Location, shard: str) -> Location:
     return join(cache_dir, hashlib.sha256(shard.encode()).hexdigest()[:32] + ".parquet")
 
 
+def scan_made_by(shard: str, identity: str, channels: int) -> str:
+    """What a cached scan depends on: the shard, its identity when scanned (``stamp``) and the channels."""
+    return inputs_digest(format=SCAN_FORMAT, shard=shard, stamp=identity, channels=channels)
+
+
 def read_cached(cache_dir: Location, shard: str, identity: str, num_classes: int, channels: int) -> ShardIndex | None:
-    """The cached index of ``shard`` when it was scanned at ``identity`` (``stamp``) with these settings, else None."""
-    try:
-        table = read_table(cache_path(cache_dir, shard))
-    except (OSError, StorageError, pa.ArrowInvalid):
+    """The cached index of ``shard`` when it was scanned at ``identity`` (``stamp``) with these settings and its rows
+    are whole, else None."""
+    path = cache_path(cache_dir, shard)
+    footer = read_footer(path, SCAN_FORMAT)
+    if footer is None or footer.made_by != scan_made_by(shard, identity, channels):
         return None
-    meta = table.schema.metadata or {}
-    expected = {b"format": SCAN_FORMAT, b"shard": shard, b"stamp": identity, b"channels": str(channels)}
-    if any(meta.get(k) != v.encode() for k, v in expected.items()) or int(meta.get(b"rows", -1)) != table.num_rows:
+    table = read_verified(path, footer)
+    if table is None:
         return None
     labels = table.column("label").to_numpy().astype(np.int64)
     if len(labels) and labels.max() >= num_classes:
         return None  # scanned under a larger class count: scan again, so the out-of-range label is reported
-    return ShardIndex(
-        shard,
-        table.column("key").to_pylist(),
-        labels,
-        table.column("digest").to_pylist(),
-        json.loads(meta[b"skipped"]),
-        cached=True,
-    )
+    keys, digests = table.column("key").to_pylist(), table.column("digest").to_pylist()
+    return ShardIndex(shard, keys, labels, digests, json.loads(footer.meta["skipped"]), cached=True)
 
 
 def write_cached(cache_dir: Location, index: ShardIndex, identity: str, channels: int) -> None:
@@ -123,17 +123,10 @@ def write_cached(cache_dir: Location, index: ShardIndex, identity: str, channels
             "digest": pa.array(index.digests, pa.binary(32)),
         }
     )
-    meta = {
-        "format": SCAN_FORMAT,
-        "shard": index.shard,
-        "stamp": identity,
-        "channels": str(channels),
-        "rows": str(len(index.keys)),
-        "skipped": json.dumps(index.skipped),
-    }
+    made_by = scan_made_by(index.shard, identity, channels)
     try:
-        with atomic_target(cache_path(cache_dir, index.shard)) as tmp:
-            pq.write_table(table.replace_schema_metadata(meta), tmp)
+        write_table(table, cache_path(cache_dir, index.shard), format=SCAN_FORMAT, made_by=made_by,
+                    skipped=json.dumps(index.skipped))
     except (OSError, StorageError) as exc:
         log.warning("could not cache the scan of %s: %s", index.shard, exc)
 

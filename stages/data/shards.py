@@ -26,6 +26,7 @@ from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import group_by_keys
 
+from stages.core.errors import BadSample, DataError
 from stages.storage.files import is_url
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale as Pillow opens it
 _META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's archive metadata (skip_meta), not sample files
-
-
-class DataError(ValueError):
-    """Bad input data: a pattern matching nothing, an unreadable shard, a label out of range."""
-
-
-class BadSample(ValueError):
-    """One sample that cannot be used (no image, undecodable image); counted and skipped by callers."""
 
 
 def expand_shards(patterns: Sequence[str], what: str = "data set") -> list[str]:
@@ -72,13 +65,6 @@ def _expand_candidate(candidate: str, pattern: str, what: str) -> list[str]:
     if not os.path.isfile(local):
         raise DataError(f"{what}: no shard file {source} (check the path; cwd is {os.getcwd()})")
     return [os.path.abspath(local)]
-
-
-def shard_id(url: str) -> str:
-    """A stable file-name-safe id for a shard: its base name plus a short hash of the full URL."""
-    base = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(url.rstrip("/")))
-    base = re.sub(r"\.tar$", "", base)
-    return f"{base}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
 
 
 def iter_raw_samples(url: str) -> Iterator[dict]:

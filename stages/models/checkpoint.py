@@ -19,6 +19,7 @@ from torch import nn
 
 from stages.models.factory import atomic_save_safetensors, unwrap
 from stages.storage.files import atomic_write_json, sha256_file
+from stages.storage.layout import CKPT_AUX, CKPT_STATE, CheckpointFiles
 
 
 class CheckpointError(ValueError):
@@ -57,24 +58,25 @@ def save_checkpoint(
     aux: nn.Module | None = None,
 ) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(unwrap(model).state_dict(), out_dir / "model.safetensors")
+    files = CheckpointFiles(out_dir)
+    atomic_save_safetensors(unwrap(model).state_dict(), files.model)
     if ema is not None:
-        atomic_save_safetensors(unwrap(ema).state_dict(), out_dir / "ema.safetensors")
+        atomic_save_safetensors(unwrap(ema).state_dict(), files.ema)
     if aux is not None:
-        atomic_save_safetensors(aux.state_dict(), out_dir / "aux.safetensors")
+        atomic_save_safetensors(aux.state_dict(), files.aux)
     tensors, structure = optimizer_to_flat(optimizer.state_dict())
-    atomic_save_safetensors(tensors, out_dir / "optim.safetensors")
-    atomic_write_json(out_dir / "optim.json", structure)
-    files = sorted(
-        p.name for p in out_dir.iterdir() if p.suffix in (".safetensors", ".json") and p.name != "state.json"
+    atomic_save_safetensors(tensors, files.optim)
+    atomic_write_json(files.optim_meta, structure)
+    written = sorted(
+        p.name for p in out_dir.iterdir() if p.suffix in (".safetensors", ".json") and p.name != CKPT_STATE
     )
-    atomic_write_json(out_dir / "state.json", {**state, "sha256": {f: sha256_file(out_dir / f) for f in files}})
+    atomic_write_json(files.state, {**state, "sha256": {f: sha256_file(out_dir / f) for f in written}})
     return out_dir
 
 
 def read_state(ckpt_dir: Path) -> dict:
     """``state.json`` after checking every file it lists; raises ``CheckpointError`` otherwise."""
-    state_path = ckpt_dir / "state.json"
+    state_path = CheckpointFiles(ckpt_dir).state
     try:
         state = json.loads(state_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -95,13 +97,14 @@ def load_checkpoint(
 ) -> dict:
     """Restore weights, EMA, ``aux`` and optimizer in place (strict); returns ``state.json``."""
     state = read_state(ckpt_dir)
-    if aux is not None and "aux.safetensors" not in state.get("sha256", {}):
+    if aux is not None and CKPT_AUX not in state.get("sha256", {}):
         raise CheckpointError(f"checkpoint {ckpt_dir}: no aux.safetensors, but this training has distillation state")
-    unwrap(model).load_state_dict(load_file(ckpt_dir / "model.safetensors"), strict=True)
+    files = CheckpointFiles(ckpt_dir)
+    unwrap(model).load_state_dict(load_file(files.model), strict=True)
     if ema is not None:
-        unwrap(ema).load_state_dict(load_file(ckpt_dir / "ema.safetensors"), strict=True)
+        unwrap(ema).load_state_dict(load_file(files.ema), strict=True)
     if aux is not None:
-        aux.load_state_dict(load_file(ckpt_dir / "aux.safetensors"), strict=True)
-    structure = json.loads((ckpt_dir / "optim.json").read_text())
-    optimizer.load_state_dict(optimizer_from_flat(load_file(ckpt_dir / "optim.safetensors"), structure))
+        aux.load_state_dict(load_file(files.aux), strict=True)
+    structure = json.loads(files.optim_meta.read_text())
+    optimizer.load_state_dict(optimizer_from_flat(load_file(files.optim), structure))
     return state

@@ -1,24 +1,25 @@
-"""A round's model as one deployable file, ONNX or TorchScript, that says what it classifies and how to feed it.
+"""A round's model as one deployable file, ONNX or ``torch.export`` (``.pt2``), that says what it classifies and how
+to feed it.
 
 ``export_model(model_dir, fmt, out, images)``: the model (eval mode, un-noised) is exported with a dynamic batch
 dimension; its metadata holds the class names (``classes``, a JSON list, index = output position) and the
 preprocessing (``preprocessing``, JSON: input size, mean, std, interpolation, and ``resize``: ``squash`` = resize the
 whole image to the input size, or ``centre_crop`` = resize the shorter side to ``size / crop_pct`` then centre-crop),
-as ONNX ``metadata_props`` or TorchScript extra files (``classes.json``, ``preprocessing.json``). The exported file is
-then run (onnxruntime, ``torch.jit.load``) on ``images`` preprocessed exactly as evaluation does, and its logits are
+as ONNX ``metadata_props`` or the ``.pt2`` archive's extra files (``torch.export.save``; TorchScript, deprecated in
+torch 2.14, is gone). The exported file is then run (onnxruntime, ``torch.export.load``) on ``images`` preprocessed
+exactly as evaluation does, and its logits are
 compared with PyTorch's: the largest absolute difference is returned, and one above ``tolerance`` is an
 ``ExportError``. ONNX goes through ``torch.onnx.export(dynamo=True)`` (needs ``onnx``, ``onnxscript``; the check
 needs ``onnxruntime``: ``pip install -e '.[export]'``).
 
-Run it as ``python -m pipeline export RUN [--round N] --format onnx|torchscript --to FILE``.
+Run it as ``python -m pipeline export RUN [--round N] --format onnx|pt2 --to FILE``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,18 +27,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from stages.core.errors import ExportError
 from stages.models.factory import load_model
 from stages.models.transforms import card_transform
-from stages.storage.files import Location, atomic_target
+from stages.storage.files import Location, atomic_target, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "pt2")
+METADATA_KEYS = ("classes", "preprocessing", "timm_model", "producer")
 TOLERANCE = 1e-3  # max |logit difference|; float32 graphs agree to ~1e-5 here, far below a top-1 flip
-
-
-class ExportError(ValueError):
-    """An export that cannot be made or does not reproduce PyTorch; the CLI prints it as one line."""
 
 
 def export_metadata(card: dict) -> dict[str, str]:
@@ -79,8 +78,8 @@ def export_model(
         _export_onnx(model, x, out, meta)
         got = run_onnx(out, x.numpy())
     else:
-        _export_torchscript(model, x, out, meta)
-        got = run_torchscript(out, x)
+        _export_program(model, x, out, meta)
+        got = run_program(out, x)
     diff = float(np.abs(ref - got).max())
     agree = float((ref.argmax(1) == got.argmax(1)).mean())
     if not diff <= tolerance:  # also refuses NaN
@@ -115,25 +114,14 @@ def _export_onnx(model: torch.nn.Module, x: torch.Tensor, out: str | Path, meta:
         onnx.save(proto, str(tmp))
 
 
-def _export_torchscript(model: torch.nn.Module, x: torch.Tensor, out: str | Path, meta: dict[str, str]) -> None:
-    extra = {
-        "classes.json": meta["classes"],
-        "preprocessing.json": meta["preprocessing"],
-        "model.txt": meta["timm_model"],
-    }
-    with _jit_deprecation(), torch.no_grad():
-        traced = torch.jit.trace(model, x, check_trace=False)
-        with atomic_target(out) as tmp:
-            torch.jit.save(traced, str(tmp), _extra_files=extra)
-
-
-@contextlib.contextmanager
-def _jit_deprecation():
-    """torch 2.14 marks TorchScript deprecated (a FutureWarning on every call); the format stays for deployments
-    that load ``.pt`` files with libtorch, without a warning per call."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
-        yield
+def _export_program(model: torch.nn.Module, x: torch.Tensor, out: str | Path, meta: dict[str, str]) -> None:
+    """``torch.export`` with a dynamic batch dimension, saved as a ``.pt2`` archive with the metadata as extra files."""
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()  # an archive; its temporary file would not end in .pt2, which torch warns about
+    torch.export.save(program, buffer, extra_files=dict(meta))
+    atomic_write_bytes(out, buffer.getvalue())
 
 
 def run_onnx(path: str | Path, x: np.ndarray) -> np.ndarray:
@@ -146,25 +134,19 @@ def run_onnx(path: str | Path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
 
 
-def run_torchscript(path: str | Path, x: torch.Tensor) -> np.ndarray:
-    with _jit_deprecation():
-        module = torch.jit.load(str(path), map_location="cpu")
+def run_program(path: str | Path, x: torch.Tensor) -> np.ndarray:
+    """Logits of an exported ``.pt2`` program."""
+    module = torch.export.load(str(path)).module()
     with torch.inference_mode():
         return module(x).float().numpy()
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata an exported file carries (ONNX ``metadata_props`` or TorchScript extra files)."""
+    """The metadata an exported file carries (ONNX ``metadata_props`` or the ``.pt2`` archive's extra files)."""
     if str(path).endswith(".onnx"):
         import onnx
 
         return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    files = {"classes.json": "", "preprocessing.json": "", "model.txt": ""}
-    with _jit_deprecation():
-        torch.jit.load(str(path), map_location="cpu", _extra_files=files)
-    text = {k: v.decode() if isinstance(v, bytes) else v for k, v in files.items()}
-    return {
-        "classes": text["classes.json"],
-        "preprocessing": text["preprocessing.json"],
-        "timm_model": text["model.txt"],
-    }
+    extra = dict.fromkeys(METADATA_KEYS, "")
+    torch.export.load(str(path), extra_files=extra)
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in extra.items()}

@@ -22,16 +22,18 @@ from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from stages.core.config import LATE, config
+from stages.storage.artifacts import RoundManifest
 from stages.storage.files import (
     atomic_target,
     atomic_write_json,
     is_url,
-    join,
     local_path,
     read_bytes,
     read_text,
+    sha256_file,
     write_error,
 )
+from stages.storage.layout import ModelFiles
 
 # timm's RandAugment magnitude runs 0..10 (its _LEVEL_DENOM); the paper's M=27 is on a 0..30 scale, so timm M = M/3.
 RANDAUG_MAX_MAGNITUDE = 10.0
@@ -147,8 +149,9 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
 
 def save_model(model: nn.Module, out_dir: str | Path, card: dict) -> None:
     """Write ``model.safetensors`` then ``model.json``, each atomically."""
-    atomic_save_safetensors(unwrap(model).state_dict(), join(out_dir, "model.safetensors"))
-    atomic_write_json(join(out_dir, "model.json"), card)
+    files = ModelFiles(out_dir)
+    atomic_save_safetensors(unwrap(model).state_dict(), files.weights)
+    atomic_write_json(files.card, card)
 
 
 def load_weights(location: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -160,7 +163,14 @@ def load_weights(location: str | Path, device: str | torch.device = "cpu") -> di
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Load a round's model (a local folder or a URL) un-noised, in eval mode, ``strict=True``, no unpickling."""
-    card = json.loads(read_text(join(model_dir, "model.json")))
+    files = ModelFiles(model_dir)
+    card = json.loads(read_text(files.card))
     model = timm.create_model(pretrained=False, **card["create"])
-    model.load_state_dict(load_weights(join(model_dir, "model.safetensors"), device), strict=True)
+    model.load_state_dict(load_weights(files.weights, device), strict=True)
     return model.to(device).eval(), card
+
+
+def model_sha(model: ModelFiles) -> str:
+    """A model folder's weights sha256: as its round's manifest recorded it when it was trained, else hashed."""
+    recorded = RoundManifest(model.dir).file_sha("train", model.weights)
+    return recorded or sha256_file(model.weights)

@@ -22,17 +22,18 @@ from pathlib import Path
 import timm
 from torch import nn
 
-from stages.data.shards import DataError
+from stages.core.errors import DataError
 from stages.models.factory import ModelSpec, load_model
-from stages.storage.files import Location, atomic_write_json, copy_file, exists, join, read_text
+from stages.storage.files import Location, atomic_write_json, copy_file, exists, read_text
+from stages.storage.layout import MODEL_CARD, MODEL_WEIGHTS, ModelFiles
 
 
 def weights_file(source: str) -> str:
     """The weights file ``source`` names: the file itself, or a pipeline model folder's ``model.safetensors``."""
     path = Path(source).expanduser()
     if path.is_dir():
-        if (path / "model.safetensors").is_file():
-            return str((path / "model.safetensors").resolve())
+        if Path(ModelFiles(path).weights).is_file():
+            return str(Path(ModelFiles(path).weights).resolve())
         raise DataError(f"teacher.init: {source} is a folder without model.safetensors (a round folder or a download)")
     if not path.is_file():
         raise DataError(f"teacher.init: no file or folder {source}")
@@ -118,9 +119,10 @@ def create_from_weights(spec: ModelSpec, num_classes: int, in_chans: int, source
 
 def read_model_card(model_dir: Location) -> dict:
     """``model.json`` of a model folder (local or URL), with a one-line error when it is not one."""
-    if not exists(join(model_dir, "model.json")) or not exists(join(model_dir, "model.safetensors")):
-        raise DataError(f"teacher.from_model: {model_dir} needs model.json and model.safetensors (a round folder)")
-    return json.loads(read_text(join(model_dir, "model.json")))
+    files = ModelFiles(model_dir)
+    if not exists(files.card) or not exists(files.weights):
+        raise DataError(f"teacher.from_model: {model_dir} needs {MODEL_CARD} and {MODEL_WEIGHTS} (a round folder)")
+    return json.loads(read_text(files.card))
 
 
 def check_adoptable(model_dir: Location, num_classes: int, channels: int, classes: tuple[str, ...]) -> dict:
@@ -142,11 +144,12 @@ def adopt_model(model_dir: Location, out_dir: Location, num_classes: int, channe
     """Round 0 from a trained model: its weights copied into ``out_dir`` (atomically) and its card kept (it says how
     the model sees images), with the round, parameter count and class names added; returns ``(files, result)``."""
     card = check_adoptable(model_dir, num_classes, channels, tuple(classes))
-    copy_file(join(model_dir, "model.safetensors"), join(out_dir, "model.safetensors"))
+    source, target = ModelFiles(model_dir), ModelFiles(out_dir)
+    copy_file(source.weights, target.weights)
     params = sum(t.numel() for t in load_model(model_dir)[0].parameters())
     card.update({"round": 0, "params": params, "classes": list(classes), "adopted_from": str(model_dir)})
-    atomic_write_json(join(out_dir, "model.json"), card)
-    return [join(out_dir, "model.safetensors"), join(out_dir, "model.json")], {"adopted_from": str(model_dir)}
+    atomic_write_json(target.card, card)
+    return [target.weights, target.card], {"adopted_from": str(model_dir)}
 
 
 def absolute(path: str) -> str:
@@ -171,5 +174,5 @@ def source_digest(init: str, from_model: str) -> dict:
     if init:
         return {"teacher_init": sha256_file(weights_file(init))}
     if from_model:
-        return {"teacher_from_model": sha256_file(join(from_model, "model.safetensors"))}
+        return {"teacher_from_model": sha256_file(ModelFiles(from_model).weights)}
     return {}

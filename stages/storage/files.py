@@ -61,7 +61,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -375,6 +374,14 @@ def stamp(location: Location) -> str:
     return f"{info['size']}:{version or sha256_file(location)}"  # no version field: the content itself
 
 
+def identity(location: Location) -> str:
+    """``stamp`` plus, for a local file, its inode: an atomic rewrite (a new file renamed over the old one) changes it
+    even within the filesystem's timestamp granularity. What a manifest compares before it re-hashes a file."""
+    if is_url(location):
+        return stamp(location)
+    return f"{stamp(location)}:{local_path(location).stat().st_ino}"
+
+
 def modified(location: Location) -> float | None:
     """Modification time (seconds since the epoch), or None when unknown or missing."""
     try:
@@ -445,95 +452,3 @@ def sha256_file(path: Location, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-# ---------------------------------------------------------------- manifests
-
-
-def file_entry(path: Location, root: Location) -> dict:
-    return {"path": relative(path, root), "bytes": size(path), "sha256": sha256_file(path)}
-
-
-def verify_entry(entry: dict, root: Location) -> str | None:
-    """None when the file matches its manifest entry (size, then sha256 read back from storage), else a reason."""
-    path = join(root, entry["path"])
-    if not is_file(path):
-        return f"{path} is missing"
-    if (found := size(path)) != entry["bytes"]:
-        return f"{path} has {found} bytes, manifest says {entry['bytes']}"
-    if sha256_file(path) != entry["sha256"]:
-        return f"{path} sha256 differs from the manifest"
-    return None
-
-
-class RoundManifest:
-    """``round-NNN/manifest.json``: which stages finished, with the sha256 of every file they wrote.
-
-    A stage counts as done only when it is recorded here and all its files still verify; anything else is redone.
-    """
-
-    def __init__(self, round_dir: Location):
-        self.dir = join(round_dir)
-        self.path = join(self.dir, "manifest.json")
-        self.data: dict = {"round": None, "stages": {}}
-        if exists(self.path):
-            try:
-                self.data = read_json(self.path)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                self.data = {"round": None, "stages": {}}  # a damaged manifest is never trusted: redo its stages
-
-    def stage_done(self, stage: str, inputs: dict | None = None) -> bool:
-        """Recorded as done, made from the same ``inputs``, and every file it wrote still verifies."""
-        entry = self.data["stages"].get(stage)
-        if not entry or entry.get("status") != "done" or entry.get("inputs", {}) != (inputs or {}):
-            return False
-        return all(verify_entry(f, self.dir) is None for f in entry.get("files", []))
-
-    def stage(self, stage: str) -> dict:
-        return self.data["stages"][stage]
-
-    def record(self, stage: str, files: list, seconds: float, inputs: dict | None = None, **info: Any) -> None:
-        self.data["stages"][stage] = {
-            "status": "done",
-            "inputs": inputs or {},
-            "seconds": round(seconds, 3),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": [file_entry(f, self.dir) for f in sorted(files)],
-            **info,
-        }
-        atomic_write_json(self.path, self.data)
-
-    def forget(self, stage: str) -> None:
-        if self.data["stages"].pop(stage, None) is not None:
-            atomic_write_json(self.path, self.data)
-
-
-class RunNotFoundError(StorageError):
-    """Neither place ``locate_run`` looked holds a run (no ``config.yaml``); the message names both."""
-
-
-def locate_run(run: str, storage_root: Location = "runs") -> Location:
-    """Where run ``run`` lives: the one way every command (``rounds``, ``download``, ``report``, ``compare``) turns
-    "RUN or a path, plus ``--storage``" into a run location.
-
-    ``run`` is a run's name under ``storage_root`` (looked for first), or itself a run folder or URL. A local run
-    comes back as an absolute ``Path``, a run in an object store as its URL. ``RunNotFoundError`` when neither
-    holds a ``config.yaml``.
-    """
-    if is_url(run):
-        candidates: list[Location] = [run]
-    else:
-        under = join(storage_root, run) if is_url(storage_root) else local_path(storage_root).expanduser() / run
-        candidates = [under, Path(run).expanduser()]
-    for candidate in candidates:
-        if exists(join(candidate, "config.yaml")):
-            return candidate if is_url(candidate) else local_path(candidate).resolve()
-    where = " nor ".join(str(c) for c in dict.fromkeys(map(str, candidates)))
-    raise RunNotFoundError(
-        f"no run {run!r}: {'neither ' if len(candidates) > 1 else ''}{where} holds a run's "
-        "config.yaml (check RUN and --storage)"
-    )
-
-
-def round_dir(run_dir: Location, round_index: int) -> Location:
-    return join(run_dir, f"round-{round_index:03d}")

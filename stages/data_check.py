@@ -1,13 +1,13 @@
-"""The contamination guard, run before round 0: test images in the training data, duplicates in the unlabeled set.
+"""The data check, run before round 0: the labeled splits scanned, test images in the training data refused,
+duplicates in the unlabeled set reported.
 
 The labeled, test and validation splits are scanned first (``scan_labeled_splits``: per-shard tasks returning keys,
 labels and pixel digests, cached per shard identity, ``stages/data/labeled_scan.py``); the driver never holds their
-images, and compares their digests here. The unlabeled
-shards are scanned by ``stages.data.contamination.scan_shard``: in this process when they are small local files (under
-``INLINE_BYTES``; the digits default, 1,337 images, takes well under a second), otherwise one Ray task per shard with
-a bounded number in flight, so a cluster decodes millions of images in parallel and the driver only merges 16 bytes
-an image. The report is recorded in ``run.json`` as ``data_check`` and reused on resume while the shards (names,
-sizes, modification times) and ``data.channels`` are unchanged.
+images, and compares their digests here. The unlabeled shards are scanned by
+``stages.data.contamination.scan_shard``, one task per shard on the run's executor (in this process for small data,
+Ray tasks with a bounded number in flight otherwise), so a cluster decodes millions of images in parallel and the
+driver only merges 16 bytes an image. The report is recorded in ``run.json`` as ``data_check`` and reused on resume
+while the shards (names, sizes, modification times) and ``data.channels`` are unchanged.
 
 Test images found in the labeled or unlabeled data stop the run with one ``DataError`` line naming counts and
 examples, unless ``data.allow_test_overlap`` is true (then a warning); unlabeled duplicates are only reported.
@@ -18,6 +18,7 @@ each scanned image's 64-bit digest prefix is looked up among the validation imag
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,22 +28,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.config import DataConfig
-from pipeline.distributed.runtime import run_tasks
+from stages.core.errors import DataError
 from stages.data.contamination import DuplicateCounter, ShardScan, find_digests, index_digests, merge_scans, scan_shard
 from stages.data.labeled_scan import LabeledIndex, merge_indexes, scan_or_cached
-from stages.data.shards import DataError
 from stages.storage.files import is_url
 
 log = logging.getLogger(__name__)
 
-INLINE_BYTES = 64 << 20  # below this much local unlabeled data the scan runs in the driver (Ray tasks cost seconds)
 METHOD = "sha256 of decoded pixels after conversion to data.channels, at the stored size"
-
-
-def local_and_small(shards: Sequence[str], limit: int) -> bool:
-    """Local files totalling under ``limit`` bytes: work that Ray tasks would only slow down (seconds of start-up)."""
-    return not any(map(is_url, shards)) and sum(os.path.getsize(s.removeprefix("file://")) for s in shards) < limit
 
 
 def scan_labeled_splits(
@@ -51,24 +44,18 @@ def scan_labeled_splits(
     channels: int,
     max_bad_fraction: float,
     cache_dir: str,
-    progress: bool = True,
-    inline_bytes: int = INLINE_BYTES,
-    start_ray=None,
+    executor,
 ) -> dict[str, LabeledIndex]:
     """Each split's ``LabeledIndex`` (``{"data.labeled": shards, "data.test": shards, ...}``, keyed by what the
-    errors call the split). Every shard is scanned once, as a Ray task unless all of them are small local files
-    (then in this process; ``start_ray()`` is called first otherwise), or read from ``cache_dir``."""
+    errors call the split). Every shard is scanned once, as a task on ``executor``, or read from ``cache_dir``."""
     shards = list(dict.fromkeys(s for names in splits.values() for s in names))
-    inline = local_and_small(shards, inline_bytes)
-    if not inline and start_ray is not None:
-        start_ray()
     args = ((s, num_classes, channels, cache_dir) for s in shards)
     start = time.perf_counter()
-    parts = {p.shard: p for p in run_tasks(scan_or_cached, args, len(shards), "scan labeled", progress, inline)}
+    parts = {p.shard: p for p in executor.map(scan_or_cached, args, len(shards), "scan labeled")}
     cached = sum(p.cached for p in parts.values())
     log.info(
         "labeled scan (%s, %.1f s): %d shard(s), %d from the cache",
-        "in-process" if inline else "ray tasks",
+        executor.kind,
         time.perf_counter() - start,
         len(shards),
         cached,
@@ -78,7 +65,16 @@ def scan_labeled_splits(
     }
 
 
-def data_inputs(data: DataConfig, shards: dict[str, Sequence[str]]) -> str:
+@dataclasses.dataclass(frozen=True)
+class CheckSettings:
+    """The data settings the check depends on (``data.channels``, ``data.allow_test_overlap``, the carve)."""
+
+    channels: int
+    allow_test_overlap: bool = False
+    carve: tuple[int, int] | None = None  # (val_per_class, val_seed) when validation is carved from data.labeled
+
+
+def data_inputs(settings: CheckSettings, shards: dict[str, Sequence[str]]) -> str:
     """What a data check depends on: channels and every shard's name, size and modification time."""
 
     def stat(shard: str) -> list:
@@ -88,35 +84,34 @@ def data_inputs(data: DataConfig, shards: dict[str, Sequence[str]]) -> str:
         return [shard, st.st_size, st.st_mtime_ns]
 
     listing = {split: [stat(s) for s in names] for split, names in sorted(shards.items())}
-    what: dict = {"channels": data.channels, "shards": listing}
-    if data.val_per_class:  # a carve: which labeled images are held out (absent otherwise: earlier runs' checks hold)
-        what["carve"] = [data.val_per_class, data.val_seed]
+    what: dict = {"channels": settings.channels, "shards": listing}
+    if settings.carve:  # which labeled images are held out (absent otherwise: earlier runs' checks hold)
+        what["carve"] = list(settings.carve)
     blob = json.dumps(what, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
 def check_data(
-    data: DataConfig,
+    settings: CheckSettings,
     labeled: LabeledIndex,
     test: LabeledIndex,
     shards: dict[str, Sequence[str]],
+    executor,
     previous: dict | None = None,
-    progress: bool = True,
-    inline_bytes: int = INLINE_BYTES,
     val: LabeledIndex | None = None,
 ) -> dict:
     """Scan (or reuse ``previous`` when its inputs match), then enforce ``data.allow_test_overlap``; returns the
     report for ``run.json``. ``shards`` maps ``labeled``/``unlabeled``/``test`` (and ``val``) to the expanded shard
     lists; ``labeled`` is the training part (a carved validation split taken out), ``val`` the validation split."""
-    inputs = data_inputs(data, shards)
+    inputs = data_inputs(settings, shards)
     if previous and previous.get("inputs") == inputs:
         log.info("data check: shards unchanged since %s, reusing its result", previous.get("checked_at", "?"))
         report = previous
     else:
-        report = scan_data(data.channels, labeled, test, list(shards["unlabeled"]), progress, inline_bytes, val)
+        report = scan_data(settings.channels, labeled, test, list(shards["unlabeled"]), executor, val)
         report["inputs"] = inputs
-    enforce(report, data.allow_test_overlap)
-    enforce_validation(report.get("validation"), data.allow_test_overlap)
+    enforce(report, settings.allow_test_overlap)
+    enforce_validation(report.get("validation"), settings.allow_test_overlap)
     return report
 
 
@@ -125,22 +120,14 @@ def scan_data(
     labeled: LabeledIndex,
     test: LabeledIndex,
     unlabeled: list[str],
-    progress: bool = True,
-    inline_bytes: int = INLINE_BYTES,
+    executor,
     val: LabeledIndex | None = None,
 ) -> dict:
     start = time.perf_counter()
     index = index_digests(test.keys, test.digests)
     held_out = HeldOut(val, labeled, index, unlabeled) if val is not None else None
-    inline = local_and_small(unlabeled, inline_bytes)
-    if inline:
-        scans = (scan_shard(s, channels, index) for s in unlabeled)
-    else:
-        import ray
-
-        index_ref = ray.put(index)  # shipped once, not once per task
-        args = ((s, channels, index_ref) for s in unlabeled)
-        scans = run_tasks(scan_shard, args, len(unlabeled), "data check", progress, inline=False)
+    shared = executor.share(index)  # shipped once, not once per task
+    scans = executor.map(scan_shard, ((s, channels, shared) for s in unlabeled), len(unlabeled), "data check")
     if held_out is not None:
         scans = held_out.tap(scans)
     report = {
@@ -148,7 +135,7 @@ def scan_data(
         "test": {"images": len(test), "distinct": len(index)},
         "labeled": find_digests(labeled.keys, labeled.digests, index),
         "unlabeled": merge_scans(scans, unlabeled, DuplicateCounter()),
-        "ran_as": "in-process" if inline else "ray tasks",
+        "ran_as": executor.kind,
         "seconds": round(time.perf_counter() - start, 3),
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
