@@ -46,8 +46,10 @@ report-check: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# lint: ruff's rules and its formatter (line length 120, pyproject.toml); CI runs it before the tests.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline stages tests bench
+	$(VENV)/bin/ruff format --check pipeline stages tests bench
 
 # The README's benchmark tables, rendered from bench/results/*.json (each bench saves its result there);
 # bench-table-check fails when the README differs from what those files give.

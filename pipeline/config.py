@@ -47,7 +47,7 @@ class DataConfig:
 
     ``prepare_digits``: a folder; when set and its shards are missing, the built-in digits data is written there.
     ``allow_test_overlap``: go on (with a warning) when training images have the same decoded pixels as test images;
-    by default that stops the run before round 0 (``pipeline/distributed/data_check.py``).
+    by default that stops the run before round 0 (``stages/data_check.py``).
     ``classes``: class names by index, inline or the path of a ``classes.json`` (read here, so the run's config.yaml
     holds the names); ``num_classes`` follows from them. ``augment``: ``digits`` (resize, no crop or flip, the
     default) or ``natural`` (timm's random-resized crop and flip, centre-crop evaluation;

@@ -1,7 +1,7 @@
 """Commands for your own images and models: ``prepare-folder``, ``predict`` and ``export``.
 
 ``python -m pipeline prepare-folder SRC --out DIR`` (or ``--csv FILE``) writes WebDataset shards, ``classes.json``
-and ``data.yaml`` (``pipeline/distributed/folder.py``); ``predict --model DIR IMAGE…`` classifies files with a round's
+and ``data.yaml`` (``stages/prepare.py``); ``predict --model DIR IMAGE…`` classifies files with a round's
 model, by class name (``--json`` for a machine-readable list); ``export RUN --format onnx|torchscript --to FILE``
 writes a round's model with its class names and preprocessing and checks it against PyTorch
 (``stages/models/export.py``).
@@ -75,7 +75,12 @@ def add_commands(sub) -> None:
     )
     p.add_argument("run", metavar="RUN", help="run name under --storage, or a path or URL of a run folder")
     p.add_argument("--storage", default="runs", help="storage root: folder or URL (default runs)")
-    p.add_argument("--round", type=int, dest="round_index", help="round to export (default: the latest finished)")
+    p.add_argument(
+        "--round",
+        type=int,
+        dest="round_index",
+        help="round to export (default: the run's best round, as download takes it; else the latest finished)",
+    )
     p.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="default onnx")
     p.add_argument("--to", required=True, help="file to write (e.g. model.onnx, model.pt2)")
     p.add_argument("--images", type=int, default=8, help="test images the check runs on (default 8)")
@@ -164,6 +169,7 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     from pipeline.cluster.run_store import RunStore
     from stages.models.export import export_model
+    from stages.storage.layout import RunLayout
 
     for chatty in ("onnx_ir", "onnxscript"):  # a line per optimisation pass at INFO
         logging.getLogger(chatty).setLevel(logging.WARNING)
@@ -171,10 +177,10 @@ def cmd_export(args) -> int:
     finished = [r["round"] for r in store.rounds() if r["finished"]]
     if not finished:
         raise DataError(f"run {store.location} has no finished round to export")
-    r = finished[-1] if args.round_index is None else args.round_index
+    r = store.best_round(finished) if args.round_index is None else args.round_index  # as download chooses
     if r not in finished:
         raise DataError(f"run {store.location}: round {r} is not finished (finished: {finished})")
-    model_dir = f"{store.location}/round-{r:03d}"
+    model_dir = RunLayout(store.location).round(r).dir
     images = test_images(store, args.images)
     if not images:
         print("note: the run's test shards were not found; checking on random inputs", file=sys.stderr)

@@ -163,7 +163,7 @@ def _data_check(run: Run, previous: dict | None) -> dict:
     if data.validation.get("shards"):
         shards["val"] = data.validation["shards"]
     carve = (cfg.data.val_per_class, cfg.data.val_seed) if cfg.data.val_per_class else None
-    settings = CheckSettings(cfg.data.channels, cfg.data.allow_test_overlap, carve)
+    settings = CheckSettings(cfg.data.channels, cfg.data.allow_test_overlap, carve, cfg.pseudo_label.max_bad_fraction)
     return check_data(settings, data.labeled, data.test, shards, run.executor, previous, val=data.val)
 
 

@@ -72,6 +72,7 @@ class CheckSettings:
     channels: int
     allow_test_overlap: bool = False
     carve: tuple[int, int] | None = None  # (val_per_class, val_seed) when validation is carved from data.labeled
+    unlabeled_max_bad: float = 1.0  # pseudo_label.max_bad_fraction: undecodable unlabeled samples allowed
 
 
 def data_inputs(settings: CheckSettings, shards: dict[str, Sequence[str]]) -> str:
@@ -110,9 +111,27 @@ def check_data(
     else:
         report = scan_data(settings.channels, labeled, test, list(shards["unlabeled"]), executor, val)
         report["inputs"] = inputs
+    enforce_unlabeled(report["unlabeled"], settings.unlabeled_max_bad)
     enforce(report, settings.allow_test_overlap)
     enforce_validation(report.get("validation"), settings.allow_test_overlap)
     return report
+
+
+def enforce_unlabeled(unlabeled: dict, max_bad_fraction: float) -> None:
+    """The unlabeled shards pass the checks the labeled ones pass, before the teacher trains: no empty shard, and no
+    more than ``max_bad_fraction`` (``pseudo_label.max_bad_fraction``) undecodable samples. One ``DataError`` line
+    naming the shard (and the first undecodable sample)."""
+    if unlabeled.get("empty_shards"):
+        shards = unlabeled["empty_shards"]
+        more = f" (and {len(shards) - 1} more)" if len(shards) > 1 else ""
+        raise DataError(f"data.unlabeled: shard {shards[0]} holds no samples{more}; remove it or write it again")
+    bad, seen = unlabeled.get("undecodable", 0), unlabeled.get("images", 0) + unlabeled.get("undecodable", 0)
+    if bad and bad > max_bad_fraction * seen:
+        shard, key, reason = unlabeled.get("undecodable_example") or ["?", "?", "?"]
+        raise DataError(
+            f"data.unlabeled: {bad} of {seen} samples unusable (pseudo_label.max_bad_fraction {max_bad_fraction}); "
+            f"first: {shard} {key}: {reason}"
+        )
 
 
 def scan_data(

@@ -1,9 +1,11 @@
 """The pseudo-label stage: the un-noised teacher labels every unlabeled sample, one sidecar per shard.
 
 A sidecar is ``round-NNN/pseudo_labels/<shard_id>.parquet`` with columns ``key``, ``shard``, ``label`` (argmax,
-int32), ``confidence`` (max probability, float32), ``true_label`` (int32, ``.cls`` when the shard has it, else -1; a
-diagnostic only, never used for training) and the soft label: ``probs`` (float16, all classes) when ``topk == 0``,
-else ``topk_idx`` (int32) + ``topk_prob`` (float16). Probabilities are ``softmax(logits / temperature)``.
+int32), ``confidence`` (the teacher's own top probability, ``softmax(logits)``, float32: what selection's floor and
+per-class ranking read, so ``select.floor`` means the same at any temperature, as in the paper), ``true_label``
+(int32, ``.cls`` when the shard has it, else -1; a diagnostic only, never used for training) and the soft label the
+student learns from, ``softmax(logits / temperature)``: ``probs`` (float16, all classes) when ``topk == 0``, else
+``topk_idx`` (int32) + ``topk_prob`` (float16).
 
 Each sidecar's footer (``stages.storage.artifacts``) records what made it: the teacher's sha256, the labeling
 settings and the shard's identity (``made_by``), plus a digest of its rows. The stage reuses a sidecar it finds only
@@ -41,7 +43,7 @@ from stages.storage.layout import sidecar_file
 
 log = logging.getLogger(__name__)
 
-SIDECAR_FORMAT = "pseudo_labels/v2"
+SIDECAR_FORMAT = "pseudo_labels/v3"  # v3: confidence is the teacher's own (T = 1), not the tempered one
 
 
 @config
@@ -59,9 +61,14 @@ def soft_labels(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
-def build_table(shard: str, keys: list[str], probs: torch.Tensor, true_labels: list[int], topk: int) -> pa.Table:
-    """The sidecar's rows: keys, argmax label and confidence, the diagnostic true label, the soft label."""
-    confidence, label = probs.max(dim=-1)
+def build_table(
+    shard: str, keys: list[str], logits: torch.Tensor, true_labels: list[int], topk: int, temperature: float = 1.0
+) -> pa.Table:
+    """The sidecar's rows: keys; the teacher's own prediction (``label``) and confidence (``confidence``: its top
+    probability, ``softmax(logits)``, whatever the temperature: what the floor and the per-class ranking read); the
+    diagnostic true label; and the soft label, ``softmax(logits / temperature)`` (what the student is trained on)."""
+    confidence, label = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+    probs = soft_labels(logits, temperature)
     columns = {
         "key": pa.array(keys, pa.string()),
         "shard": pa.array([shard] * len(keys), pa.string()),
@@ -146,18 +153,18 @@ class ShardLabeler:
         """``predict`` a shard and write its sidecar to ``path`` (its footer: format, ``made_by``, the unusable
         samples, the true-label counts, ``meta``); returns ``rows``, ``bad`` and ``seconds``."""
         start, bad = time.perf_counter(), []
-        keys, probs, truth = self.predict(shard, bad, only, prepare)
-        table = build_table(shard, keys, probs, truth, topk)
+        keys, logits, truth = self.predict(shard, bad, only, prepare)
+        table = build_table(shard, keys, logits, truth, topk, self.cfg.temperature)
         write_table(table, path, format=format, made_by=made_by, bad=json.dumps(bad), **truth_counts(table), **meta)
         return {"rows": len(keys), "bad": bad, "seconds": time.perf_counter() - start}
 
     def predict(
         self, shard: str, bad: list[dict], only: frozenset[str] | None = None, prepare: Prepare | None = None
     ) -> tuple[list[str], torch.Tensor, list[int]]:
-        """``(keys, probabilities, .cls or -1)`` of the usable samples of ``shard`` (those keyed in ``only``, when
-        given), each image through ``prepare`` when given; unusable samples are appended to ``bad``."""
+        """``(keys, logits, .cls or -1)`` of the usable samples of ``shard`` (those keyed in ``only``, when given),
+        each image through ``prepare`` when given; unusable samples are appended to ``bad``."""
         keys: list[str] = []
-        probs: list[torch.Tensor] = []
+        logits: list[torch.Tensor] = []
         truth: list[int] = []
         raws = raw_batches(shard, self.cfg.batch_size)
         if only is not None:
@@ -167,17 +174,18 @@ class ShardLabeler:
         # intra-op threads would fight over the same cores, so there the two take turns, each on all of them.
         for k, x, y in prefetch(batches) if self.device.type == "cuda" else batches:
             if k:
-                probs.append(self._infer(x))
+                logits.append(self._infer(x))
             keys += k
             truth += y
-        num_classes = probs[0].shape[1] if probs else self.model.num_classes
-        return keys, torch.cat(probs) if probs else torch.zeros(0, num_classes), truth
+        num_classes = logits[0].shape[1] if logits else self.model.num_classes
+        return keys, torch.cat(logits) if logits else torch.zeros(0, num_classes), truth
 
     @torch.inference_mode()
     def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits, float32 on the CPU (a sidecar is one shard's worth)."""
         with autocast(self.device):
             logits = self.model(place_batch(x, self.device))
-        return soft_labels(logits, self.cfg.temperature).cpu()
+        return logits.float().cpu()
 
 
 def made_by(model_sha: str, cfg: PseudoLabelConfig, channels: int, shard: str) -> str:

@@ -61,8 +61,8 @@ def test_empty_data_set(capsys, tmp_path, config_file):
 
 
 def test_label_out_of_range(capsys, tmp_path, config_file, digits_root):
-    png = next(iter(tarfile.open(next((digits_root / "labeled").glob("*.tar"))).getmembers()))
-    data = tarfile.open(next((digits_root / "labeled").glob("*.tar"))).extractfile(png).read()
+    shard = tarfile.open(next((digits_root / "labeled").glob("*.tar")))
+    data = shard.extractfile(next(m for m in shard.getmembers() if m.name.endswith(".png"))).read()
     bad = _tar(tmp_path / "bad.tar", {"a.png": data, "a.cls": b"12"})
     line = _refused(capsys, tmp_path, ["iterate", "--config", str(config_file), "--set", f"data.labeled=[{bad}]"])
     assert "class 12" in line and "[0, 10)" in line
@@ -81,3 +81,36 @@ def test_rounds_below_one(capsys, tmp_path, config_file):
 def test_bad_override_type(capsys, tmp_path, config_file):
     line = _refused(capsys, tmp_path, ["iterate", "--config", str(config_file), "--set", "student.epochs=ten"])
     assert "student.epochs" in line and "expected int" in line
+
+
+def test_an_empty_unlabeled_shard_is_refused_before_round_0(capsys, tmp_path, config_file, digits_root):
+    """The unlabeled shards get the labeled ones' checks before the teacher trains (the data check scans them)."""
+    empty = _tar(tmp_path / "empty.tar", {})
+    unlabeled = f"data.unlabeled=['{digits_root}/unlabeled/*.tar', '{empty}']"
+    line = _refused(capsys, tmp_path, ["iterate", "--config", str(config_file), "--set", unlabeled])
+    assert line == f"error: data.unlabeled: shard {empty} holds no samples; remove it or write it again"
+
+
+def test_too_many_undecodable_unlabeled_samples_are_refused_before_round_0(capsys, tmp_path, config_file, digits_root):
+    junk = _tar(tmp_path / "junk.tar", {f"j{i}.png": b"\x89PNG not an image" for i in range(30)})
+    unlabeled = f"data.unlabeled=['{digits_root}/unlabeled/*.tar', '{junk}']"
+    line = _refused(capsys, tmp_path, ["iterate", "--config", str(config_file), "--set", unlabeled])
+    assert "data.unlabeled: 30 of 1267 samples unusable (pseudo_label.max_bad_fraction 0.01)" in line
+    assert f"first: {junk} j0: " in line and "undecodable" in line
+
+
+@pytest.mark.slow
+def test_data_errors_from_ray_tasks_are_one_line(ray_session, capsys, tmp_path, config_file, digits_root):
+    """With the labeled scan forced onto Ray tasks (``resources.executor: ray``), a truncated shard and a label out of
+    range still reach the user as one ``error:`` line (exit 2, no run folder), not a remote traceback."""
+    shard = next((digits_root / "labeled").glob("*.tar"))
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[: 1024 * 10 + 300])
+    ray = ["--set", "resources.executor=ray"]
+    line = _refused(capsys, tmp_path, ["iterate", "--config", str(config_file), "--set", f"data.labeled=[{cut}]", *ray])
+    assert str(cut) in line and "truncated" in line
+    tar = tarfile.open(shard)
+    png = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".png"))).read()
+    bad = _tar(tmp_path / "bad.tar", {"a.png": png, "a.cls": b"12"})
+    line = _refused(capsys, tmp_path, ["iterate", "--config", str(config_file), "--set", f"data.labeled=[{bad}]", *ray])
+    assert "class 12" in line and "[0, 10)" in line and "Traceback" not in line

@@ -39,6 +39,7 @@ EXTRA = {
         *("--set", "teacher.batch_size=16", "--set", "student.batch_size=16", "--set", "student.unlabeled_ratio=1.0"),
         *("--set", "teacher.loader_workers=0", "--set", "student.loader_workers=0"),
         *("--set", "resources.torch_threads=2"),
+        *("--set", "data.val_per_class=2"),  # a validation split, so the trackers have val_top1 and a best round
     ],
 }
 
@@ -192,6 +193,12 @@ def test_mlflow_has_a_parent_run_and_one_run_per_round(walkthrough):
     got = children["1"].data
     assert got.tags["mlflow.parentRunId"] == status["parent_run_id"]
     assert got.metrics["test_top1"] == pytest.approx(metrics["test_top1"])
+    assert got.metrics["val_top1"] == pytest.approx(metrics["val_top1"])  # a user compares runs on validation
+    stop = json.loads((work / "runs" / "own1" / "run.json").read_text())["stop"]
+    parent = client.get_run(status["parent_run_id"]).data
+    assert parent.tags["noisy_student.best_round"] == str(stop["best_round"])
+    assert parent.metrics["best_round"] == stop["best_round"]
+    assert parent.metrics["best_val_top1"] == pytest.approx(stop["best_val_top1"])
     assert got.metrics["top1_zero"] == pytest.approx(metrics["per_class_top1"][sorted(NAMES).index("zero")])
     assert got.params["model.model"] == "test_resnet"
     artifacts = {a.path for a in client.list_artifacts(status["rounds"]["1"], "model")}

@@ -89,7 +89,7 @@ BAD = [{"shard": "s.tar", "key": "kx", "reason": "undecodable image (x)"}]
 
 
 def test_build_table_with_full_probabilities():
-    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=0)
+    table = build_table("s.tar", KEYS, PROBS.log(), TRUTH, topk=0)
     schema = table.schema
     assert schema.field("key").type == pa.string() and schema.field("shard").type == pa.string()
     assert schema.field("label").type == pa.int32() and schema.field("true_label").type == pa.int32()
@@ -108,7 +108,7 @@ def test_build_table_with_full_probabilities():
 
 @pytest.mark.parametrize("topk, width", [(2, 2), (3, 3), (9, 4)])  # k larger than the class count stores all
 def test_build_table_with_topk(topk, width):
-    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=topk)
+    table = build_table("s.tar", KEYS, PROBS.log(), TRUTH, topk=topk)
     schema = table.schema
     assert "probs" not in schema.names
     assert schema.field("topk_idx").type == pa.list_(pa.int32())
@@ -131,7 +131,7 @@ def test_build_table_with_no_rows_is_valid(tmp_path):
 @pytest.fixture
 def sidecar(tmp_path) -> Path:
     path = sidecar_path(tmp_path, "/data/u/unlabeled-000001.tar")
-    write_sidecar(build_table("s.tar", KEYS, PROBS, TRUTH, topk=0), path, BAD)
+    write_sidecar(build_table("s.tar", KEYS, PROBS.log(), TRUTH, topk=0), path, BAD)
     return path
 
 
@@ -196,7 +196,7 @@ def test_sidecar_info_refuses_a_damaged_file(sidecar, damage):
 
 
 def test_a_row_count_that_does_not_match_is_refused(tmp_path):
-    write_sidecar(build_table("s.tar", KEYS, PROBS, TRUTH, topk=0), tmp_path / "x.parquet")
+    write_sidecar(build_table("s.tar", KEYS, PROBS.log(), TRUTH, topk=0), tmp_path / "x.parquet")
     table = pq.read_table(tmp_path / "x.parquet")
     table = table.replace_schema_metadata({**table.schema.metadata, b"rows": b"4"})
     pq.write_table(table, tmp_path / "x.parquet")
@@ -204,7 +204,7 @@ def test_a_row_count_that_does_not_match_is_refused(tmp_path):
 
 
 def test_a_parquet_without_the_format_tag_is_refused(tmp_path):
-    table = build_table("s.tar", KEYS, PROBS, TRUTH, topk=0)
+    table = build_table("s.tar", KEYS, PROBS.log(), TRUTH, topk=0)
     pq.write_table(table, tmp_path / "x.parquet")
     assert sidecar_info(tmp_path / "x.parquet") is None
 
@@ -503,3 +503,24 @@ def test_a_label_actor_too_big_for_the_local_ray_is_one_config_error(ray_session
     message = str(info.value)
     assert "\n" not in message and "needs 3 CPUs" in message and "largest node has 2 CPUs and 0 GPUs" in message
     assert not list(tmp_path.glob("*.parquet"))
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 1.0, 2.0])
+def test_the_floor_reads_the_teachers_own_confidence_whatever_the_temperature(temperature):
+    """A sample whose raw top probability is 0.2 is dropped at the paper's floor 0.3, even at T = 0.1 where its
+    sharpened soft label is nearly one-hot; one at 0.5 is kept even at T = 2 where its soft label is flat."""
+    from stages.maths.selection import SelectConfig, select_in_memory
+
+    raw = torch.tensor([[0.2] + [0.8 / 9] * 9, [0.5] + [0.5 / 9] * 9])
+    table = build_table("s.tar", ["low", "high"], raw.log(), [-1, -1], topk=0, temperature=temperature)
+    assert table.column("confidence").to_pylist() == pytest.approx([0.2, 0.5], abs=1e-6)
+    soft = np.asarray(table.column("probs").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(soft, torch.softmax(raw.log() / temperature, -1).numpy(), atol=1e-3)
+    copies = select_in_memory(
+        table.column("key").to_pylist(),
+        table.column("label").to_numpy(),
+        table.column("confidence").to_numpy(),
+        10,
+        SelectConfig(floor=0.3, mode="none"),
+    )
+    assert copies.tolist() == [0, 1]

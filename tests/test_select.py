@@ -214,12 +214,11 @@ def write_random_sidecars(root, rows_per_shard, num_classes, seed, topk=0):
     paths, n = [], 0
     for s, rows in enumerate(rows_per_shard):
         logits = torch.tensor(rng.normal(0, 2.5, (rows, num_classes)), dtype=torch.float32)
-        probs = torch.softmax(logits, dim=-1)
         keys = [f"s{s}-{i:05d}" for i in range(rows)]
         n += rows
         samples = [{"__key__": k, "png": k.encode(), "txt": b"x" * (i % 7)} for i, k in enumerate(keys)]
         (shard,) = write_shards(samples, root / "unlabeled", f"shard-{s}", 1)
-        table = build_table(shard, keys, probs, [-1] * rows, topk)
+        table = build_table(shard, keys, logits, [-1] * rows, topk)
         path = root / f"shard-{s}.parquet"
         write_table(table, path, format=SIDECAR_FORMAT, made_by="test", bad="[]")
         paths.append(str(path))

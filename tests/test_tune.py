@@ -41,7 +41,9 @@ def test_retemper_equals_labeling_at_the_other_temperature():
     )
     warmer = retemper_table(table, 0.5, 1.0)
     assert warmer.column("label").to_pylist() == table.column("label").to_pylist()
-    assert np.allclose(warmer.column("confidence").to_numpy(), at[1.0][:2].max(1), atol=1e-3)
+    assert np.allclose(np.asarray(warmer.column("probs").to_pylist()), at[1.0][:2], atol=2e-3)
+    # the teacher's own confidence (what the floor reads) does not move with the temperature
+    assert warmer.column("confidence").to_pylist() == table.column("confidence").to_pylist()
 
 
 def test_trials_get_absolute_shard_paths(digits_root, tiny_config, monkeypatch):
@@ -69,9 +71,9 @@ def test_the_best_trial_is_a_finished_one_by_validation_the_earliest_on_a_tie():
 def test_a_two_trial_search_reuses_the_run_and_writes_best_yaml_and_the_table(finished_run, tmp_path):
     cfg, run_dir, _ = finished_run
     before = (run_dir / "round-001" / "manifest.json").read_text()
-    # floor pinned low here: a floor that keeps nothing of the tiny teacher's labels scores 0 (checked at the end)
+    # floor pinned low here: a floor that keeps nothing is refused (checked at the end)
     space = dict(SPACE, student_epochs=("choice", (1,)), temperature=("choice", (0.5, 2.0)), floor=("choice", (0.0,)))
-    summary = run_tune(cfg, run_dir.name, trials=2, budget_minutes=5, out=tmp_path, progress=False, space=space)
+    summary = run_tune(cfg, run_dir, trials=2, budget_minutes=5, out=tmp_path, progress=False, space=space)
     assert (run_dir / "round-001" / "manifest.json").read_text() == before  # nothing of the base run redone
     assert summary["trials"] == 2 and summary["finished"] == 2 and summary["best"] is not None
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())
@@ -80,9 +82,10 @@ def test_a_two_trial_search_reuses_the_run_and_writes_best_yaml_and_the_table(fi
     assert (tmp_path / "trials.csv").read_text().count("\n") == 3
     assert "config's recipe" in (tmp_path / "trials.md").read_text()
     assert "test" not in (tmp_path / "trials.csv").read_text()
-    # a recipe whose floor keeps no pseudo-label is a finished trial scoring 0, not an errored search
+    # a recipe whose floor keeps no pseudo-label is one the pipeline refuses: listed as refused, never the best
     nothing = dict(space, floor=("choice", (1.0,)))
-    empty = run_tune(
-        cfg, run_dir.name, trials=1, budget_minutes=5, out=tmp_path / "empty", progress=False, space=nothing
+    empty = run_tune(cfg, run_dir, trials=1, budget_minutes=5, out=tmp_path / "empty", progress=False, space=nothing)
+    assert (empty["refused"], empty["finished"], empty["best"]) == (1, 0, None)
+    assert (
+        not (tmp_path / "empty" / "best.yaml").exists() and "refused" in (tmp_path / "empty" / "trials.csv").read_text()
     )
-    assert empty["finished"] == 1 and empty["best"]["val_top1"] == 0.0

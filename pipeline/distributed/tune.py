@@ -182,7 +182,7 @@ def trial_table(results) -> list[dict]:
         rows.append(
             {
                 "trial": i,
-                "val_top1": m.get("val_top1"),
+                "val_top1": None if m.get("refused") else m.get("val_top1"),
                 "percent": int(m.get("percent", 0)),
                 "epoch": m.get("epoch"),
                 "ended": _ended(result.error, m),
@@ -253,7 +253,8 @@ def run_trial(knobs: dict, setup: TuneSetup) -> None:
         except DataError as exc:
             if "selection kept no" not in str(exc):
                 raise
-            tune.report({"val_top1": None, "epoch": 0, "percent": 0, "loss": None, "refused": str(exc)})
+            # ASHA wants a number: 0, but the trial is listed as refused and never chosen (trial_table, pick_best)
+            tune.report({"val_top1": 0.0, "epoch": 0, "percent": 0, "loss": None, "refused": str(exc)})
 
 
 def train_trial(cfg: PipelineConfig, setup: TuneSetup, work: Path, report) -> None:

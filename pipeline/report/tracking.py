@@ -36,12 +36,13 @@ def tracking_uri(uri: str) -> str:
 
 
 def track_round(cfg, run_dir, r: int, status: dict) -> None:
-    """Log round ``r`` of the run in ``run_dir`` to MLflow, once; a failure is a warning, never an exception."""
+    """Log round ``r`` of the run in ``run_dir`` to MLflow, once, and the run's best round so far on the parent run;
+    a failure is a warning, never an exception."""
     tracked = status.setdefault("tracking", {})
-    if str(r) in tracked.get("rounds", {}):
-        return
     try:
-        _log_round(cfg, run_dir, r, tracked)
+        if str(r) not in tracked.get("rounds", {}):
+            _log_round(cfg, run_dir, r, tracked)
+        _log_best(_client(tracked["uri"]), tracked["parent_run_id"], status.get("stop") or {})
     except Exception as exc:  # tracking is a side channel: whatever fails there, the run goes on
         log.warning("tracking: round %d not logged to MLflow (%s: %s)", r, exc.__class__.__name__, exc)
 
@@ -86,14 +87,30 @@ def _log_round(cfg, run_dir, r: int, tracked: dict) -> None:
             client.log_artifact(run_id, str(local), artifact_path="model")
     client.set_terminated(run_id)
     tracked["rounds"][str(r)] = run_id
-    client.log_metric(parent, "test_top1", float(metrics["test_top1"]), step=r)
+    for key in ("val_top1", "test_top1"):  # per round on the parent: a user compares runs on validation there
+        if metrics.get(key) is not None:
+            client.log_metric(parent, key, float(metrics[key]), step=r)
+
+
+def _log_best(client, parent: str, stop: dict) -> None:
+    """The run's best round as the parent run's tags and metrics (chosen on validation: run.json's ``stop``)."""
+    if stop.get("best_round") is None:
+        return
+    client.set_tag(parent, "noisy_student.best_round", str(stop["best_round"]))
+    client.set_tag(parent, "noisy_student.best_by", str(stop.get("best_by", "")))
+    step = len(stop.get("val_top1", [])) - 1  # the round after which this was the best
+    client.log_metric(parent, "best_round", float(stop["best_round"]), step=max(step, 0))
+    for key in ("best_val_top1", "best_test_top1"):
+        if stop.get(key) is not None:
+            client.log_metric(parent, key, float(stop[key]), step=max(step, 0))
 
 
 def _log_metrics(client, run_id: str, metrics: dict, layout: RoundLayout) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    values = {k: metrics.get(k) for k in ("test_top1", "test_ece", "teacher_top1", "pseudo_label_accuracy")}
+    keys = ("val_top1", "teacher_val_top1", "test_top1", "test_ece", "teacher_top1", "pseudo_label_accuracy")
+    values = {k: metrics.get(k) for k in keys}
     values.update({k: metrics.get(k) for k in ("train_images", "pseudo_images", "labeled_images", "params")})
     values.update({f"seconds_{k}": v for k, v in metrics.get("stage_seconds", {}).items()})
     names = metrics.get("classes") or [str(c) for c in range(len(metrics.get("per_class_top1", [])))]

@@ -7,7 +7,7 @@ crop does not: that would need a perceptual hash, and its false positives, which
 
 The test, labeled and validation splits are compared by the digests their scans recorded
 (``stages/data/labeled_scan.py``): the driver never holds their images. The unlabeled split is streamed shard by shard
-(``scan_shard``, one Ray task per shard in ``pipeline/distributed/data_check.py``): each shard comes back as its
+(``scan_shard``, one task per shard in ``stages/data_check.py``): each shard comes back as its
 test matches (with keys) and one 64-bit hash per image, and ``DuplicateCounter`` counts duplicates among those in
 bounded memory (exact up to ``limit`` images, a consistent hash sample beyond it).
 """
@@ -61,22 +61,26 @@ class ShardScan:
     in_test: int
     examples: list[list[str]]
     hashes: np.ndarray  # uint64: the first 8 bytes of each image's digest
+    first_bad: list[str] | None = None  # [key, reason] of the first undecodable sample
 
 
 def scan_shard(shard: str, channels: int, index: Mapping[bytes, str]) -> ShardScan:
-    """Decode every image of ``shard`` once; undecodable samples are only counted (the pseudo-label stage lists
-    them); a truncated shard raises ``DataError``."""
-    hashes, bad, hits = [], 0, []
+    """Decode every image of ``shard`` once; undecodable samples are counted (the first one's key and reason kept for
+    the error a large fraction of them makes; the pseudo-label stage lists them all); a truncated shard raises
+    ``DataError``."""
+    hashes, bad, hits, first_bad = [], 0, [], None
     for sample in iter_raw_samples(shard):
         try:
             digest = image_digest(decode_image(image_field(sample), channels))
-        except BadSample:
+        except BadSample as exc:
             bad += 1
+            first_bad = first_bad or [sample["__key__"], str(exc)]
             continue
         hashes.append(int.from_bytes(digest[:8], "little"))
         if digest in index:
             hits.append([sample["__key__"], index[digest]])
-    return ShardScan(shard, len(hashes), bad, len(hits), hits[:EXAMPLES], np.asarray(hashes, dtype=np.uint64))
+    hashes_ = np.asarray(hashes, dtype=np.uint64)
+    return ShardScan(shard, len(hashes), bad, len(hits), hits[:EXAMPLES], hashes_, first_bad)
 
 
 class DuplicateCounter:
@@ -136,9 +140,18 @@ def merge_scans(scans: Iterable[ShardScan], shards: Sequence[str], counter: Dupl
     number = {s: i for i, s in enumerate(shards)}
     images = bad = in_test = 0
     examples: list[tuple[int, list[str]]] = []
+    empty: list[int] = []
+    bad_examples: list[tuple[int, list[str]]] = []
     for scan in scans:
         images, bad, in_test = images + scan.images, bad + scan.bad, in_test + scan.in_test
         examples += [(number[scan.shard], e) for e in scan.examples]
+        if not scan.images and not scan.bad:
+            empty.append(number[scan.shard])
+        if scan.first_bad:
+            bad_examples.append((number[scan.shard], [scan.shard, *scan.first_bad]))
         counter.add(scan.hashes, number[scan.shard])
     first = [e for _, e in sorted(examples, key=lambda x: x[0])[:EXAMPLES]]
-    return {"images": images, "undecodable": bad, "in_test": in_test, "examples": first} | counter.result(shards)
+    report = {"images": images, "undecodable": bad, "in_test": in_test, "examples": first}
+    report["empty_shards"] = [shards[i] for i in sorted(empty)]
+    report["undecodable_example"] = min(bad_examples)[1] if bad_examples else None  # [shard, key, reason]
+    return report | counter.result(shards)

@@ -13,7 +13,7 @@ webdataset's ``TarWriter``: images copied byte for byte, keys derived from the f
 tree gives the same bytes). An image Pillow cannot decode is skipped and listed in the shard's record
 (``<split>-NNNNNN.json`` beside it), which also lets a re-run skip a shard whose plan has not changed.
 
-The parallel fan-out and the command live in ``pipeline/distributed/folder.py``
+The fan-out (one task per shard on the executor) is ``stages/prepare.py``
 (``python -m pipeline prepare-folder SRC --out DIR``).
 """
 

@@ -5,7 +5,7 @@ A labeled shard is scanned once (``scan_labeled_shard``: decode every image, par
 contamination guard compares), plus the unusable samples with their reasons. That is ~160 bytes a sample in Python
 (16-character keys, measured), so a driver holds the index of a million labeled images in ~160 MB, where the
 decoded images would take hundreds of GB at 224 px. The scans run as per-shard Ray tasks
-(``pipeline/distributed/data_check.py``) and are cached per shard identity (``stages.storage.files.stamp``: size and
+(``stages/data_check.py``) and are cached per shard identity (``stages.storage.files.stamp``: size and
 mtime, or an object's ETag): ``<cache>/<sha of the shard URL>.parquet`` holds the index, its footer the identity,
 the channels and the unusable samples; a label at or above the run's class count forces a rescan (which reports it).
 A run that finds a matching cache file (a resume, or another run over the same data) does not decode the shard again.

@@ -231,24 +231,25 @@ def check_usable(usable: int, skipped: list[dict], max_bad_fraction: float, what
 
 
 def write_shards(samples: Sequence[dict], out_dir: str | Path, prefix: str, num_shards: int) -> list[str]:
-    """Write samples (``__key__`` plus ``ext -> bytes``) into ``num_shards`` tar shards, contiguous chunks."""
+    """Write samples (``__key__`` plus ``ext -> bytes``) into ``num_shards`` tar shards, contiguous chunks, each with
+    webdataset's ``TarWriter`` (bytes as given, mtime 0: identical inputs give identical shards), written atomically."""
+    from webdataset import TarWriter
+
+    from stages.storage.files import atomic_target
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, chunk in enumerate(np.array_split(np.arange(len(samples)), num_shards)):
         path = out_dir / f"{prefix}-{i:06d}.tar"
-        tmp = path.with_suffix(".tar.tmp")
-        with tarfile.open(tmp, "w") as tar:
+        with atomic_target(path) as tmp, open(tmp, "wb") as f:
+            writer = TarWriter(f, encoder=False, mtime=0)
             for j in chunk:
                 sample = samples[int(j)]
-                for ext, payload in sample.items():
-                    if ext.startswith("__"):
-                        continue
-                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                    info.size = len(payload)
-                    info.mtime = 0  # byte-identical shards for identical inputs
-                    tar.addfile(info, io.BytesIO(payload))
-        os.replace(tmp, path)
+                writer.write(
+                    {"__key__": sample["__key__"], **{k: v for k, v in sample.items() if not k.startswith("__")}}
+                )
+            writer.close()
         paths.append(str(path))
     return paths
 

@@ -1,6 +1,8 @@
 """Selection of pseudo-labeled samples, as in Noisy Student (Xie et al. 2020, section 3 and appendix A.1).
 
-1. Confidence floor (paper 0.3): a sample whose teacher confidence is below it is never kept.
+1. Confidence floor (paper 0.3): a sample whose teacher confidence is below it is never kept. The confidence is
+   the teacher's own top probability (``softmax(logits)``, the sidecars' ``confidence``), not the sharpened soft
+   label's, so the floor keeps the same samples at any ``pseudo_label.temperature``.
 2. Per-class budget ``K`` (paper 130,000 per class on ImageNet): ``select.per_class``, or when 0, derived from the
    data as ``ceil(per_class_factor * rows_above_floor / num_classes)``, the per-class size of a balanced set.
 3. Mode ``none`` keeps everything above the floor once. ``topk`` keeps, per class, the ``K`` most confident
@@ -12,7 +14,7 @@ Ranking is by confidence, descending; ties are broken by a seeded 64-bit hash of
 result depends only on the seed and the rows, never on shard order or file layout.
 
 ``select_in_memory`` is the reference: a few lines over whole arrays. The sharded path computes the same result
-with bounded memory, as three passes over the pseudo-label sidecars (``pipeline/distributed/select.py`` runs each pass
+with bounded memory, as three passes over the pseudo-label sidecars (``stages/select.py`` runs each pass
 as Ray tasks, one per shard):
 
 * ``shard_histogram``: per-class confidence histograms (``classes x bins``) and counts above the floor.
@@ -49,7 +51,7 @@ class SelectConfig:
     """Selection settings; the defaults are the paper's (floor 0.3, balanced), with K derived from the data."""
 
     mode: Literal["none", "topk", "balanced"] = "balanced"
-    floor: Annotated[StrictFloat, Field(ge=0, le=1, description="a confidence")] = 0.3
+    floor: Annotated[StrictFloat, Field(ge=0, le=1, description="the teacher's own top probability, at T = 1")] = 0.3
     per_class: Annotated[StrictInt, Field(ge=0, description="K; 0 = derived from the data")] = 0
     per_class_factor: Annotated[StrictFloat, Field(gt=0)] = 1.0
     label_type: Literal["soft", "hard"] = "soft"

@@ -87,13 +87,12 @@ def retemper(probs: np.ndarray, t_from: float, t_to: float) -> np.ndarray:
 
 
 def retemper_table(table: pa.Table, t_from: float, t_to: float) -> pa.Table:
-    """A pseudo-label sidecar (``stages/pseudo_label.py``) as if labeled at temperature ``t_to``: soft labels and
-    ``confidence`` re-tempered; ``label`` (the argmax) does not move."""
+    """A pseudo-label sidecar (``stages/pseudo_label.py``) as if labeled at temperature ``t_to``: its soft labels
+    re-tempered. ``label`` (the argmax) and ``confidence`` (the teacher's own, at T = 1) do not depend on the
+    temperature, so the floor keeps the same samples whatever temperature a trial tries."""
     n = table.num_rows
     column = "probs" if "probs" in table.column_names else "topk_prob"
     probs = np.asarray(table.column(column).to_pylist(), dtype=np.float32).reshape(n, -1)
     new = retemper(probs, t_from, t_to) if n else probs
     values = pa.array(list(new.astype(np.float16)), type=table.schema.field(column).type)
-    table = table.set_column(table.column_names.index(column), column, values)
-    confidence = pa.array(new.max(axis=1) if n else np.zeros(0, np.float32), type=pa.float32())
-    return table.set_column(table.column_names.index("confidence"), "confidence", confidence)
+    return table.set_column(table.column_names.index(column), column, values)
