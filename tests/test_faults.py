@@ -510,7 +510,7 @@ def test_a_teacher_swapped_under_a_finished_run_relabels_and_reselects(tiny_conf
     from pipeline.rounds import run_pipeline
 
     teacher = _teacher(tmp_path / "teacher", seed=1)
-    cfg = tiny_config(f"teacher.from_model={teacher}", "student.epochs=1")
+    cfg = tiny_config(f"teacher.from_model={teacher}", "student.epochs=1", "robustness.corruptions=[]")
     unlabeled = expand_shards(cfg.data.unlabeled)
     run_pipeline(cfg, "swap", progress=False)
     rdir = tmp_path / "runs" / "swap" / "round-001"
@@ -539,7 +539,9 @@ def test_same_size_damage_left_by_an_interrupted_stage_is_redone(tiny_config, tm
     from pipeline.rounds import run_pipeline
     from stages.storage.artifacts import RoundManifest
 
-    cfg = tiny_config(f"teacher.from_model={_teacher(tmp_path / 'teacher', seed=1)}", "student.epochs=1")
+    cfg = tiny_config(
+        f"teacher.from_model={_teacher(tmp_path / 'teacher', seed=1)}", "student.epochs=1", "robustness.corruptions=[]"
+    )
     run_pipeline(cfg, "damage", progress=False)
     rdir = tmp_path / "runs" / "damage" / "round-001"
     sidecars = sorted((rdir / "pseudo_labels").glob("*.parquet"))

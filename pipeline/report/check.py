@@ -181,7 +181,9 @@ def render(report: Path, screenshot: Path, width: int = 1280) -> tuple[str, list
     with tempfile.TemporaryDirectory(prefix="report-check-") as tmp:
         probe = Path(tmp) / "probe.html"
         probe.write_text(report.read_text().replace("</body>", _PROBE + "</body>"))
-        base = [exe, "--headless", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp}/profile"]
+        # no background networking: on an offline machine Chromium's update, sync and lookups only fail, many a time
+        quiet = ["--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+        base = [exe, "--headless", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp}/profile", *quiet]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             base.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox
         dom = _chromium(base + ["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()])
