@@ -222,7 +222,9 @@ def cmd_iterate(args) -> int:
     print(format_table(rows))
     run_dir = run_folder(cfg, run)
     layout = RunLayout(run_dir)
-    print(format_choice(read_json(layout.status).get("stop")))
+    status = read_json(layout.status)
+    print(format_per_class(rows, status.get("stuck_classes")))
+    print(format_choice(status.get("stop")))
     print(f"\nrun {run} finished in {time.perf_counter() - start:.0f} s; outputs in {run_dir}")
     report = layout.report
     # an object store stamps the upload with its own clock: allow it a little skew
@@ -337,7 +339,7 @@ def cmd_rounds(args) -> int:
     finished = [r for r in rows if r["finished"]]
     if finished:
         print(format_table(finished))
-        print(format_per_class(finished[-1]))
+        print(format_per_class(finished, status.get("stuck_classes")))
         print(format_choice(status.get("stop")))
     for r in rows:
         if not r["finished"]:
@@ -408,13 +410,29 @@ def format_comparison(rows: list[dict], name_a: str, name_b: str) -> str:
     return _columns(header, lines)
 
 
-def format_per_class(m: dict) -> str:
-    """One round's per-class test top-1, by class name (``metrics.json``'s ``classes``; indices before it had them)."""
-    names = m.get("classes") or [str(c) for c in range(len(m["per_class_top1"]))]
-    cells = [
-        f"{n} {v * 100:.1f}%" if v is not None else f"{n} -" for n, v in zip(names, m["per_class_top1"], strict=True)
+def format_per_class(rows: list[dict], stuck: list[dict] | None = None, most: int = 20) -> str:
+    """Per class (by name, from ``metrics.json``'s ``classes``): test top-1 in each round and the pseudo-labels the
+    last student trained on; a class the rounds left behind (``run.json``'s ``stuck_classes``, found on validation)
+    is marked. More than ``most`` classes: the ``most`` with the lowest last-round top-1."""
+    last = rows[-1]
+    names = last.get("classes") or [str(c) for c in range(len(last["per_class_top1"]))]
+    behind = {s["class"] for s in stuck or []}
+    pseudo = last.get("pseudo_per_class") or [None] * len(names)
+    order = list(range(len(names)))
+    if len(order) > most:
+        order = sorted(order, key=lambda c: last["per_class_top1"][c] if last["per_class_top1"][c] is not None else -1)
+        order = order[:most]
+    header = ("class", *(f"round {m['round']}" for m in rows), "pseudo-labels", "")
+    lines = [
+        (
+            names[c],
+            *(_pct(m["per_class_top1"][c]) for m in rows),
+            "-" if pseudo[c] is None else str(pseudo[c]),
+            "stuck (validation)" if names[c] in behind else "",
+        )
+        for c in order
     ]
-    return f"round {m['round']} per-class test top-1: " + ", ".join(cells)
+    return "per-class test top-1 by round:\n" + _columns(header, lines)
 
 
 def format_table(rows: list[dict]) -> str:

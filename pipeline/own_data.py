@@ -31,7 +31,7 @@ def shard_size(text: str) -> int:
 
 
 def add_commands(sub) -> None:
-    """Add ``prepare-folder``, ``predict`` and ``export`` to the CLI's subparsers."""
+    """Add ``prepare-folder``, ``predict``, ``export`` and ``suggest-labels`` to the CLI's subparsers."""
     p = sub.add_parser(
         "prepare-folder",
         help="write a folder (or CSV) of images as WebDataset shards, classes.json and data.yaml",
@@ -51,8 +51,38 @@ def add_commands(sub) -> None:
         help="ray: one Ray task per shard; off: in this process; auto (default): Ray above 64 MB of images",
     )
     p.add_argument("--seed", type=int, default=0, help="shuffles which images share a shard (default 0)")
+    p.add_argument(
+        "--labeled-only",
+        action="store_true",
+        help="with --csv: the CSV holds labeled rows only (images to add to a run's data.labeled, e.g. the "
+        "suggest-labels CSV once a person has set its labels)",
+    )
+    p.add_argument(
+        "--classes",
+        help="a classes.json (a run's, or prepare-folder's) to number the labels by, so that added images get the "
+        "run's class indices (default: the labeled rows' names, sorted)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare_folder)
+
+    p = sub.add_parser(
+        "suggest-labels",
+        help="the unlabeled images whose labels would help a run most, as a folder and a CSV to label",
+        description="Runs the run's best round (or --round) over its unlabeled shards and picks --n images: those the "
+        "model is least sure of, half of them near a class the rounds left behind (run.json's stuck_classes), the "
+        "rest spread over the predicted classes. Writes DIR/images/<key>.<ext> (the original bytes), "
+        "DIR/suggestions.csv (key, image, predicted class, confidence, margin, why) and DIR/labels.csv "
+        "(path,label,split; label pre-filled with the prediction). Correct the labels, then: prepare-folder --csv "
+        "DIR/labels.csv --labeled-only --classes <the run's classes.json> --out NEW, and add NEW/labeled/*.tar to "
+        "data.labeled.",
+    )
+    p.add_argument("run", metavar="RUN", help="run name under --storage, or a path or URL of a run folder")
+    p.add_argument("--storage", default="runs", help="storage root: folder or URL (default runs)")
+    p.add_argument("--round", type=int, dest="round_index", help="the model to ask (default: the run's best round)")
+    p.add_argument("--n", type=int, default=50, help="images to suggest (default 50)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_suggest_labels)
 
     p = sub.add_parser(
         "predict",
@@ -90,6 +120,7 @@ def add_commands(sub) -> None:
 def cmd_prepare_folder(args) -> int:
     from pipeline.distributed.executor import choose_executor
     from pipeline.distributed.runtime import init_ray
+    from stages.data.folder import REQUIRED_SPLITS
     from stages.prepare import prepare_folder, source_images
     from stages.storage.layout import CLASSES, PREPARE_CONFIG, PREPARE_SUMMARY
 
@@ -97,11 +128,24 @@ def cmd_prepare_folder(args) -> int:
         raise DataError("prepare-folder: give either SRC or --csv FILE")
     mode = {"auto": "auto", "ray": "ray", "off": "local"}[args.parallel]
     progress = not args.no_progress
+    if args.labeled_only and not args.csv_path:
+        raise DataError("prepare-folder: --labeled-only goes with --csv FILE")
+    classes = None
+    if args.classes:
+        from stages.data.folder import read_classes
+
+        try:
+            classes = read_classes(args.classes)
+        except ValueError as exc:
+            raise DataError(f"--classes {exc}") from exc
     executor, why = choose_executor(mode, "", False, source_images(args.src, args.csv_path), "", progress)
     if executor.kind == "ray":
         init_ray()
     print(f"prepare-folder: {executor.kind} ({why})", file=sys.stderr)
-    summary = prepare_folder(args.src, args.out, executor, args.csv_path, args.shard_size, args.seed, progress)
+    required = ("labeled",) if args.labeled_only else REQUIRED_SPLITS
+    summary = prepare_folder(
+        args.src, args.out, executor, args.csv_path, args.shard_size, args.seed, progress, required, classes
+    )
     counts = ", ".join(f"{s} {i['samples']} ({i['shards']} shard(s))" for s, i in summary["splits"].items())
     print(f"wrote {summary['out']}: {len(summary['classes'])} classes, {counts}")
     if summary["skipped_count"]:
@@ -223,3 +267,78 @@ def _read_text(store, rel: str) -> str:
     from stages.storage.files import join, read_text
 
     return read_text(join(store.location, rel))
+
+
+def cmd_suggest_labels(args) -> int:
+    """``suggest-labels``: the images to label next (``stages.maths.classes.suggestion_order``)."""
+    import csv
+    import tempfile
+
+    import numpy as np
+    import pyarrow as pa
+    import yaml
+
+    from pipeline.cluster.run_store import RunStore
+    from stages.core.stage import InProcess, LabelResources
+    from stages.data.folder import classes_json
+    from stages.data.shards import IMAGE_EXTENSIONS, expand_shards, iter_raw_samples
+    from stages.maths.classes import margins, suggestion_order
+    from stages.models.factory import model_sha
+    from stages.pseudo_label import PseudoLabelConfig, label_shards
+    from stages.storage.files import atomic_write_json, read_table
+    from stages.storage.layout import CLASSES, CONFIG, SUGGESTED_LABELS, SUGGESTIONS, RunLayout, sidecar_file
+
+    store = RunStore(args.run, args.storage)
+    finished = [r["round"] for r in store.rounds() if r["finished"]]
+    if not finished:
+        raise DataError(f"run {store.location} has no finished round to ask")
+    r = store.best_round(finished) if args.round_index is None else args.round_index
+    if r not in finished:
+        raise DataError(f"run {store.location}: round {r} is not finished (finished: {finished})")
+    config = yaml.safe_load(_read_text(store, CONFIG))
+    data = config["data"]
+    shards = expand_shards(data["unlabeled"], "data.unlabeled")
+    names = data.get("classes") or [str(c) for c in range(int(data["num_classes"]))]
+    stuck = [names.index(s["class"]) for s in store.status().get("stuck_classes") or [] if s["class"] in names]
+    model = RunLayout(store.location).round(r).model
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="ns-suggest-") as tmp:  # the model's predictions on the pool
+        cfg, channels = PseudoLabelConfig(), int(data.get("channels", 1))
+        label_shards(
+            model.dir, model_sha(model), shards, tmp, cfg, channels, LabelResources(), InProcess(not args.no_progress)
+        )
+        table = pa.concat_tables(read_table(Path(tmp) / sidecar_file(s), ["key", "shard", "probs"]) for s in shards)
+    probs = np.asarray(table.column("probs").to_pylist(), dtype=np.float32)
+    rows, why = suggestion_order(probs, stuck, args.n)
+    picked = {table.column("key")[int(i)].as_py(): int(i) for i in rows}
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    for shard in sorted({table.column("shard")[i].as_py() for i in picked.values()}):
+        for sample in iter_raw_samples(shard):
+            if sample["__key__"] in picked:
+                ext = next(k for k in sample if k in IMAGE_EXTENSIONS)
+                files[sample["__key__"]] = f"images/{sample['__key__']}.{ext}"
+                (out / files[sample["__key__"]]).write_bytes(sample[ext])
+    margin = margins(probs)
+    atomic_write_json(out / CLASSES, classes_json(names))  # the run's numbering, for prepare-folder --classes
+    with open(out / SUGGESTIONS, "w", newline="") as f, open(out / SUGGESTED_LABELS, "w", newline="") as g:
+        suggestions, labels = csv.writer(f), csv.writer(g)
+        suggestions.writerow(["key", "image", "predicted", "confidence", "margin", "why"])
+        labels.writerow(["path", "label", "split"])
+        for (key, i), reason in zip(picked.items(), why, strict=True):
+            predicted = names[int(probs[i].argmax())]
+            suggestions.writerow([key, files[key], predicted, f"{probs[i].max():.4f}", f"{margin[i]:.4f}", reason])
+            labels.writerow([files[key], predicted, "labeled"])
+    print(
+        f"wrote {len(picked)} suggestions from round {r} of {store.name} to {out}: images/, {SUGGESTIONS}, "
+        f"{SUGGESTED_LABELS}"
+    )
+    if stuck:
+        print(f"classes left behind (run.json): {', '.join(names[c] for c in stuck)}")
+    labels = out / SUGGESTED_LABELS
+    print(
+        f"next: correct the labels in {labels}, then python -m pipeline prepare-folder --csv {labels} --labeled-only "
+        f"--classes {out / CLASSES} --out NEW; add NEW/labeled/*.tar to data.labeled"
+    )
+    return 0

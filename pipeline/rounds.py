@@ -34,6 +34,7 @@ from pipeline.report.tracking import track_round
 from stages.core.stage import ROUND_STAGES, Executor, RunData, Stage, StageContext
 from stages.data.shards import expand_shards
 from stages.data_check import CheckSettings, check_data, scan_labeled_splits
+from stages.maths.classes import stuck_classes
 from stages.models.factory import check_classifier
 from stages.models.pretrained import check_teacher_source
 from stages.storage.artifacts import RoundManifest
@@ -138,6 +139,7 @@ def run_pipeline(cfg: PipelineConfig, run_name: str, progress: bool = True) -> l
             rows.append(run_round(run, r, status))
             status["rounds_completed"] = r + 1
             status["stop"] = stop = stop_record(cfg, rows)
+            status["stuck_classes"] = warn_stuck(rows, cfg.data.names())
             _save_status(layout, status)
             _after_round(run, r, status, report=run.stages_run > ran or r == cfg.rounds or stop["stopped_early"])
             if stop["stopped_early"]:
@@ -155,6 +157,36 @@ def run_pipeline(cfg: PipelineConfig, run_name: str, progress: bool = True) -> l
     if cfg.publish:
         publish_round(layout.dir, rows[-1]["round"], cfg.publish)  # again, for the final run.json
     return rows
+
+
+def warn_stuck(rows: list[dict], names: list[str]) -> list[dict]:
+    """One warning line per class the rounds leave behind (``stages.maths.classes.stuck_classes``, on validation);
+    returns them for ``run.json``."""
+    per_class = [m.get("val_per_class_top1") for m in rows]
+    if any(p is None for p in per_class):
+        return []
+    found = []
+    for c in stuck_classes(per_class):
+        share = (rows[-1].get("pseudo_per_class") or [None] * len(names))[c]
+        total = sum(rows[-1].get("pseudo_per_class") or [0]) or 1
+        record = {
+            "class": names[c],
+            "val_recall_round0": per_class[0][c],
+            "val_recall_now": per_class[-1][c],
+            "pseudo_share": None if share is None else share / total,
+        }
+        found.append(record)
+        pseudo = "" if share is None else f"; it got {share / total:.0%} of the pseudo-labels"
+        log.warning(
+            "class %s did not move: validation recall %.0f%% in round 0, %.0f%% after round %d%s; label more of it: "
+            "python -m pipeline suggest-labels RUN --n 50 --out DIR",
+            names[c],
+            100 * per_class[0][c],
+            100 * per_class[-1][c],
+            rows[-1]["round"],
+            pseudo,
+        )
+    return found
 
 
 def _data_check(run: Run, previous: dict | None) -> dict:

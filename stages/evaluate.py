@@ -201,8 +201,10 @@ def eval_metrics(out_dir, test_shards: list[str], num_classes: int, val_shards: 
     conf, pred, true = read_predictions([eval_sidecar(out_dir, "test", s) for s in test_shards])
     metrics = prediction_metrics(conf, pred, true, num_classes)
     if val_shards:
-        _, vpred, vtrue = read_predictions([eval_sidecar(out_dir, "val", s) for s in val_shards])
-        metrics |= {"val_top1": float((vpred == vtrue).mean()), "val_images": int(len(vtrue))}
+        vconf, vpred, vtrue = read_predictions([eval_sidecar(out_dir, "val", s) for s in val_shards])
+        val = prediction_metrics(vconf, vpred, vtrue, num_classes)
+        metrics |= {"val_top1": val["test_top1"], "val_images": val["test_images"]}
+        metrics["val_per_class_top1"] = val["per_class_top1"]  # what the stuck-class warning reads
     if variants:
         top1 = {}
         for corruption, severity in variants:
@@ -253,7 +255,8 @@ def round_facts(ctx: StageContext) -> dict:
     """What ``metrics.json`` says of the round besides its scores: model, sizes, stage times, its teacher's scores."""
     card = read_json(ctx.layout.model.card)
     stages = ctx.manifest.data["stages"]
-    pseudo = int(ctx.manifest.result("select").get("copies_out", 0)) if ctx.round > 0 else 0
+    selected = ctx.manifest.result("select") if ctx.round > 0 else {}
+    pseudo = int(selected.get("copies_out", 0))
     facts = {
         "round": ctx.round,
         "model": card["timm_name"],
@@ -261,6 +264,7 @@ def round_facts(ctx: StageContext) -> dict:
         "labeled_images": len(ctx.data.labeled),
         "pseudo_images": pseudo,
         "train_images": len(ctx.data.labeled) + pseudo,
+        "pseudo_per_class": selected.get("per_class_after"),  # pseudo-labeled samples trained on, per class
         "stage_seconds": {s: stages[s]["seconds"] for s in ("pseudo_label", "select", "train") if s in stages},
     }
     if ctx.previous is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from stages.core.errors import DataError
 from stages.core.stage import Executor
 from stages.data.folder import (
+    REQUIRED_SPLITS,
     SPLITS,
     Scan,
     ShardPlan,
@@ -45,10 +47,12 @@ def prepare_folder(
     shard_bytes: int = 256 << 20,
     seed: int = 0,
     progress: bool = True,
+    required: Sequence[str] = REQUIRED_SPLITS,
+    classes: Sequence[str] | None = None,
 ) -> dict:
     """Scan ``src`` (or ``csv_path``), write the shards the plan lacks (one task each on ``executor``), then
     ``classes.json``, ``data.yaml`` and ``prepare.json`` under ``out``; returns the summary ``prepare.json`` holds."""
-    scan = scan_csv(csv_path) if csv_path else scan_folder(src or ".")
+    scan = scan_csv(csv_path, required, classes) if csv_path else scan_folder(src or ".")
     out = os.path.abspath(out)
     plans = plan_shards(scan, out, shard_bytes, seed)
     _remove_stale(out, plans)
@@ -61,7 +65,7 @@ def prepare_folder(
         for record in executor.map(write_shard, ((p,) for p in todo), len(todo), "prepare-folder"):
             bar.update(record["samples"] + len(record["skipped"]))
             records[_name(record)] = record
-    summary = _summary(scan, plans, records, src or csv_path or "", out)
+    summary = _summary(scan, plans, records, src or csv_path or "", out, required)
     atomic_write_json(os.path.join(out, CLASSES), classes_json(scan.classes))
     atomic_write_text(os.path.join(out, PREPARE_CONFIG), data_yaml(summary, out))
     atomic_write_json(os.path.join(out, PREPARE_SUMMARY), summary)
@@ -89,7 +93,7 @@ def _remove_stale(out: str, plans: list[ShardPlan]) -> None:
                 path.unlink()
 
 
-def _summary(scan: Scan, plans: list[ShardPlan], records: dict, source: str, out: str) -> dict:
+def _summary(scan: Scan, plans: list[ShardPlan], records: dict, source: str, out: str, required: Sequence[str]) -> dict:
     splits: dict[str, dict] = {}
     skipped = list(scan.skipped)
     gray = color = 0
@@ -101,7 +105,7 @@ def _summary(scan: Scan, plans: list[ShardPlan], records: dict, source: str, out
         entry["skipped"] += len(record["skipped"])
         skipped += record["skipped"]
         gray, color = gray + record["gray"], color + record["color"]
-    for split in ("labeled", "test", "unlabeled"):
+    for split in required:
         if not splits.get(split, {}).get("samples"):
             raise DataError(f"{source}: no readable image in {split} (every one was skipped; see the warnings)")
     return {

@@ -178,8 +178,14 @@ def _class_folders(root: str, split: str, skipped: list[dict]) -> dict[str, list
     return folders
 
 
-def scan_csv(csv_path: str | Path) -> Scan:
-    """The images a ``path,label,split`` CSV lists (paths relative to its folder); a bad row is one line."""
+def scan_csv(
+    csv_path: str | Path, required: Sequence[str] = REQUIRED_SPLITS, classes: Sequence[str] | None = None
+) -> Scan:
+    """The images a ``path,label,split`` CSV lists (paths relative to its folder); a bad row is one line.
+
+    ``required``: the splits it must hold rows of (only ``labeled`` for images added to a run's labeled set).
+    ``classes``: the class names by index to number labels with (a run's own, so that added images get its indices);
+    by default the labeled rows' names, sorted."""
     csv_path = str(csv_path)
     base = os.path.dirname(os.path.abspath(csv_path))
     try:
@@ -205,14 +211,19 @@ def scan_csv(csv_path: str | Path) -> Scan:
             skipped.append({"path": path, "reason": "not an image file"})
             continue
         listed.append((split, label, path, rel))
-    classes = tuple(sorted({label for split, label, _, _ in listed if split in LABELED_SPLITS}))
+    found = {label for split, label, _, _ in listed if split in LABELED_SPLITS}
+    if classes is not None:
+        unknown = sorted(found - set(classes))
+        if unknown:
+            raise DataError(f"{csv_path}: label {unknown[0]!r} is not one of the classes given ({', '.join(classes)})")
+    classes = tuple(classes) if classes is not None else tuple(sorted(found))
     index = {c: i for i, c in enumerate(classes)}
     images: dict[str, list[SourceImage]] = {s: [] for s in SPLITS}
     for split, label, path, rel in listed:
         if split == "unlabeled" and label and label not in index:
             raise DataError(f"{csv_path}: unlabeled row {rel} has label {label!r}, which no labeled row has")
         images[split].append(_source(path, rel, index.get(label, -1)))
-    for split in REQUIRED_SPLITS:
+    for split in required:
         if not images[split]:
             raise DataError(f"{csv_path}: no {split} rows")
     return Scan(classes, {s: v for s, v in images.items() if v}, skipped)

@@ -66,6 +66,9 @@ TUNE_SUMMARY = "tune.json"
 PREPARE_SUMMARY = "prepare.json"
 PREPARE_CONFIG = "data.yaml"
 CLASSES = "classes.json"
+# `python -m pipeline suggest-labels`'s outputs beside the suggested images
+SUGGESTIONS = "suggestions.csv"
+SUGGESTED_LABELS = "labels.csv"
 
 # The files a round hands to users (``download``, ``publish``, MLflow): never its prediction sidecars.
 ROUND_DELIVERABLES = (MODEL_WEIGHTS, MODEL_CARD, METRICS, MANIFEST)
