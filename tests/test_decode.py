@@ -72,6 +72,15 @@ def _rgba(pixels: np.ndarray) -> np.ndarray:
     return np.concatenate([pixels, alpha], axis=2)
 
 
+KEY = (10, 200, 30)  # a PNG's transparent colour (tRNS): decode_image puts black there
+
+
+def _keyed(pixels: np.ndarray) -> np.ndarray:
+    out = pixels.copy()
+    out[: pixels.shape[0] // 2] = KEY
+    return out
+
+
 def _exif_rotated(pixels: np.ndarray) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display": decode_image ignores it, so must every backend
@@ -86,6 +95,7 @@ SOURCES = {
     "jpeg-progressive": lambda p: _encode(p, "JPEG", quality=90, progressive=True),
     "png": lambda p: _encode(p, "PNG"),
     "png-rgba": lambda p: _encode(_rgba(p), "PNG"),
+    "png-transparent-colour": lambda p: _encode(_keyed(p), "PNG", transparency=KEY),
 }
 
 
@@ -93,7 +103,7 @@ SOURCES = {
 # image to the resize on): a coarser filter than the reference's, and on images this small a coarser result, so their
 # bound is looser there (bench/decode.py measures the loss on photo-size images: about half a grey level)
 # OpenCV shrinks with INTER_AREA (a box average), not the reference's triangle filter: looser everywhere.
-MIN_SCALE = {"pil-draft": 2, "pil-torch": 2, "opencv": 0, "simplejpeg": 8 / 7}
+MIN_SCALE = {"pil-draft": 2, "pil-torch": 2, "torchcodec": 2, "opencv": 0, "simplejpeg": 8 / 7}
 STRICT, LOOSE = (1.0, 40.0), (2.5, 30.0)  # mean absolute difference at most, PSNR (dB) at least
 
 
@@ -149,6 +159,8 @@ def test_png_and_exif_cases_really_differ_from_a_naive_decode():
     pixels = _photo(7, 80, 60)
     rgba = decode_pil(SOURCES["png-rgba"](pixels), SIZE, 3, SHORT)
     assert rgba[: SIZE // 4].max() == 0  # the transparent top is black, not the colour under it
+    keyed = decode_pil(SOURCES["png-transparent-colour"](pixels), SIZE, 3, SHORT)
+    assert keyed[: SIZE // 4].max() == 0  # so is the transparent colour's
     rotated = decode_pil(SOURCES["jpeg-exif-rotated"](pixels), SIZE, 3, None)
     plain = decode_pil(SOURCES["jpeg"](pixels), SIZE, 3, None)
     assert np.abs(rotated.astype(int) - plain).mean() < 1  # the same pixels: the EXIF tag was ignored
