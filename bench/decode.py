@@ -1,6 +1,6 @@
 """Decode throughput per core: JPEG bytes to a model-sized uint8 array, for each backend of ``stages/decode.py``.
 
-    python bench/decode.py                                   # 500x375 q90, 64 images: the acceptance run (~1 min)
+    python bench/decode.py                                   # 500x375 q90, 64 images: the acceptance run (~1.5 min)
     python bench/decode.py --sizes 500x375,1024x768,4000x3000
     python bench/decode.py --simd-python /path/to/venv-with-pillow-simd/bin/python   # adds pillow-simd's figures
     python bench/decode.py --images 16 --repeats 2 --no-save                         # a smoke run
