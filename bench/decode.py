@@ -1,4 +1,4 @@
-"""Decode throughput per core: JPEG bytes to a model-sized uint8 array, for each backend of ``stages/decode.py``.
+"""Decode throughput per core: JPEG bytes to a model-sized uint8 array, for each backend of ``stages/data/decoders.py``.
 
     python bench/decode.py                                   # 500x375 q90, 64 images: the acceptance run (~1.5 min)
     python bench/decode.py --sizes 500x375,1024x768,4000x3000
@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import add_result_args, save_result  # noqa: E402
 
-from stages.decode import DECODERS, decode_opencv, short_side_for  # noqa: E402
+from stages.data.decoders import DECODERS, decode_opencv, short_side_for  # noqa: E402
 
 SIZE, CROP_PCT, QUALITY = 224, 0.875, 90
 BASE_PIXELS = 500 * 375
@@ -180,8 +180,8 @@ Fn = Callable[[bytes], object]
 
 def _pipeline_float(short_side: int | None, interpolation: str) -> Fn:
     """The stage's CPU path today: ``decode_image`` then ``card_transform`` (a normalised float CHW tensor)."""
-    from stages.data import decode_image
-    from stages.transforms import card_transform
+    from stages.data.shards import decode_image
+    from stages.models.transforms import card_transform
 
     card = {"input_size": [3, SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": interpolation}
     if short_side is not None:

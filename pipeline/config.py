@@ -156,11 +156,16 @@ class ResourcesConfig:
     label_max_actors: Annotated[NonNegative, LATE] = 0
     torch_threads: NonNegative = 0
     executor: Annotated[Literal["auto", "local", "ray"], LATE] = "auto"
+    cpu_decoder: Annotated[StrictStr, LATE] = "auto"
 
     @model_validator(mode="after")
     def _gpu_decode_needs_a_gpu(self) -> ResourcesConfig:
         if self.label_decode == "gpu" and not self.gpus_per_label_actor:
             raise ValueError("label_decode: gpu needs gpus_per_label_actor > 0 (the actors decode on their GPU)")
+        from stages.data.decoders import DECODERS  # torch-free at import; the backends load their libraries lazily
+
+        if self.cpu_decoder != "auto" and self.cpu_decoder not in DECODERS:
+            raise ValueError(f"cpu_decoder: one of auto, {', '.join(DECODERS)}; got {self.cpu_decoder!r}")
         return self
 
     def train(self) -> TrainResources:
@@ -174,6 +179,7 @@ class ResourcesConfig:
             self.label_threads,
             self.label_decode,
             self.label_max_actors,
+            self.cpu_decoder,
         )
 
 

@@ -106,8 +106,10 @@ class ShardEvaluator(ShardLabeler):
         only: dict[str, frozenset[str]] | None = None,
         corruption_seed: int = 0,
         decode_threads: int = 0,
+        cpu_decoder: str = "auto",
     ):
-        super().__init__(model_dir, out_dir, PseudoLabelConfig(), channels, threads, decode, decode_threads)
+        cfg = PseudoLabelConfig()
+        super().__init__(model_dir, out_dir, cfg, channels, threads, decode, decode_threads, cpu_decoder)
         self.only, self.corruption_seed = only or {}, corruption_seed
 
     def process(self, shard: str, split: str, corruption: str, severity: int, made_by: str) -> dict:
@@ -120,7 +122,7 @@ class ShardEvaluator(ShardLabeler):
 
         path = eval_sidecar(self.out_dir, split, shard)
         topk = CORRUPTED_TOPK if corruption else 0
-        meta = {"device": self.device.type, "decode": decode}
+        meta = {"device": self.device.type, "decode": decode, "decoder": "pil" if corruption else self.decoder.backend}
         done = self.write_labels(
             shard, path, topk, format=EVAL_FORMAT, made_by=made_by, only=self.only.get(split), prepare=prepare, **meta
         )
@@ -162,12 +164,14 @@ def evaluate_tasks(
         if trusted_table(eval_sidecar(out_dir, t.split, t.shard), EVAL_FORMAT, made) is None:
             items.append(dataclasses.asdict(t) | {"made_by": made})
     summary: dict = {"tasks": len(tasks), "resumed": len(tasks) - len(items), "rows": 0, "devices": {}, "decode": {}}
+    summary["decoders"] = {}
     if items:
         kwargs = {
             "model_dir": str(model_dir),
             "out_dir": str(out_dir),
             "channels": channels,
             "decode": resources.decode,
+            "cpu_decoder": resources.cpu_decoder,
             "only": only,
             "corruption_seed": corruption_seed,
         }
@@ -179,6 +183,7 @@ def evaluate_tasks(
                 summary["rows"] += int(row["rows"])
                 summary["devices"][row["device"]] = summary["devices"].get(row["device"], 0) + 1
                 summary["decode"][row["decode"]] = summary["decode"].get(row["decode"], 0) + 1
+                summary["decoders"][row["decoder"]] = summary["decoders"].get(row["decoder"], 0) + 1
                 bar.update(1)
     summary["ran_as"] = executor.kind
     summary["seconds"] = round(time.perf_counter() - start, 3)

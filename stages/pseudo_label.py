@@ -35,6 +35,7 @@ from stages.core.config import config
 from stages.core.errors import DataError
 from stages.core.stage import LabelResources, StageContext, StageOutput
 from stages.data.decode import Decoder, Prepare, prefetch, raw_batches
+from stages.data.decoders import DEFAULT as DEFAULT_DECODER
 from stages.models.device import autocast, place_batch, place_model
 from stages.models.factory import load_model, model_sha
 from stages.storage.artifacts import Footer, inputs_digest, read_footer, trusted_table, write_table
@@ -118,9 +119,11 @@ class ShardLabeler:
         threads: int = 0,
         decode: str = "cpu",
         decode_threads: int = 0,
+        cpu_decoder: str = "auto",
     ):
-        """``threads``: torch threads (0 = torch's default); ``decode_threads``: PIL decodes at once (0 =
-        ``threads``, else 1); ``decode``: ``gpu`` decodes JPEGs with nvJPEG where the actor has a GPU."""
+        """``threads``: torch threads (0 = torch's default); ``decode_threads``: decodes at once (0 = ``threads``,
+        else 1); ``decode``: ``gpu`` decodes JPEGs with nvJPEG where the actor has a GPU; ``cpu_decoder``: the
+        ``stages/data/decoders.py`` backend of the CPU decode (``auto``: its ``DEFAULT``)."""
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,7 +131,8 @@ class ShardLabeler:
         self.model = place_model(model, self.device)
         on_gpu = decode == "gpu" and self.device.type == "cuda"
         self.decode = "gpu" if on_gpu else "cpu"  # recorded per shard: a GPU decode asked for on a CPU actor is not
-        self.decoder = Decoder(card, channels, decode_threads or threads or 1, self.device if on_gpu else None)
+        backend = DEFAULT_DECODER if cpu_decoder == "auto" else cpu_decoder
+        self.decoder = Decoder(card, channels, decode_threads or threads or 1, self.device if on_gpu else None, backend)
         self.out_dir, self.cfg, self.channels = join(out_dir), cfg, channels  # a folder or a URL, from any node
 
     def process(self, shard: str, made_by: str) -> dict:
@@ -136,7 +140,12 @@ class ShardLabeler:
         sidecar that cannot be written)."""
         path = join(self.out_dir, sidecar_file(shard))
         done = self.write_labels(shard, path, self.cfg.topk, format=SIDECAR_FORMAT, made_by=made_by)
-        return done | {"shard": shard, "device": self.device.type, "decode": self.decode}
+        return done | {
+            "shard": shard,
+            "device": self.device.type,
+            "decode": self.decode,
+            "decoder": self.decoder.backend,
+        }
 
     def write_labels(
         self,
@@ -244,7 +253,8 @@ def label_shards(
         )
     start, rows_new, done = time.perf_counter(), 0, 0
     devices: dict[str, int] = {}  # shards labeled per device type ("cuda", "cpu")
-    decodes: dict[str, int] = {}  # shards decoded per decoder ("gpu": nvJPEG, "cpu": PIL threads)
+    decodes: dict[str, int] = {}  # shards decoded per place ("gpu": nvJPEG, "cpu": decode threads)
+    decoders: dict[str, int] = {}  # shards per CPU decoding backend (stages/data/decoders.py)
     startup = None  # seconds until the first worker began labeling: process start, imports, model load
     if todo:
         kwargs = {
@@ -253,6 +263,7 @@ def label_shards(
             "cfg": cfg,
             "channels": channels,
             "decode": resources.decode,
+            "cpu_decoder": resources.cpu_decoder,
         }
         items = [{"shard": s, "made_by": made[s]} for s in todo]
         bar = tqdm(total=len(todo), unit="shard", desc="pseudo-label", disable=not progress, dynamic_ncols=True)
@@ -261,6 +272,7 @@ def label_shards(
                 rows_new, done = rows_new + int(row["rows"]), done + 1
                 devices[row["device"]] = devices.get(row["device"], 0) + 1
                 decodes[row["decode"]] = decodes.get(row["decode"], 0) + 1
+                decoders[row["decoder"]] = decoders.get(row["decoder"], 0) + 1
                 if startup is None:
                     startup = max(0.0, time.perf_counter() - start - float(row["seconds"]))
                 bar.update(1)
@@ -280,6 +292,7 @@ def label_shards(
         "startup_seconds": round(startup, 3) if startup is not None else None,
         "devices": devices,
         "decode": decodes,
+        "decoders": decoders,
         "ran_as": executor.kind,
     }
 

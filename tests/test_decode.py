@@ -1,4 +1,4 @@
-"""stages/decode.py: every decoding backend against the ``pil`` reference (which is ``card_transform`` before
+"""stages/data/decoders.py: every decoding backend against the ``pil`` reference (which is ``card_transform`` before
 ``ToTensor``), on tiny generated images: JPEG (colour, grayscale, CMYK, with an EXIF rotation), PNG (RGB, RGBA),
 corrupt and truncated bytes, unknown names and missing libraries. A backend whose library is not installed is
 skipped (``pytest.importorskip``); ``bench/decode.py`` measures their speed."""
@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.data import BadSample, decode_image
-from stages.decode import (
+from stages.core.errors import BadSample
+from stages.data.decoders import (
     DECODERS,
     Backend,
     decode_pil,
@@ -25,6 +25,7 @@ from stages.decode import (
     resolve,
     short_side_for,
 )
+from stages.data.shards import decode_image
 
 SIZE = 32
 SHORT = short_side_for(SIZE, 0.875)  # 36
@@ -183,7 +184,7 @@ def test_png_and_exif_cases_really_differ_from_a_naive_decode():
     ids=["digits-rgb", "digits-gray", "natural-bicubic"],
 )
 def test_pil_is_the_pipelines_transform_before_to_tensor(card):
-    from stages.transforms import card_transform  # timm: imported here, the other tests start faster
+    from stages.models.transforms import card_transform  # timm: imported here, the other tests start faster
 
     channels = card["input_size"][0]
     data = SOURCES["jpeg"](_photo(3, 120, 90))
@@ -232,7 +233,7 @@ def test_a_missing_library_falls_back_along_the_chain(monkeypatch, caplog):
     also_missing = Backend("fake2", decode_pil, ("no_such_module_either",), fallback="pil-box")
     monkeypatch.setitem(DECODERS, "fake", missing)
     monkeypatch.setitem(DECODERS, "fake2", also_missing)
-    with caplog.at_level(logging.WARNING, logger="stages.decode"):
+    with caplog.at_level(logging.WARNING, logger="stages.data.decoders"):
         assert resolve("fake") == "pil-box"
     assert "no_such_module_for_the_test" in caplog.text and "'pil-box'" in caplog.text
     assert resolve("pil") == "pil"

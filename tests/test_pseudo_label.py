@@ -327,6 +327,9 @@ def test_label_shards_keeps_only_what_this_teacher_wrote_whole(teacher_dir, digi
 
     first = label("sha-a")
     assert (first["rows"], first["shards_resumed"], first["ran_as"]) == (270, 0, "in-process")
+    from stages.data.decoders import DEFAULT, resolve
+
+    assert first["decoders"] == {resolve(DEFAULT): 3}  # the CPU decoding backend, recorded per shard
     assert label("sha-a")["shards_resumed"] == 3
     assert label("sha-b")["shards_resumed"] == 0  # another teacher: everything again
     damaged = sidecar_path(out, shards[1])

@@ -67,6 +67,7 @@ class LabelResources:
     threads: int = 0
     decode: str = "cpu"
     max_actors: int = 0
+    cpu_decoder: str = "auto"  # stages/data/decoders.py backend for the CPU decode ("auto": its DEFAULT)
 
     def actor_count(self, cluster: dict[str, float]) -> int:
         """Actors the cluster holds room for now (at least one: an autoscaling group at zero scales up for it)."""

@@ -1,10 +1,10 @@
 """Image bytes to a model-sized ``uint8`` array, by one of several decoding backends (issue 27).
 
-    from stages.decode import decode_to
+    from stages.data.decoders import decode_to
     pixels = decode_to(data, 224, 3, short_side=256)                      # (224, 224, 3) uint8, backend "pil"
     pixels = decode_to(data, 224, 3, short_side=256, backend="opencv")    # falls back when OpenCV is missing
 
-Every backend does what ``stages.transforms.card_transform`` does to an image before ``ToTensor``: with
+Every backend does what ``stages.models.transforms.card_transform`` does to an image before ``ToTensor``: with
 ``short_side``, resize so that the shorter side is ``short_side`` (timm's ``natural`` evaluation transform asks for
 ``floor(size / crop_pct)``, 256 for 224) and take the centre ``size`` x ``size`` crop, as torchvision's ``Resize``
 and ``CenterCrop`` compute them; with ``short_side=None``, squash the whole image to ``size`` x ``size`` (the
@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages.data import BadSample, decode_image
+from stages.core.errors import BadSample
+from stages.data.shards import decode_image
 
 if TYPE_CHECKING:
     import torch
@@ -399,7 +400,10 @@ DECODERS: dict[str, Backend] = {
         Backend("torchcodec", decode_torchcodec, ("torch", "torchvision", "torchcodec"), fallback="pil-torch"),
     )
 }
-DEFAULT = "pil"  # what the pipeline does today; bench/decode.py measures the others against it
+# The labeling and evaluation default: the fastest maintained backend within a grey level or two of ``pil`` in
+# bench/decode.py (results in bench/results/decode-*.json); a missing library falls back along the chain.
+DEFAULT = "torchcodec"
+REFERENCE = "pil"  # what bench/decode.py measures the others against
 
 
 def resolve(name: str) -> str:
