@@ -1,5 +1,5 @@
 """Shared by the bench scripts: where results are saved (with the machine's facts), peak memory over this process
-and the Ray workers, the device of the hand loops.
+and the Ray workers, the device of the hand loops, and a model trained in this process as the train stage trains it.
 
 Every bench ends with one JSON line and, unless ``--no-save``, writes the same object, with ``machine`` (CPU model,
 cores, RAM, GPU, library versions, git commit, date, command line) added, to ``bench/results/<name>-<stamp>.json``.
@@ -17,13 +17,20 @@ import platform
 import subprocess
 import sys
 import threading
+import time
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
 
 from stages.models.device import autocast, place_batch, place_model
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
+    from stages.data.shards import LabeledSet
+    from stages.train import TrainPlan
 
 
 class Accel:
@@ -120,11 +127,52 @@ class PeakRss:
         self._poll()
 
 
+def fit_in_process(plan: TrainPlan, work: Path, device: str = "cpu") -> tuple[Path, float]:
+    """Train ``plan`` from scratch in this process, as the train stage does on the in-process executor
+    (``InProcess.fit``: ``train_model`` with ``LocalHooks``, checkpoints under ``work``; an earlier attempt there is
+    removed, so nothing resumes). Returns the final weights (the EMA's when the plan keeps one) and the seconds."""
+    import functools
+    import shutil
+
+    from stages.core.stage import InProcess, TrainResources
+    from stages.storage.layout import CKPT_EMA, MODEL_WEIGHTS
+    from stages.train import train_model
+
+    shutil.rmtree(work, ignore_errors=True)
+    start = time.perf_counter()
+    resources = TrainResources(use_gpu=device == "cuda")
+    InProcess(progress=False).fit(functools.partial(train_model, plan), "ckpt", work, resources, work / "final")
+    seconds = time.perf_counter() - start
+    return work / "final" / f"final-{CKPT_EMA if plan.cfg.ema_decay else MODEL_WEIGHTS}", seconds
+
+
+def save_round_model(weights: Path, cfg: PipelineConfig, r: int, out_dir: Path) -> None:
+    """Final weights as round ``r``'s model folder (weights + the card the train stage writes, ``model_card_for``)."""
+    from pipeline.plan import model_card_for
+    from stages.models.factory import atomic_save_safetensors, check_classifier, load_weights
+    from stages.storage.files import atomic_write_json
+    from stages.storage.layout import ModelFiles
+
+    d, files = cfg.data, ModelFiles(out_dir)
+    params = check_classifier(cfg.spec(r), d.num_classes, d.channels, d.image_size)
+    atomic_save_safetensors(load_weights(weights), files.weights)
+    atomic_write_json(files.card, model_card_for(cfg, r, params) | {"round": r})
+
+
+def model_top1(model_dir: Path, test: LabeledSet) -> float:
+    """A model folder's top-1 on images held in memory (``stages.evaluate.evaluate``), with every torch thread."""
+    from stages.evaluate import evaluate
+    from stages.models.factory import load_model
+
+    torch.set_num_threads(os.cpu_count() or 1)  # as a driver evaluates (training set its own count)
+    model, card = load_model(model_dir)
+    return evaluate(model, card, test)["test_top1"]
+
+
 def wait_until_idle(threshold: float = 0.1, window: float = 1.0, timeout: float = 60.0) -> float:
     """Wait until the processes Ray started (raylet, GCS, dashboard and their children) use less than
     ``threshold`` of a core over ``window`` seconds: ``ray.init`` returns while its dashboard and agents are still
     booting, and that work is not the measured stage's. Returns the seconds waited."""
-    import time
 
     def ray_cpu() -> float:
         me = psutil.Process()

@@ -3,13 +3,16 @@
     python bench/distill.py [--epochs 5] [--methods kd,at] [--config configs/digits.yaml] [--set key=value ...]
 
 One teacher (round 0 of the config's ladder, ``--teacher-epochs``, default the config's) pseudo-labels the
-unlabeled shards and the config's selection runs once; then every method trains the round-1 student from the same
-seed on the same selected data for ``--epochs`` student epochs, in this process (``stages.train.train_model``
-with ``LocalHooks``: the pipeline's training stage without Ray), and is evaluated on the test shards. Methods:
+unlabeled shards (``stages.pseudo_label.label_shards``) and the config's selection runs once
+(``stages.select.select_shards``), both in this process; then every method trains the round-1 student from the
+same seed (the round's own, ``pipeline.choices.round_seeds``) on the same selected data for ``--epochs`` student
+epochs, in this process (the plan from ``pipeline.plan.plan_for``, trained by ``stages.train.train_model`` on the
+in-process executor: the pipeline's training stage without Ray), and is evaluated on the test shards. Methods:
 ``noisy_student`` (no distillation term), one per registered loss (``kd``, ``dml``, ``fitnet``, ``at``, ``sp``,
 ``fsp``; weights in ``METHODS``, which says why), each beside the offline pseudo-label loss, and ``uncertainty``
 (kd + at + sp, weights learned). The teacher, its sidecars and the selection are kept in ``--work`` (default
-``runs/bench-distill``) and reused while the teacher settings are unchanged.
+``runs/bench-distill``, laid out as a run: ``round-000`` the teacher, ``round-001`` its labels and selection) and
+reused while the teacher settings are unchanged.
 
 Prints a table of test top-1 per method, then one JSON line ``{"bench": "distill", "teacher_top1": t,
 "methods": {name: {"top1": ..., "seconds": ..., "terms": ...}}, ...}``, also saved to ``bench/results/``
@@ -27,24 +30,26 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import add_result_args, save_result  # noqa: E402
+from bench_common import add_result_args, fit_in_process, model_top1, save_result, save_round_model  # noqa: E402
 
+from pipeline.choices import round_seeds  # noqa: E402
+from pipeline.cli import ensure_digits  # noqa: E402
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
-from stages.core.hooks import LocalHooks
+from pipeline.plan import plan_for  # noqa: E402
+from stages.core.stage import InProcess  # noqa: E402
 from stages.data.compact import pseudo_sources  # noqa: E402
-from stages.data.shards import expand_shards, load_labeled, shard_id  # noqa: E402
-from stages.evaluate import evaluate  # noqa: E402
+from stages.data.shards import expand_shards, load_labeled  # noqa: E402
 from stages.models.distill import DistillTermConfig, describe, needs_teacher  # noqa: E402
-from stages.models.factory import create_model, model_card, save_model  # noqa: E402
-from stages.train import TrainPlan, train_model  # noqa: E402
+from stages.models.factory import model_sha  # noqa: E402
+from stages.pseudo_label import label_shards  # noqa: E402
+from stages.select import select_shards  # noqa: E402
+from stages.storage.layout import TRAIN_METRICS, RunLayout  # noqa: E402
 
 KD, AT, SP = DistillTermConfig("kd", 1.0, 4.0), DistillTermConfig("at", 100.0), DistillTermConfig("sp", 300.0)
 # name: (terms, weighting). Weights put each term near the cross-entropy's size (about 1.5 in a first epoch) with the
@@ -64,82 +69,31 @@ METHODS: dict[str, tuple[tuple[DistillTermConfig, ...], str]] = {
 }
 
 
-def ensure_data(cfg: PipelineConfig) -> None:
-    root = cfg.data.prepare_digits
-    if root and not all(any((Path(root) / s).glob("*.tar")) for s in ("labeled", "unlabeled", "test")):
-        from stages.data.digits import write_digits_shards
-
-        print(f"preparing the digits data in {root}: {write_digits_shards(root)}", flush=True)
-
-
-def plan_for(cfg: PipelineConfig, r: int, train_cfg, labeled: list[str], work: Path, **kw) -> TrainPlan:
-    d = cfg.data
-    return TrainPlan(
-        spec=cfg.spec(r),
-        cfg=train_cfg,
-        num_classes=d.num_classes,
-        channels=d.channels,
-        image_size=d.image_size,
-        mean=d.mean,
-        std=d.std,
-        labeled=tuple(labeled),
-        labeled_count=kw.pop("labeled_count"),
-        metrics_path=str(work / "train_metrics.jsonl"),
-        threads=cfg.resources.torch_threads,
-        **{"pseudo": (), "pseudo_count": 0, **kw},
-    )
-
-
-def fit(plan: TrainPlan, work: Path) -> tuple[Path, float]:
-    """Train from scratch into ``work`` (an earlier attempt is removed, so nothing resumes); the final weights."""
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    start = time.perf_counter()
-    train_model(plan, LocalHooks(work / "ckpt"))
-    seconds = time.perf_counter() - start
-    last = sorted((work / "ckpt").glob("epoch-*"))[-1]
-    return last / ("ema.safetensors" if plan.cfg.ema_decay else "model.safetensors"), seconds
-
-
-def top1(cfg: PipelineConfig, r: int, weights: Path, test, out_dir: Path | None = None) -> float:
-    from safetensors.torch import load_file
-
-    d = cfg.data
-    model = create_model(cfg.spec(r), d.num_classes, d.channels, noised=False)
-    model.load_state_dict(load_file(weights), strict=True)
-    card = model_card(cfg.spec(r), d.num_classes, d.channels, d.image_size, d.mean, d.std)
-    if out_dir is not None:
-        save_model(model, out_dir, card)
-    return evaluate(model.eval(), card, test)["test_top1"]
-
-
-def teacher_round(
-    cfg: PipelineConfig, labeled: list[str], count: int, unlabeled: list[str], test, work: Path, epochs: int
-):
+def teacher_round(cfg: PipelineConfig, labeled: list[str], count: int, unlabeled: list[str], test, work: Path):
     """Round 0, pseudo-labels and selection, reused from ``work`` while the teacher's settings are the same."""
-    from pipeline.distributed.select import run_selection
-    from stages.pseudo_label import ShardLabeler
-
-    teacher_cfg = dataclasses.replace(cfg.teacher, epochs=epochs)
-    key = json.dumps(
-        [dataclasses.asdict(x) for x in (cfg.data, cfg.spec(0), teacher_cfg, cfg.pseudo_label, cfg.select)],
-        sort_keys=True,
-    )
+    run = RunLayout(work)
+    teacher, labels = run.round(0), run.round(1)
+    parts = [dataclasses.asdict(x) for x in (cfg.data, cfg.spec(0), cfg.teacher, cfg.pseudo_label, cfg.select)]
+    key = json.dumps({"layout": 2, "seed": cfg.seed, "parts": parts}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    round0, stamp = work / "round-000", work / "teacher.json"
+    stamp = work / "teacher.json"
     if stamp.exists() and json.loads(stamp.read_text())["digest"] == digest:
-        print(f"teacher: reusing {round0}", flush=True)
+        print(f"teacher: reusing {teacher.dir}", flush=True)
         return json.loads(stamp.read_text())
-    plan = plan_for(cfg, 0, teacher_cfg, labeled, work / "teacher", labeled_count=count)
-    weights, seconds = fit(plan, work / "teacher")
-    teacher_top1 = top1(cfg, 0, weights, test, round0)
+    plan = plan_for(cfg, 0, labeled, count, metrics_path=str(work / "teacher" / TRAIN_METRICS))
+    weights, seconds = fit_in_process(plan, work / "teacher")
+    save_round_model(weights, cfg, 0, teacher.dir)
+    teacher_top1 = model_top1(teacher.dir, test)
     print(f"teacher {cfg.spec(0).model}: {100 * teacher_top1:.2f}% in {seconds:.0f} s", flush=True)
-    labeler = ShardLabeler(str(round0), str(work / "pseudo_labels"), cfg.pseudo_label, cfg.data.channels)
-    for shard in unlabeled:
-        labeler.label_shard(shard)
-    sidecars = [str(work / "pseudo_labels" / f"{shard_id(s)}.parquet") for s in unlabeled]
-    shutil.rmtree(work / "selection", ignore_errors=True)
-    summary = run_selection(sidecars, str(work / "selection"), cfg.data.num_classes, cfg.select, progress=False)
+    executor, sha = InProcess(progress=False), model_sha(teacher.model)
+    d = cfg.data
+    resources = cfg.resources.label()
+    label_shards(
+        teacher.dir, sha, unlabeled, labels.pseudo_labels, cfg.pseudo_label, d.channels, resources, executor, False
+    )
+    sidecars = [labels.pseudo_label(s) for s in unlabeled]
+    select = dataclasses.replace(cfg.select, seed=round_seeds(cfg, 1)["select"])  # the round's, as the stage has it
+    summary = select_shards(sidecars, labels.selection, d.num_classes, select, f"{digest}-{sha[:16]}", executor)
     info = {"digest": digest, "teacher_top1": teacher_top1, "teacher_seconds": seconds}
     info["pseudo_count"] = int(summary["copies_out"])
     stamp.write_text(json.dumps(info))
@@ -160,16 +114,17 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    cfg = load_config(args.config, args.overrides)
-    ensure_data(cfg)
+    teacher_epochs = [f"teacher.epochs={args.teacher_epochs}"] if args.teacher_epochs else []
+    cfg = load_config(args.config, [*args.overrides, *teacher_epochs])
+    ensure_digits(cfg.data.prepare_digits)
     torch.set_num_threads(cfg.resources.torch_threads or os.cpu_count() or 1)
     d, work = cfg.data, Path(args.work).resolve()
     labeled = expand_shards(d.labeled, "data.labeled")
     unlabeled = expand_shards(d.unlabeled, "data.unlabeled")
     count = len(load_labeled(labeled, d.num_classes, d.channels, d.max_bad_fraction, "data.labeled"))
     test = load_labeled(expand_shards(d.test, "data.test"), d.num_classes, d.channels, d.max_bad_fraction, "data.test")
-    info = teacher_round(cfg, labeled, count, unlabeled, test, work, args.teacher_epochs or cfg.teacher.epochs)
-    pseudo = tuple(pseudo_sources(work / "selection", unlabeled))
+    info = teacher_round(cfg, labeled, count, unlabeled, test, work)
+    pseudo = tuple(pseudo_sources(RunLayout(work).round(1).selection, unlabeled))
     results = {}
     for name in methods:
         terms, weighting = METHODS[name]
@@ -182,11 +137,13 @@ def main() -> None:
             distill_weighting=weighting,
             online_teacher=online,
         )
-        teacher_dir = str(work / "round-000") if online else ""
-        extra = {"pseudo": pseudo, "pseudo_count": info["pseudo_count"], "teacher_dir": teacher_dir}
-        plan = plan_for(cfg, 1, student_cfg, labeled, work / name, labeled_count=count, **extra)
-        weights, seconds = fit(plan, work / name)
-        acc = top1(cfg, 1, weights, test)
+        method_cfg = dataclasses.replace(cfg, student=student_cfg)
+        metrics = str(work / name / TRAIN_METRICS)
+        extra = {"pseudo": pseudo, "pseudo_count": info["pseudo_count"], "metrics_path": metrics}
+        plan = plan_for(method_cfg, 1, labeled, count, run=RunLayout(work), **extra)  # the teacher: online_teacher's
+        weights, seconds = fit_in_process(plan, work / name)
+        save_round_model(weights, method_cfg, 1, work / name / "model")
+        acc = model_top1(work / name / "model", test)
         results[name] = {
             "top1": round(acc, 4),
             "seconds": round(seconds, 1),

@@ -2,13 +2,17 @@
 
     python bench/plain_loop.py --config configs/digits.yaml --rounds 1 [--set key=value ...] [--work DIR] [--gpu]
 
-The same work as ``python -m pipeline iterate`` with the same config, recipe, seeds and models: round 0 trains the
-teacher (``stages.train.train_model`` with ``LocalHooks``), then each round labels the unlabeled shards in this
-process (``ShardLabeler``, one process with every torch thread), selects with the reference selection
-(``stages.maths.selection.select_in_memory``) and writes the per-shard selection files and compact training shards the
-training stream reads (``stages.data.compact.write_selection``), trains the student and evaluates on the test shards
-(``stages.evaluate.evaluate``). What it leaves out is what the pipeline adds around the stages: Ray (start, actors,
-Ray Train), manifests and checksums, the data check, the report.
+The same work as ``python -m pipeline iterate`` with the same config, recipe, seeds and models: each round's
+training plan is the pipeline's own (``pipeline.plan.plan_for``: the round's seed, the model's input, the previous
+model where the recipe reads it) and its model folder holds the card the pipeline writes (``model_card_for``). Round 0
+trains the teacher (``stages.train.train_model`` on the in-process executor, ``bench_common.fit_in_process``), then
+each round labels the unlabeled shards in this process (``ShardLabeler.process``, one process with every torch
+thread), selects with the reference selection (``stages.maths.selection.select_in_memory``, the round's select seed)
+and writes the per-shard selection files and compact training shards the training stream reads
+(``stages.data.compact.write_selection``), trains the student and evaluates on the test shards
+(``stages.evaluate.evaluate``). What it leaves out is what the pipeline adds around the stages: Ray when the run uses
+it (start, actors, Ray Train), manifests and checksums, the data check, the validation and corrupted-test scoring,
+the report.
 
 ``bench/e2e.py`` runs it beside the pipeline. Prints one JSON line: ``{"plain_stage_seconds": {"round-000 train":
 s, ...}, "top1": [...], "train_epoch_seconds": {...}, "seconds": total}``.
@@ -21,6 +25,7 @@ import sys
 sys.path.append(sys.path.pop(0))  # this folder last: bench/select.py must not shadow the stdlib select module
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -35,86 +40,67 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import fit_in_process, model_top1, save_round_model  # noqa: E402
+
+from pipeline.choices import round_seeds  # noqa: E402
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
-from stages.core.hooks import LocalHooks
+from pipeline.plan import plan_for  # noqa: E402
 from stages.data.compact import pseudo_sources, write_selection  # noqa: E402
 from stages.data.loader import PseudoSource  # noqa: E402
-from stages.data.shards import LabeledSet, expand_shards, load_labeled, shard_id  # noqa: E402
-from stages.evaluate import evaluate  # noqa: E402
+from stages.data.shards import expand_shards, load_labeled  # noqa: E402
 from stages.maths.selection import select_in_memory  # noqa: E402
-from stages.models.factory import create_model, load_model, load_weights, model_card, save_model  # noqa: E402
+from stages.models.factory import check_classifier  # noqa: E402
 from stages.pseudo_label import ShardLabeler  # noqa: E402
-from stages.train import TrainPlan, read_metrics_lines, train_model  # noqa: E402
+from stages.storage.layout import RunLayout  # noqa: E402
+from stages.train import read_metrics_lines  # noqa: E402
 
 SOFT_COLUMNS = ("probs", "topk_idx", "topk_prob")
 
 
 def train_round(cfg: PipelineConfig, r: int, data: dict, work: Path, pseudo=(), pseudo_count: int = 0) -> float:
     """Train round ``r``'s model into ``work/round-NNN`` (weights + card); returns the summed epoch seconds."""
-    d, rdir = cfg.data, work / f"round-{r:03d}"
-    train_cfg = cfg.teacher if r == 0 else cfg.student
-    previous = work / f"round-{r - 1:03d}"
-    plan = TrainPlan(
-        spec=cfg.spec(r),
-        cfg=train_cfg,
-        num_classes=d.num_classes,
-        channels=d.channels,
-        image_size=d.image_size,
-        mean=d.mean,
-        std=d.std,
-        labeled=tuple(data["labeled"]),
-        pseudo=tuple(pseudo),
-        labeled_count=len(data["labeled_set"]),
-        pseudo_count=pseudo_count,
-        metrics_path=str(rdir / "train_metrics.jsonl"),
-        init_weights=str(previous / "model.safetensors") if r and train_cfg.init_from_teacher else "",
-        threads=cfg.resources.torch_threads,
-        teacher_dir=str(previous) if r and train_cfg.online_teacher else "",
-    )
-    train_model(plan, LocalHooks(rdir / "ckpt", data["device"]))
-    last = sorted((rdir / "ckpt").glob("epoch-*"))[-1]
-    model = create_model(cfg.spec(r), d.num_classes, d.channels, noised=False)
-    model.load_state_dict(load_weights(last / ("ema.safetensors" if train_cfg.ema_decay else "model.safetensors")))
-    save_model(model, rdir, model_card(cfg.spec(r), d.num_classes, d.channels, d.image_size, d.mean, d.std))
-    shutil.rmtree(rdir / "ckpt")
-    return sum(row["seconds"] for row in read_metrics_lines((rdir / "train_metrics.jsonl").read_text()))
+    run = RunLayout(work)
+    layout, count = run.round(r), len(data["labeled_set"])
+    plan = plan_for(cfg, r, data["labeled"], count, run=run, pseudo=tuple(pseudo), pseudo_count=pseudo_count)
+    weights, _ = fit_in_process(plan, layout.dir / "ckpt", data["device"])
+    save_round_model(weights, cfg, r, layout.dir)
+    shutil.rmtree(layout.dir / "ckpt")
+    return sum(row["seconds"] for row in read_metrics_lines(layout.train_metrics.read_text()))
 
 
-def pseudo_label(cfg: PipelineConfig, r: int, data: dict, work: Path) -> list[str]:
+def pseudo_label(cfg: PipelineConfig, r: int, data: dict, work: Path) -> list[Path]:
     """Sidecars for every unlabeled shard, written by the stage's ``ShardLabeler`` in this process."""
-    out = work / f"round-{r:03d}" / "pseudo_labels"
-    teacher = str(work / f"round-{r - 1:03d}")
-    labeler = ShardLabeler(teacher, str(out), cfg.pseudo_label, cfg.data.channels, threads=os.cpu_count() or 1)
+    run = RunLayout(work)
+    out, teacher = run.round(r).pseudo_labels, run.round(r - 1).dir
+    labeler = ShardLabeler(str(teacher), str(out), cfg.pseudo_label, cfg.data.channels, threads=os.cpu_count() or 1)
     for shard in data["unlabeled"]:
-        result = labeler.label_shard(shard)
-        if result["error"] or result["storage_error"]:
-            raise RuntimeError(result["error"] or result["storage_error"])
-    return [str(out / f"{shard_id(s)}.parquet") for s in data["unlabeled"]]
+        labeler.process(shard, made_by=f"plain_loop round {r}")  # no resume here: nothing reads the footer back
+    return [run.round(r).pseudo_label(s) for s in data["unlabeled"]]
 
 
-def select(cfg: PipelineConfig, r: int, sidecars: list[str], data: dict, work: Path) -> tuple[list[PseudoSource], int]:
+def select(cfg: PipelineConfig, r: int, sidecars: list[Path], data: dict, work: Path) -> tuple[list[PseudoSource], int]:
     """The reference selection over all sidecars at once, written back as one selection file per shard."""
+    select_cfg = dataclasses.replace(cfg.select, seed=round_seeds(cfg, r)["select"])  # the round's, as the stage's
     table = pa.concat_tables([pq.read_table(s) for s in sidecars])
     keys = table.column("key").to_numpy(zero_copy_only=False)
     labels, confidence = table.column("label").to_numpy(), table.column("confidence").to_numpy()
-    copies = select_in_memory(keys, labels, confidence, cfg.data.num_classes, cfg.select)
+    copies = select_in_memory(keys, labels, confidence, cfg.data.num_classes, select_cfg)
     columns = ["key", "shard", "label", "confidence"]
-    if cfg.select.label_type == "soft":
+    if select_cfg.label_type == "soft":
         columns += [c for c in SOFT_COLUMNS if c in table.column_names]
     kept = table.select(columns).append_column("copies", pa.array(copies.astype(np.int32)))
     shards = table.column("shard").to_numpy(zero_copy_only=False)
-    out = work / f"round-{r:03d}" / "selection"
-    out.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout(work).round(r)
+    layout.selection.mkdir(parents=True, exist_ok=True)
     for shard in data["unlabeled"]:
         rows = np.flatnonzero((shards == shard) & (copies > 0))
-        write_selection(kept.take(pa.array(rows, pa.int64())), out / f"{shard_id(shard)}.parquet", cfg.select.seed)
-    return pseudo_sources(out, data["unlabeled"]), int(copies.sum())
+        selected = kept.take(pa.array(rows, pa.int64()))
+        write_selection(selected, layout.selected(shard), select_cfg.seed, made_by=f"plain_loop round {r}")
+    return pseudo_sources(layout.selection, data["unlabeled"]), int(copies.sum())
 
 
-def top1(work: Path, r: int, test: LabeledSet) -> float:
-    torch.set_num_threads(os.cpu_count() or 1)  # as the pipeline's driver evaluates (training set its own count)
-    model, card = load_model(work / f"round-{r:03d}")
-    return evaluate(model, card, test)["test_top1"]
+def top1(work: Path, r: int, test) -> float:
+    return model_top1(RunLayout(work).round(r).dir, test)
 
 
 def run(cfg: PipelineConfig, work: Path, device: str) -> dict:
@@ -135,6 +121,8 @@ def run(cfg: PipelineConfig, work: Path, device: str) -> dict:
     data["unlabeled"] = expand_shards(d.unlabeled, "data.unlabeled")
     data["labeled_set"] = load_labeled(data["labeled"], d.num_classes, d.channels, d.max_bad_fraction)
     test = load_labeled(expand_shards(d.test, "data.test"), d.num_classes, d.channels, d.max_bad_fraction, "data.test")
+    for r in range(cfg.rounds + 1):  # each round's parameter count (its card's), checked once as the preflight does
+        check_classifier(cfg.spec(r), d.num_classes, d.channels, d.image_size)
     seconds["setup"] = round(time.perf_counter() - start, 2)
     epochs["round-000"] = round(timed("round-000 train", train_round, cfg, 0, data, work), 2)
     scores.append(timed("round-000 evaluate", top1, work, 0, test))

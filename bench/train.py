@@ -9,17 +9,23 @@ Same model (``--model``, default ``resnet18``, 10 classes), input (photo-like ``
 shards from ``bench/images.py``), step batch (``--batch``), optimizer (AdamW), loss, noise (RandAugment n2 m9,
 dropout 0.2, drop path 0.1), torch threads and DataLoader workers in both:
 
-- ``stage``: ``pipeline.distributed.train.run_training`` through Ray Train, one worker; images/s is the steady-state
-  rate the worker measures over its epochs (the first, with DataLoader start-up, excluded), ``stage_wall_s`` the
-  whole ``fit()`` with Ray Train's start-up;
+- ``stage``: ``stages.train.train_model`` through Ray Train (``RayExecutor.fit``, as the train stage calls it on the
+  Ray executor, set here whatever ``choose_executor`` would pick), one worker; images/s is the steady-state rate the
+  worker measures over its epochs (the first, with DataLoader start-up, excluded), ``stage_wall_s`` the whole
+  ``fit()`` with Ray Train's start-up;
 - ``loop``: webdataset + torch DataLoader (``bench/train_loops.py``), the same steps, as many warm-up steps skipped;
 - ``bare``: forward + backward + step on tensors already in memory.
 
+The recipe is a config (``bench_tree``, validated by ``pipeline.config.load_config``) and the stage's plan is the
+pipeline's (``pipeline.plan.plan_for``: round 0's for the teacher path, round 1's for the student path), so the
+stage trains what the round loop would; the loop and the bare step take the same plan's model and recipe.
+
 ``--student`` measures the student path: an untimed preparation trains a small teacher (``resnet10t``, 2 epochs,
-in-process) on the labeled shards, labels the unlabeled shards with the real stage code (``ShardLabeler`` writing
-its sidecars) and runs the real selection (``run_selection``: balanced, floor 0 so that every class is either cut
-to K or duplicated up to it, soft labels); the stage then trains on ``TrainPlan.pseudo`` and the loop reads the same
-selection files (key, copies, soft probabilities), ``batch / 4`` labeled + ``3 batch / 4`` pseudo-labeled per step.
+in-process) on the labeled shards, labels the unlabeled shards with the real stage code (``label_shards`` writing
+its sidecars, in this process) and runs the real selection (``select_shards``: balanced, floor 0 so that every class
+is either cut to K or duplicated up to it, soft labels, writing the compact training shards); the stage then trains
+on those (``TrainPlan.pseudo``) and the loop reads the same selection files (key, copies, soft probabilities) beside
+the unlabeled shards, ``batch / 4`` labeled + ``3 batch / 4`` pseudo-labeled per step.
 
 ``--repeat N`` runs N pairs of loop and stage, the loop first in even pairs and second in odd ones: ``ratio`` is the
 median of the pairs' ratios (this machine drifts by 10-20% between minutes, more than the difference measured).
@@ -34,7 +40,7 @@ import sys
 sys.path.append(sys.path.pop(0))  # this folder last: bench/select.py must not shadow the stdlib select module
 
 import argparse
-import json
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -45,88 +51,93 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import Accel, add_result_args, save_result  # noqa: E402
+from bench_common import Accel, add_result_args, fit_in_process, save_result, save_round_model  # noqa: E402
 from images import ENCODINGS, make_shards  # noqa: E402
 from train_loops import bare_steps, hand_loop  # noqa: E402
 
-from stages.models.factory import ModelSpec  # noqa: E402
-from stages.train import TrainConfig, TrainPlan  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.plan import plan_for  # noqa: E402
+from stages.storage.layout import TRAIN_METRICS, RunLayout  # noqa: E402
+from stages.train import TrainConfig, TrainPlan, read_metrics_lines  # noqa: E402
 
 CLASSES, PER_EPOCH, RATIO = 10, 20, 3.0  # PER_EPOCH: steps per epoch the data is sized for
 MEAN = STD = (0.5, 0.5, 0.5)
 
 
-def spec_for(model: str) -> ModelSpec:
-    return ModelSpec(model, drop_rate=0.2, drop_path_rate=0.1, randaug_n=2, randaug_m=9)
+def recipe(args, epochs: int) -> dict:
+    """The bench's training recipe (the teacher's and the students'): AdamW at 1e-3 without warmup, ``--batch``
+    images per step (student: a quarter labeled), one checkpoint, at the end."""
+    return {
+        "epochs": epochs,
+        "batch_size": args.batch // (1 + int(RATIO)) if args.student else args.batch,
+        "unlabeled_ratio": RATIO,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "warmup_epochs": 0,
+        "loader_workers": args.loader_workers,
+        "checkpoint_every": epochs,
+        "label_smoothing": 0.1,
+    }
 
 
-def train_config(args, epochs: int) -> TrainConfig:
-    labeled = args.batch // (1 + int(RATIO)) if args.student else args.batch
-    return TrainConfig(
-        epochs=epochs,
-        batch_size=labeled,
-        unlabeled_ratio=RATIO,
-        optimizer="adamw",
-        lr=1e-3,
-        warmup_epochs=0,
-        loader_workers=args.loader_workers,
-        checkpoint_every=epochs,
-        label_smoothing=0.1,
-    )
+def bench_tree(args, labeled: list[str], unlabeled: list[str], epochs: int) -> dict:
+    """The bench's run as a config tree: ``--model`` with dropout 0.2, drop path 0.1 and RandAugment n2 m9 at
+    ``--image-size``, 10 classes, mean and std 0.5, ``recipe`` for the teacher and the students."""
+    return {
+        "data": {
+            "labeled": labeled,
+            "unlabeled": unlabeled or labeled,  # a config names every split; a training plan reads neither of these
+            "test": labeled,
+            "num_classes": CLASSES,
+            "channels": 3,
+            "image_size": args.image_size,
+            "mean": list(MEAN),
+            "std": list(STD),
+        },
+        "ladder": [{"model": args.model, "drop_rate": 0.2, "drop_path_rate": 0.1, "randaug_n": 2, "randaug_m": 9}],
+        "teacher": recipe(args, epochs),
+        "student": recipe(args, epochs),
+        "resources": {"torch_threads": args.threads},
+    }
 
 
-def make_plan(spec, cfg, size: int, labeled, count: int, pseudo, pseudo_count: int, metrics: str, threads=0):
-    return TrainPlan(
-        spec=spec,
-        cfg=cfg,
-        num_classes=CLASSES,
-        channels=3,
-        image_size=size,
-        mean=MEAN,
-        std=STD,
-        labeled=tuple(labeled),
-        pseudo=tuple(pseudo),
-        labeled_count=count,
-        pseudo_count=pseudo_count,
-        metrics_path=metrics,
-        threads=threads,
-    )
+def bench_plan(args, data: dict, count: int, epochs: int, pseudo=(), pseudo_count: int = 0) -> TrainPlan:
+    """The stage's plan for the bench's run: round 1's (a student's) with ``--student``, else round 0's."""
+    cfg = load_config(None, base=bench_tree(args, data["labeled"], data["unlabeled"], epochs))
+    return plan_for(cfg, int(args.student), data["labeled"], count, pseudo=tuple(pseudo), pseudo_count=pseudo_count)
 
 
-def fit_teacher(root: Path, labeled: list[str], count: int, size: int, device: str) -> Path:
-    """A quickly trained ``resnet10t`` (2 epochs, in-process), saved as a round's model folder."""
-    from safetensors.torch import load_file
-
-    from stages.core.hooks import LocalHooks
-    from stages.models.factory import create_model, model_card, save_model
-    from stages.train import train_model
-
-    spec, cfg = ModelSpec("resnet10t"), TrainConfig(epochs=2, batch_size=64, warmup_epochs=0, checkpoint_every=2)
-    plan = make_plan(spec, cfg, size, labeled, count, (), 0, str(root / "teacher.jsonl"))
-    train_model(plan, LocalHooks(root / "teacher-ckpt", device))
-    model = create_model(spec, CLASSES, 3, noised=False)
-    model.load_state_dict(load_file(sorted((root / "teacher-ckpt").glob("epoch-*"))[-1] / "model.safetensors"))
-    save_model(model, root / "teacher", model_card(spec, CLASSES, 3, size, MEAN, STD))
-    return root / "teacher"
+def fit_teacher(args, root: Path, labeled: list[str], count: int, device: str) -> Path:
+    """A quickly trained ``resnet10t`` (2 epochs, in-process), saved as round 0's model folder under ``root``."""
+    teacher = {"epochs": 2, "batch_size": 64, "warmup_epochs": 0, "checkpoint_every": 2}
+    tree = bench_tree(args, labeled, [], 2) | {"ladder": [{"model": "resnet10t"}], "teacher": teacher, "resources": {}}
+    cfg = load_config(None, base=tree)
+    plan = plan_for(cfg, 0, labeled, count, metrics_path=str(root / "teacher-train" / TRAIN_METRICS))
+    weights, _ = fit_in_process(plan, root / "teacher-train", device)
+    teacher = RunLayout(root).round(0).dir
+    save_round_model(weights, cfg, 0, teacher)
+    return teacher
 
 
-def prepare_student(root: Path, labeled: list[str], count: int, unlabeled: list[str], size: int, device: str) -> dict:
-    """Teacher, pseudo-label sidecars and selection by the real stage code (not timed)."""
-    from pipeline.distributed.select import run_selection
+def prepare_student(args, root: Path, labeled: list[str], count: int, unlabeled: list[str], device: str) -> dict:
+    """Teacher, pseudo-label sidecars and selection by the real stage code, in this process (not timed)."""
+    from stages.core.stage import InProcess, LabelResources
     from stages.data.compact import pseudo_sources
     from stages.maths.selection import SelectConfig
-    from stages.pseudo_label import PseudoLabelConfig, ShardLabeler
-    from stages.storage.layout import shard_id
+    from stages.models.factory import model_sha
+    from stages.pseudo_label import PseudoLabelConfig, label_shards
+    from stages.select import select_shards
+    from stages.storage.layout import ModelFiles
 
     start = time.perf_counter()
-    teacher = fit_teacher(root, labeled, count, size, device)
-    labeler = ShardLabeler(str(teacher), str(root / "pseudo_labels"), PseudoLabelConfig(), 3)
-    for shard in unlabeled:
-        labeler.label_shard(shard)
-    sidecars = [str(root / "pseudo_labels" / f"{shard_id(s)}.parquet") for s in unlabeled]
-    summary = run_selection(sidecars, str(root / "selection"), CLASSES, SelectConfig(floor=0.0), progress=False)
-    selection = [str(root / "selection" / f"{shard_id(s)}.parquet") for s in unlabeled]
-    pseudo = tuple(pseudo_sources(root / "selection", unlabeled))
+    teacher = fit_teacher(args, root, labeled, count, device)
+    layout, executor, sha = RunLayout(root).round(1), InProcess(progress=False), model_sha(ModelFiles(teacher))
+    resources = LabelResources()
+    label_shards(teacher, sha, unlabeled, layout.pseudo_labels, PseudoLabelConfig(), 3, resources, executor, False)
+    sidecars = [layout.pseudo_label(s) for s in unlabeled]
+    summary = select_shards(sidecars, layout.selection, CLASSES, SelectConfig(floor=0.0), sha, executor)
+    selection = [str(layout.selected(s)) for s in unlabeled]
+    pseudo = tuple(pseudo_sources(layout.selection, unlabeled))
     print(
         f"student data: {summary['kept']} of {summary['rows_in']} pseudo-labeled samples kept, {summary['copies_out']}"
         f" copies (K={summary['K']}), per class {summary['per_class_after']} ({time.perf_counter() - start:.0f} s)",
@@ -141,20 +152,22 @@ def prepare_student(root: Path, labeled: list[str], count: int, unlabeled: list[
 
 
 def bench_stage(plan: TrainPlan, root: Path, gpu: bool, name: str) -> tuple[float, float]:
-    import dataclasses
+    import functools
 
-    from pipeline.config import TrainResources
+    from pipeline.distributed.executor import RayExecutor
     from pipeline.distributed.runtime import init_ray
-    from pipeline.distributed.train import run_training
+    from stages.core.stage import TrainResources
+    from stages.train import train_model
 
     init_ray(num_cpus=os.cpu_count())
     root = root / name
     root.mkdir(parents=True, exist_ok=True)
-    plan = dataclasses.replace(plan, metrics_path=str(root / "metrics.jsonl"))
+    plan = dataclasses.replace(plan, metrics_path=str(root / TRAIN_METRICS))
+    train = functools.partial(train_model, plan)
     start = time.perf_counter()
-    run_training(plan, str(root / "ray_train"), name, TrainResources(use_gpu=gpu), root / "final")
+    RayExecutor(progress=False).fit(train, name, root / "ray_train", TrainResources(use_gpu=gpu), root / "final")
     wall = time.perf_counter() - start
-    epochs = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()][1:]
+    epochs = read_metrics_lines((root / TRAIN_METRICS).read_text())[1:]
     return sum(e["images"] for e in epochs) / sum(e["seconds"] for e in epochs), wall
 
 
@@ -178,25 +191,24 @@ def main() -> None:
     args = parse_args()
     accel = Accel(args.gpu)
     torch.set_num_threads(args.threads)
-    spec = spec_for(args.model)
-    probe = train_config(args, 2)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
+        probe = TrainConfig(**recipe(args, 2))  # the batch sizes, before any shard exists
         labeled_count = 1000 if args.student else PER_EPOCH * probe.batch_size
         labeled = make_shards(root / "labeled", labeled_count, args.image_size, args.encode, labels=True)
         data = {"labeled": labeled, "unlabeled": [], "selection": [], "classes": CLASSES}
-        data |= {"size": args.image_size, "mean": MEAN, "std": STD}
         pseudo, pseudo_count, selection = (), 0, None
         if args.student:
             unlabeled = make_shards(root / "unlabeled", PER_EPOCH * probe.pseudo_batch, args.image_size, args.encode)
-            prep = prepare_student(root, labeled, labeled_count, unlabeled, args.image_size, accel.device.type)
+            prep = prepare_student(args, root, labeled, labeled_count, unlabeled, accel.device.type)
             pseudo, pseudo_count, selection = prep["pseudo"], prep["pseudo_count"], prep["summary"]
             data |= {"unlabeled": unlabeled, "selection": prep["selection"]}
-        sizing = make_plan(spec, probe, args.image_size, labeled, labeled_count, pseudo, pseudo_count, "")
+        sizing = bench_plan(args, data, labeled_count, 2, pseudo, pseudo_count)
         per_epoch = sizing.steps_per_epoch(1)  # the stage's steps per epoch on one worker
         epochs = 1 + max(1, -(-args.steps // per_epoch))  # the first epoch is not timed
-        cfg = train_config(args, epochs)
-        plan = make_plan(spec, cfg, args.image_size, labeled, labeled_count, pseudo, pseudo_count, "", args.threads)
+        plan = bench_plan(args, data, labeled_count, epochs, pseudo, pseudo_count)
+        spec, cfg = plan.spec, plan.cfg
+        data |= {"size": plan.image_size, "mean": plan.mean, "std": plan.std}
         step_images = cfg.batch_size + (cfg.pseudo_batch if args.student else 0)
         pseudo_rows = cfg.pseudo_batch if args.student else 0
         bare = bare_steps(spec, cfg, CLASSES, args.image_size, pseudo_rows, min(args.steps, 30), accel)
