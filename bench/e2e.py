@@ -3,6 +3,7 @@
     python bench/e2e.py                                   # digits, 1 round: the acceptance run
     python bench/e2e.py --set teacher.epochs=2 --set student.epochs=1 --no-save     # a smoke run
     python bench/e2e.py --gpu                             # the pipeline with use_gpu and a label actor on the GPU
+    python bench/e2e.py --executor ray                    # the pipeline on Ray whatever the data's size
 
 The data is prepared first (not timed). Then, ``--repeat`` times (who goes first alternating), two fresh processes,
 each timed from launch to exit: ``bench/plain_loop.py`` (one process, no Ray: teacher, label, select, student,
@@ -10,13 +11,19 @@ evaluate with the stages' plain functions, same recipe, seeds and models) and ``
 C --rounds R --run <fresh>`` (its storage in a temporary folder). ``ratio`` is the pipeline's wall time over the
 plain script's (median of pairs).
 
+Where the pipeline's work runs is its own choice (``resources.executor``): by default (``--executor auto``) the
+digits run stays in its process (``pipeline/distributed/executor.choose_executor``: a small local run, no GPU) and
+``--gpu`` puts it on Ray; ``--executor ray`` or ``local`` sets it (and names it in ``setting``). ``executor`` in the
+result is what the run recorded in its ``run.json``: the kind and the reason.
+
 The pipeline's time is split from its own records and its log: each stage's seconds (``run.json``), when each stage
 started (the ``round-NNN <stage>: starting`` log lines, stamped as they arrive), so that what lies outside the
-stages is a number: start-up to a running Ray (interpreter, imports, config, preflight, ``ray.init``), the data
-check, the time between stages (manifests, checksums, ``run.json``, the report after each round) and after the last
-stage (report, Ray shutdown). Inside the stages, ``stages`` compares each stage with the plain script's, and
-``train_outside_epochs_s`` / ``label_actor_startup_s`` say how much of that is Ray Train's and the label actors'
-start-up. Final line ``{"bench": "e2e", ...}``, saved to ``bench/results/``.
+stages is a number: start-up to a running Ray (interpreter, imports, config, choosing the executor, ``ray.init``; on
+the in-process executor, start-up to that choice), the rest of the preflight and the data check, the time between
+stages (manifests, checksums, ``run.json``, the report after each round) and after the last stage (report, Ray
+shutdown). Inside the stages, ``stages`` compares each stage with the plain script's, and ``train_outside_epochs_s`` /
+``label_actor_startup_s`` say how much of that is Ray Train's and the label workers' start-up. Final line
+``{"bench": "e2e", ...}``, saved to ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -42,7 +49,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import add_result_args, save_result  # noqa: E402
 
+from stages.storage.layout import RunLayout, round_name  # noqa: E402
+from stages.train import read_metrics_lines  # noqa: E402
+
 STARTING = re.compile(r"(round-\d{3}) (\w+): starting")
+# The pipeline's log line once Ray runs (pipeline.rounds.preflight), or, on the in-process executor, once it is chosen
+RAY_UP, EXECUTOR_CHOSEN = "pipeline.rounds: ray:", "pipeline.rounds: executor:"
+STARTUP = {RAY_UP: "start-up to a running Ray", EXECUTOR_CHOSEN: "start-up to the in-process executor"}
 
 
 def ensure_data(config: str, overrides: list[str]) -> None:
@@ -84,13 +97,14 @@ def timed_process(
 
 def pipeline_split(wall: float, lines: list[tuple[float, str]], timings: dict) -> tuple[dict, dict]:
     """Per-stage seconds (``run.json``) and the time outside them, from when each stage's start was logged."""
-    ray_at = next((t for t, line in lines if "pipeline.rounds: ray:" in line), None)
+    mark = RAY_UP if any(RAY_UP in line for _, line in lines) else EXECUTOR_CHOSEN
+    up = next((t for t, line in lines if mark in line), 0.0)
     starts = [(t, m[1], m[2]) for t, line in lines if (m := STARTING.search(line))]
     stages, split = {}, {}
     if not starts:
         return stages, {"unaccounted": round(wall, 2)}
-    split["start-up to a running Ray"] = ray_at or 0.0
-    split["data check, run folder"] = starts[0][0] - (ray_at or 0.0)
+    split[STARTUP[mark]] = up
+    split["data check, run folder"] = starts[0][0] - up
     between = 0.0
     for i, (t, rnd, stage) in enumerate(starts):
         seconds = float(timings[str(int(rnd[6:]))][stage])
@@ -109,22 +123,32 @@ def run_pipeline(args, storage: Path, name: str, env: dict) -> dict:
     cmd += ["--run", name, "--no-progress", "--set", f"storage={storage}"]
     if args.gpu:
         cmd += ["--set", "resources.use_gpu=true", "--set", "resources.gpus_per_label_actor=1"]
+    if args.executor != "auto":
+        cmd += ["--set", f"resources.executor={args.executor}"]
     for s in args.overrides:
         cmd += ["--set", s]
     wall, _, lines = timed_process(cmd, env)
-    run = storage / name
-    status = json.loads((run / "run.json").read_text())
+    run = RunLayout(storage / name)
+    status = json.loads(run.status.read_text())
     stages, split = pipeline_split(wall, lines, status["rounds"])
     outside, startup, top1 = {}, {}, []
     for r in range(args.rounds + 1):
-        rdir = run / f"round-{r:03d}"
-        epochs = [json.loads(x) for x in (rdir / "train_metrics.jsonl").read_text().splitlines() if x.strip()]
-        outside[f"round-{r:03d}"] = round(stages[f"round-{r:03d} train"] - sum(e["seconds"] for e in epochs), 2)
-        manifest = json.loads((rdir / "manifest.json").read_text())
+        layout, rnd = run.round(r), round_name(r)
+        epochs = read_metrics_lines(layout.train_metrics.read_text())
+        outside[rnd] = round(stages[f"{rnd} train"] - sum(e["seconds"] for e in epochs), 2)
+        manifest = json.loads(layout.manifest.read_text())
         if r:
-            startup[f"round-{r:03d}"] = manifest["stages"]["pseudo_label"]["result"].get("startup_seconds")
-        top1.append(json.loads((rdir / "metrics.json").read_text())["test_top1"])
-    return {"wall": wall, "stages": stages, "split": split, "outside": outside, "startup": startup, "top1": top1}
+            startup[rnd] = manifest["stages"]["pseudo_label"]["result"].get("startup_seconds")
+        top1.append(json.loads(layout.metrics.read_text())["test_top1"])
+    return {
+        "wall": wall,
+        "stages": stages,
+        "split": split,
+        "outside": outside,
+        "startup": startup,
+        "top1": top1,
+        "executor": status.get("executor"),
+    }
 
 
 def run_plain(args, env: dict) -> dict:
@@ -150,6 +174,7 @@ def summarize(args, pipes: list[dict], plains: list[dict]) -> dict:
     return {
         "bench": "e2e",
         "setting": f"{'gpu' if args.gpu else 'cpu'} {Path(args.config).stem} rounds={args.rounds}"
+        + (f" executor={args.executor}" if args.executor != "auto" else "")
         + "".join(f" {s}" for s in args.overrides),
         "config": args.config,
         "rounds": args.rounds,
@@ -166,6 +191,7 @@ def summarize(args, pipes: list[dict], plains: list[dict]) -> dict:
         "stages": stages,
         "train_outside_epochs_s": {"pipeline": pipe["outside"], "plain": plain["outside"]},
         "label_actor_startup_s": pipe["startup"],
+        "executor": pipe["executor"],  # where the pipeline's work ran, as its run.json records it
         "top1": {"pipeline": pipe["top1"], "plain": plain["top1"]},
         "repeat": args.repeat,
     }
@@ -178,6 +204,12 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--gpu", action="store_true", help="the pipeline with use_gpu, the plain script on the GPU")
     parser.add_argument("--repeat", type=int, default=1, help="plain and pipeline alternated this many times")
+    parser.add_argument(
+        "--executor",
+        choices=("auto", "local", "ray"),
+        default="auto",
+        help="the pipeline's resources.executor (default auto: the config's choice, as `make iterate` runs it)",
+    )
     add_result_args(parser)
     args = parser.parse_args()
     ensure_data(args.config, args.overrides)
@@ -195,7 +227,8 @@ def main() -> None:
                     pipes.append(run_pipeline(args, Path(tmp) / "runs", name, env))
                     print(f"pipeline     {pipes[-1]['wall']:6.1f} s, top-1 {pipes[-1]['top1']}", flush=True)
     result = summarize(args, pipes, plains)
-    print(f"\npipeline {result['pipeline_wall_s']} s, plain {result['plain_wall_s']} s: ratio {result['ratio']}")
+    pipeline = f"pipeline {result['pipeline_wall_s']} s ({(result['executor'] or {}).get('kind')})"
+    print(f"\n{pipeline}, plain {result['plain_wall_s']} s: ratio {result['ratio']}")
     for part, seconds in result["pipeline_split_s"].items():
         print(f"  outside the stages: {part:<55} {seconds:6.1f} s")
     for stage, row in result["stages"].items():

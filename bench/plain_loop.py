@@ -72,7 +72,8 @@ def pseudo_label(cfg: PipelineConfig, r: int, data: dict, work: Path) -> list[Pa
     """Sidecars for every unlabeled shard, written by the stage's ``ShardLabeler`` in this process."""
     run = RunLayout(work)
     out, teacher = run.round(r).pseudo_labels, run.round(r - 1).dir
-    labeler = ShardLabeler(str(teacher), str(out), cfg.pseudo_label, cfg.data.channels, threads=os.cpu_count() or 1)
+    threads, decoder = os.cpu_count() or 1, cfg.resources.cpu_decoder  # the pipeline's CPU decoding backend
+    labeler = ShardLabeler(str(teacher), str(out), cfg.pseudo_label, cfg.data.channels, threads, cpu_decoder=decoder)
     for shard in data["unlabeled"]:
         labeler.process(shard, made_by=f"plain_loop round {r}")  # no resume here: nothing reads the footer back
     return [run.round(r).pseudo_label(s) for s in data["unlabeled"]]
