@@ -374,7 +374,21 @@ class SmallDisk:
         self.filler.unlink(missing_ok=True)
 
     def read_only(self, on: bool) -> None:
-        subprocess.run(["mount", "-o", f"remount,{'ro' if on else 'rw'}", str(self.path)], check=True)
+        done = subprocess.run(["mount", "-o", f"remount,{'ro' if on else 'rw'}", str(self.path)], capture_output=True)
+        if done.returncode:
+            raise RuntimeError(f"remount failed ({done.stderr.decode().strip()}); open on it: {self.holders()}")
+
+    def holders(self) -> list[str]:
+        """What keeps the disk busy: every process's open files under it."""
+        found = []
+        for fd in Path("/proc").glob("[0-9]*/fd/*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith(str(self.path)):
+                found.append(f"{fd.parts[2]}: {target}")
+        return found
 
     def unmount(self) -> None:
         subprocess.run(["umount", "-l", str(self.path)], check=False)

@@ -148,8 +148,11 @@ def test_predict_json_gives_class_names(walkthrough):
         assert p["top"][0]["class"] == p["class"] and 0 <= p["probability"] <= 1
 
 
-def _test_set(work: Path):
-    model, card = load_model(work / "runs" / "own1" / "round-001")
+def _test_set(work: Path, r: int | None = None):
+    """The test images as round ``r``'s model sees them (default: the run's best round, which ``export`` takes)."""
+    if r is None:
+        r = json.loads((work / "runs" / "own1" / "run.json").read_text())["stop"]["best_round"]
+    model, card = load_model(work / "runs" / "own1" / f"round-{r:03d}")
     test = load_labeled(expand_shards([str(work / "data" / "own" / "test" / "*.tar")]), 10, 3)
     x = torch.stack([card_transform(card)(im) for im in test.images])
     with torch.inference_mode():

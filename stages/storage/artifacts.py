@@ -32,7 +32,7 @@ from typing import Any
 
 from stages.storage.files import (
     Location,
-    atomic_target,
+    atomic_write_bytes,
     atomic_write_json,
     exists,
     identity,
@@ -113,12 +113,16 @@ def _feed(h, array) -> None:
 
 def write_table(table, path: Location, *, format: str, made_by: str, **meta: Any) -> Footer:
     """Write ``table`` atomically as Parquet with its footer; a failed write is a ``StorageError`` naming ``path``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     footer = Footer(format, made_by, table.num_rows, table_digest(table), {k: str(v) for k, v in meta.items()})
     kv = {"format": format, "made_by": made_by, "rows": str(footer.rows), "content": footer.content} | footer.meta
-    with atomic_target(path) as tmp:
-        pq.write_table(table.replace_schema_metadata(kv), tmp)
+    # Serialised in memory, then written by Python's own file object: a write that fails (a full disk) closes its
+    # file whatever happens, where pyarrow's writer could keep a descriptor to the deleted temporary open.
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata(kv), sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
     return footer
 
 
