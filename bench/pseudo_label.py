@@ -8,8 +8,12 @@ Generates photo-like shards (``bench/images.py``: gradients, shapes, texture; ``
 per shard, kept with ``--shards DIR`` and reused), saves an untrained ``--model`` and times, with the same model,
 batch size (256) and decoding (the stage's own functions):
 
-- ``stage``: ``pipeline.distributed.pseudo_label.run_pseudo_label`` on a running local Ray, writing its sidecars
-  (actor start-up included, ``ray.init`` not). It holds ``actors x cpus_per_actor`` CPUs: ``stage_cpus``.
+- ``stage``: ``stages.pseudo_label.label_shards`` on the Ray executor (``RayExecutor``: a Ray Data actor pool on a
+  running local Ray, set here whatever ``choose_executor`` would pick for the data's size), writing its sidecars
+  (actor start-up included, ``ray.init`` not). It holds ``actors x cpus_per_actor`` CPUs: ``stage_cpus``. Its CPU
+  decoding backend is ``--cpu-decoder`` (``stages/data/decoders.py``), by default ``pil``: what the loops decode
+  with (``decode_image`` and the card's transform), so that the ratio compares the stage's orchestration with the
+  loops', not two decoders (``bench/decode.py`` compares those); ``stage_decoders`` is what ran.
 - the loops (``bench/label_loops.py``), each given ``stage_cpus`` CPUs: ``serial`` (one process, decode in series
   with the forward pass), ``loader`` (``wds.WebLoader`` with decode workers, ``--loader WxT``: W workers feeding a
   forward of T torch threads; default ``stage_cpus`` x ``stage_cpus``; ``loop_workers`` in the JSON), and ``procs``
@@ -104,10 +108,12 @@ def run_loops(args, teacher: Path, shards: list[str], stage_cpus: int, accel: Ac
 def run_stage(args, teacher: Path, shards: list[str], out: Path) -> tuple[dict, float, PeakRss, object]:
     import ray
 
-    from pipeline.config import LabelResources
-    from pipeline.distributed.pseudo_label import run_pseudo_label
+    from pipeline.distributed.executor import RayExecutor
     from pipeline.distributed.runtime import init_ray
-    from stages.pseudo_label import PseudoLabelConfig
+    from stages.core.stage import LabelResources
+    from stages.models.factory import model_sha
+    from stages.pseudo_label import PseudoLabelConfig, label_shards
+    from stages.storage.layout import ModelFiles
 
     init_ray(num_cpus=os.cpu_count())
     print(f"Ray booted and idle after {wait_until_idle():.1f} s more", flush=True)
@@ -118,11 +124,13 @@ def run_stage(args, teacher: Path, shards: list[str], out: Path) -> tuple[dict, 
         gpus_per_actor=1 / actors if args.gpu else 0.0,
         threads=args.actor_threads,
         decode=args.decode,
+        cpu_decoder=args.cpu_decoder,
     )
     assert resources.actor_count(ray.cluster_resources()) == stage_actors(args)
+    sha, cfg = model_sha(ModelFiles(teacher)), PseudoLabelConfig(batch_size=BATCH)
     with PeakRss() as rss:
         start = time.perf_counter()
-        summary = run_pseudo_label(str(teacher), shards, str(out), PseudoLabelConfig(batch_size=BATCH), 3, resources)
+        summary = label_shards(teacher, sha, shards, out, cfg, 3, resources, RayExecutor())
         seconds = time.perf_counter() - start
     if summary["rows"] != args.images:
         raise RuntimeError(f"stage: labeled {summary['rows']} of {args.images} images")
@@ -149,6 +157,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each label actor holds")
     parser.add_argument("--gpu", action="store_true", help="every variant on the GPU; the stage's actors share it")
     parser.add_argument("--decode", choices=("cpu", "gpu"), default="cpu", help="the stage's decoder (gpu: nvJPEG)")
+    parser.add_argument("--cpu-decoder", default="pil", help="the stage's CPU decoding backend (default: the loops')")
     parser.add_argument("--shards", type=Path, help="keep the generated shards here and reuse them next time")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"loops to time, of {', '.join(VARIANTS)}")
     parser.add_argument("--loader", default="", help="loader settings WxT[,WxT...] (default stage_cpus x stage_cpus)")
@@ -184,7 +193,8 @@ def main() -> None:
     result = {
         "bench": "pseudo_label",
         "setting": f"{'gpu' if args.gpu else 'cpu'} {args.model} {args.image_size}px {args.encode}"
-        + (" gpu-decode" if args.decode == "gpu" else ""),
+        + (" gpu-decode" if args.decode == "gpu" else "")
+        + (f" {args.cpu_decoder}" if args.cpu_decoder != "pil" else ""),
         "images": args.images,
         "image_size": args.image_size,
         "input_size": input_size,
@@ -212,6 +222,8 @@ def main() -> None:
         "cpus_per_actor": args.cpus_per_actor,
         "decode": args.decode,
         "stage_decode": summary["decode"],  # shards per decoder that actually ran (gpu asked of a CPU actor: cpu)
+        "cpu_decoder": args.cpu_decoder,
+        "stage_decoders": summary.get("decoders"),  # shards per CPU decoding backend that ran (after fallbacks)
         "device": accel.describe(),
     }
     save_result(result, "pseudo_label", args)
