@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_common import add_result_args, save_result  # noqa: E402
 
 from stages.data.digits import split_digits  # noqa: E402
+from stages.storage.layout import RunLayout  # noqa: E402
 
 
 def peer_grid(seed: int = 0) -> dict[str, dict[str, object]]:
@@ -86,8 +87,11 @@ def select_on_validation(scores: dict[str, dict[str, dict[str, float]]]) -> dict
 
 
 def pipeline_scores(run_dir: Path) -> dict[str, dict[str, float | None]]:
-    scores = {}
-    for metrics in sorted(run_dir.glob("round-*/metrics.json")):
+    run, scores = RunLayout(run_dir), {}
+    for r in run.round_indices():
+        metrics = run.round(r).metrics
+        if not metrics.exists():  # a round still running
+            continue
         m = json.loads(metrics.read_text())
         scores[f"pipeline round {m['round']} ({m['model']})"] = {
             "val_top1": m.get("val_top1"),

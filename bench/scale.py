@@ -13,8 +13,10 @@ Config: ``configs/digits.yaml``'s tree with these shards, RGB at ``--image-size`
 ``--model`` for every round, 1 teacher epoch and 1 student epoch (no ``min_steps``/``max_steps``), selection with a
 fixed ``select.per_class`` K (``--per-class``, floor 0: a one-epoch teacher is rarely 30% sure) so that the student's
 epoch is K x classes samples whatever the unlabeled set's size, no validation split, no corruption scoring
-(``robustness.corruptions: []``: it would multiply the evaluate stage by the corruptions x severities); ``--set``
-changes any key. It is validated by ``pipeline.config.load_config`` and written resolved beside the run.
+(``robustness.corruptions: []``: it would multiply the evaluate stage by the corruptions x severities), and
+``resources.executor: ray`` (what this bench measures is a driver that hands the work to Ray; ``auto`` would keep a
+small smoke run in the driver's process); ``--set`` changes any key. It is validated by
+``pipeline.config.load_config`` and written resolved beside the run.
 
 Run: ``python -m pipeline iterate --config CFG --rounds 1 --run NAME`` (round 0 teacher, round 1 student) in a fresh
 process, timed by ``bench/e2e.py``'s ``timed_process``, its storage in a temporary folder. A thread samples that
@@ -23,12 +25,13 @@ process's RSS every 0.25 s (psutil, the driver process alone: Ray's raylet and w
 mapped libraries).
 
 Figures: ``stage_seconds`` from ``run.json`` and the log (``bench/e2e.py``'s ``pipeline_split``): start-up to a
-running Ray (imports, config, preflight: loading the labeled and test splits, ``ray.init``), the data check, each
-stage, the time between stages and after the last. ``student_bytes_ratio`` = bytes the student epoch read from the
-unlabeled shards / bytes of the pseudo-labeled samples it trained on (each copy counted), from
-``round-001/train_metrics.jsonl`` (tar payload bytes, counted by ``stages/data/loader.py``); ``bytes`` holds every count
-and ratio, labeled and pseudo apart, teacher and student. Final line ``{"bench": "scale", ...}``, saved to
-``--results``.
+running Ray (imports, config, the preflight's checks of storage, shards and models, ``ray.init``), the rest of the
+preflight (scanning the labeled and test splits) and the data check, each stage, the time between stages and after
+the last; ``executor`` is where the run's work ran, as its ``run.json`` records it. ``student_bytes_ratio`` = bytes
+the student epoch read from the unlabeled shards / bytes of the pseudo-labeled samples it trained on (each copy
+counted), from ``round-001/train_metrics.jsonl`` (tar payload bytes, counted by ``stages/data/loader.py``); ``bytes``
+holds every count and ratio, labeled and pseudo apart, teacher and student. Final line ``{"bench": "scale", ...}``,
+saved to ``--results``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ sys.path.insert(0, str(ROOT))  # again: e2e.py and images.py each move the first
 
 from pipeline.config import dump_config, load_config
 from stages.data.loader import BYTE_COUNTS
+from stages.storage.layout import RunLayout
 from stages.train import read_metrics_lines
 
 SEEDS = {"labeled": 1, "unlabeled": 2, "test": 3}  # one per split: no image is drawn twice
@@ -110,6 +114,7 @@ def scale_tree(shards: dict, storage: Path, image_size: int, classes: int, model
         tree[part].update(epochs=1, min_steps=0, max_steps=0, checkpoint_every=1)
     tree["select"].update(per_class=per_class, floor=0.0)
     tree["robustness"]["corruptions"] = []
+    tree["resources"]["executor"] = "ray"
     return tree
 
 
@@ -187,29 +192,32 @@ STAGE_NAMES = {
 }
 SPLIT_NAMES = {
     "start-up to a running Ray": "startup_preflight_ray",
+    "start-up to the in-process executor": "startup_preflight",
     "data check, run folder": "data_check",
     "between stages (manifests, run.json, report per round)": "between_stages",
     "after the last stage (report, shutdown)": "after_last_stage",
 }
 
 
-def read_run(run: Path, wall: float, lines: list[tuple[float, str]]) -> dict:
+def read_run(run_dir: Path, wall: float, lines: list[tuple[float, str]]) -> dict:
     """Stage seconds, byte counts, selection and top-1 from the finished run folder and its log."""
-    status = json.loads((run / "run.json").read_text())
+    run = RunLayout(run_dir)
+    status = json.loads(run.status.read_text())
     stages, split = pipeline_split(wall, lines, status["rounds"])
     stage_seconds = {SPLIT_NAMES.get(k, k): v for k, v in split.items()}
     stage_seconds.update({STAGE_NAMES.get(k, k): round(v, 2) for k, v in stages.items()})
-    rows = {r: read_metrics_lines((run / f"round-{r:03d}" / "train_metrics.jsonl").read_text()) for r in (0, 1)}
-    manifest = json.loads((run / "round-001" / "manifest.json").read_text())
+    rows = {r: read_metrics_lines(run.round(r).train_metrics.read_text()) for r in (0, 1)}
+    manifest = json.loads(run.round(1).manifest.read_text())
     select = manifest["stages"]["select"]["result"]
     return {
+        "executor": status.get("executor"),
         "stage_seconds": stage_seconds,
         "teacher_bytes": byte_figures(rows[0]),
         "student_bytes": byte_figures(rows[1]),
         "student_epoch_seconds": round(sum(r["seconds"] for r in rows[1]), 2),
         "student_steps": rows[1][-1]["step"],
         "selection": {k: select.get(k) for k in ("rows_in", "kept", "copies_out")},
-        "top1": [json.loads((run / f"round-{r:03d}" / "metrics.json").read_text())["test_top1"] for r in (0, 1)],
+        "top1": [json.loads(run.round(r).metrics.read_text())["test_top1"] for r in (0, 1)],
     }
 
 

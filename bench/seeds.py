@@ -1,16 +1,19 @@
 """The round loop S times with different run seeds: per-round test and validation top-1 as mean ± std, min, max.
 
     python bench/seeds.py --config configs/digits.yaml --seeds 3 [--rounds R] [--base-seed 0] [--name NAME]
-                          [--set key=value ...] [--peers]
+                          [--set key=value ...] [--peers] [--results DIR]
 
 Run ``i`` uses run seed ``base_seed + i`` (every round's own seeds derive from it, ``stages/stopping.round_seed``);
 the data split, validation included, stays fixed. Runs are ordinary runs under the config's storage, named
-``<NAME>-s<seed>``: re-running with the same ``--name`` resumes them. ``--peers`` adds scikit-learn's peers on the
-digits split, each chosen on validation (``bench/peers.py``), and checks the last round's test mean against them.
+``<NAME>-s<seed>``: re-running with the same ``--name`` resumes them. They run where the config says
+(``resources.executor``; the digits default, ``auto``, keeps them in this process) and ``executors`` in the JSON says
+where each one ran, as its ``run.json`` records it. ``--peers`` adds scikit-learn's peers on the digits split, each
+chosen on validation (``bench/peers.py``), and checks the last round's test mean against them.
 
 Prints a per-round table, then one JSON line ``{"bench": "seeds", "seeds": [...], "test_top1_mean": [...],
 "test_top1_std": [...], "val_top1_mean": [...], ...}`` (lists: one entry per round) that is also written, with the
-machine's facts (CPU, cores, load, torch/ray versions, date, git commit), to ``bench/results/seeds-<date>.json``.
+machine's facts (CPU, cores, load, torch/ray versions, date, git commit), to ``bench/results/seeds-<date>.json``
+(``--results DIR``: elsewhere, e.g. for a smoke run).
 """
 
 from __future__ import annotations
@@ -34,13 +37,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.plan import run_folder  # noqa: E402
 from pipeline.rounds import run_pipeline  # noqa: E402
+from stages.storage.files import read_json  # noqa: E402
+from stages.storage.layout import RunLayout  # noqa: E402
 
 METRICS = ("test_top1", "val_top1", "corruption_top1")
 
 
 def per_round(runs: list[list[dict]]) -> dict:
-    """Mean, population std, min and max per round of each metric over the runs that reached the round."""
+    """Mean, sample std (ddof=1; 0 for a single run), min and max per round of each metric over the runs that reached
+    the round."""
     rounds = max(len(rows) for rows in runs)
     out: dict = {"rounds": list(range(rounds)), "runs_per_round": []}
     for r in range(rounds):
@@ -49,9 +56,13 @@ def per_round(runs: list[list[dict]]) -> dict:
         for metric in METRICS:
             values = [_value(m, metric) for m in reached]
             values = [v for v in values if v is not None]
-            for stat, fn in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max)):
+            for stat, fn in (("mean", np.mean), ("std", _sample_std), ("min", np.min), ("max", np.max)):
                 out.setdefault(f"{metric}_{stat}", []).append(float(fn(values)) if values else None)
     return out
+
+
+def _sample_std(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def _value(m: dict, metric: str) -> float | None:
@@ -128,19 +139,21 @@ def main() -> None:
     parser.add_argument("--name", help="run name prefix; the same name resumes (default seeds-<time>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--peers", action="store_true", help="add scikit-learn's peers chosen on validation (digits)")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="where the JSON is written")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.name or f"seeds-{time.strftime('%Y%m%d-%H%M%S')}"
     seeds = [args.base_seed + i for i in range(args.seeds)]
     before = machine_facts()
     start = time.perf_counter()
-    runs, names = [], []
+    runs, names, executors = [], [], []
     for seed in seeds:
         overrides = [*args.overrides, f"seed={seed}"] + ([f"rounds={args.rounds}"] if args.rounds is not None else [])
         cfg = load_config(args.config, overrides)
         names.append(f"{name}-s{seed}")
         t = time.perf_counter()
         runs.append(run_pipeline(cfg, names[-1], progress=False))
+        executors.append(read_json(RunLayout(run_folder(cfg, names[-1])).status).get("executor"))
         print(f"seed {seed}: {len(runs[-1])} rounds in {time.perf_counter() - t:.0f} s (run {names[-1]})", flush=True)
     stats = per_round(runs)
     print_table(stats, seeds, runs)
@@ -151,6 +164,7 @@ def main() -> None:
         "overrides": args.overrides,
         "seeds": seeds,
         "runs": names,
+        "executors": executors,
         **stats,
         "last_round_above_round_0": [rows[-1]["test_top1"] > rows[0]["test_top1"] for rows in runs],
         "best_round_by_val": [int(np.argmax([m.get("val_top1") or 0 for m in rows])) for rows in runs],
@@ -165,7 +179,7 @@ def main() -> None:
         result["last_round_test_mean_above_every_peer"] = bool(
             np.mean(last) > max(p["test_top1"] for p in selected.values())
         )
-    print(f"results: {write_results('seeds', result)}")
+    print(f"results: {write_results('seeds', result, args.results)}")
     print(json.dumps(result))
 
 

@@ -207,3 +207,19 @@ def test_a_gpu_check_run_is_filed_with_every_step_and_renders_what_was_not_measu
     ]
     assert "stage 1,953 img/s, loop 1,681, bare 3,034; stage/loop 1.16, stage/bare 0.64" in rows[1][4]
     assert rows[2][4] == "–"  # a step cut at its limit shows nothing measured, not a stale figure
+
+
+def test_the_seeds_bench_quotes_the_sample_std_over_the_runs_that_reached_each_round():
+    spec = importlib.util.spec_from_file_location("bench_seeds", ROOT / "bench" / "seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    runs = [
+        [{"test_top1": 0.90}, {"test_top1": 0.94}],
+        [{"test_top1": 0.92}, {"test_top1": 0.96}],
+        [{"test_top1": 0.94}],
+    ]
+    stats = seeds.per_round(runs)
+    assert stats["runs_per_round"] == [3, 2]
+    assert stats["test_top1_mean"] == pytest.approx([0.92, 0.95])
+    assert stats["test_top1_std"] == pytest.approx([0.02, 0.0141421356])  # ddof=1: 0.02 over three, not 0.0163
+    assert seeds.per_round([[{"test_top1": 0.9}]])["test_top1_std"] == [0.0]

@@ -43,7 +43,8 @@ class Decoder:
     ``bad`` (shard, key, reason). ``threads`` decodes run at once (the decoders release the GIL), so an actor
     holding N CPUs decodes on N of them. On the CPU each image goes through ``backend`` (``stages/data/decoders.py``:
     bytes to a model-sized uint8 array, the card's resize and crop; ``bench/decode.py`` measures them), then is
-    normalised; ``backend`` is what is recorded (after ``resolve``: a missing library falls back). ``device`` cuda: JPEGs are decoded in one batched nvJPEG call
+    normalised; ``backend`` is what is recorded (after ``resolve``: a missing library falls back). ``device`` cuda:
+    JPEGs are decoded in one batched nvJPEG call
     (``torchvision.io.decode_jpeg``) and resized, cropped and normalised there (``tensor_transform``); a sample
     that is no JPEG or that nvJPEG refuses (CMYK, progressive corner cases, corrupt) goes the PIL way, which
     decodes it or records why not."""
@@ -141,5 +142,3 @@ def prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
         if isinstance(item, BaseException):
             raise item
         yield item
-
-

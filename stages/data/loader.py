@@ -50,9 +50,8 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from stages.data.shards import decode_image, image_field, iter_raw_samples, parse_label
-
 from stages.core.errors import BadSample, DataError
+from stages.data.shards import decode_image, image_field, iter_raw_samples, parse_label
 from stages.maths.selection import copy_keys
 from stages.storage.files import read_table
 
