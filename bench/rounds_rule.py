@@ -46,6 +46,8 @@ from stages.maths.round_choice import (
     RoundPredictions,
     choose_round,
     images_needed_table,
+    noise_warning,
+    round_interval,
     stop_beyond_noise,
 )
 
@@ -278,6 +280,8 @@ def score_runs(storage: Path, prefix: str, splits: int, opts: ChoiceOptions) -> 
             "seconds": times.get(run_dir.name, {}).get("seconds"),
             "models": [json.loads((d / "model.json").read_text())["create"]["model_name"] for d in run["round_dirs"]],
             "val_top1": [x.top1 for x in run["val"]],
+            "val_interval": [[round(v, 4) for v in round_interval(x)] for x in run["val"]],  # Wilson, 95%
+            "noise_warning": noise_warning([x.top1 for x in run["val"]], len(run["val"][0])),
             "val_log_loss": [round(x.log_loss, 4) for x in run["val"]],
             "judge_top1": pool,
             "test_top1": run["test_top1"],  # for information only: no rule and no regret reads it
@@ -335,6 +339,7 @@ def aggregate(runs: list[dict], splits: int) -> dict:
         for variant in runs[0]["stop"]
     }
     q = float(np.mean([r["judge_discordance"] for r in runs]))
+    qv = float(np.mean([r["val_discordance"] for r in runs]))
     return {
         "rules": rules,
         "per_ladder": {lad: regrets[lad] for lad in ladders},
@@ -345,8 +350,9 @@ def aggregate(runs: list[dict], splits: int) -> dict:
         "runs": runs,
         "test_top1_mean_of_chosen": test_means,
         "stop_rules": stop,
-        "discordance": {"val": float(np.mean([r["val_discordance"] for r in runs])), "judge": q},
-        "images_needed": images_needed_table(discordances=sorted({round(q, 3), 0.05, 0.10})),
+        "discordance": {"val": qv, "judge": q},
+        # Rows only where d <= discordance: two rounds d apart disagree on at least d of the images.
+        "images_needed": images_needed_table(discordances=sorted({round(q, 3), round(qv, 3), 0.02, 0.05, 0.10})),
         "splits": splits,
         "training_seconds": {
             g: round(float(np.mean([r["seconds"] for r in rows if r["seconds"]] or [0.0])), 1)
@@ -370,7 +376,8 @@ def print_report(result: dict) -> None:
         "split": f"judge (b): {result['splits']} stratified halvings of validation (choose on one, judge on the other)",
     }
     for judge, title in judges.items():
-        print(f"\n{title}\nregret in top-1 points, mean / worst over runs")
+        worst = "worst over runs" if judge == "pool" else "worst run's mean over the halvings"
+        print(f"\n{title}\nregret in top-1 points, mean / {worst}")
         print(_row(["rule", *(f"{g} ({count[g]} runs)" for g in groups)], widths))
         for rule in RULES:
             cells = [tables[g][judge][rule] for g in groups]
