@@ -106,11 +106,10 @@ def read_val(round_dir: Path) -> tuple[list[str], RoundPredictions]:
     if not paths:
         raise SystemExit(f"{round_dir}: no validation sidecars (eval/val/*.parquet)")
     table = pa.concat_tables(pq.read_table(p, columns=["key", "label", "true_label", "probs"]) for p in paths)
-    table = table.sort_by("key")
-    true = table.column("true_label").to_numpy().astype(np.int64)
     probs = np.array(table.column("probs").to_pylist(), dtype=np.float64)  # float16 in the file
-    pred = table.column("label").to_numpy().astype(np.int64)  # the stored prediction (argmax of float32 probs)
-    return table.column("key").to_pylist(), RoundPredictions(pred, true, probs[np.arange(len(true)), true])
+    return RoundPredictions.from_sidecar_columns(
+        table.column("key").to_pylist(), table.column("label").to_numpy(), table.column("true_label").to_numpy(), probs
+    )
 
 
 def load_run(run_dir: Path) -> dict:

@@ -169,6 +169,15 @@ def test_every_rule_gives_a_round_and_a_one_line_reason():
         choose_round(rounds, "highest")
 
 
+def test_sidecar_columns_are_put_in_key_order():
+    keys, x = RoundPredictions.from_sidecar_columns(
+        ["val-2", "val-0", "val-1"], np.array([1, 0, 2]), np.array([1, 0, 0]), np.eye(3)[[1, 0, 2]] * 0.5 + 0.1
+    )
+    assert keys == ["val-0", "val-1", "val-2"]
+    assert x.pred.tolist() == [0, 2, 1] and x.true.tolist() == [0, 0, 1]
+    assert x.p_true.tolist() == pytest.approx([0.6, 0.1, 0.6]) and x.top1 == pytest.approx(2 / 3)
+
+
 def test_rounds_on_other_images_are_refused():
     short = RoundPredictions(TRUE[:50], TRUE[:50], np.ones(50))
     with pytest.raises(ValueError, match="same order"):

@@ -49,6 +49,17 @@ class RoundPredictions:
         probs, true = np.asarray(probs, dtype=np.float64), np.asarray(true, dtype=np.int64)
         return cls(probs.argmax(axis=1), true, probs[np.arange(len(true)), true])
 
+    @classmethod
+    def from_sidecar_columns(
+        cls, keys: Sequence[str], label: np.ndarray, true_label: np.ndarray, probs: np.ndarray
+    ) -> tuple[list[str], RoundPredictions]:
+        """From the columns of a round's ``eval/val`` sidecars (concatenated in any order): the rows sorted by key,
+        so that every round lists the same images in the same order; ``label`` is the stored prediction."""
+        order = np.argsort(np.asarray(keys, dtype=object), kind="stable")
+        probs, true = np.asarray(probs, dtype=np.float64)[order], np.asarray(true_label, dtype=np.int64)[order]
+        pred = np.asarray(label, dtype=np.int64)[order]
+        return [keys[i] for i in order], cls(pred, true, probs[np.arange(len(true)), true])
+
     def __len__(self) -> int:
         return len(self.true)
 
