@@ -343,6 +343,10 @@ def aggregate(runs: list[dict], splits: int) -> dict:
         "rules": rules,
         "per_ladder": {lad: regrets[lad] for lad in ladders},
         "default": default,
+        # Rules that chose the same round as the default in every run: the bench cannot tell them apart.
+        "same_choices_as_default": [
+            rule for rule in RULES if all(r["chosen"][rule] == r["chosen"][default] for r in runs) and rule != default
+        ],
         "today": rules["today"],
         "seeds": sorted({r["seed"] for r in runs}),
         "ladders": {lad: sorted({tuple(r["models"]) for r in groups[lad]})[0] for lad in ladders},
@@ -407,7 +411,8 @@ def print_report(result: dict) -> None:
     d = result["rules"][result["default"]]["mean_regret"]
     print(
         f"\ndefault rule: {result['default']} (least mean regret on judge (a), ties to the simpler rule): "
-        f"{d['pool']:.2f} points (judge b {d['split']:.2f}) against today's {t['pool']:.2f} ({t['split']:.2f})"
+        f"{d['pool']:.2f} points (judge b {d['split']:.2f}) against today's {t['pool']:.2f} ({t['split']:.2f}); "
+        f"the same round in every run: {', '.join(result['same_choices_as_default']) or 'no other rule'}"
     )
 
 
