@@ -151,5 +151,6 @@ def round_stages(cfg: PipelineConfig, r: int, data: RunData, run: RunLayout, par
     evaluate = Evaluate(cfg.robustness, label, seeds)
     if r == 0:
         return [train, evaluate]
-    select = Select(dataclasses.replace(cfg.select, seed=seeds["select"]))
+    select_cfg = dataclasses.replace(cfg.select, seed=seeds["select"])
+    select = Select(select_cfg, temperature=cfg.pseudo_label.temperature, student_round=r)
     return [PseudoLabel(cfg.pseudo_label, label), select, train, evaluate]

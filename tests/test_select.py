@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from pipeline.distributed.executor import RayExecutor
 from stages.core.stage import InProcess
 from stages.data.shards import iter_raw_samples, write_shards
+from stages.maths.alignment import align_in_memory, label_and_confidence, sharpen, teacher_probs
 from stages.maths.selection import (
     CandidateMerger,
     SelectConfig,
@@ -27,6 +29,7 @@ from stages.maths.selection import (
     shard_candidates,
     shard_copies,
     shard_histogram,
+    share_fraction,
     training_order,
 )
 from stages.pseudo_label import SIDECAR_FORMAT, build_table
@@ -44,18 +47,21 @@ def selection_inputs(draw):
     labels = np.array(draw(st.lists(st.integers(0, num_classes - 1), min_size=n, max_size=n)), dtype=np.int64)
     conf = np.array(draw(st.lists(st.sampled_from(CONFIDENCES), min_size=n, max_size=n)), dtype=np.float32)
     keys = np.array([f"k{i:05d}" for i in range(n)], dtype=object)
+    mode = draw(st.sampled_from(["none", "topk", "balanced", "share"]))
     cfg = SelectConfig(
-        mode=draw(st.sampled_from(["none", "topk", "balanced"])),
+        mode=mode,
         floor=draw(st.sampled_from([0.0, 0.3, 0.5, 0.95])),
-        per_class=draw(st.integers(0, 25)),
+        per_class=0 if mode == "share" else draw(st.integers(0, 25)),
         per_class_factor=draw(st.sampled_from([0.5, 1.0, 2.0])),
         seed=draw(st.integers(0, 3)),
         bins=draw(st.sampled_from([16, 64, 2048])),
+        share_start=draw(st.sampled_from([0.1, 0.5, 1.0])),
+        share_step=draw(st.sampled_from([0.0, 0.25, 0.4])),
     )
-    return keys, labels, conf, num_classes, cfg
+    return keys, labels, conf, num_classes, cfg, draw(st.integers(1, 4))
 
 
-def sharded(keys, labels, conf, num_classes, cfg, shards: int, seed: int = 0) -> np.ndarray:
+def sharded(keys, labels, conf, num_classes, cfg, shards: int, seed: int = 0, student_round: int = 1) -> np.ndarray:
     """The three-pass path, in-process, over a random split of the rows into shards."""
     parts = np.array_split(np.random.default_rng(seed).permutation(len(keys)), shards)
     hist = np.zeros((num_classes, cfg.bins), dtype=np.int64)
@@ -63,7 +69,8 @@ def sharded(keys, labels, conf, num_classes, cfg, shards: int, seed: int = 0) ->
     for p in parts:
         h, a = shard_histogram(labels[p], conf[p], num_classes, cfg)
         hist, above = hist + h, above + a
-    merger = CandidateMerger(plan_selection(hist, above, cfg), compact_at=5)  # compacts between shards too
+    plan = plan_selection(hist, above, cfg, student_round)
+    merger = CandidateMerger(plan, compact_at=5)  # compacts between shards too
     for p in parts:
         merger.add(shard_candidates(keys[p], labels[p], conf[p], merger.plan, cfg))
     plan = merger.finalize()
@@ -76,13 +83,16 @@ def sharded(keys, labels, conf, num_classes, cfg, shards: int, seed: int = 0) ->
 @settings(max_examples=300, deadline=None)
 @given(selection_inputs())
 def test_reference_properties(inputs):
-    keys, labels, conf, num_classes, cfg = inputs
-    copies = select_in_memory(keys, labels, conf, num_classes, cfg)
+    keys, labels, conf, num_classes, cfg, student_round = inputs
+    copies = select_in_memory(keys, labels, conf, num_classes, cfg, student_round)
     above = conf >= cfg.floor
     assert (copies >= 0).all() and len(copies) == len(keys)
     assert (conf[copies > 0] >= cfg.floor).all(), "a sample below the floor was kept"
     assert (copies[above] >= 1).all() if cfg.mode == "none" else True
-    k = per_class_budget(np.bincount(labels[above], minlength=num_classes), cfg)
+    k = per_class_budget(np.bincount(labels[above], minlength=num_classes), cfg, student_round)
+    if cfg.mode == "share":
+        q = min(1.0, cfg.share_start + (student_round - 1) * cfg.share_step)
+        assert k == max(1, math.ceil(q * int(above.sum()) / num_classes))
     for c in range(num_classes):
         mine = labels == c
         n_above = int((mine & above).sum())
@@ -103,16 +113,17 @@ def test_reference_properties(inputs):
             assert conf[kept].min() >= conf[dropped].max(), "the K most confident are kept"
     # Same seed, same output, whatever the row order.
     order = np.random.default_rng(0).permutation(len(keys))
-    again = select_in_memory(keys[order], labels[order], conf[order], num_classes, cfg)
+    again = select_in_memory(keys[order], labels[order], conf[order], num_classes, cfg, student_round)
     np.testing.assert_array_equal(again, copies[order])
 
 
 @settings(max_examples=300, deadline=None)
 @given(selection_inputs(), st.integers(1, 7))
 def test_sharded_three_pass_equals_reference(inputs, shards):
-    keys, labels, conf, num_classes, cfg = inputs
-    expected = select_in_memory(keys, labels, conf, num_classes, cfg)
-    np.testing.assert_array_equal(sharded(keys, labels, conf, num_classes, cfg, shards), expected)
+    keys, labels, conf, num_classes, cfg, student_round = inputs
+    expected = select_in_memory(keys, labels, conf, num_classes, cfg, student_round)
+    got = sharded(keys, labels, conf, num_classes, cfg, shards, student_round=student_round)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_seed_changes_only_tie_breaks_and_draws():
@@ -151,6 +162,33 @@ def test_golden_hand_worked_example():
         assert got.tolist() == copies, mode
     # Derived K: 9 rows above the floor over 4 classes, factor 1 -> ceil(9 / 4) = 3.
     assert per_class_budget(np.array([4, 2, 0, 3]), SelectConfig()) == 3
+
+
+def test_golden_share_grows_per_round():
+    # 12 rows above the floor over 3 classes: K = ceil(q * 12 / 3) = 2, 3, 4, 4 for q = 0.5, 0.75, 1.0, 1.0.
+    # Class 0 has 6 rows (a..f, most confident first), class 1 four (g..j), class 2 two (k, l); m is below the floor.
+    keys = np.array(list("abcdefghijklm"), dtype=object)
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    conf = np.array([0.99, 0.9, 0.8, 0.7, 0.6, 0.5, 0.95, 0.85, 0.75, 0.65, 0.9, 0.4, 0.1], dtype=np.float32)
+    cfg = SelectConfig(mode="share", floor=0.3)
+    assert [share_fraction(cfg, r) for r in (1, 2, 3, 4)] == [0.5, 0.75, 1.0, 1.0]
+    expect = {
+        1: [1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0],
+        2: [1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 1, 1, 0],
+        3: [1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 0],  # class 2 (2 < K = 4) is never duplicated
+        4: [1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 0],
+    }
+    for r, copies in expect.items():
+        assert select_in_memory(keys, labels, conf, 3, cfg, r).tolist() == copies, r
+        assert sharded(keys, labels, conf, 3, cfg, 3, student_round=r).tolist() == copies, r
+    slow = SelectConfig(mode="share", floor=0.3, share_start=0.25, share_step=0.1)
+    assert per_class_budget(np.array([6, 4, 2]), slow, 1) == 1 and per_class_budget(np.array([6, 4, 2]), slow, 3) == 2
+    # topk/balanced ignore the round
+    assert (
+        per_class_budget(np.array([6, 4, 2]), SelectConfig(), 3)
+        == 4
+        == per_class_budget(np.array([6, 4, 2]), SelectConfig())
+    )
 
 
 # ---- the training order -----------------------------------------------------------------------------------------
@@ -194,9 +232,22 @@ def test_training_order_is_a_seeded_permutation_of_the_keys():
 
 
 def test_bad_config_values_are_refused():
-    for bad in ({"mode": "paper"}, {"floor": 1.5}, {"per_class": -1}, {"label_type": "fuzzy"}, {"bins": 4}):
+    bad_values = (
+        {"mode": "paper"},
+        {"floor": 1.5},
+        {"per_class": -1},
+        {"label_type": "fuzzy"},
+        {"bins": 4},
+        {"share_start": 0.0},
+        {"share_step": -0.1},
+        {"align": "prior"},
+        {"align_iterations": 0},
+    )
+    for bad in bad_values:
         with pytest.raises(ValueError, match=next(iter(bad))):
             SelectConfig(**bad)
+    with pytest.raises(ValueError, match="per_class: mode share derives"):
+        SelectConfig(mode="share", per_class=10)
 
 
 def test_labels_outside_the_classes_are_refused():
@@ -207,7 +258,7 @@ def test_labels_outside_the_classes_are_refused():
 # ---- through Ray, on sidecars -------------------------------------------------------------------------------
 
 
-def write_random_sidecars(root, rows_per_shard, num_classes, seed, topk=0):
+def write_random_sidecars(root, rows_per_shard, num_classes, seed, topk=0, temperature=1.0, truth=False):
     """Pseudo-label sidecars of random soft labels, each for a small unlabeled shard written beside them (a few
     bytes per sample, named by its key, so a compact shard's content can be checked against its selection)."""
     rng = np.random.default_rng(seed)
@@ -218,15 +269,19 @@ def write_random_sidecars(root, rows_per_shard, num_classes, seed, topk=0):
         n += rows
         samples = [{"__key__": k, "png": k.encode(), "txt": b"x" * (i % 7)} for i, k in enumerate(keys)]
         (shard,) = write_shards(samples, root / "unlabeled", f"shard-{s}", 1)
-        table = build_table(shard, keys, logits, [-1] * rows, topk)
+        # ``truth``: the unbiased argmax as the true label (a diagnostic .cls); the teacher over-predicts class 0,
+        # so that alignment has something to correct
+        true = logits.argmax(1).tolist() if truth else [-1] * rows
+        logits[:, 0] += 1.5
+        table = build_table(shard, keys, logits, true, topk, temperature)
         path = root / f"shard-{s}.parquet"
         write_table(table, path, format=SIDECAR_FORMAT, made_by="test", bad="[]")
         paths.append(str(path))
     return paths
 
 
-def run_selection(sidecars, out, num_classes, cfg, executor):
-    return select_shards(sidecars, out, num_classes, cfg, "labels", executor)
+def run_selection(sidecars, out, num_classes, cfg, executor, **kwargs):
+    return select_shards(sidecars, out, num_classes, cfg, "labels", executor, **kwargs)
 
 
 def read_all(paths):
@@ -237,26 +292,55 @@ def read_all(paths):
     return keys, labels, conf
 
 
+PRIOR = np.array([0.3, 0.1, 0.2, 0.2, 0.2])  # a labeled split's class frequencies, for align: labeled
+
+
 @pytest.mark.parametrize(
-    "cfg, inline",
+    "cfg, inline, topk, student_round",
     [
-        (SelectConfig(mode="balanced", floor=0.3, bins=16), False),
-        (SelectConfig(mode="topk", floor=0.5, per_class=20, label_type="hard"), False),
-        (SelectConfig(mode="none", floor=0.6, seed=3), False),
-        (SelectConfig(mode="balanced", floor=0.3, bins=16), True),
+        (SelectConfig(mode="balanced", floor=0.3, bins=16), False, 0, 1),
+        (SelectConfig(mode="topk", floor=0.5, per_class=20, label_type="hard"), False, 0, 1),
+        (SelectConfig(mode="none", floor=0.6, seed=3), False, 0, 1),
+        (SelectConfig(mode="balanced", floor=0.3, bins=16), True, 0, 1),
+        (SelectConfig(mode="share", floor=0.3, bins=16), False, 0, 2),
+        (SelectConfig(mode="share", floor=0.3, align="labeled"), True, 0, 1),
+        (SelectConfig(mode="share", floor=0.2, align="uniform", align_iterations=3, bins=16), False, 0, 3),
+        (SelectConfig(mode="balanced", floor=0.3, align="uniform", bins=16), False, 3, 1),
+        (SelectConfig(mode="topk", floor=0.0, per_class=15, align="labeled", label_type="hard"), True, 2, 1),
     ],
-    ids=["balanced", "topk-hard", "none", "balanced-in-process"],
+    ids=[
+        "balanced",
+        "topk-hard",
+        "none",
+        "balanced-in-process",
+        "share-round-2",
+        "share-align-labeled-in-process",
+        "share-align-uniform-3-iterations-round-3",
+        "balanced-align-uniform-top-3",
+        "topk-align-labeled-top-2-hard-in-process",
+    ],
 )
-def test_ray_stage_equals_reference(ray_session, tmp_path, cfg, inline):
-    sidecars = write_random_sidecars(tmp_path / "pl", [90, 0, 57, 130], 5, seed=1)
-    summary = run_selection(sidecars, tmp_path / "sel", 5, cfg, InProcess(False) if inline else RayExecutor(False))
+def test_ray_stage_equals_reference(ray_session, tmp_path, cfg, inline, topk, student_round):
+    temperature = 0.5
+    sidecars = write_random_sidecars(tmp_path / "pl", [90, 0, 57, 130], 5, seed=1, topk=topk, temperature=temperature)
+    prior = None if cfg.align == "none" else PRIOR if cfg.align == "labeled" else np.full(5, 0.2)
+    executor = InProcess(False) if inline else RayExecutor(False)
+    kwargs = {"student_round": student_round, "temperature": temperature, "prior": prior}
+    summary = run_selection(sidecars, tmp_path / "sel", 5, cfg, executor, **kwargs)
     assert summary["ran_as"] == ("in-process" if inline else "ray")
-    keys, labels, conf = read_all(sidecars)
-    expected = dict(zip(keys, select_in_memory(keys, labels, conf, 5, cfg), strict=True))
+    keys, labels, conf, soft = reference_labels(sidecars, cfg, temperature, prior)
+    expected = dict(zip(keys, select_in_memory(keys, labels, conf, 5, cfg, student_round), strict=True))
     got = {}
     for s in sidecars:
         t = pq.read_table(tmp_path / "sel" / (s.rsplit("/", 1)[1]))
-        assert ("probs" in t.column_names) == (cfg.label_type == "soft")
+        assert ("probs" in t.column_names) == (cfg.label_type == "soft" and not topk)
+        assert ("topk_prob" in t.column_names) == (cfg.label_type == "soft" and bool(topk))
+        rows = np.searchsorted(keys, t.column("key").to_numpy(zero_copy_only=False))  # keys come sorted
+        np.testing.assert_array_equal(t.column("label").to_numpy(), labels[rows])
+        np.testing.assert_array_equal(t.column("confidence").to_numpy(), conf[rows])
+        if cfg.label_type == "soft" and t.num_rows:
+            column = "topk_prob" if topk else "probs"
+            np.testing.assert_array_equal(matrix(t.column(column)), soft[rows])
         for k, c in zip(t.column("key").to_pylist(), t.column("copies").to_pylist(), strict=True):
             assert k not in got, "a key appears twice in the selection"
             got[k] = c
@@ -266,6 +350,38 @@ def test_ray_stage_equals_reference(ray_session, tmp_path, cfg, inline):
     assert summary["rows_in"] == len(keys)
     assert summary["dropped_by_floor"] == int((conf < cfg.floor).sum())
     assert sum(summary["per_class_after"]) == summary["copies_out"]
+    assert summary["align"] == cfg.align and ("share" in summary) == (cfg.mode == "share")
+    if cfg.mode == "share":
+        k = max(1, math.ceil(share_fraction(cfg, student_round) * (conf >= cfg.floor).sum() / 5))
+        assert summary["share"] == share_fraction(cfg, student_round) and summary["K"] == k
+    if cfg.align != "none":
+        record = summary["alignment"]
+        raw = np.concatenate([pq.read_table(s).column("label").to_numpy() for s in sidecars])
+        assert record["per_class_before"] == np.bincount(raw, minlength=5).tolist()
+        assert record["per_class_after"] == np.bincount(labels, minlength=5).tolist() == summary["per_class_before"]
+        assert record["prior"] == cfg.align and record["iterations"] == cfg.align_iterations
+        assert len(record["weights"]) == 5 and record["per_class_after"] != record["per_class_before"]
+
+
+def matrix(column) -> np.ndarray:
+    return np.asarray(column.to_pylist(), dtype=np.float16)
+
+
+def reference_labels(sidecars, cfg, temperature, prior):
+    """Every row's key, label, confidence and stored soft label (float16) as the stage must see them, from the
+    whole pool at once (keys sorted): as stored, or aligned by the in-memory reference and sharpened back."""
+    t = pa.concat_tables(pq.read_table(s) for s in sidecars)
+    order = np.argsort(t.column("key").to_numpy(zero_copy_only=False))
+    t = t.take(pa.array(order))
+    keys = t.column("key").to_numpy(zero_copy_only=False)
+    column = "probs" if "probs" in t.column_names else "topk_prob"
+    if cfg.align == "none":
+        return keys, t.column("label").to_numpy(), t.column("confidence").to_numpy(), matrix(t.column(column))
+    idx = None if column == "probs" else np.asarray(t.column("topk_idx").to_pylist())
+    probs = teacher_probs(matrix(t.column(column)), temperature)
+    _, aligned = align_in_memory(probs, idx, prior, cfg.align_iterations)
+    labels, conf = label_and_confidence(aligned, idx)
+    return keys, labels, conf, sharpen(aligned, temperature).astype(np.float16)
 
 
 def check_compact_shards(sel, sidecars, summary):
@@ -354,3 +470,80 @@ def test_a_selection_made_from_other_pseudo_labels_is_not_reused(tmp_path):
     assert select_shards(sidecars, tmp_path / "sel", 3, cfg, "labels-a", InProcess(False))["shards_resumed"] == 2
     again = select_shards(sidecars, tmp_path / "sel", 3, cfg, "labels-b", InProcess(False))
     assert again["shards_resumed"] == 0 and again["per_class_after"] == first["per_class_after"]
+
+
+def test_the_summary_scores_aligned_and_kept_labels_against_the_truth(tmp_path):
+    """With ``.cls`` in the unlabeled shards (true_label in the sidecars) the summary says how right the labels are,
+    over all rows and over the kept ones; alignment to the (uniform) truth repairs most of a biased teacher."""
+    sidecars = write_random_sidecars(tmp_path / "pl", [200, 150], 4, seed=5, temperature=0.5, truth=True)
+    t = pa.concat_tables(pq.read_table(s) for s in sidecars)
+    truth, stored = t.column("true_label").to_numpy(), t.column("label").to_numpy()
+    cfg = SelectConfig(mode="share", floor=0.3, align="uniform", align_iterations=3)
+    kwargs = {"student_round": 1, "temperature": 0.5, "prior": np.full(4, 0.25)}
+    summary = run_selection(sidecars, tmp_path / "sel", 4, cfg, InProcess(False), **kwargs)
+    keys, labels, _, _ = reference_labels(sidecars, cfg, 0.5, np.full(4, 0.25))
+    truth = truth[np.argsort(t.column("key").to_numpy(zero_copy_only=False))]
+    record = summary["truth"]
+    assert record["rows"] == 350 and record["accuracy"] == round(float((labels == truth).mean()), 6)
+    assert record["accuracy"] > (stored == t.column("true_label").to_numpy()).mean() + 0.1
+    kept = pa.concat_tables(pq.read_table(tmp_path / "sel" / s.rsplit("/", 1)[1]) for s in sidecars)
+    rows = np.searchsorted(keys, kept.column("key").to_numpy(zero_copy_only=False))
+    assert record["kept"] == summary["kept"] == len(rows)
+    assert record["kept_accuracy"] == round(float((labels[rows] == truth[rows]).mean()), 6)
+    for c in range(4):
+        mine = truth[rows] == c
+        assert record["per_class_kept_accuracy"][c] == round(float((labels[rows][mine] == c).mean()), 6)
+    # resumed shards bring their truth counts back from their footers
+    again = run_selection(sidecars, tmp_path / "sel", 4, cfg, InProcess(False), **kwargs)
+    assert again["shards_resumed"] == 2 and again["truth"] == record
+    no_truth = write_random_sidecars(tmp_path / "pl2", [30], 4, seed=5)
+    assert "truth" not in run_selection(no_truth, tmp_path / "sel2", 4, SelectConfig(), InProcess(False))
+
+
+def test_a_changed_prior_or_share_reselects(tmp_path):
+    """The plan's digest names the alignment's prior and weights and the round's share: either changed, the shards
+    are selected again (the same ones, resumed)."""
+    sidecars = write_random_sidecars(tmp_path / "pl", [60, 60], 3, seed=6, temperature=0.5)
+    aligned = SelectConfig(floor=0.0, align="labeled")
+    base = {"temperature": 0.5, "prior": np.array([0.5, 0.25, 0.25])}
+    select_shards(sidecars, tmp_path / "sel", 3, aligned, "labels", InProcess(False), **base)
+    again = select_shards(sidecars, tmp_path / "sel", 3, aligned, "labels", InProcess(False), **base)
+    assert again["shards_resumed"] == 2
+    other = base | {"prior": np.array([0.25, 0.5, 0.25])}
+    assert (
+        select_shards(sidecars, tmp_path / "sel", 3, aligned, "labels", InProcess(False), **other)["shards_resumed"]
+        == 0
+    )
+    share = SelectConfig(mode="share", floor=0.0)
+    first = select_shards(sidecars, tmp_path / "s2", 3, share, "labels", InProcess(False), student_round=1)
+    later = select_shards(sidecars, tmp_path / "s2", 3, share, "labels", InProcess(False), student_round=2)
+    assert later["shards_resumed"] == 0 and later["kept"] > first["kept"]
+    with pytest.raises(ValueError, match="needs the class prior"):
+        select_shards(sidecars, tmp_path / "s3", 3, aligned, "labels", InProcess(False))
+
+
+def test_the_stage_names_its_round_share_and_prior_in_its_inputs():
+    """``Select``'s inputs (what makes the stage stale) gain a key only when share or alignment is on, so a run
+    started before they existed keeps its selections; the prior comes from the labeled split, a class missing there
+    is one DataError line."""
+    from types import SimpleNamespace
+
+    from stages.core.errors import DataError
+    from stages.select import Select
+
+    def ctx(labels):
+        data = SimpleNamespace(num_classes=3, labeled=SimpleNamespace(labels=np.array(labels)))
+        return SimpleNamespace(
+            config_digest="c", manifest=SimpleNamespace(digest=lambda stage: "p"), data=data, round=2
+        )
+
+    plain = Select(SelectConfig(), temperature=0.5, student_round=2).inputs(ctx([0, 1, 2]))
+    assert plain == {"config": "c", "pseudo_label": "p", "seed": "0"}
+    share = Select(SelectConfig(mode="share"), temperature=0.5, student_round=2)
+    assert share.inputs(ctx([0, 1, 2]))["share"] == "0.75"
+    assert dataclasses.replace(share, student_round=3).inputs(ctx([0, 1, 2]))["share"] == "1.0"
+    labeled = Select(SelectConfig(align="labeled"), temperature=0.5)
+    assert labeled.prior(ctx([0, 0, 1, 2])).tolist() == [0.5, 0.25, 0.25]
+    assert labeled.inputs(ctx([0, 0, 1, 2]))["prior"] != labeled.inputs(ctx([0, 1, 1, 2]))["prior"]
+    with pytest.raises(DataError, match=r"round 2: select.align: labeled: class\(es\) \[2\]"):
+        labeled.inputs(ctx([0, 1]))

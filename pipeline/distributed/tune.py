@@ -311,7 +311,8 @@ def train_trial(cfg: PipelineConfig, setup: TuneSetup, work: Path, report) -> No
         return ValidationHooks(root, plan, card, val, report)
 
     ctx = StageContext(trial, layout, run_data, InProcess(False, hooks), manifest, stage_config_digest(cfg), False)
-    selection = Select(dataclasses.replace(cfg.select, seed=round_seeds(cfg, 1)["select"])).run(ctx)
+    select_cfg = dataclasses.replace(cfg.select, seed=round_seeds(cfg, 1)["select"])
+    selection = Select(select_cfg, temperature=cfg.pseudo_label.temperature, student_round=1).run(ctx)
     manifest.record("select", selection.files, 0.0, result=selection.result)
     Train(plan, card, cfg.resources.train()).run(ctx)
 

@@ -1,4 +1,5 @@
-"""Classification metrics, computed here and nowhere else: top-1, per-class top-1, confusion, calibration.
+"""Classification metrics, computed here and nowhere else: top-1, per-class top-1, confusion, calibration, and the
+pseudo-labels' accuracy against a diagnostic truth.
 
 Confusion and per-class top-1 (recall) are scikit-learn's. Calibration is one function, ``reliability``: per
 equal-width confidence bin its count, accuracy and mean confidence, and the expected calibration error
@@ -55,3 +56,41 @@ def prediction_metrics(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, n
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     """``prediction_metrics`` from probabilities (confidence = top probability, prediction = its class)."""
     return prediction_metrics(probs.max(axis=1), probs.argmax(axis=1), labels, num_classes)
+
+
+def truth_counts(truth: np.ndarray, labels: np.ndarray, kept: np.ndarray, num_classes: int) -> dict[str, list[int]]:
+    """Per true class: rows with a known truth, how many of their labels are right, and the same over kept rows
+    (a diagnostic: ``.cls`` in unlabeled shards is never trained on)."""
+    known = truth >= 0
+    right = known & (labels == truth)
+
+    def per_class(mask: np.ndarray) -> list[int]:
+        return np.bincount(truth[mask], minlength=num_classes)[:num_classes].tolist()
+
+    return {
+        "truth_rows": per_class(known),
+        "truth_right": per_class(right),
+        "truth_kept": per_class(known & kept),
+        "truth_kept_right": per_class(right & kept),
+    }
+
+
+TRUTH = ("truth_rows", "truth_right", "truth_kept", "truth_kept_right")
+
+
+def summarize_truth(truth: dict[str, np.ndarray]) -> dict:
+    """Accuracy of the (aligned) pseudo-labels against the shards' ``.cls``: over all rows and over the kept ones,
+    overall and per true class (None where a class has no such row)."""
+
+    def rate(right: np.ndarray, rows: np.ndarray) -> list[float | None]:
+        return [round(float(r / n), 6) if n else None for r, n in zip(right, rows, strict=True)]
+
+    rows, kept = truth["truth_rows"], truth["truth_kept"]
+    return {
+        "rows": int(rows.sum()),
+        "accuracy": round(float(truth["truth_right"].sum() / rows.sum()), 6),
+        "kept": int(kept.sum()),
+        "kept_accuracy": round(float(truth["truth_kept_right"].sum() / kept.sum()), 6) if kept.sum() else None,
+        "per_class_accuracy": rate(truth["truth_right"], rows),
+        "per_class_kept_accuracy": rate(truth["truth_kept_right"], kept),
+    }
