@@ -23,7 +23,8 @@ from stages.train import read_metrics_lines
 log = logging.getLogger(__name__)
 
 TRAIN_TAGS = ("loss", "loss_labeled", "loss_pseudo", "lr", "images_per_s")  # train/<tag>, step = global step
-ROUND_TAGS = ("val_top1", "test_top1", "teacher_top1", "test_ece", "pseudo_label_accuracy", "pseudo_images")  # eval/<tag>
+# eval/<tag>
+ROUND_TAGS = ("val_top1", "test_top1", "teacher_top1", "test_ece", "pseudo_label_accuracy", "pseudo_images")
 
 
 def write_tensorboard(run_dir: str | Path) -> list[Path]:

@@ -21,9 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from stages.data.shards import decode_image, image_field, iter_raw_samples
-
 from stages.core.errors import BadSample
+from stages.data.shards import decode_image, image_field, iter_raw_samples
 
 EXAMPLES = 3  # example keys kept per finding: enough to look one up, small enough for run.json
 HASH_DTYPE = np.dtype([("hash", "<u8"), ("shard", "<u4"), ("index", "<u4")])

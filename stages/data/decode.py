@@ -125,5 +125,3 @@ def prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
         if isinstance(item, BaseException):
             raise item
         yield item
-
-

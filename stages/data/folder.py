@@ -32,11 +32,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from stages.data.shards import IMAGE_EXTENSIONS, decode_image
-
 from stages.core.errors import BadSample, DataError
+from stages.data.shards import IMAGE_EXTENSIONS, decode_image
 from stages.storage.artifacts import trusted_receipt, write_receipt
-from stages.storage.files import atomic_target, atomic_write_json, exists, read_json, size
+from stages.storage.files import atomic_target
 
 SPLITS = ("labeled", "val", "test", "unlabeled")
 LABELED_SPLITS = ("labeled", "val", "test")

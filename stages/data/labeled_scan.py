@@ -10,8 +10,8 @@ mtime, or an object's ETag): ``<cache>/<sha of the shard URL>.parquet`` holds th
 the channels and the unusable samples; a label at or above the run's class count forces a rescan (which reports it).
 A run that finds a matching cache file (a resume, or another run over the same data) does not decode the shard again.
 
-``merge_indexes`` joins the shards of a split in shard order and enforces what ``stages.data.shards.load_labeled`` did for
-an in-memory split: a shard with no sample, a split with no usable sample, too many unusable ones (one-line
+``merge_indexes`` joins the shards of a split in shard order and enforces what ``stages.data.shards.load_labeled``
+did for an in-memory split: a shard with no sample, a split with no usable sample, too many unusable ones (one-line
 ``DataError`` each); a label outside ``[0, num_classes)`` is a ``DataError`` from the scan itself.
 """
 
@@ -26,9 +26,9 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from stages.core.errors import DataError
 from stages.data.contamination import image_digest
 from stages.data.shards import check_usable, labeled_samples
-from stages.core.errors import DataError
 from stages.storage.artifacts import inputs_digest, read_footer, read_verified, write_table
 from stages.storage.files import Location, StorageError, join, stamp
 
@@ -125,8 +125,13 @@ def write_cached(cache_dir: Location, index: ShardIndex, identity: str, channels
     )
     made_by = scan_made_by(index.shard, identity, channels)
     try:
-        write_table(table, cache_path(cache_dir, index.shard), format=SCAN_FORMAT, made_by=made_by,
-                    skipped=json.dumps(index.skipped))
+        write_table(
+            table,
+            cache_path(cache_dir, index.shard),
+            format=SCAN_FORMAT,
+            made_by=made_by,
+            skipped=json.dumps(index.skipped),
+        )
     except (OSError, StorageError) as exc:
         log.warning("could not cache the scan of %s: %s", index.shard, exc)
 

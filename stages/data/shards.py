@@ -9,7 +9,6 @@ stream is parsed by the webdataset library.
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import logging
 import os
