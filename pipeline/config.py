@@ -45,7 +45,9 @@ NonNegative = Annotated[StrictInt, Field(ge=0)]
 class DataConfig:
     """Shard lists (paths, globs, brace patterns, object-store URLs) and how images enter the model.
 
-    ``prepare_digits``: a folder; when set and its shards are missing, the built-in digits data is written there.
+    ``prepare_digits``: a folder; when set and its shards are missing, the built-in digits data is written there,
+    with ``prepare_labeled_per_class`` labeled images per class (10; fewer = a seeded subset of those 10, the rest
+    unlabeled, validation and test unchanged: 2 is "digits-hard", ``stages/data/digits.py``).
     ``allow_test_overlap``: go on (with a warning) when training images have the same decoded pixels as test images;
     by default that stops the run before round 0 (``stages/data_check.py``).
     ``classes``: class names by index, inline or the path of a ``classes.json`` (read here, so the run's config.yaml
@@ -67,6 +69,7 @@ class DataConfig:
     std: Many[StrictFloat] = ()
     max_bad_fraction: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.01
     prepare_digits: StrictStr = ""
+    prepare_labeled_per_class: Annotated[StrictInt, Field(ge=1, le=10), LATE] = 10
     allow_test_overlap: StrictBool = False
     classes: Annotated[StrictStr | Many[StrictStr], LATE] = ()
     augment: Annotated[Literal["digits", "natural"], LATE] = "digits"
@@ -121,6 +124,11 @@ class DataConfig:
             raise ValueError(f"std: must be > 0, got {self.std}")
         if self.val and self.val_per_class:
             raise ValueError("val_per_class: give validation shards (data.val) or a carve (val_per_class), not both")
+        if self.prepare_labeled_per_class != 10 and not self.prepare_digits:
+            raise ValueError(
+                f"prepare_labeled_per_class: {self.prepare_labeled_per_class} says how prepare_digits writes the "
+                "digits; set prepare_digits (the folder) too, or leave it at 10"
+            )
         return self
 
     def names(self) -> list[str]:
