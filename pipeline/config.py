@@ -33,6 +33,7 @@ from stages.data.folder import read_classes
 from stages.maths.selection import SelectConfig
 from stages.maths.stopping import StopConfig
 from stages.models.factory import ModelSpec
+from stages.pretrain import PretrainConfig
 from stages.pseudo_label import PseudoLabelConfig
 from stages.storage.files import StorageError, check_storage
 from stages.train import TrainConfig
@@ -227,6 +228,7 @@ class PipelineConfig:
     ``seed``: the run seed; every round's training and selection get their own seed derived from it and the stage's
     ``seed`` key (``stages/stopping.round_seed``). ``stop``: the stop rule on validation (``stages/maths/stopping.py``).
     ``robustness``: corrupted copies of the test set scored every round (``stages/data/corruptions.py``).
+    ``pretrain``: self-supervised pretraining of round 0's encoder before the teacher trains (``stages/pretrain.py``).
     """
 
     name: StrictStr = "run"
@@ -246,6 +248,7 @@ class PipelineConfig:
     seed: StrictInt = 0
     stop: StopConfig = dataclasses.field(default_factory=StopConfig)
     robustness: RobustnessConfig = dataclasses.field(default_factory=RobustnessConfig)
+    pretrain: Annotated[PretrainConfig, LATE] = dataclasses.field(default_factory=PretrainConfig)
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -258,6 +261,16 @@ class PipelineConfig:
             raise ValueError(
                 "teacher.distill: round 0 has no earlier model to distil from; put distill and online_teacher under "
                 "student"
+            )
+        given = "teacher.init" if self.teacher.init else "teacher.from_model" if self.teacher.from_model else ""
+        if self.pretrain.enabled == "on" and given:
+            raise ValueError(
+                f"pretrain.enabled: on, but round 0 starts from {given}; drop one (auto pretrains only without them)"
+            )
+        if self.pretrain.init_students and self.student.init_from_teacher:
+            raise ValueError(
+                "pretrain.init_students: students cannot start from both the encoder and their teacher "
+                "(student.init_from_teacher); keep one"
             )
         d = self.data
         if self.stop.patience and not d.has_validation:
