@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from stages.core.config import Many, config
 from stages.core.hooks import TrainHooks
 from stages.core.stage import StageContext, StageOutput, TrainResources
-from stages.data.loader import ImageStream
+from stages.data.loader import ImageStream, batch_loader
 from stages.maths.contrastive import ViewConfig, natural_views, nt_xent_loss, pretrain_steps, two_views
 from stages.models.checkpoint import load_checkpoint
 from stages.models.contrastive import SimCLR, encoder_state
@@ -192,15 +192,7 @@ class PretrainPlan:
             world_size=world_size,
             exclude_keys=self.exclude_keys,
         )
-        workers = self.cfg.loader_workers
-        return DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=workers,
-            prefetch_factor=4 if workers else None,
-            multiprocessing_context="fork" if workers else None,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return batch_loader(stream, self.cfg.loader_workers)
 
 
 def pretrain_model(plan: PretrainPlan, hooks: TrainHooks) -> dict:

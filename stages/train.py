@@ -43,7 +43,7 @@ from stages.core.config import Many, config
 from stages.core.hooks import TrainHooks
 from stages.core.stage import StageContext, StageOutput, TrainResources
 from stages.data.compact import pseudo_sources
-from stages.data.loader import BYTE_COUNTS, MixedStream, PseudoSource
+from stages.data.loader import BYTE_COUNTS, MixedStream, PseudoSource, batch_loader
 from stages.models.checkpoint import load_checkpoint, read_state, save_checkpoint
 from stages.models.device import autocast, place_batch, place_model
 from stages.models.distill import DistillTermConfig, Weighting, check_terms, needs_features
@@ -282,15 +282,7 @@ def build_stream(plan: TrainPlan, epoch: int, rank: int, world_size: int) -> Dat
         clean_transform=clean,
         exclude_keys=plan.exclude_keys,
     )
-    workers = plan.cfg.loader_workers
-    return DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=4 if workers else None,
-        multiprocessing_context="fork" if workers else None,
-        pin_memory=torch.cuda.is_available(),  # page-locked batches: the copy to the GPU overlaps the step
-    )
+    return batch_loader(stream, plan.cfg.loader_workers)
 
 
 def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:

@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stages.core.errors import BadSample, DataError
 from stages.data.shards import decode_image, image_field, iter_raw_samples, parse_label
@@ -122,6 +122,19 @@ def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
         yield item
     rng.shuffle(pool)
     yield from pool
+
+
+def batch_loader(stream: IterableDataset, workers: int) -> DataLoader:
+    """A ``DataLoader`` over a stream that yields ready batches: ``workers`` forked processes (0 = this one), each
+    4 batches ahead; page-locked batches on a GPU machine, so the copy to the GPU overlaps the step."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context="fork" if workers else None,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def _slot(rank: int, world_size: int) -> tuple[int, int]:
