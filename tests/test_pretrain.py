@@ -245,6 +245,14 @@ def test_an_encoder_of_another_model_is_one_line(tmp_path):
 # ---------------------------------------------------------------- killed and resumed
 
 
+def test_local_checkpoints_restore_by_number_not_by_name(tmp_path):
+    """A run of more than 9,999 checkpoints: epoch-10000 is later than epoch-9999; a cut-off copy is never taken."""
+    for name in ("epoch-0002", "epoch-9999", "epoch-10000", "epoch-10001.tmp"):
+        (tmp_path / name).mkdir()
+    assert LocalHooks(tmp_path).restore() == tmp_path / "epoch-10000"
+    assert LocalHooks(tmp_path / "none").restore() is None
+
+
 @pytest.mark.slow
 def test_a_killed_pretraining_resumes_from_its_checkpoint(digits_root, tmp_path):
     """The driver is SIGKILLed after two pretraining checkpoints; the same command again resumes from the last one
