@@ -211,6 +211,16 @@ def pretrain_model(plan: PretrainPlan, hooks: TrainHooks) -> dict:
         step = load_checkpoint(restored, model, optimizer, None)["step"]
         log.info("pretrain: resumed from %s at step %d", restored, step)
     start, total = step, plan.steps(hooks.world_size)
+    if hooks.rank == 0:
+        log.info(
+            "pretrain: %s on %d images, %d steps of %d x %d worker(s), %s views",
+            cfg.method,
+            plan.images,
+            total,
+            cfg.batch_size,
+            hooks.world_size,
+            "natural" if plan.natural else "digits",
+        )
     model = hooks.prepare(model)
     schedule = cosine_schedule(optimizer, lr, 0.0, total, min(cfg.warmup_steps, total))
     batches = iter(plan.stream(step, hooks.rank, hooks.world_size))
@@ -288,14 +298,6 @@ class Pretrain:
     def run(self, ctx: StageContext) -> StageOutput:
         plan = self.plan
         name = f"{round_name(ctx.round)}-pretrain-{inputs_digest(**self.inputs(ctx))[:10]}"
-        log.info(
-            "pretrain: %s on %d images, %d steps of %d (%s views)",
-            plan.cfg.method,
-            plan.images,
-            plan.steps(self.resources.workers),
-            plan.cfg.batch_size,
-            "natural" if plan.natural else "digits",
-        )
         with tempfile.TemporaryDirectory(prefix="ns-pretrain-") as tmp:  # node-local scratch, whatever the storage
             train = functools.partial(pretrain_model, plan)
             final = ctx.executor.fit(train, name, ctx.run.checkpoints, self.resources, Path(tmp))
