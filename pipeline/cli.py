@@ -145,6 +145,13 @@ def _add_prepare(sub) -> None:
     p.add_argument("--out", default="data/digits", help="output folder (default data/digits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=4, help="shards per split (default 4)")
+    p.add_argument(
+        "--labeled-per-class",
+        type=int,
+        default=10,
+        help="labeled images per class, 1..10 (default 10); fewer keep a seeded subset of the default's 10 and move "
+        "the rest to unlabeled, with the same validation and test images (2 = digits-hard)",
+    )
     p.set_defaults(func=cmd_prepare)
 
 
@@ -186,18 +193,30 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_prepare(args) -> int:
     from stages.data.digits import write_digits_shards
 
-    counts = write_digits_shards(args.out, seed=args.seed, shards_per_split=args.shards)
+    if not 1 <= args.labeled_per_class <= 10:
+        raise ConfigError(f"--labeled-per-class: must be in [1, 10], got {args.labeled_per_class}")
+    counts = write_digits_shards(
+        args.out, seed=args.seed, shards_per_split=args.shards, labeled_per_class=args.labeled_per_class
+    )
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 
-def ensure_digits(root: str) -> None:
-    """Write the default data set if the config asks for it and it is not there yet."""
-    if root and not all(any((Path(root) / s).glob("*.tar")) for s in ("labeled", "unlabeled", "test", "val")):
-        from stages.data.digits import write_digits_shards
+def ensure_digits(root: str, labeled_per_class: int = 10) -> None:
+    """Write the built-in digits data (``labeled_per_class`` labeled images per class: 10, or fewer for digits-hard)
+    if the config asks for it and it is not there yet; one ``ConfigError`` line when the folder holds the other
+    split."""
+    if not root:
+        return
+    from stages.data.digits import digits_written, write_digits_shards
 
-        counts = write_digits_shards(root)
-        print(f"prepared the default digits data in {root}: {counts}", file=sys.stderr)
+    try:
+        if digits_written(root, labeled_per_class):
+            return
+    except ValueError as exc:
+        raise ConfigError(f"data.prepare_digits: {exc}") from exc
+    counts = write_digits_shards(root, labeled_per_class=labeled_per_class)
+    print(f"prepared the digits data in {root}: {counts}", file=sys.stderr)
 
 
 def _load_run(args, prepare: bool = True):
@@ -207,7 +226,7 @@ def _load_run(args, prepare: bool = True):
     overrides = list(args.overrides) + ([f"rounds={args.rounds}"] if args.rounds is not None else [])
     cfg = load_config(args.config, overrides)
     if prepare:
-        ensure_digits(cfg.data.prepare_digits)
+        ensure_digits(cfg.data.prepare_digits, cfg.data.prepare_labeled_per_class)
     return cfg, args.run or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -283,7 +302,7 @@ def cmd_submit(args) -> int:
     # A relative default-data folder lives beside the submitter (a local cluster shares this disk): prepare it
     # here. An absolute one (e.g. /mnt/runs/data on the cluster's volume) is prepared by the job itself.
     if cfg.data.prepare_digits and not os.path.isabs(os.path.expanduser(cfg.data.prepare_digits)):
-        ensure_digits(cfg.data.prepare_digits)
+        ensure_digits(cfg.data.prepare_digits, cfg.data.prepare_labeled_per_class)
     cfg = jobs.resolve_paths(cfg, Path.cwd())
     submission = jobs.submit(cfg, run, args.address, python=args.python, check=args.check)
     print(f"job: {submission.job_id}")

@@ -33,6 +33,7 @@ from stages.data.folder import read_classes
 from stages.maths.selection import SelectConfig
 from stages.maths.stopping import StopConfig
 from stages.models.factory import ModelSpec
+from stages.pretrain import PretrainConfig
 from stages.pseudo_label import PseudoLabelConfig
 from stages.storage.files import StorageError, check_storage
 from stages.train import TrainConfig
@@ -45,7 +46,9 @@ NonNegative = Annotated[StrictInt, Field(ge=0)]
 class DataConfig:
     """Shard lists (paths, globs, brace patterns, object-store URLs) and how images enter the model.
 
-    ``prepare_digits``: a folder; when set and its shards are missing, the built-in digits data is written there.
+    ``prepare_digits``: a folder; when set and its shards are missing, the built-in digits data is written there,
+    with ``prepare_labeled_per_class`` labeled images per class (10; fewer = a seeded subset of those 10, the rest
+    unlabeled, validation and test unchanged: 2 is "digits-hard", ``stages/data/digits.py``).
     ``allow_test_overlap``: go on (with a warning) when training images have the same decoded pixels as test images;
     by default that stops the run before round 0 (``stages/data_check.py``).
     ``classes``: class names by index, inline or the path of a ``classes.json`` (read here, so the run's config.yaml
@@ -67,6 +70,7 @@ class DataConfig:
     std: Many[StrictFloat] = ()
     max_bad_fraction: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.01
     prepare_digits: StrictStr = ""
+    prepare_labeled_per_class: Annotated[StrictInt, Field(ge=1, le=10), LATE] = 10
     allow_test_overlap: StrictBool = False
     classes: Annotated[StrictStr | Many[StrictStr], LATE] = ()
     augment: Annotated[Literal["digits", "natural"], LATE] = "digits"
@@ -121,6 +125,11 @@ class DataConfig:
             raise ValueError(f"std: must be > 0, got {self.std}")
         if self.val and self.val_per_class:
             raise ValueError("val_per_class: give validation shards (data.val) or a carve (val_per_class), not both")
+        if self.prepare_labeled_per_class != 10 and not self.prepare_digits:
+            raise ValueError(
+                f"prepare_labeled_per_class: {self.prepare_labeled_per_class} says how prepare_digits writes the "
+                "digits; set prepare_digits (the folder) too, or leave it at 10"
+            )
         return self
 
     def names(self) -> list[str]:
@@ -225,6 +234,7 @@ class PipelineConfig:
     ``seed``: the run seed; every round's training and selection get their own seed derived from it and the stage's
     ``seed`` key (``stages/stopping.round_seed``). ``stop``: the stop rule on validation (``stages/maths/stopping.py``).
     ``robustness``: corrupted copies of the test set scored every round (``stages/data/corruptions.py``).
+    ``pretrain``: self-supervised pretraining of round 0's encoder before the teacher trains (``stages/pretrain.py``).
     """
 
     name: StrictStr = "run"
@@ -244,6 +254,7 @@ class PipelineConfig:
     seed: StrictInt = 0
     stop: StopConfig = dataclasses.field(default_factory=StopConfig)
     robustness: RobustnessConfig = dataclasses.field(default_factory=RobustnessConfig)
+    pretrain: Annotated[PretrainConfig, LATE] = dataclasses.field(default_factory=PretrainConfig)
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -256,6 +267,16 @@ class PipelineConfig:
             raise ValueError(
                 "teacher.distill: round 0 has no earlier model to distil from; put distill and online_teacher under "
                 "student"
+            )
+        given = "teacher.init" if self.teacher.init else "teacher.from_model" if self.teacher.from_model else ""
+        if self.pretrain.enabled == "on" and given:
+            raise ValueError(
+                f"pretrain.enabled: on, but round 0 starts from {given}; drop one (auto pretrains only without them)"
+            )
+        if self.pretrain.init_students and self.student.init_from_teacher:
+            raise ValueError(
+                "pretrain.init_students: students cannot start from both the encoder and their teacher "
+                "(student.init_from_teacher); keep one"
             )
         d = self.data
         if self.stop.patience and not d.has_validation:

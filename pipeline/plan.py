@@ -1,10 +1,11 @@
 """What a run of a config is: its folder and identity, the stages of each round, and each round's training plan.
 
 ``round_stages(cfg, r, data, params)`` is the round as a list of stage objects (``stages.core.stage.Stage``):
-round 0 trains (or adopts) the teacher and evaluates it; a student round pseudo-labels, selects, trains and
-evaluates. ``plan_for`` is the one place a ``TrainPlan`` is made, for the round loop, ``tune``'s trials and the
-benches alike; ``model_input`` says how a round's model sees its images (mean/std as trained, interpolation, crop)
-and ``model_card_for`` what its ``model.json`` records.
+round 0 pretrains the encoder when the run pretrains (``data.pretrain``, decided before round 0), trains (or adopts)
+the teacher and evaluates it; a student round pseudo-labels, selects, trains and evaluates. ``plan_for`` is the one
+place a ``TrainPlan`` is made, for the round loop, ``tune``'s trials and the benches alike (``pretrain_plan`` the
+encoder's); ``model_input`` says how a round's model sees its images (mean/std as trained, interpolation, crop) and
+``model_card_for`` what its ``model.json`` records.
 """
 
 from __future__ import annotations
@@ -104,12 +105,14 @@ def plan_for(
     pseudo_count: int = 0,
     metrics_path: str = "",
     threads: int | None = None,
+    pretrained: bool = False,
 ):
     """Round ``r``'s ``TrainPlan``: the teacher's (``r == 0``) or the student's recipe with the round's own seed,
     the model's input, the labeled shards (``exclude_keys`` never trained on), and, with ``run``, the paths the
     round trains from and writes to (the previous model for ``init_from_teacher`` and ``online_teacher``, its
-    ``train_metrics.jsonl``). The pseudo-labeled sources come from the round's selection (the train stage adds
-    them) or are given here."""
+    ``train_metrics.jsonl``, and with ``pretrained`` round 0's encoder for the teacher and, under
+    ``pretrain.init_students``, the students). The pseudo-labeled sources come from the round's selection (the train
+    stage adds them) or are given here."""
     from stages.models.pretrained import absolute
     from stages.train import TrainPlan
 
@@ -119,6 +122,7 @@ def plan_for(
     if run is not None and not metrics_path:
         metrics_path = str(run.round(r).train_metrics)
     fields, _ = model_input(cfg, r)
+    from_encoder = pretrained and run is not None and (r == 0 or cfg.pretrain.init_students)
     return TrainPlan(
         **fields,
         cfg=train_cfg,
@@ -131,13 +135,39 @@ def plan_for(
         teacher_dir=str(previous.dir) if previous and train_cfg.online_teacher else "",
         threads=cfg.resources.torch_threads if threads is None else threads,
         init_from=absolute(cfg.teacher.init) if r == 0 else "",
+        init_encoder=str(run.round(0).encoder) if from_encoder and run is not None else "",
         exclude_keys=exclude_keys,
+    )
+
+
+def pretrain_plan(cfg: PipelineConfig, data: RunData, threads: int | None = None):
+    """The round-0 encoder's ``PretrainPlan``: the round-0 model and its input, the labeled (carved validation
+    keys left out) and unlabeled shards, and its own seed."""
+    from stages.maths.stopping import round_seed
+    from stages.pretrain import PretrainPlan
+
+    fields, _ = model_input(cfg, 0)
+    return PretrainPlan(
+        spec=fields["spec"],
+        cfg=cfg.pretrain,
+        channels=fields["channels"],
+        image_size=fields["image_size"],
+        mean=fields["mean"],
+        std=fields["std"],
+        natural=cfg.data.augment == "natural",
+        labeled=tuple(data.labeled_shards),
+        unlabeled=tuple(data.unlabeled_shards),
+        images=len(data.labeled) + data.unlabeled_images,
+        seed=round_seed(cfg.seed, cfg.pretrain.seed, 0, "pretrain"),
+        exclude_keys=data.exclude_keys,
+        threads=cfg.resources.torch_threads if threads is None else threads,
     )
 
 
 def round_stages(cfg: PipelineConfig, r: int, data: RunData, run: RunLayout, params: int) -> list[Stage]:
     """Round ``r`` as its list of stages, in order."""
     from stages.evaluate import Evaluate
+    from stages.pretrain import Pretrain
     from stages.pseudo_label import PseudoLabel
     from stages.select import Select
     from stages.train import Adopt, Train
@@ -146,11 +176,20 @@ def round_stages(cfg: PipelineConfig, r: int, data: RunData, run: RunLayout, par
     if r == 0 and cfg.teacher.from_model:
         train: Stage = Adopt(cfg.teacher.from_model)
     else:
-        plan = plan_for(cfg, r, data.labeled_shards, len(data.labeled), exclude_keys=data.exclude_keys, run=run)
+        plan = plan_for(
+            cfg,
+            r,
+            data.labeled_shards,
+            len(data.labeled),
+            exclude_keys=data.exclude_keys,
+            run=run,
+            pretrained=data.pretrain,
+        )
         train = Train(plan, model_card_for(cfg, r, params), cfg.resources.train())
     evaluate = Evaluate(cfg.robustness, label, seeds)
     if r == 0:
-        return [train, evaluate]
+        pretrain: list[Stage] = [Pretrain(pretrain_plan(cfg, data), cfg.resources.train())] if data.pretrain else []
+        return [*pretrain, train, evaluate]
     select_cfg = dataclasses.replace(cfg.select, seed=seeds["select"])
     select = Select(select_cfg, temperature=cfg.pseudo_label.temperature, student_round=r)
     return [PseudoLabel(cfg.pseudo_label, label), select, train, evaluate]

@@ -63,6 +63,7 @@ class Run:
         self.stages_run = 0  # stages this process ran (not skipped as done)
         self.config_digest = stage_config_digest(cfg)
         self.progress = True
+        self.pretrain: dict = {}  # whether round 0 pretrains its encoder, and why (run.json)
 
 
 def preflight(cfg: PipelineConfig, progress: bool = True) -> Run:
@@ -101,6 +102,9 @@ def preflight(cfg: PipelineConfig, progress: bool = True) -> Run:
         log.warning("data.labeled has no samples of class(es) %s; per-class counts: %s", missing, counts)
     t = cfg.teacher
     check_teacher_source(t.init, t.from_model, cfg.spec(0), data.num_classes, data.channels, data.classes)
+    given = f"teacher.init {t.init}" if t.init else f"teacher.from_model {t.from_model}" if t.from_model else ""
+    pretrain = cfg.pretrain.decide(counts, given)
+    log.info("pretrain: %s (%s)", "on" if pretrain["on"] else "off", pretrain["reason"])
     run_data = RunData(
         labeled_shards=shards["data.labeled"],
         unlabeled_shards=shards["data.unlabeled"],
@@ -112,9 +116,10 @@ def preflight(cfg: PipelineConfig, progress: bool = True) -> Run:
         names=data.names(),
         val=val,
         validation=validation,
+        pretrain=pretrain["on"],
     )
     run = Run(cfg, run_data, params, executor, why)
-    run.progress = progress
+    run.progress, run.pretrain = progress, pretrain
     return run
 
 
@@ -129,7 +134,8 @@ def run_pipeline(cfg: PipelineConfig, run_name: str, progress: bool = True) -> l
         data_check = _data_check(run, previous.get("data_check"))
     atomic_write_text(layout.config, dump_config(cfg))
     status = _load_status(layout, cfg)
-    status |= {"data_check": data_check, "validation": run.data.validation}
+    status |= {"data_check": data_check, "validation": run.data.validation, "pretrain": run.pretrain}
+    run.data.unlabeled_images = int(data_check.get("unlabeled", {}).get("images", 0))
     status["executor"] = {"kind": run.executor.kind, "reason": run.executor_reason}
     _save_status(layout, status)
     rows: list[dict] = []

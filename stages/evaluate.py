@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.core.stage import LabelResources, RunData, StageContext, StageOutput
+from stages.core.stage import ROUND_STAGES, LabelResources, RunData, StageContext, StageOutput
 from stages.data.corruptions import RobustnessConfig, corrupt, corruption_metrics, variants
 from stages.data.shards import LabeledSet
 from stages.maths.metrics import classification_metrics, prediction_metrics
@@ -270,7 +270,7 @@ def round_facts(ctx: StageContext) -> dict:
         "pseudo_images": pseudo,
         "train_images": len(ctx.data.labeled) + pseudo,
         "pseudo_per_class": selected.get("per_class_after"),  # pseudo-labeled samples trained on, per class
-        "stage_seconds": {s: stages[s]["seconds"] for s in ("pseudo_label", "select", "train") if s in stages},
+        "stage_seconds": {s: stages[s]["seconds"] for s in ROUND_STAGES if s in stages},  # all before evaluate
     }
     if ctx.previous is not None:
         teacher = read_json(ctx.previous.metrics)

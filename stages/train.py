@@ -43,16 +43,16 @@ from stages.core.config import Many, config
 from stages.core.hooks import TrainHooks
 from stages.core.stage import StageContext, StageOutput, TrainResources
 from stages.data.compact import pseudo_sources
-from stages.data.loader import BYTE_COUNTS, MixedStream, PseudoSource
+from stages.data.loader import BYTE_COUNTS, MixedStream, PseudoSource, batch_loader
 from stages.models.checkpoint import load_checkpoint, read_state, save_checkpoint
 from stages.models.device import autocast, place_batch, place_model
 from stages.models.distill import DistillTermConfig, Weighting, check_terms, needs_features
 from stages.models.factory import ModelSpec, atomic_save_safetensors, create_model, load_weights, model_sha, unwrap
 from stages.models.online_distill import DistillStudent, OnlineTeacher, build_distill
-from stages.models.pretrained import adopt_model, create_from_weights, source_digest
+from stages.models.pretrained import adopt_model, create_from_weights, load_encoder, source_digest
 from stages.models.transforms import card_transform, check_ops, train_transform
 from stages.storage import files as storage
-from stages.storage.artifacts import inputs_digest
+from stages.storage.artifacts import RoundManifest, inputs_digest
 from stages.storage.files import atomic_write_json
 from stages.storage.layout import CKPT_EMA, MODEL_WEIGHTS, round_name
 
@@ -152,16 +152,21 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, warmup_steps: int):
+    """``cosine_schedule`` from ``cfg.lr`` to ``lr * min_lr_ratio``."""
+    return cosine_schedule(optimizer, cfg.lr, cfg.lr * cfg.min_lr_ratio, total_steps, warmup_steps)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, lr: float, lr_min: float, total_steps: int, warmup_steps: int):
     """timm's ``CosineLRScheduler`` by step: a linear warmup from ``lr / warmup_steps`` to ``lr``, then a cosine
-    decay to ``lr * min_lr_ratio`` over the remaining steps. Stateless in the step, so a resumed run continues it."""
+    decay to ``lr_min`` over the remaining steps. Stateless in the step, so a resumed run continues it."""
     from timm.scheduler import CosineLRScheduler
 
     return CosineLRScheduler(
         optimizer,
         t_initial=max(1, total_steps - warmup_steps),
-        lr_min=cfg.lr * cfg.min_lr_ratio,
+        lr_min=lr_min,
         warmup_t=warmup_steps,
-        warmup_lr_init=cfg.lr / max(1, warmup_steps),
+        warmup_lr_init=lr / max(1, warmup_steps),
         warmup_prefix=True,
         t_in_epochs=False,
     )
@@ -176,8 +181,10 @@ class TrainPlan:
     """Everything one training run needs; plain data, so it can travel to Ray Train workers.
 
     ``teacher_dir``: the previous round's model folder (``model.json`` + ``model.safetensors``), the frozen
-    teacher of ``cfg.online_teacher``; ``""`` otherwise. ``exclude_keys``: labeled keys never trained on (a
-    validation split carved from the labeled shards); ``labeled_count`` counts the labeled samples without them.
+    teacher of ``cfg.online_teacher``; ``""`` otherwise. ``init_encoder``: round 0's self-supervised encoder
+    (``stages/pretrain.py``), loaded into the new model before its first step, all but the classifier.
+    ``exclude_keys``: labeled keys never trained on (a validation split carved from the labeled shards);
+    ``labeled_count`` counts the labeled samples without them.
     """
 
     spec: ModelSpec
@@ -196,6 +203,7 @@ class TrainPlan:
     threads: int = 0
     teacher_dir: str = ""
     init_from: str = ""  # teacher.init: weights loaded through timm (stages/models/pretrained.py)
+    init_encoder: str = ""  # the run's pretrained encoder (stages/pretrain.py); the classifier stays fresh
     preprocess: tuple[tuple[str, object], ...] = ()  # model.json's input items beyond mean/std (augment, crop_pct)
 
     @property
@@ -274,15 +282,7 @@ def build_stream(plan: TrainPlan, epoch: int, rank: int, world_size: int) -> Dat
         clean_transform=clean,
         exclude_keys=plan.exclude_keys,
     )
-    workers = plan.cfg.loader_workers
-    return DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=4 if workers else None,
-        multiprocessing_context="fork" if workers else None,
-        pin_memory=torch.cuda.is_available(),  # page-locked batches: the copy to the GPU overlaps the step
-    )
+    return batch_loader(stream, plan.cfg.loader_workers)
 
 
 def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
@@ -295,6 +295,8 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
         model = create_from_weights(plan.spec, plan.num_classes, plan.channels, plan.init_from, noised=True)
     else:
         model = create_model(plan.spec, plan.num_classes, plan.channels, noised=True)
+    if plan.init_encoder:
+        load_encoder(model, plan.init_encoder)
     if plan.init_weights:
         model.load_state_dict(load_weights(plan.init_weights), strict=True)
     teacher, aux = None, None
@@ -341,7 +343,7 @@ def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
         # Only checkpoints are reported: under Ray Train each report waits for the controller's next poll, and
         # the per-epoch metrics are already in the log and metrics_path.
         if (epoch + 1) % cfg.checkpoint_every == 0 or last:
-            _report(hooks, metrics, model, optimizer, ema, epoch + 1, step, aux)
+            report_checkpoint(hooks, metrics, model, optimizer, ema, epoch + 1, step, aux)
     return metrics
 
 
@@ -428,7 +430,9 @@ def _all_ranks(counts: torch.Tensor, hooks: TrainHooks) -> list[int]:
     return [int(c) for c in counts.tolist()]
 
 
-def _report(hooks: TrainHooks, metrics: dict, model, optimizer, ema, epoch: int, step: int, aux=None) -> None:
+def report_checkpoint(hooks: TrainHooks, metrics: dict, model, optimizer, ema, epoch: int, step: int, aux=None) -> None:
+    """Rank 0 saves a checkpoint (verified before it is handed over) and reports it with ``metrics``; the other
+    ranks report the metrics alone."""
     if hooks.rank != 0:
         hooks.report(metrics, None)
         return
@@ -460,6 +464,9 @@ class Train:
         inputs = {"config": ctx.config_digest}
         if self.plan.init_from:
             inputs |= source_digest(self.plan.init_from, "")
+        if self.plan.init_encoder:  # round 0's pretrain stage made it: a new encoder retrains this model
+            pretrained = ctx.manifest if ctx.round == 0 else RoundManifest(ctx.run.round(0).dir)
+            inputs["pretrain"] = pretrained.digest("pretrain")
         if ctx.previous is not None:
             inputs |= {"teacher": model_sha(ctx.previous.model), "select": ctx.manifest.digest("select")}
         return inputs

@@ -21,6 +21,7 @@ from pipeline.config import (
 )
 from stages.core.errors import ConfigError
 from stages.models.factory import ModelSpec
+from stages.pretrain import PretrainConfig
 from stages.pseudo_label import PseudoLabelConfig
 from stages.train import TrainConfig
 from tests.conftest import tiny_tree
@@ -66,6 +67,7 @@ def test_the_default_config_loads_and_documents_every_key():
         "select": type(cfg.select),
         "resources": ResourcesConfig,
         "tracking": TrackingConfig,
+        "pretrain": PretrainConfig,
     }
     for name, cls in sections.items():
         assert set(raw[name]) == {f.name for f in dataclasses.fields(cls)}, name
@@ -277,6 +279,37 @@ def test_an_override_value_that_is_not_yaml_is_a_config_error(tree, assignment):
     assert assignment.split("=")[0] in message
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat: dict = {}
+    for key, value in tree.items():
+        flat |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return flat
+
+
+def test_digits_hard_is_the_default_on_the_hard_split_with_pretraining():
+    """configs/digits-hard.yaml differs from configs/digits.yaml in its name, data folder and split, and pretraining."""
+    hard_path = DEFAULT_CONFIG.with_name("digits-hard.yaml")
+    default, hard = _flat(yaml.safe_load(DEFAULT_CONFIG.read_text())), _flat(yaml.safe_load(hard_path.read_text()))
+    differ = {k for k in default.keys() | hard.keys() if default.get(k) != hard.get(k)}
+    paths = {"data.labeled", "data.unlabeled", "data.test", "data.val", "data.prepare_digits"}
+    assert differ == paths | {"name", "data.prepare_labeled_per_class", "pretrain.enabled"}
+    assert all("data/digits-hard" in str(hard[k]) and "data/digits/" not in str(hard[k]) for k in paths)
+    cfg = load_config(hard_path)
+    assert cfg.data.prepare_labeled_per_class == 2 and cfg.pretrain.enabled == "on"
+    assert "expected figures: to be measured" in hard_path.read_text().lower()
+
+
+def test_the_digits_folder_must_hold_the_split_the_config_asks_for(digits_root, tmp_path):
+    from pipeline.cli import ensure_digits
+
+    ensure_digits(str(digits_root), 10)  # there already: nothing written
+    with pytest.raises(ConfigError) as info:
+        ensure_digits(str(digits_root), 2)
+    assert str(info.value).startswith("data.prepare_digits: ") and "not 20 (2 per class)" in str(info.value)
+    ensure_digits(str(tmp_path / "hard"), 2)
+    assert len(list((tmp_path / "hard" / "labeled").glob("*.tar"))) == 4
+
+
 # ---------------------------------------------------------------- pydantic underneath
 
 
@@ -304,6 +337,12 @@ def test_the_default_config_digest_is_unchanged():
         ("data.mean=[true]", "config.data.mean[0]: expected float, got bool True"),
         ("data.labeled=[]", "config.data.labeled: give at least one shard path or pattern"),
         ("data.labeled=!!set {a}", "config.data.labeled: expected a list, got set"),
+        ("data.prepare_labeled_per_class=0", "config.data.prepare_labeled_per_class: must be in [1, 10], got 0"),
+        (
+            "data.prepare_labeled_per_class=2",
+            "config.data.prepare_labeled_per_class: 2 says how prepare_digits writes the digits; set prepare_digits "
+            "(the folder) too, or leave it at 10",
+        ),
         ("ladder=[5]", "config.ladder[0]: expected a mapping of ModelSpec fields, got int"),
         (
             "student.distill=[{name: kd, wieght: 1}]",

@@ -458,3 +458,47 @@ def test_write_digits_shards_layout_and_labels(digits_root, digits_split):
     for i in (0, 57, 99):
         np.testing.assert_array_equal(np.asarray(decode_image(labeled[i]["png"], 1)), digits_split.labeled_x[i])
         assert parse_label(labeled[i], 10) == digits_split.labeled_y[i]
+
+
+@pytest.fixture(scope="module")
+def hard_root(tmp_path_factory) -> Path:
+    from stages.data.digits import write_digits_shards
+
+    root = tmp_path_factory.mktemp("digits-hard")
+    assert write_digits_shards(root, labeled_per_class=2) == {"labeled": 20, "unlabeled": 1317, "test": 360, "val": 100}
+    return root
+
+
+def test_digits_hard_has_the_defaults_validation_and_test_images_and_a_subset_of_its_labeled(hard_root, digits_root):
+    """2 labeled images per class: the same val and test shards byte for byte; labeled images a subset of the
+    default's 10 per class; the default's other labeled images join the unlabeled pool."""
+    for split in ("test", "val"):
+        for shard in sorted((digits_root / split).glob("*.tar")):
+            assert (hard_root / split / shard.name).read_bytes() == shard.read_bytes(), shard.name
+
+    def pixels(root: Path, split: str) -> list[tuple[bytes, int]]:
+        return [
+            (np.asarray(decode_image(s["png"], 1)).tobytes(), int(s.get("cls", b"-1")))
+            for p in sorted((root / split).glob("*.tar"))
+            for s in iter_raw_samples(str(p))
+        ]
+
+    hard, default = pixels(hard_root, "labeled"), pixels(digits_root, "labeled")
+    assert len(hard) == 20 and set(hard) <= set(default)
+    assert np.bincount([c for _, c in hard], minlength=10).tolist() == [2] * 10
+    moved = {image for image, _ in default} - {image for image, _ in hard}
+    hard_pool, default_pool = pixels(hard_root, "unlabeled"), pixels(digits_root, "unlabeled")
+    assert len(hard_pool) == 1317 and {i for i, _ in hard_pool} == {i for i, _ in default_pool} | moved
+    assert split_digits(seed=0, labeled_per_class=2).labeled_y.tolist() == [c for _, c in hard]
+
+
+def test_a_digits_folder_holding_the_other_split_is_refused(hard_root, digits_root):
+    from stages.data.digits import digits_written
+
+    assert digits_written(hard_root, 2) and digits_written(digits_root, 10)
+    assert not digits_written(hard_root / "nowhere", 2)
+    with pytest.raises(ValueError) as info:
+        digits_written(digits_root, 2)
+    assert "holds 100 labeled digits, not 20 (2 per class)" in str(info.value)
+    with pytest.raises(ValueError, match="labeled_per_class: must be in"):
+        split_digits(labeled_per_class=11)

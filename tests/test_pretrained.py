@@ -82,6 +82,17 @@ def test_teacher_init_weights_are_the_models_before_its_first_step(tmp_path, fil
     assert not torch.equal(fresh[body[0]], state[body[0]])
 
 
+def test_a_headless_teacher_init_loads_with_a_fresh_head(tmp_path):
+    """Weights without a classifier (a run's pretrained encoder, timm weights saved with ``num_classes=0``)."""
+    torch.manual_seed(5)
+    state = create_model(SPEC, 0, 3, noised=False).state_dict()
+    path = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    assert check_init(SPEC, 10, 3, str(path))["head"] == "re-initialised"
+    got = _weights_at_first_step(tmp_path, str(path), num_classes=10)
+    assert all(torch.equal(got[k], state[k]) for k in state) and got["fc.weight"].shape[0] == 10
+
+
 def test_teacher_init_reads_timm_checkpoints_and_model_folders(tmp_path):
     state, _ = _saved(tmp_path, 10)
     ckpt = tmp_path / "ckpt.pth.tar"  # a timm train.py checkpoint: a dict with state_dict, DDP-prefixed keys

@@ -300,8 +300,16 @@ def train_trial(cfg: PipelineConfig, setup: TuneSetup, work: Path, report) -> No
     manifest = RoundManifest(layout.dir)
     t_from, t_to = setup.labeled_at, cfg.pseudo_label.temperature
     manifest.record("pseudo_label", write_retempered(base.round(1), layout, shards["unlabeled"], t_from, t_to), 0.0)
+    pretrained = "pretrain" in RoundManifest(base.round(0).dir).data["stages"]  # the base run's round 0 pretrained
     plan = plan_for(
-        cfg, 1, shards["labeled"], len(train_part), exclude_keys=run_data.exclude_keys, run=trial, threads=setup.threads
+        cfg,
+        1,
+        shards["labeled"],
+        len(train_part),
+        exclude_keys=run_data.exclude_keys,
+        run=trial,
+        threads=setup.threads,
+        pretrained=pretrained,
     )
     every = max(1, plan.epochs(1) // REPORTS)  # a "checkpoint" here is a validation report
     plan = dataclasses.replace(plan, cfg=dataclasses.replace(plan.cfg, checkpoint_every=every))
@@ -319,13 +327,14 @@ def train_trial(cfg: PipelineConfig, setup: TuneSetup, work: Path, report) -> No
 
 def link_teacher(source: RoundLayout, target: RoundLayout) -> None:
     """The base run's round 0 as the trial's: a link to a local folder, a copy of its model files from a URL."""
-    from stages.storage.files import copy_file, is_url
+    from stages.storage.files import copy_file, exists, is_url
 
     if not is_url(source.dir):
         Path(str(target.dir)).symlink_to(Path(str(source.dir)), target_is_directory=True)
         return
-    for f in (source.model.weights, source.model.card, source.manifest):
-        copy_file(f, join(target.dir, str(f).rsplit("/", 1)[-1]))
+    for f in (source.model.weights, source.model.card, source.manifest, source.encoder):
+        if f != source.encoder or exists(f):  # the encoder: only a run that pretrained has one
+            copy_file(f, join(target.dir, str(f).rsplit("/", 1)[-1]))
 
 
 def write_retempered(base: object, layout: object, shards: list[str], t_from: float, t_to: float) -> list:

@@ -14,9 +14,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline.report.data import Example, RoundFiles
+from stages.core.stage import ROUND_STAGES
 
 DPI = 90
-STAGE_ORDER = ("pseudo_label", "select", "train", "evaluate")
 
 
 def _png(fig: Figure) -> bytes:
@@ -198,7 +198,7 @@ def plot_timing(rounds: list[RoundFiles]) -> bytes:
     ax1, ax2 = fig.subplots(1, 2)
     idx = [r.index for r in rounds]
     bottom = np.zeros(len(rounds))
-    for stage in STAGE_ORDER:
+    for stage in ROUND_STAGES:
         secs = np.array([r.manifest["stages"].get(stage, {}).get("seconds", 0.0) for r in rounds])
         ax1.bar(idx, secs, bottom=bottom, label=stage)
         bottom += secs

@@ -39,8 +39,8 @@ class LocalHooks:
 
     def restore(self) -> Path | None:
         """The latest complete checkpoint; ``.tmp`` ones were cut off mid-copy by a crash."""
-        done = sorted(p for p in self.root.glob("epoch-*") if p.is_dir() and p.suffix != ".tmp")
-        return done[-1] if done else None
+        done = [p for p in self.root.glob("epoch-*") if p.is_dir() and p.suffix != ".tmp"]
+        return max(done, key=lambda p: int(p.name.removeprefix("epoch-")), default=None)  # epoch-10000 > epoch-9999
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         self.reports.append(metrics)

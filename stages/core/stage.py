@@ -39,8 +39,9 @@ if TYPE_CHECKING:
     from stages.storage.artifacts import RoundManifest
     from stages.storage.layout import RoundLayout, RunLayout
 
-# The stages of a student round, in order (round 0: train and evaluate). Later stages are redone when one is.
-ROUND_STAGES = ("pseudo_label", "select", "train", "evaluate")
+# The stages of a round, in order: round 0 (pretrain when the run pretrains,) train and evaluate; a student round
+# pseudo_label, select, train and evaluate. Later stages are redone when one is.
+ROUND_STAGES = ("pretrain", "pseudo_label", "select", "train", "evaluate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +190,8 @@ class RunData:
     names: list[str]
     val: LabeledIndex | None = None
     validation: dict = dataclasses.field(default_factory=dict)  # how the split was made, for run.json
+    pretrain: bool = False  # round 0 pretrains its encoder (decided before round 0: stages/pretrain.py)
+    unlabeled_images: int = 0  # decodable unlabeled images, as the data check counted them (0 = not counted)
 
     @property
     def exclude_keys(self) -> frozenset[str]:

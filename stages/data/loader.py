@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stages.core.errors import BadSample, DataError
 from stages.data.shards import decode_image, image_field, iter_raw_samples, parse_label
@@ -124,6 +124,26 @@ def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
     yield from pool
 
 
+def batch_loader(stream: IterableDataset, workers: int) -> DataLoader:
+    """A ``DataLoader`` over a stream that yields ready batches: ``workers`` forked processes (0 = this one), each
+    4 batches ahead; page-locked batches on a GPU machine, so the copy to the GPU overlaps the step."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context="fork" if workers else None,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _slot(rank: int, world_size: int) -> tuple[int, int]:
+    """``(slot, slots)`` of the calling DataLoader worker (or the process itself) of training worker ``rank``."""
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info else (1, 0)
+    return rank * workers + worker, world_size * workers
+
+
 def _slot_parts(shards: Sequence, slot: int, slots: int) -> tuple[list, Callable[[int], bool]]:
     if len(shards) >= slots:
         return list(shards[slot::slots]), lambda i: True
@@ -163,9 +183,7 @@ class MixedStream(IterableDataset):
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
 
     def _slot(self) -> tuple[int, int]:
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
+        return _slot(self.rank, self.world_size)
 
     def _labeled_samples(
         self, slot: int, slots: int, rng: random.Random, read: _ReadBytes
@@ -292,3 +310,64 @@ class MixedStream(IterableDataset):
             batch["bytes"] = torch.tensor(counts, dtype=torch.int64)  # BYTE_COUNTS, since this slot's last batch
             read.labeled = read.pseudo = 0
             yield batch
+
+
+class ImageStream(IterableDataset):
+    """Endless shuffled batches of images, ``float [B, C, H, W]`` through ``transform`` (``unit_transform``: [0, 1],
+    not normalised), from labeled and unlabeled shards alike with their labels ignored: the input of self-supervised
+    pretraining (``stages/pretrain.py``). Labeled samples whose key is in ``exclude_keys`` (a carved validation
+    split) are never yielded; shards are split between slots (rank x DataLoader worker) as ``MixedStream``'s are."""
+
+    def __init__(
+        self,
+        labeled: Sequence[str],
+        unlabeled: Sequence[str],
+        batch_size: int,
+        channels: int,
+        transform: Callable,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 2048,
+        exclude_keys: Collection[str] = (),
+    ):
+        self.shards = [*labeled, *unlabeled]
+        self.labeled, self.exclude_keys = frozenset(labeled), frozenset(exclude_keys)
+        self.batch_size, self.channels, self.transform = batch_size, channels, transform
+        self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+
+    def _images(self, slot: int, slots: int, rng: random.Random) -> Iterator[bytes]:
+        shards, keep = _slot_parts(self.shards, slot, slots)
+        for _ in itertools.count():
+            found = 0
+            for shard in rng.sample(shards, len(shards)):
+                skip = self.exclude_keys if shard in self.labeled else frozenset()
+                for i, sample in enumerate(iter_raw_samples(shard)):
+                    if not keep(i) or sample["__key__"] in skip:
+                        continue
+                    try:
+                        data = image_field(sample)
+                    except BadSample:
+                        continue  # counted by the pre-flight scan and the data check
+                    found += 1
+                    yield data
+            if not found:
+                raise DataError(f"pretraining slot {slot}/{slots} got no image from {len(shards)} shard(s)")
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        slot, slots = _slot(self.rank, self.world_size)
+        rng = random.Random(f"{self.seed}-{slot}")
+        images = (
+            self.transform(image)
+            for image in _decodable(shuffled(self._images(slot, slots, rng), self.shuffle_buffer, rng), self.channels)
+        )
+        while True:
+            yield torch.stack([next(images) for _ in range(self.batch_size)])
+
+
+def _decodable(items: Iterator[bytes], channels: int) -> Iterator:
+    for data in items:
+        try:
+            yield decode_image(data, channels)
+        except BadSample:
+            continue

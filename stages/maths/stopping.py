@@ -21,7 +21,7 @@ from stages.core.config import config
 
 # Validation accuracies are ratios k/n: a gain of exactly min_gain must not fall below it by rounding.
 _EPS = 1e-9
-ROLES = ("train", "select")
+ROLES = ("train", "select", "pretrain")
 
 
 @config

@@ -11,6 +11,11 @@ a file for another architecture is one line, never a silent partial load (timm l
 dropped a head).
 
 ``ladder[N].pretrained: true`` is timm's own pretrained weights (``stages/models.create_model``), downloaded by timm.
+
+A run's own self-supervised encoder (``stages/pretrain.py``: ``round-000/encoder.safetensors``, the timm model without
+its classifier) is loaded by ``load_encoder``: every tensor but the classifier's, which keeps its fresh
+initialisation. A headless file given as ``teacher.init`` (such an encoder, or timm weights saved with
+``num_classes=0``) loads the same way through timm: its head counts as re-initialised.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import timm
 from torch import nn
 
 from stages.core.errors import DataError
-from stages.models.factory import ModelSpec, load_model
+from stages.models.factory import ModelSpec, load_model, load_weights
 from stages.storage.files import Location, atomic_write_json, copy_file, exists, read_text
 from stages.storage.layout import MODEL_CARD, MODEL_WEIGHTS, ModelFiles
 
@@ -72,7 +77,7 @@ def init_overlay(model_name: str, path: str, num_classes: int, in_chans: int) ->
     size = tuple(cfg.input_size[1:]) if cfg.input_size else (224, 224)
     return {
         "file": path,
-        "num_classes": head[0] if head is not None else num_classes,
+        "num_classes": head[0] if head is not None else 0,  # no head in the file: timm keeps the model's fresh one
         "input_size": (file_chans, *size),
         "source": "",  # a hub source would win over the file
     }
@@ -115,6 +120,26 @@ def create_from_weights(spec: ModelSpec, num_classes: int, in_chans: int, source
         in_chans=in_chans,
         **kwargs,
     )
+
+
+def load_encoder(model: nn.Module, location: Location) -> None:
+    """Load a pretrained encoder (a state dict without the classifier; a local path or a URL) into ``model``: every
+    tensor but the classifier's must be there with its shape, and nothing else. The classifier keeps its fresh
+    initialisation. Anything that does not fit is one ``DataError`` line."""
+    state = load_weights(location)
+    classifier = _first(model.pretrained_cfg.get("classifier") or "fc")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        reason = str(exc).splitlines()[-1].strip()[:200]
+        raise DataError(f"encoder {location} does not fit {type(model).__name__}: {reason}") from exc
+    missing = [k for k in result.missing_keys if not k.startswith(f"{classifier}.")]
+    if missing or result.unexpected_keys:
+        first = (missing or result.unexpected_keys)[0]
+        raise DataError(
+            f"encoder {location} does not fit {type(model).__name__} ({len(missing)} missing, "
+            f"{len(result.unexpected_keys)} unexpected tensor(s), e.g. {first})"
+        )
 
 
 def read_model_card(model_dir: Location) -> dict:

@@ -152,6 +152,17 @@ def card_transform(card: dict) -> Callable[[Image.Image], torch.Tensor]:
     return clean_transform(size, card["mean"], card["std"])
 
 
+def unit_transform(card: dict) -> Callable[[Image.Image], torch.Tensor]:
+    """A whole image at the model's input size as a tensor in [0, 1], not normalised: the input of augmentation done
+    on tensor batches (``stages/maths/contrastive.py``). Digits: the clean resize; ``natural``: the shorter side
+    resized to the input size, then the centre square (the views crop from it)."""
+    size = card["input_size"][-1]
+    if card.get("augment") == "natural":
+        mode = T.InterpolationMode(card.get("interpolation", "bilinear"))
+        return T.Compose([T.Resize(size, interpolation=mode, antialias=True), T.CenterCrop(size), T.ToTensor()])
+    return T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.ToTensor()])
+
+
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     """timm's posterize keeps 0 bits at low magnitude (``Posterize``) or high (``PosterizeIncreasing``), which
     Pillow >= 11 refuses (``bits must be between 1 and 8``); one bit is the darkest posterize Pillow allows."""

@@ -10,6 +10,7 @@
     <storage>/<run>/ray_train/                   training checkpoints (one run per round and inputs)
     <storage>/<run>/tune/                        best.yaml, trials.csv, trials.md, tune.json (recipe search)
     <storage>/<run>/round-NNN/model.safetensors  weights (no pickle)
+    <storage>/<run>/round-000/encoder.safetensors  the self-supervised encoder round 0 starts from (pretrain stage)
     <storage>/<run>/round-NNN/model.json         the model card: timm name, kwargs, classes, input size, mean/std
     <storage>/<run>/round-NNN/metrics.json       test and validation top-1 (with intervals), per-class top-1, ...
     <storage>/<run>/round-NNN/train_metrics.jsonl  one JSON line per training epoch
@@ -41,6 +42,7 @@ from stages.storage.files import Location, StorageError, exists, is_url, join, l
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CARD = "model.json"
 # A round folder, besides its model
+ENCODER_WEIGHTS = "encoder.safetensors"
 METRICS = "metrics.json"
 TRAIN_METRICS = "train_metrics.jsonl"
 MANIFEST = "manifest.json"
@@ -144,6 +146,11 @@ class RoundLayout:
     @property
     def model(self) -> ModelFiles:
         return ModelFiles(self.dir)
+
+    @property
+    def encoder(self) -> Location:
+        """The pretrain stage's encoder (the model without its classifier), in round 0."""
+        return join(self.dir, ENCODER_WEIGHTS)
 
     @property
     def metrics(self) -> Location:
