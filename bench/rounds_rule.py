@@ -50,6 +50,7 @@ from stages.maths.round_choice import (
     round_interval,
     stop_beyond_noise,
 )
+from stages.storage.layout import RoundLayout, RunLayout
 
 log = logging.getLogger("rounds_rule")
 
@@ -97,28 +98,25 @@ def train_runs(args: argparse.Namespace) -> None:
 # --- reading the runs ---------------------------------------------------------------------------------------------
 
 
-def read_val(round_dir: Path) -> tuple[list[str], RoundPredictions]:
+def read_val(round_dir: RoundLayout) -> tuple[list[str], RoundPredictions]:
     """A round's validation predictions from its eval sidecars, sorted by key (the same order for every round)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from stages.evaluate import val_predictions
 
-    paths = sorted((round_dir / "eval" / "val").glob("*.parquet"))
+    paths = sorted(Path(round_dir.eval, "val").glob("*.parquet"))
     if not paths:
-        raise SystemExit(f"{round_dir}: no validation sidecars (eval/val/*.parquet)")
-    table = pa.concat_tables(pq.read_table(p, columns=["key", "label", "true_label", "probs"]) for p in paths)
-    probs = np.array(table.column("probs").to_pylist(), dtype=np.float64)  # float16 in the file
-    return RoundPredictions.from_sidecar_columns(
-        table.column("key").to_pylist(), table.column("label").to_numpy(), table.column("true_label").to_numpy(), probs
-    )
+        raise SystemExit(f"{round_dir.dir}: no validation sidecars (eval/val/*.parquet)")
+    return val_predictions(paths)
 
 
 def load_run(run_dir: Path) -> dict:
     """Every finished round of a run: validation predictions, validation and test top-1 from ``metrics.json``."""
     rounds, keys, val, test = [], None, [], []
-    for rdir in sorted(run_dir.glob("round-[0-9][0-9][0-9]")):
-        if not (rdir / "metrics.json").exists():
+    layout = RunLayout(run_dir)
+    for r in layout.round_indices():
+        rdir = layout.round(r)
+        if not Path(rdir.metrics).exists():
             break
-        metrics = json.loads((rdir / "metrics.json").read_text())
+        metrics = json.loads(Path(rdir.metrics).read_text())
         k, preds = read_val(rdir)
         if keys is not None and k != keys:
             raise SystemExit(f"{rdir}: validation keys differ from round 0's")
@@ -141,7 +139,7 @@ def pool_images(run_dir: Path) -> tuple[list, np.ndarray]:
     from stages.data.shards import decode_image, expand_shards, image_field, iter_raw_samples
 
     split = split_digits(0)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = yaml.safe_load(Path(RunLayout(run_dir).config).read_text())
     patterns = [p if Path(p).is_absolute() else str(ROOT / p) for p in cfg["data"]["unlabeled"]]
     try:
         shards = expand_shards(patterns, "data.unlabeled")
@@ -165,7 +163,7 @@ def pool_predictions(run: dict, images: list, labels: np.ndarray) -> list[np.nda
 
     out: list[np.ndarray] = []
     for rdir in run["round_dirs"]:
-        model, card = load_model(rdir)
+        model, card = load_model(rdir.dir)
         out.append(predict_probs(model, images, card).argmax(axis=1) == labels)
     return out
 
@@ -258,14 +256,20 @@ def score_runs(storage: Path, prefix: str, splits: int, opts: ChoiceOptions) -> 
     pools: dict[str, tuple[list, np.ndarray]] = {}
     runs = []
     for run_dir in sorted(storage.glob(f"{prefix}-*-s*")):
-        status = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+        layout = RunLayout(run_dir)
+        status = json.loads(Path(layout.status).read_text()) if Path(layout.status).exists() else {}
         if status.get("status") != "finished":
             print(f"{run_dir.name}: status {status.get('status')!r}, left out", flush=True)
             continue
         run = load_run(run_dir)
-        if stopping_best(run) != status["stop"]["best_round"]:
-            raise SystemExit(f"{run_dir}: rule today picks round {stopping_best(run)}, run.json {status['stop']}")
-        key = (run_dir / "config.yaml").read_text().split("unlabeled:", 1)[1][:200]
+        recorded = status["stop"].get("best_by")
+        rule = recorded if recorded in RULES else "today"  # runs before stop.best recorded the today rule's choice
+        if choose_round(run["val"], rule, opts).round != status["stop"]["best_round"]:
+            raise SystemExit(
+                f"{run_dir}: rule {rule} picks round {choose_round(run['val'], rule, opts).round}, "
+                f"run.json {status['stop']['best_round']}"
+            )
+        key = Path(layout.config).read_text().split("unlabeled:", 1)[1][:200]
         if key not in pools:
             pools[key] = pool_images(run_dir)
         images, labels = pools[key]
@@ -277,7 +281,7 @@ def score_runs(storage: Path, prefix: str, splits: int, opts: ChoiceOptions) -> 
             "ladder": ladder,
             "seed": int(seed),
             "seconds": times.get(run_dir.name, {}).get("seconds"),
-            "models": [json.loads((d / "model.json").read_text())["create"]["model_name"] for d in run["round_dirs"]],
+            "models": [json.loads(Path(d.model.card).read_text())["create"]["model_name"] for d in run["round_dirs"]],
             "val_top1": [x.top1 for x in run["val"]],
             "val_interval": [[round(v, 4) for v in round_interval(x)] for x in run["val"]],  # Wilson, 95%
             "noise_warning": noise_warning([x.top1 for x in run["val"]], len(run["val"][0])),
@@ -294,12 +298,6 @@ def score_runs(storage: Path, prefix: str, splits: int, opts: ChoiceOptions) -> 
     if not runs:
         raise SystemExit(f"no finished runs named {prefix}-<ladder>-s<seed> under {storage}")
     return aggregate(runs, splits)
-
-
-def stopping_best(run: dict) -> int:
-    from stages.maths.stopping import best_round
-
-    return best_round([x.top1 for x in run["val"]])
 
 
 def aggregate(runs: list[dict], splits: int) -> dict:

@@ -146,18 +146,25 @@ def main() -> None:
     seeds = [args.base_seed + i for i in range(args.seeds)]
     before = machine_facts()
     start = time.perf_counter()
-    runs, names, executors = [], [], []
+    runs, names, executors, stops = [], [], [], []
     for seed in seeds:
         overrides = [*args.overrides, f"seed={seed}"] + ([f"rounds={args.rounds}"] if args.rounds is not None else [])
         cfg = load_config(args.config, overrides)
         names.append(f"{name}-s{seed}")
         t = time.perf_counter()
         runs.append(run_pipeline(cfg, names[-1], progress=False))
-        executors.append(read_json(RunLayout(run_folder(cfg, names[-1])).status).get("executor"))
+        status = read_json(RunLayout(run_folder(cfg, names[-1])).status)
+        executors.append(status.get("executor"))
+        stops.append(status["stop"])
         print(f"seed {seed}: {len(runs[-1])} rounds in {time.perf_counter() - t:.0f} s (run {names[-1]})", flush=True)
     stats = per_round(runs)
     print_table(stats, seeds, runs)
     last = [rows[-1]["test_top1"] for rows in runs]
+    chosen = [rows[stop["best_round"]]["test_top1"] for rows, stop in zip(runs, stops, strict=True)]
+    print(
+        f"test top-1 of the round each run chose ({stops[0]['best_by']}): {_pct(np.mean(chosen))} ± "
+        f"{_pct(_sample_std(chosen))}; of the last round: {_pct(np.mean(last))} ± {_pct(_sample_std(last))}"
+    )
     result = {
         "bench": "seeds",
         "config": args.config,
@@ -167,7 +174,12 @@ def main() -> None:
         "executors": executors,
         **stats,
         "last_round_above_round_0": [rows[-1]["test_top1"] > rows[0]["test_top1"] for rows in runs],
-        "best_round_by_val": [int(np.argmax([m.get("val_top1") or 0 for m in rows])) for rows in runs],
+        "best_round": [stop["best_round"] for stop in stops],  # as run.json records it: what `download` takes
+        "best_by": [stop["best_by"] for stop in stops],
+        "chosen_round_test_top1_mean": float(np.mean(chosen)),
+        "chosen_round_test_top1_std": _sample_std(chosen),
+        "last_round_test_top1_mean": float(np.mean(last)),
+        "last_round_test_top1_std": _sample_std(last),
         "seconds": round(time.perf_counter() - start, 1),
         "machine": before | {"load_average_end": list(os.getloadavg())},
     }

@@ -4,8 +4,10 @@
   (``data.val_per_class``, ``stages/maths/validation.py``); returns the labeled training part, the split and the record
   kept in ``run.json`` (``validation``). A resumed run whose carve would differ from the recorded one is refused.
 * ``round_seeds``: each round's training and selection seeds, derived from the run seed (``stages/maths/stopping.py``).
-* ``stop_record``: the stop rule and the best round (by validation) after each round, kept in ``run.json`` as
-  ``stop``; ``python -m pipeline download RUN`` takes its ``best_round``.
+* ``stop_record``: the stop rule and the best round after each round, both judged on the rounds' predictions on the
+  same validation images (``stop.best``, ``stop.test``: ``stages/maths/round_choice.py``), kept in ``run.json`` as
+  ``stop`` with the rule, its reason and each round's 95% interval; ``python -m pipeline download RUN`` takes its
+  ``best_round``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import logging
 from pipeline.config import PipelineConfig
 from stages.core.errors import ConfigError
 from stages.data.shards import expand_shards
-from stages.maths.stopping import best_round, gains, round_seed, should_stop
+from stages.maths.round_choice import ChoiceOptions, RoundPredictions, choose_round, noise_warning, stop_beyond_noise
+from stages.maths.stopping import gains, round_seed, should_stop
 from stages.maths.validation import S, carve_keys, split_off
 
 log = logging.getLogger(__name__)
@@ -67,26 +70,43 @@ def round_seeds(cfg: PipelineConfig, r: int) -> dict[str, int]:
     }
 
 
-def stop_record(cfg: PipelineConfig, rows: list[dict]) -> dict:
-    """After the rounds in ``rows`` (one metrics dict each, round 0 first): whether to stop, and the best round."""
-    val = [m.get("val_top1") for m in rows]
-    known = [v for v in val if v is not None]
-    best = best_round(val)
+def stop_record(cfg: PipelineConfig, rows: list[dict], val: list[RoundPredictions | None] | None = None) -> dict:
+    """After the rounds in ``rows`` (one metrics dict each, round 0 first): whether to stop, the best round and why.
+    ``val``: each round's predictions on the validation images (``stages.evaluate.val_predictions``); the rules of
+    ``stop.best`` and ``stop.test`` compare rounds image by image on them. Without them (no validation split) the
+    best round is the last and the stop rule stays off."""
+    top1 = [m.get("val_top1") for m in rows]
+    opts = ChoiceOptions(alpha=cfg.stop.alpha)
+    paired = val is not None and len(val) == len(rows) and all(x is not None and len(x) for x in val)
+    if paired:
+        choice = choose_round(val, cfg.stop.best, opts)
+        best, by, reason = choice.round, cfg.stop.best, choice.reason
+    else:
+        best, by = len(rows) - 1, "last round (no validation split)"
+        reason = f"round {best}: the last round; no validation predictions to compare rounds on"
     record = {
-        "rule": {"patience": cfg.stop.patience, "min_gain": cfg.stop.min_gain},
-        "val_top1": val,
-        "gains": gains(known) if len(known) == len(val) else [],
+        "rule": {"best": cfg.stop.best, "test": cfg.stop.test, "patience": cfg.stop.patience, "alpha": cfg.stop.alpha}
+        | ({"min_gain": cfg.stop.min_gain} if cfg.stop.test == "gain" else {}),
+        "val_top1": top1,
+        "val_top1_interval": [m.get("val_top1_interval") for m in rows],
+        "gains": gains(top1) if paired else [],
         "best_round": best,
-        "best_by": "val_top1" if known else "last round (no validation split)",
-        "best_val_top1": val[best],
+        "best_by": by,
+        "best_reason": reason,
+        "best_val_top1": top1[best],
         "best_test_top1": rows[best].get("test_top1"),
+        "noise_warning": noise_warning(top1, len(val[0])) if paired else None,
         "stopped_early": False,
     }
-    if len(known) == len(val) and should_stop(known, cfg.stop):
-        record |= {
-            "stopped_early": True,
-            "stopped_after_round": len(rows) - 1,
-            "reason": f"{cfg.stop.patience} student(s) in a row gained less than {cfg.stop.min_gain:g} "
-            f"validation top-1 over their teachers",
-        }
+    if paired and cfg.stop.patience:
+        if cfg.stop.test == "gain":
+            stop = should_stop(top1, cfg.stop)
+            why = (
+                f"{cfg.stop.patience} student(s) in a row gained less than {cfg.stop.min_gain:g} validation top-1 "
+                "over their teachers"
+            )
+        else:
+            stop, why = stop_beyond_noise(val, cfg.stop.patience, cfg.stop.alpha, cfg.stop.test)
+        if stop:
+            record |= {"stopped_early": True, "stopped_after_round": len(rows) - 1, "reason": why}
     return record

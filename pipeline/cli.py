@@ -461,8 +461,8 @@ def format_table(rows: list[dict]) -> str:
         "model",
         "params",
         "train images (lab+pseudo)",
-        "val top-1",
-        "test top-1",
+        "val top-1 [95% interval]",
+        "test top-1 [95% interval]",
         "teacher test top-1",
         "corrupted test top-1",
         "time s",
@@ -476,8 +476,8 @@ def format_table(rows: list[dict]) -> str:
                 m["model"],
                 f"{m['params'] / 1e6:.2f}M",
                 f"{m['train_images']} ({m['labeled_images']}+{m['pseudo_images']})",
-                _pct(m.get("val_top1")),
-                _pct(m["test_top1"]),
+                _pct_interval(m.get("val_top1"), m.get("val_top1_interval")),
+                _pct_interval(m["test_top1"], m.get("test_top1_interval")),
                 _pct(m.get("teacher_top1")),
                 _pct((m.get("corruption_top1") or {}).get("mean")),
                 f"{seconds:.0f}",
@@ -490,6 +490,13 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.2f}%"
 
 
+def _pct_interval(value: float | None, interval: list[float] | None) -> str:
+    """``95.00% [91.2-97.8]``: a top-1 and its 95% (Wilson) interval, when ``metrics.json`` has one."""
+    if value is None or not interval:
+        return _pct(value)
+    return f"{value * 100:.2f}% [{interval[0] * 100:.1f}-{interval[1] * 100:.1f}]"
+
+
 def format_choice(stop: dict | None) -> str:
     """The best round (by validation) and, when the stop rule fired, why the run ended early."""
     if not stop:
@@ -498,6 +505,10 @@ def format_choice(stop: dict | None) -> str:
         f"best round: {stop['best_round']} (by {stop['best_by']}: val {_pct(stop['best_val_top1'])}, "
         f"test {_pct(stop['best_test_top1'])}); `download` without --round takes it"
     )
+    if stop.get("best_reason"):
+        line += f"\nwhy: {stop['best_reason']}"
+    if stop.get("noise_warning"):
+        line += f"\n{stop['noise_warning']}"
     if stop.get("stopped_early"):
         line = f"stopped early after round {stop['stopped_after_round']}: {stop['reason']}\n" + line
     return line

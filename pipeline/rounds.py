@@ -139,12 +139,14 @@ def run_pipeline(cfg: PipelineConfig, run_name: str, progress: bool = True) -> l
     status["executor"] = {"kind": run.executor.kind, "reason": run.executor_reason}
     _save_status(layout, status)
     rows: list[dict] = []
+    val: list = []
     try:
         for r in range(cfg.rounds + 1):
             ran = run.stages_run
             rows.append(run_round(run, r, status))
+            val.append(round_val_predictions(run, r))
             status["rounds_completed"] = r + 1
-            status["stop"] = stop = stop_record(cfg, rows)
+            status["stop"] = stop = stop_record(cfg, rows, val)
             status["stuck_classes"] = warn_stuck(rows, cfg.data.names())
             _save_status(layout, status)
             _after_round(run, r, status, report=run.stages_run > ran or r == cfg.rounds or stop["stopped_early"])
@@ -158,11 +160,25 @@ def run_pipeline(cfg: PipelineConfig, run_name: str, progress: bool = True) -> l
         except StorageError as unrecorded:  # the disk that failed the stage: keep the stage's error, not this one
             log.warning("could not record the failure in run.json: %s", unrecorded)
         raise
+    if status["stop"].get("noise_warning"):
+        log.warning("%s", status["stop"]["noise_warning"])
+    log.info("best round %d: %s", status["stop"]["best_round"], status["stop"]["best_reason"])
     status["status"] = "finished"
     _save_status(layout, status)
     if cfg.publish:
         publish_round(layout.dir, rows[-1]["round"], cfg.publish)  # again, for the final run.json
     return rows
+
+
+def round_val_predictions(run: Run, r: int):
+    """Round ``r``'s predictions on the validation images, from its eval sidecars (None without validation): what
+    the best-round and stop rules compare rounds on, image by image."""
+    from stages.evaluate import eval_sidecar, val_predictions
+
+    if run.data.val is None:
+        return None
+    out_dir = run.layout.round(r).eval
+    return val_predictions([eval_sidecar(out_dir, "val", s) for s in run.data.val.shards_holding()])[1]
 
 
 def warn_stuck(rows: list[dict], names: list[str]) -> list[dict]:

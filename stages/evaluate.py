@@ -31,6 +31,7 @@ from stages.core.stage import ROUND_STAGES, LabelResources, RunData, StageContex
 from stages.data.corruptions import RobustnessConfig, corrupt, corruption_metrics, variants
 from stages.data.shards import LabeledSet
 from stages.maths.metrics import classification_metrics, prediction_metrics
+from stages.maths.round_choice import RoundPredictions, wilson_interval
 from stages.models.factory import model_sha
 from stages.models.transforms import card_transform
 from stages.pseudo_label import PseudoLabelConfig, ShardLabeler
@@ -200,15 +201,37 @@ def read_predictions(paths: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return conf[known].astype(np.float64), pred[known].astype(np.int64), true[known].astype(np.int64)
 
 
+def val_predictions(paths: list) -> tuple[list[str], RoundPredictions]:
+    """A round's validation predictions from its ``val`` sidecars (``eval_sidecar(out_dir, "val", shard)``): keys and
+    rows sorted by key, so every round lists the same images in the same order (what ``stages.maths.round_choice``
+    compares image by image). The probabilities are the model's own (temperature 1), float16 as stored."""
+    tables = [read_table(p, columns=["key", "label", "true_label", "probs"]) for p in paths]
+    keys = [k for t in tables for k in t.column("key").to_pylist()]
+    label = np.concatenate([t.column("label").to_numpy() for t in tables] or [np.zeros(0, np.int32)])
+    true = np.concatenate([t.column("true_label").to_numpy() for t in tables] or [np.zeros(0, np.int32)])
+    probs = [np.asarray(t.column("probs").to_pylist(), dtype=np.float64) for t in tables]
+    return RoundPredictions.from_sidecar_columns(
+        keys, label, true, np.concatenate(probs) if probs else np.zeros((0, 1))
+    )
+
+
+def top1_interval(correct: np.ndarray) -> list[float]:
+    """The 95% Wilson interval of a top-1 (``metrics.json``'s ``*_top1_interval``), rounded to 4 places."""
+    return [round(v, 4) for v in wilson_interval(int(np.sum(correct)), len(correct))]
+
+
 def eval_metrics(out_dir, test_shards: list[str], num_classes: int, val_shards: list[str] = (), variants=()) -> dict:
     """``metrics.json``'s evaluation part from the sidecars under ``out_dir``: test metrics, ``val_top1`` and
-    ``val_images`` when ``val_shards``, ``corruption_top1`` when ``variants`` (``(corruption, severity)`` pairs)."""
+    ``val_images`` when ``val_shards`` (each top-1 with its 95% Wilson ``*_top1_interval``), ``corruption_top1`` when
+    ``variants`` (``(corruption, severity)`` pairs)."""
     conf, pred, true = read_predictions([eval_sidecar(out_dir, "test", s) for s in test_shards])
     metrics = prediction_metrics(conf, pred, true, num_classes)
+    metrics["test_top1_interval"] = top1_interval(pred == true)
     if val_shards:
         vconf, vpred, vtrue = read_predictions([eval_sidecar(out_dir, "val", s) for s in val_shards])
         val = prediction_metrics(vconf, vpred, vtrue, num_classes)
         metrics |= {"val_top1": val["test_top1"], "val_images": val["test_images"]}
+        metrics["val_top1_interval"] = top1_interval(vpred == vtrue)
         metrics["val_per_class_top1"] = val["per_class_top1"]  # what the stuck-class warning reads
     if variants:
         top1 = {}

@@ -60,7 +60,20 @@ def test_every_round_is_scored_on_validation_and_corrupted_test_and_the_best_is_
     assert rows[0]["seeds"]["train"] != rows[1]["seeds"]["train"]  # each round's model its own seed
     stop = status["stop"]
     val = [m["val_top1"] for m in rows]
-    assert stop["val_top1"] == val and stop["best_round"] == val.index(max(val)) and not stop["stopped_early"]
+    assert stop["val_top1"] == val and not stop["stopped_early"]
+    for m in rows:  # each top-1 with its 95% interval around it
+        for split in ("val", "test"):
+            lo, hi = m[f"{split}_top1_interval"]
+            assert lo <= m[f"{split}_top1"] <= hi and hi - lo > 0.02  # 100 and 360 images: several points wide
+    # The recorded choice is the default rule's on the rounds' own validation sidecars, image by image.
+    from stages.evaluate import val_predictions
+    from stages.maths.round_choice import choose_round
+
+    preds = [val_predictions(sorted((run_dir / f"round-{r:03d}" / "eval" / "val").glob("*.parquet"))) for r in (0, 1)]
+    assert preds[0][0] == preds[1][0]  # the same images, in the same order
+    assert [p.top1 for _, p in preds] == pytest.approx(val)
+    choice = choose_round([p for _, p in preds], "mcnemar")
+    assert (stop["best_by"], stop["best_round"], stop["best_reason"]) == ("mcnemar", choice.round, choice.reason)
 
 
 def test_pseudo_labels_cover_every_unlabeled_sample_once(finished_run):
@@ -107,7 +120,7 @@ def test_the_stop_rule_ends_the_run_early_and_download_takes_the_best_round(fini
     storage = tmp_path / "runs"
     shutil.copytree(run_dir, storage / run_dir.name, ignore=shutil.ignore_patterns("ray_train"))
     stopping = dataclasses.replace(
-        cfg, storage=str(storage), publish="", rounds=3, stop=StopConfig(patience=1, min_gain=1.0)
+        cfg, storage=str(storage), publish="", rounds=3, stop=StopConfig(patience=1, min_gain=1.0, test="gain")
     )
     again = run_pipeline(stopping, run_dir.name, progress=False)
     assert [m["round"] for m in again] == [0, 1] and not (storage / run_dir.name / "round-002").exists()

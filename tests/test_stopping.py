@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import typing
+
+import numpy as np
 import pytest
 
 from pipeline.choices import round_seeds, stop_record
+from stages.maths.round_choice import RULES, RoundPredictions
 from stages.maths.stopping import StopConfig, best_round, gains, round_seed, should_stop
 
 
@@ -33,13 +37,66 @@ def test_best_round_is_the_highest_validation_the_earliest_on_a_tie_and_the_last
     assert gains([0.5, 0.75, 0.5]) == [0.25, -0.25]
 
 
-def test_stop_record_says_why_and_which_round(tiny_config):
-    cfg = tiny_config("stop.patience=1", "stop.min_gain=0.0")
-    rows = [{"val_top1": 0.9, "test_top1": 0.8}, {"val_top1": 0.95, "test_top1": 0.7}, {"val_top1": 0.93}]
-    record = stop_record(cfg, rows)
-    assert record["stopped_early"] and record["stopped_after_round"] == 2 and record["best_round"] == 1
-    assert record["best_test_top1"] == 0.7  # reported, but the choice was made on val (test is higher in round 0)
-    assert not stop_record(cfg, rows[:2])["stopped_early"]
+def _round(right: int, wrong_first: int = 0, n: int = 100) -> RoundPredictions:
+    """A round on ``n`` validation images (all class 0) that gets ``right`` of them right: the first
+    ``wrong_first`` images wrong, then ``right`` right, the rest wrong."""
+    correct = np.zeros(n, dtype=bool)
+    correct[wrong_first : wrong_first + right] = True
+    return RoundPredictions(np.where(correct, 0, 1), np.zeros(n, dtype=np.int64), np.where(correct, 0.9, 0.1))
+
+
+def _rows(rounds: list[RoundPredictions]) -> list[dict]:
+    return [{"val_top1": x.top1, "test_top1": 0.5 + r / 10} for r, x in enumerate(rounds)]
+
+
+def test_tied_rounds_keep_the_later_round_and_say_why(tiny_config):
+    cfg = tiny_config()
+    rounds = [_round(95), _round(95, wrong_first=3)]  # the same top-1, different images wrong
+    record = stop_record(cfg, _rows(rounds), rounds)
+    assert record["best_round"] == 1 and record["best_by"] == "mcnemar" and record["rule"]["best"] == "mcnemar"
+    assert record["best_reason"].startswith("round 1: no earlier round beats it beyond the noise")
+    assert record["best_test_top1"] == 0.6
+
+
+def test_an_earlier_round_one_image_better_does_not_take_the_download(tiny_config):
+    rounds = [_round(96), _round(95)]  # round 0 gets one more image right: noise on 100 images
+    assert stop_record(tiny_config(), _rows(rounds), rounds)["best_round"] == 1
+    assert stop_record(tiny_config("stop.best=today"), _rows(rounds), rounds)["best_round"] == 0  # the d95ad59 rule
+
+
+def test_an_earlier_round_better_beyond_the_noise_is_chosen_and_a_worse_student_stops_the_run(tiny_config):
+    rounds = [_round(95), _round(80)]  # 15 images round 0 gets right and round 1 does not, none the other way
+    record = stop_record(tiny_config("stop.patience=1"), _rows(rounds), rounds)
+    assert record["best_round"] == 0 and "McNemar" in record["best_reason"]
+    assert record["stopped_early"] and record["stopped_after_round"] == 1 and "worse" in record["reason"]
+    close = [_round(96), _round(95)]
+    assert not stop_record(tiny_config("stop.patience=1"), _rows(close), close)["stopped_early"]
+
+
+def test_the_gain_stop_rule_still_reads_validation_top1(tiny_config):
+    cfg = tiny_config("stop.patience=1", "stop.test=gain", "stop.min_gain=0.0")
+    rounds = [_round(90), _round(95), _round(93)]
+    record = stop_record(cfg, _rows(rounds), rounds)
+    assert record["stopped_early"] and record["stopped_after_round"] == 2 and "gained less than 0" in record["reason"]
+    assert not stop_record(cfg, _rows(rounds[:2]), rounds[:2])["stopped_early"]
+
+
+def test_without_validation_the_last_round_is_the_best_and_the_run_never_stops(tiny_config):
+    rows = [{"val_top1": None, "test_top1": 0.8}, {"val_top1": None, "test_top1": 0.7}]
+    record = stop_record(tiny_config(), rows, [None, None])
+    assert record["best_round"] == 1 and record["best_by"].startswith("last round") and not record["stopped_early"]
+
+
+def test_a_wide_interval_gets_one_warning_line(tiny_config):
+    rounds = [_round(94), _round(96)]
+    warning = stop_record(tiny_config(), _rows(rounds), rounds)["noise_warning"]
+    assert warning.startswith("warning: 100 validation images") and "\n" not in warning
+    many = [_round(9400, n=10000), _round(9600, n=10000)]
+    assert stop_record(tiny_config(), _rows(many), many)["noise_warning"] is None
+
+
+def test_every_best_round_rule_can_be_configured():
+    assert set(typing.get_args(typing.get_type_hints(StopConfig)["best"])) == set(RULES)
 
 
 def test_the_stop_rule_needs_validation(tiny_config):

@@ -254,8 +254,15 @@ def _choices(run: RunFiles) -> str:
             value = value.get(part) if isinstance(value, dict) else None
         return _pct(value, _metrics(r), key) if value is not None else "<td>-</td>"
 
+    def interval(r: RoundFiles, split: str) -> str:
+        key = f"{split}_top1_interval"
+        if not r.metrics.get(key):
+            return "<td>-</td><td>-</td>"
+        return "".join(_pct(r.metrics[key][i], _metrics(r), f"{key}.{i}") for i in (0, 1))
+
     rows = [
-        [_th(r.index), cell(r, "val_top1"), cell(r, "test_top1"), cell(r, "corruption_top1.mean")]
+        [_th(r.index), cell(r, "val_top1"), interval(r, "val"), cell(r, "test_top1"), interval(r, "test")]
+        + [cell(r, "corruption_top1.mean")]
         + [f"<td>{'best' if r.index == stop.get('best_round') else ''}</td>"]
         for r in run.rounds
     ]
@@ -263,11 +270,15 @@ def _choices(run: RunFiles) -> str:
     per = [[_th(n)] + [cell(r, f"corruption_top1.per_corruption.{n}") for r in run.rounds] for n in names]
     rounds_header = ["corruption"] + [f"round {r.index}" for r in run.rounds]
     verdict = f"best round {stop['best_round']} by {stop['best_by']}" if stop else "no stop record in run.json"
+    if stop.get("best_reason"):
+        verdict += f" ({stop['best_reason']})"
+    if stop.get("noise_warning"):
+        verdict += f". {stop['noise_warning'][0].upper()}{stop['noise_warning'][1:]}"
     if stop.get("stopped_early"):
         verdict += f"; stopped early after round {stop['stopped_after_round']}: {stop['reason']}"
     return (
         f'<p class="note">Choices are made on validation only; test is reported, never chosen on. {_e(verdict)}.</p>'
-        + _table(["round", "val top-1", "test top-1", "corrupted test top-1 (mean)", ""], rows)
+        + _table(["round", "val top-1", "95% from", "to", "test top-1", "95% from", "to", "corrupted (mean)", ""], rows)
         + (_table(rounds_header, per, "top-1, mean over severities") if per else "")
     )
 

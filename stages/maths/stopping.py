@@ -1,9 +1,11 @@
 """When to stop adding rounds, which round is best, and each round's seed: pure functions over per-round numbers.
 
 Stop rule (``stop`` in the config): after round ``r``, stop when the last ``patience`` students each gained less
-than ``min_gain`` validation top-1 over their own teacher (the round before). ``patience: 0`` never stops. The best
-round is the one with the highest validation top-1 (the earliest on a tie: the same accuracy for fewer rounds);
-without a validation split it is the last round. Test accuracy never enters either choice.
+than ``min_gain`` validation top-1 over their own teacher (the round before; ``stop.test: gain``, the function here;
+``worse`` and ``not_better`` compare them beyond the noise, ``stages.maths.round_choice.stop_beyond_noise``).
+``patience: 0`` never stops. ``best_round`` is the highest validation top-1, the earliest on a tie (the ``today``
+rule); the default rule (``stop.best``) is ``round_choice``'s ``mcnemar``. Without a validation split the best
+round is the last. Test accuracy never enters either choice.
 
 Seeds: one run seed (``seed`` in the config) gives every round and role (teacher/student training, selection) its
 own seed, so no two rounds' students share data order, initialisation or augmentation draws.
@@ -12,7 +14,7 @@ own seed, so no two rounds' students share data order, initialisation or augment
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field, StrictFloat, StrictInt
@@ -26,10 +28,19 @@ ROLES = ("train", "select", "pretrain")
 
 @config
 class StopConfig:
-    """``patience`` students in a row gaining less than ``min_gain`` (top-1 as a fraction) end the run; 0 = off."""
+    """The stop rule and the best-round rule, both on validation. Stop: ``patience`` students in a row fail
+    ``test`` against their own teacher (0 = off): ``gain`` (validation top-1 gain below ``min_gain``), ``worse``
+    (the teacher beats it beyond the noise: McNemar on the same images, ``p < alpha``) or ``not_better`` (it does
+    not beat its teacher beyond the noise). Best round: ``best`` names a rule of ``stages.maths.round_choice``
+    (``mcnemar``: the last round unless an earlier one beats it beyond the noise; ``today``: the highest top-1)."""
 
     patience: Annotated[StrictInt, Field(ge=0, description="0 = never stop early")] = 0
     min_gain: Annotated[StrictFloat, Field(ge=-1, le=1)] = 0.0
+    test: Literal["gain", "worse", "not_better"] = "worse"
+    best: Literal[
+        "mcnemar", "last", "today", "latest_tie", "logloss", "latest_unbeaten", "bootstrap", "bootstrap_logloss"
+    ] = "mcnemar"
+    alpha: Annotated[StrictFloat, Field(gt=0, lt=1, description="'beyond the noise': a two-sided p below it")] = 0.05
 
 
 def gains(val_top1: Sequence[float]) -> list[float]:
