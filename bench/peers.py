@@ -56,9 +56,10 @@ def peer_grid(seed: int = 0) -> dict[str, dict[str, object]]:
     }
 
 
-def peer_scores(seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
-    """Family -> setting -> {"val_top1", "test_top1"}."""
-    s = split_digits(seed)
+def peer_scores(seed: int = 0, labeled_per_class: int | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Family -> setting -> {"val_top1", "test_top1"}, on ``split_digits(seed, labeled_per_class)`` (None: the
+    default's 10 a class; digits-hard: 2)."""
+    s = split_digits(seed) if labeled_per_class is None else split_digits(seed, labeled_per_class=labeled_per_class)
     x = np.concatenate([s.labeled_x, s.unlabeled_x]).reshape(-1, 64) / 255.0
     y = np.concatenate([s.labeled_y, -np.ones(len(s.unlabeled_x), dtype=np.int64)])
     x_val, x_test = s.val_x.reshape(-1, 64) / 255.0, s.test_x.reshape(-1, 64) / 255.0

@@ -207,8 +207,9 @@ def summarise(values: dict[str, list[float]]) -> dict:
     }
 
 
-# Ties in mean regret go to the simpler rule: this order.
-SIMPLER = ("last", "today", "latest_tie", "logloss", "mcnemar", "latest_unbeaten", "bootstrap", "bootstrap_logloss")
+# Ties in mean regret (judge a, then b) go to the first rule here: mcnemar, the shipped default (``StopConfig.best``),
+# before last, which picks the same round unless an earlier round is better beyond the noise, and never goes back.
+TIES = ("mcnemar", "last", "today", "latest_tie", "logloss", "latest_unbeaten", "bootstrap", "bootstrap_logloss")
 STOPS = (("today", 1), ("today", 2), ("worse", 1), ("worse", 2), ("not_better", 1), ("not_better", 2))
 
 
@@ -315,7 +316,9 @@ def aggregate(runs: list[dict], splits: int) -> dict:
         }
         for rule in RULES
     }
-    default = min(RULES, key=lambda k: (rules[k]["mean_regret"]["pool"], SIMPLER.index(k)))
+    default = min(
+        RULES, key=lambda k: (rules[k]["mean_regret"]["pool"], rules[k]["mean_regret"]["split"], TIES.index(k))
+    )
     test_means = {
         g: {
             **{
@@ -408,7 +411,7 @@ def print_report(result: dict) -> None:
     t = result["today"]["mean_regret"]
     d = result["rules"][result["default"]]["mean_regret"]
     print(
-        f"\ndefault rule: {result['default']} (least mean regret on judge (a), ties to the simpler rule): "
+        f"\ndefault rule: {result['default']} (least mean regret on judge (a), then (b), ties in TIES order): "
         f"{d['pool']:.2f} points (judge b {d['split']:.2f}) against today's {t['pool']:.2f} ({t['split']:.2f}); "
         f"the same round in every run: {', '.join(result['same_choices_as_default']) or 'no other rule'}"
     )

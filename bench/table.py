@@ -11,10 +11,15 @@ Standard library only, so the check is cheap enough for a test or a pre-commit h
 
 from __future__ import annotations
 
+import sys
+
+sys.path.append(sys.path.pop(0))  # this folder last: bench/select.py must not shadow the stdlib select module
+
 import argparse
 import difflib
+import functools
 import json
-import sys
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +35,8 @@ def load_results(folder: Path) -> list[dict]:
         if "bench" not in result or "machine" not in result:
             raise SystemExit(f"{path}: not a bench result (no 'bench' or 'machine' key)")
         result["_file"] = f"bench/results/{path.name}"
-        key = (result["bench"], result.get("setting", ""), machine(result))
+        result.setdefault("setting", Path(result.get("config", "")).stem)  # seeds files before 2026-12-03 had none
+        key = (result["bench"], result["setting"], machine(result))
         if key not in latest or result["machine"]["date"] >= latest[key]["machine"]["date"]:
             latest[key] = result
     return sorted(latest.values(), key=lambda r: (r["bench"], r.get("setting", ""), machine(r)))
@@ -47,10 +53,49 @@ def _n(value: float | None, digits: int = 0) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
-def _when(result: dict) -> str:
+# The code each bench measures: a result whose commit is older than the last change to these paths is marked.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "pseudo_label": ("stages/pseudo_label.py", "stages/data/decode.py", "stages/data/decoders.py"),
+    "train": ("stages/train.py", "stages/data/loader.py"),
+    "train_student": ("stages/train.py", "stages/data/loader.py", "stages/data/compact.py"),
+    "select": ("stages/select.py", "stages/maths/selection.py", "stages/data/compact.py"),
+    "decode": ("stages/data/decoders.py",),
+    "distill": ("stages/train.py", "stages/models/distill.py"),
+    "e2e": ("stages", "pipeline"),
+    "scale": ("stages", "pipeline"),
+    "seeds": ("stages", "pipeline"),
+    "rounds_rule": ("stages/maths/round_choice.py",),
+}
+
+
+@functools.cache
+def changed_since(commit: str, paths: tuple[str, ...]) -> str | None:
+    """The newest commit after ``commit`` that changed ``paths`` (7 hex digits), ``"?"`` when git does not know
+    ``commit`` (or there is no git), None when the code is as measured."""
+    if not commit:
+        return "?"
+    try:
+        out = subprocess.run(
+            ["git", "rev-list", "-1", f"{commit}..HEAD", "--", *paths],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return out[:7] or None
+
+
+def _when(result: dict, stale: Callable[[str, tuple[str, ...]], str | None] | None = None) -> str:
     m = result["machine"]
     dirty = "+changes" if m.get("dirty") else ""  # measured on a working tree with uncommitted changes
-    return f"[{m['date'][:10]}]({result['_file']}) `{(m.get('commit') or '')[:7]}{dirty}`"
+    cell = f"[{m['date'][:10]}]({result['_file']}) `{(m.get('commit') or '')[:7]}{dirty}`"
+    paths = STAGE_CODE.get(result["bench"])
+    newer = (stale or changed_since)(m.get("commit") or "", paths) if paths else None
+    if newer == "?":
+        return cell + " (code version unknown)"
+    return cell + (f" **older than the code it measures** (changed in `{newer}`)" if newer else "")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -112,10 +157,18 @@ def scale_rows(results: list[dict]) -> list[list[str]]:
         total = sum(stages.values()) or 1.0
         top = sorted(stages.items(), key=lambda kv: -kv[1])[:4]
         shares = ", ".join(f"{k} {v:.0f} s ({100 * v / total:.0f}%)" for k, v in top)
+        chance = 1 / r["classes"] if r.get("classes") else None
+        near_chance = chance is not None and r.get("top1") and max(r["top1"]) < 3 * chance
+        setting = r["setting"] + (
+            f" (top-1 {'/'.join(f'{100 * t:.1f}' for t in r['top1'])}%: near chance, 1 epoch; a cost figure, "
+            "not an accuracy)"
+            if near_chance
+            else ""
+        )
         rows.append(
             [
                 f"{r['labeled']:,} / {r['unlabeled']:,} / {r['test']:,}",
-                r["setting"],
+                setting,
                 f"{r['driver_peak_rss_mb']:,.0f} MB",
                 _n(r["student_bytes_ratio"], 1 if r["student_bytes_ratio"] >= 10 else 3),
                 f"{r['seconds']:.0f} s",
@@ -143,6 +196,33 @@ def accuracy_rows(results: list[dict]) -> list[list[str]]:
             scores = ", ".join(f"{k} {100 * v['top1']:.2f}%" for k, v in r["methods"].items())
             teacher = f"teacher {r['teacher']} {100 * r['teacher_top1']:.2f}%"
             rows.append(["distill", r["setting"], f"{best} {100 * r['methods'][best]['top1']:.2f}%", teacher, scores])
+        elif r["bench"] == "seeds":
+            rounds = " → ".join(
+                f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in zip(r["test_top1_mean"], r["test_top1_std"], strict=True)
+            )
+            chosen = (
+                f"chosen round ({r['best_by'][0]}) {100 * r['chosen_round_test_top1_mean']:.2f} ± "
+                f"{100 * r['chosen_round_test_top1_std']:.2f}%"
+                if "chosen_round_test_top1_mean" in r
+                else "–"
+            )
+            worst = r.get("worst_class_top1_mean")
+            extra = f"; worst class (last round) {100 * worst[-1]:.2f}%" if worst and worst[-1] is not None else ""
+            rows.append(
+                ["seeds", f"{r['config']} {len(r['seeds'])} seeds", chosen, f"test per round {rounds}{extra}", ""]
+            )
+        elif r["bench"] == "rounds_rule":
+            regret = r["rules"][r["default"]]["mean_regret"]
+            today = r["today"]["mean_regret"]
+            rows.append(
+                [
+                    "rounds_rule",
+                    f"{len(r['runs'])} runs, ladders {'/'.join(r['ladders'])}",
+                    f"default {r['default']}: mean regret {regret['pool']:.2f} (pool) / {regret['split']:.2f} (halves)",
+                    f"today's rule {today['pool']:.2f} / {today['split']:.2f}",
+                    ", ".join(f"{k} {v['mean_regret']['pool']:.2f}" for k, v in r["rules"].items()),
+                ]
+            )
         elif r["bench"] == "peers":
             best = max(r["peers"], key=r["peers"].get)
             ours = ", ".join(f"{k} {100 * v:.2f}%" for k, v in r["pipeline"].items()) or "–"

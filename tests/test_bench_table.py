@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,37 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def table():
+def _load_table():
     spec = importlib.util.spec_from_file_location("bench_table", ROOT / "bench" / "table.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def table():
+    """The module with the code-age check answering "as measured" (the made-up commits here are not in git)."""
+    module = _load_table()
+    module.changed_since = lambda commit, paths: None
+    return module
+
+
+def test_a_result_older_than_the_code_it_measures_is_marked():
+    real = _load_table()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    first = subprocess.run(
+        ["git", "rev-list", "--max-parents=0", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()[0]
+    if first == head:
+        pytest.skip("a shallow clone: one commit, no history to compare with")
+    assert real.changed_since(head, ("stages",)) is None
+    assert real.changed_since(first, ("stages",)) not in (None, "?")  # stages/ changed since the first commit
+    assert real.changed_since("f" * 40, ("stages",)) == "?"
+    result = {"bench": "select", "_file": "bench/results/x.json", "machine": {"date": "2026-12-01", "commit": first}}
+    assert "**older than the code it measures**" in real._when(result)
+    assert real._when(result, stale=lambda c, p: None).endswith(f"`{first[:7]}`")
 
 
 MACHINE = {
@@ -223,3 +249,5 @@ def test_the_seeds_bench_quotes_the_sample_std_over_the_runs_that_reached_each_r
     assert stats["test_top1_mean"] == pytest.approx([0.92, 0.95])
     assert stats["test_top1_std"] == pytest.approx([0.02, 0.0141421356])  # ddof=1: 0.02 over three, not 0.0163
     assert seeds.per_round([[{"test_top1": 0.9}]])["test_top1_std"] == [0.0]
+    worst = seeds.per_round([[{"test_top1": 0.9, "per_class_top1": [1.0, None, 0.5]}], [{"per_class_top1": [0.7]}]])
+    assert worst["worst_class_top1_mean"] == pytest.approx([0.6])

@@ -73,7 +73,7 @@ def test_scoring_and_summary_pick_the_rule_with_least_regret(bench):
         )
     result = bench.aggregate(runs, splits=4)
     assert set(result["rules"]) == set(RULES) and set(result["per_ladder"]) == {"A", "B"}
-    assert result["default"] == "last"  # last, mcnemar, ... tie at 0 regret: the simplest wins
+    assert result["default"] == "mcnemar"  # last, mcnemar, ... tie at 0 regret: the shipped default wins ties
     assert result["today"]["mean_regret"]["pool"] == pytest.approx(1.65)
     assert result["test_top1_mean_of_chosen"]["all"]["last"] == pytest.approx(96.40)
     assert result["stop_rules"]["today:1"]["students_mean"] == 2  # 95 -> 94: a student below its teacher
