@@ -200,6 +200,32 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parents[1]
 
 
+@contextlib.contextmanager
+def one_line_errors():
+    """A bad config or bad data inside (``ConfigError``, ``DataError``): one ``error:`` line and exit 2, as the CLI
+    prints it, not a traceback."""
+    from stages.core.errors import ConfigError, DataError
+
+    try:
+        yield
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def load_prepared(config: str | None, overrides: list[str]) -> PipelineConfig:
+    """The config with ``overrides``, its built-in digits data written first when it names ``data.prepare_digits``
+    (as ``make iterate`` does), so a bench runs on a fresh checkout; a bad config or data: one ``error:`` line,
+    exit 2."""
+    from pipeline.cli import ensure_digits
+    from pipeline.config import load_config
+
+    with one_line_errors():
+        cfg = load_config(config, overrides)
+        ensure_digits(cfg.data.prepare_digits, cfg.data.prepare_labeled_per_class)
+    return cfg
+
+
 def add_result_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-save", action="store_true", help="print the JSON line only (smoke runs)")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"where results are saved (default {RESULTS})")

@@ -40,10 +40,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import fit_in_process, model_top1, save_round_model  # noqa: E402
+from bench_common import fit_in_process, load_prepared, model_top1, save_round_model  # noqa: E402
 
 from pipeline.choices import round_seeds  # noqa: E402
-from pipeline.config import PipelineConfig, load_config  # noqa: E402
+from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.plan import plan_for  # noqa: E402
 from stages.data.compact import pseudo_sources, write_selection  # noqa: E402
 from stages.data.loader import PseudoSource  # noqa: E402
@@ -148,7 +148,7 @@ def main() -> None:
     start = time.perf_counter()
     if not args.gpu:  # as the pipeline's CPU actors see it (Ray hides GPUs from actors that hold none)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    cfg = load_config(args.config, [*args.overrides, f"rounds={args.rounds}"])
+    cfg = load_prepared(args.config, [*args.overrides, f"rounds={args.rounds}"])
     torch.set_num_threads(os.cpu_count() or 1)  # labeling and evaluation: the whole machine, as one process has it
     with tempfile.TemporaryDirectory(prefix="plain-loop-") as tmp:
         work = args.work or Path(tmp)

@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_common import add_result_args, save_result
+from bench.bench_common import add_result_args, load_prepared, one_line_errors, save_result
 from stages.maths.round_choice import (
     RULES,
     ChoiceOptions,
@@ -72,7 +72,7 @@ def run_name(prefix: str, ladder: str, seed: int) -> str:
 
 def train_runs(args: argparse.Namespace) -> None:
     """Run (or resume) every ladder x seed; seeds interleave the ladders so a cut-short bench has both."""
-    from pipeline.config import load_config
+
     from pipeline.rounds import run_pipeline
     from stages.storage.files import atomic_write_json
 
@@ -84,9 +84,10 @@ def train_runs(args: argparse.Namespace) -> None:
         for ladder in args.ladders:
             name = run_name(args.name, ladder, seed)
             overrides = [*LADDERS[ladder], *args.overrides, f"seed={seed}", f"rounds={args.rounds}"]
-            cfg = load_config(args.config, [*overrides, f"storage={storage}"])
+            cfg = load_prepared(args.config, [*overrides, f"storage={storage}"])
             t = time.perf_counter()
-            rows = run_pipeline(cfg, name, progress=False)
+            with one_line_errors():
+                rows = run_pipeline(cfg, name, progress=False)
             seconds = round(time.perf_counter() - t, 1)
             if name not in times or seconds > 30:  # a resume that skipped every stage keeps the first timing
                 times[name] = {"ladder": ladder, "seed": seed, "seconds": seconds, "overrides": overrides}

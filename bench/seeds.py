@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
+from bench.bench_common import load_prepared, one_line_errors  # noqa: E402
 from pipeline.plan import run_folder  # noqa: E402
 from pipeline.rounds import run_pipeline  # noqa: E402
 from stages.storage.files import read_json  # noqa: E402
@@ -154,10 +154,11 @@ def main() -> None:
     runs, names, executors, stops = [], [], [], []
     for seed in seeds:
         overrides = [*args.overrides, f"seed={seed}"] + ([f"rounds={args.rounds}"] if args.rounds is not None else [])
-        cfg = load_config(args.config, overrides)
+        cfg = load_prepared(args.config, overrides)
         names.append(f"{name}-s{seed}")
         t = time.perf_counter()
-        runs.append(run_pipeline(cfg, names[-1], progress=False))
+        with one_line_errors():
+            runs.append(run_pipeline(cfg, names[-1], progress=False))
         status = read_json(RunLayout(run_folder(cfg, names[-1])).status)
         executors.append(status.get("executor"))
         stops.append(status["stop"])

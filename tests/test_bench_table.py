@@ -251,3 +251,22 @@ def test_the_seeds_bench_quotes_the_sample_std_over_the_runs_that_reached_each_r
     assert seeds.per_round([[{"test_top1": 0.9}]])["test_top1_std"] == [0.0]
     worst = seeds.per_round([[{"test_top1": 0.9, "per_class_top1": [1.0, None, 0.5]}], [{"per_class_top1": [0.7]}]])
     assert worst["worst_class_top1_mean"] == pytest.approx([0.6])
+
+
+def test_a_bench_on_missing_data_stops_with_one_error_line(tmp_path):
+    """A bench reads its data the way ``make iterate`` does (the digits written when the config asks for them) and a
+    missing shard is one ``error:`` line and exit 2, not a traceback."""
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "seeds.py"), "--config", str(ROOT / "configs" / "digits.yaml")]
+        + ["--seeds", "1", "--results", str(tmp_path), "--set", "data.prepare_digits="]
+        + ["--set", f"data.labeled=[{tmp_path}/none-*.tar]"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: data.labeled: no shard matches")
