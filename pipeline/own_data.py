@@ -37,8 +37,9 @@ def add_commands(sub) -> None:
         help="write a folder (or CSV) of images as WebDataset shards, classes.json and data.yaml",
         description="SRC holds labeled/<class>/..., test/<class>/..., optionally val/<class>/..., and unlabeled/... "
         "(any depth, no labels); or give --csv FILE with path,label,split columns (paths relative to the CSV). "
-        "Classes are numbered by sorted name, as torchvision's ImageFolder does. Images are copied as they are; "
-        "unreadable files are listed in DIR/prepare.json and skipped with a count. A re-run skips finished shards.",
+        "Classes are numbered by sorted name, as torchvision's ImageFolder does. Images are copied as they are (or "
+        "shrunk with --max-side); unreadable files are listed in DIR/prepare.json and skipped with a count. A re-run "
+        "skips finished shards.",
     )
     p.add_argument("src", nargs="?", metavar="SRC", help="the source folder (not needed with --csv)")
     p.add_argument("--csv", dest="csv_path", help="a CSV file with path,label,split columns instead of SRC")
@@ -51,6 +52,14 @@ def add_commands(sub) -> None:
         help="ray: one Ray task per shard; off: in this process; auto (default): Ray above 64 MB of images",
     )
     p.add_argument("--seed", type=int, default=0, help="shuffles which images share a shard (default 0)")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=0,
+        metavar="N",
+        help="store an image whose short side is above N pixels resized to a short side of N (aspect kept; JPEG "
+        "quality 90, PNG for alpha, palette or PNG sources); smaller ones keep their bytes. Default 0: none is resized",
+    )
     p.add_argument(
         "--labeled-only",
         action="store_true",
@@ -121,6 +130,7 @@ def cmd_prepare_folder(args) -> int:
     from pipeline.distributed.executor import choose_executor
     from pipeline.distributed.runtime import init_ray
     from stages.data.folder import REQUIRED_SPLITS
+    from stages.data.resize import check_max_side
     from stages.prepare import prepare_folder, source_images
     from stages.storage.layout import CLASSES, PREPARE_CONFIG, PREPARE_SUMMARY
 
@@ -130,6 +140,7 @@ def cmd_prepare_folder(args) -> int:
     progress = not args.no_progress
     if args.labeled_only and not args.csv_path:
         raise DataError("prepare-folder: --labeled-only goes with --csv FILE")
+    max_side = check_max_side(args.max_side, "--max-side")
     classes = None
     if args.classes:
         from stages.data.folder import read_classes
@@ -144,10 +155,15 @@ def cmd_prepare_folder(args) -> int:
     print(f"prepare-folder: {executor.kind} ({why})", file=sys.stderr)
     required = ("labeled",) if args.labeled_only else REQUIRED_SPLITS
     summary = prepare_folder(
-        args.src, args.out, executor, args.csv_path, args.shard_size, args.seed, progress, required, classes
+        args.src, args.out, executor, args.csv_path, args.shard_size, args.seed, progress, required, classes, max_side
     )
     counts = ", ".join(f"{s} {i['samples']} ({i['shards']} shard(s))" for s, i in summary["splits"].items())
     print(f"wrote {summary['out']}: {len(summary['classes'])} classes, {counts}")
+    if summary["max_side"]:
+        print(
+            f"--max-side {summary['max_side']}: {summary['resized']} image(s) resized to that short side; image bytes "
+            f"{summary['bytes_in'] / 2**20:.1f} MB read, {summary['bytes_out'] / 2**20:.1f} MB stored"
+        )
     if summary["skipped_count"]:
         first = summary["skipped"][0]
         print(

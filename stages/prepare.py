@@ -3,9 +3,11 @@ one task per shard on the run's executor.
 
 The scan and the shard plan are made in the driver (``stages/data/folder.py``); each shard is written by one task
 (``write_shard``): Ray tasks for a large tree, this process for a small one (``choose_executor``, the same rule as a
-run's). A shard whose receipt matches its plan and whose tar still hashes as recorded is skipped, so a re-run after
+run's). ``max_side`` shrinks images whose short side is larger to it (``stages/data/resize.py``). A shard whose receipt
+matches its plan (its images and ``max_side``) and whose tar still hashes as recorded is skipped, so a re-run after
 an interruption writes only what is missing or damaged. At the end ``classes.json``, ``data.yaml`` (the ``data:``
-section pointing at the shards) and ``prepare.json`` (counts, every skipped file and why) are written.
+section pointing at the shards) and ``prepare.json`` (counts, images shrunk and the image bytes read and stored,
+every skipped file and why) are written.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tqdm import tqdm
 from stages.core.errors import DataError
 from stages.core.stage import Executor
 from stages.data.folder import (
+    COUNTS,
     REQUIRED_SPLITS,
     SPLITS,
     Scan,
@@ -33,6 +36,7 @@ from stages.data.folder import (
     shard_pattern,
     write_shard,
 )
+from stages.data.resize import check_max_side
 from stages.storage.files import atomic_write_json, atomic_write_text
 from stages.storage.layout import CLASSES, PREPARE_CONFIG, PREPARE_SUMMARY
 
@@ -49,12 +53,15 @@ def prepare_folder(
     progress: bool = True,
     required: Sequence[str] = REQUIRED_SPLITS,
     classes: Sequence[str] | None = None,
+    max_side: int = 0,
 ) -> dict:
     """Scan ``src`` (or ``csv_path``), write the shards the plan lacks (one task each on ``executor``), then
-    ``classes.json``, ``data.yaml`` and ``prepare.json`` under ``out``; returns the summary ``prepare.json`` holds."""
+    ``classes.json``, ``data.yaml`` and ``prepare.json`` under ``out``; returns the summary ``prepare.json`` holds.
+    ``max_side`` > 0: an image whose short side is larger is stored shrunk to it (0: every image as it is)."""
+    check_max_side(max_side)
     scan = scan_csv(csv_path, required, classes) if csv_path else scan_folder(src or ".")
     out = os.path.abspath(out)
-    plans = plan_shards(scan, out, shard_bytes, seed)
+    plans = plan_shards(scan, out, shard_bytes, seed, max_side)
     _remove_stale(out, plans)
     records = {p.name: shard_done(p) for p in plans}
     todo = [p for p in plans if records[p.name] is None]
@@ -96,7 +103,7 @@ def _remove_stale(out: str, plans: list[ShardPlan]) -> None:
 def _summary(scan: Scan, plans: list[ShardPlan], records: dict, source: str, out: str, required: Sequence[str]) -> dict:
     splits: dict[str, dict] = {}
     skipped = list(scan.skipped)
-    gray = color = 0
+    totals = dict.fromkeys(COUNTS, 0)
     for plan in plans:
         record = records[plan.name]
         entry = splits.setdefault(plan.split, {"shards": 0, "samples": 0, "skipped": 0})
@@ -104,7 +111,7 @@ def _summary(scan: Scan, plans: list[ShardPlan], records: dict, source: str, out
         entry["samples"] += record["samples"]
         entry["skipped"] += len(record["skipped"])
         skipped += record["skipped"]
-        gray, color = gray + record["gray"], color + record["color"]
+        totals = {k: n + record[k] for k, n in totals.items()}
     for split in required:
         if not splits.get(split, {}).get("samples"):
             raise DataError(f"{source}: no readable image in {split} (every one was skipped; see the warnings)")
@@ -113,7 +120,11 @@ def _summary(scan: Scan, plans: list[ShardPlan], records: dict, source: str, out
         "out": out,
         "classes": list(scan.classes),
         "splits": splits,
-        "channels": 3 if color else 1,
+        "channels": 3 if totals["color"] else 1,
+        "max_side": plans[0].max_side if plans else 0,  # one value per run: plan_shards gives every plan the same
+        "resized": totals["resized"],
+        "bytes_in": totals["bytes_in"],
+        "bytes_out": totals["bytes_out"],
         "skipped_count": len(skipped),
         "skipped": skipped,
     }

@@ -1,8 +1,10 @@
 """stages/data/folder.py and prepare-folder in this process: scanning, shard plans, byte-exact copies, skipped files,
-re-runs, the CSV form, and bad input refused with one line (the Ray fan-out runs in tests/test_own_data.py)."""
+re-runs, the CSV form, --max-side (stages/data/resize.py), and bad input refused with one line (the Ray fan-out runs
+in tests/test_own_data.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -16,7 +18,8 @@ from pipeline.config import load_config
 from stages.core.errors import ConfigError
 from stages.core.stage import InProcess
 from stages.data.folder import read_classes, scan_csv, scan_folder
-from stages.data.shards import expand_shards, iter_raw_samples
+from stages.data.resize import fit_short_side
+from stages.data.shards import expand_shards, image_field, iter_raw_samples
 from stages.prepare import prepare_folder
 from tests.conftest import tiny_tree
 
@@ -26,6 +29,112 @@ def _png(path, value: int, size=(12, 10), mode="L") -> None:
     rng = np.random.default_rng(value)
     shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
     Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode=mode).save(path)
+
+
+def _photo(size, mode="RGB", fmt="JPEG", seed=0) -> bytes:
+    """A photo-like image (smooth gradients and noise) of ``size`` in ``mode``, encoded as ``fmt``."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h), 255 - x * 200 / w], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGBA")
+    image = image.convert(mode) if mode != "P" else image.convert("RGB").quantize(16)
+    out = io.BytesIO()
+    image.save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """A large and a small JPEG in labeled/, a small PNG in test/, and in unlabeled/ a small PNG and a large JPEG cut
+    short (its header reads, its pixels do not)."""
+    src = tmp_path / "photos"
+    files = {
+        "labeled/cat/big.jpg": _photo((800, 600)),
+        "labeled/cat/small.jpg": _photo((100, 80), seed=1),
+        "test/cat/0.png": _photo((60, 40), fmt="PNG"),
+        "unlabeled/u.png": _photo((50, 50), "L", "PNG"),
+        "unlabeled/cut.jpg": _photo((900, 700), seed=2)[:20000],
+    }
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    return src
+
+
+def _stored(out) -> dict[str, bytes]:
+    """Each sample's image bytes by key, from every shard under ``out``."""
+    return {s["__key__"]: image_field(s) for tar in sorted(out.glob("*/*.tar")) for s in iter_raw_samples(str(tar))}
+
+
+def _keys(src) -> dict[str, str]:
+    scan = scan_folder(src)
+    return {i.rel: i.key for images in scan.images.values() for i in images}
+
+
+def test_max_side_shrinks_large_images_keeps_small_ones_byte_for_byte_and_records_it(photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["prepare-folder", str(photos), "--out", str(out), "--no-progress", "--max-side", "256"]) == 0
+    printed = capsys.readouterr().out
+    assert "--max-side 256: 1 image(s) resized" in printed and "MB stored" in printed
+    stored, keys = _stored(out), _keys(photos)
+    big = Image.open(io.BytesIO(stored[keys["labeled/cat/big.jpg"]]))
+    assert big.format == "JPEG" and min(big.size) == 256 and abs(big.size[0] - 256 * 800 / 600) <= 1
+    for rel in ("labeled/cat/small.jpg", "test/cat/0.png", "unlabeled/u.png"):
+        assert stored[keys[rel]] == (photos / rel).read_bytes()  # at or below 256: the very bytes, not re-encoded
+    summary = json.loads((out / "prepare.json").read_text())
+    assert summary["max_side"] == 256 and summary["resized"] == 1
+    assert summary["bytes_out"] < summary["bytes_in"]
+    small = sum((photos / r).stat().st_size for r in ("labeled/cat/small.jpg", "test/cat/0.png", "unlabeled/u.png"))
+    assert summary["bytes_in"] == small + (photos / "labeled/cat/big.jpg").stat().st_size  # what was written
+    # a large image that fails to decode while shrinking is skipped and listed, as without --max-side
+    (cut,) = [s for s in summary["skipped"] if s["path"].endswith("cut.jpg")]
+    assert "undecodable image" in cut["reason"] and summary["skipped_count"] == 1
+
+    assert main(["prepare-folder", str(photos), "--out", str(tmp_path / "o2"), "--max-side", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --max-side -1: must be 0 (keep every image's bytes) or a short side in pixels"]
+
+
+def test_a_shard_written_with_another_max_side_is_rewritten_the_same_one_is_kept(photos, tmp_path):
+    out = tmp_path / "out"
+    prepare_folder(str(photos), str(out), InProcess(False), progress=False, max_side=256)
+    shards = sorted(out.glob("*/*.tar"))
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
+    again = prepare_folder(str(photos), str(out), InProcess(False), progress=False, max_side=256)
+    assert {p: p.stat().st_mtime_ns for p in shards} == stamps and again["resized"] == 1  # nothing written
+    prepare_folder(str(photos), str(out), InProcess(False), progress=False, max_side=64)
+    assert sorted(out.glob("*/*.tar")) == shards
+    assert all(json.loads(p.with_suffix(".json").read_text())["max_side"] == 64 for p in shards)  # every one rewritten
+    stored, keys = _stored(out), _keys(photos)
+    assert min(Image.open(io.BytesIO(stored[keys["labeled/cat/big.jpg"]])).size) == 64
+    assert min(Image.open(io.BytesIO(stored[keys["labeled/cat/small.jpg"]])).size) == 64
+    summary = prepare_folder(str(photos), str(out), InProcess(False), progress=False)  # off again: the source bytes
+    assert summary["max_side"] == 0 and summary["resized"] == 0 and summary["bytes_in"] == summary["bytes_out"]
+    assert _stored(out)[keys["labeled/cat/big.jpg"]] == (photos / "labeled/cat/big.jpg").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "mode, fmt, ext, stored_as",
+    [
+        ("RGBA", "PNG", "png", ("PNG", "RGBA", "png")),  # alpha: stays PNG, with its alpha
+        ("P", "PNG", "png", ("PNG", "RGB", "png")),  # palette: resampled in RGB, PNG
+        ("RGB", "PNG", "png", ("PNG", "RGB", "png")),  # a PNG source stays PNG
+        ("L", "JPEG", "jpeg", ("JPEG", "L", "jpeg")),  # its extension kept
+        ("RGB", "WEBP", "webp", ("JPEG", "RGB", "jpg")),  # an opaque photo of another format: JPEG
+        ("RGBA", "WEBP", "webp", ("PNG", "RGBA", "png")),
+    ],
+)
+def test_max_side_keeps_alpha_in_png_and_stores_opaque_photos_as_jpeg(mode, fmt, ext, stored_as):
+    source = _photo((200, 150), mode, fmt)
+    data, new_ext = fit_short_side(source, ext, 64)
+    image = Image.open(io.BytesIO(data))
+    assert (image.format, image.mode, new_ext) == stored_as and image.size == (85, 64)
+    if "A" in image.mode:  # the gradient in alpha survives the resize
+        alpha = np.asarray(image.getchannel("A"), dtype=float)
+        assert alpha[:, 0].mean() > 240 and alpha[:, -1].mean() < 80
+    assert fit_short_side(source, ext, 150) == (source, ext) and fit_short_side(source, ext, 0)[0] is source
 
 
 @pytest.fixture

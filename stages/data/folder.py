@@ -8,10 +8,12 @@ diagnostic ``.cls`` only). Classes are numbered like torchvision's ``ImageFolder
 ``scan_folder`` / ``scan_csv`` list the images and refuse what cannot be meant (a class folder with no image, an
 image in ``labeled/`` outside any class folder, a CSV row whose file is missing) with one ``DataError`` line;
 files that are not images are listed as skipped, never silently. ``plan_shards`` packs each split into shards of
-about ``shard_bytes`` in a seeded, shuffled order (so a shard is not one class), and ``write_shard`` writes one with
-webdataset's ``TarWriter``: images copied byte for byte, keys derived from the file's path, fixed mtimes (the same
-tree gives the same bytes). An image Pillow cannot decode is skipped and listed in the shard's record
-(``<split>-NNNNNN.json`` beside it), which also lets a re-run skip a shard whose plan has not changed.
+about ``shard_bytes`` of source images in a seeded, shuffled order (so a shard is not one class), and ``write_shard``
+writes one with webdataset's ``TarWriter``: images copied byte for byte (or, with ``max_side``, those whose short
+side is larger shrunk to it and re-encoded: ``stages/data/resize.py``), keys derived from the file's path, fixed
+mtimes (the same tree gives the same bytes). An image Pillow cannot decode is skipped and listed in the shard's
+record (``<split>-NNNNNN.json`` beside it), which also lets a re-run skip a shard whose plan (images and
+``max_side``) has not changed.
 
 The fan-out (one task per shard on the executor) is ``stages/prepare.py``
 (``python -m pipeline prepare-folder SRC --out DIR``).
@@ -33,6 +35,7 @@ from pathlib import Path
 from PIL import Image
 
 from stages.core.errors import BadSample, DataError
+from stages.data.resize import fit_short_side
 from stages.data.shards import IMAGE_EXTENSIONS, decode_image
 from stages.storage.artifacts import trusted_receipt, write_receipt
 from stages.storage.files import atomic_target
@@ -41,7 +44,8 @@ SPLITS = ("labeled", "val", "test", "unlabeled")
 LABELED_SPLITS = ("labeled", "val", "test")
 REQUIRED_SPLITS = ("labeled", "test", "unlabeled")
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-RECORD_FORMAT = "prepare-folder/v2"
+RECORD_FORMAT = "prepare-folder/v3"  # v3: max_side in the plan, resized and byte counts in the record
+COUNTS = ("samples", "gray", "color", "resized", "bytes_in", "bytes_out")  # a shard record's counts, summed per run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +81,14 @@ class Scan:
 
 @dataclasses.dataclass(frozen=True)
 class ShardPlan:
-    """One shard to write: ``<out>/<split>/<split>-NNNNNN.tar`` and the images that go into it, in order."""
+    """One shard to write: ``<out>/<split>/<split>-NNNNNN.tar``, the images that go into it, in order, and the
+    short side above which an image is shrunk (0: none is)."""
 
     split: str
     index: int
     out: str
     images: tuple[SourceImage, ...]
+    max_side: int = 0
 
     @property
     def name(self) -> str:
@@ -98,7 +104,7 @@ class ShardPlan:
 
     def digest(self) -> str:
         items = [(i.rel, i.label, i.size, i.mtime_ns) for i in self.images]
-        return hashlib.sha256(json.dumps([RECORD_FORMAT, items]).encode()).hexdigest()
+        return hashlib.sha256(json.dumps([RECORD_FORMAT, self.max_side, items]).encode()).hexdigest()
 
 
 def _is_image(name: str) -> bool:
@@ -228,9 +234,10 @@ def scan_csv(
     return Scan(classes, {s: v for s, v in images.items() if v}, skipped)
 
 
-def plan_shards(scan: Scan, out: str, shard_bytes: int, seed: int = 0) -> list[ShardPlan]:
+def plan_shards(scan: Scan, out: str, shard_bytes: int, seed: int = 0, max_side: int = 0) -> list[ShardPlan]:
     """Each split in a seeded shuffled order (a sorted tree would put one class per shard), cut into shards of at
-    most ``shard_bytes`` (tar headers counted; an image larger than that gets a shard of its own)."""
+    most ``shard_bytes`` of source images (tar headers counted; an image larger than that gets a shard of its own;
+    images shrunk to ``max_side`` make the shard smaller: their size is known only once they are re-encoded)."""
     plans = []
     for split in SPLITS:
         items = sorted(scan.images.get(split, []), key=lambda i: i.rel)
@@ -240,12 +247,12 @@ def plan_shards(scan: Scan, out: str, shard_bytes: int, seed: int = 0) -> list[S
         for item in items:
             cost = item.size + 3 * 512  # the image's header and padding, and the .cls member
             if shard and used + cost > shard_bytes:
-                plans.append(ShardPlan(split, len([p for p in plans if p.split == split]), out, tuple(shard)))
+                plans.append(ShardPlan(split, len([p for p in plans if p.split == split]), out, tuple(shard), max_side))
                 shard, used = [], 0
             shard.append(item)
             used += cost
         if shard:
-            plans.append(ShardPlan(split, len([p for p in plans if p.split == split]), out, tuple(shard)))
+            plans.append(ShardPlan(split, len([p for p in plans if p.split == split]), out, tuple(shard), max_side))
     return plans
 
 
@@ -255,28 +262,33 @@ def shard_done(plan: ShardPlan) -> dict | None:
 
 
 def write_shard(plan: ShardPlan) -> dict:
-    """Write one shard (atomically) and its record; returns the record: samples, skipped images, gray/colour
-    counts. Images are checked by decoding them (as training will) but written as their original bytes."""
+    """Write one shard (atomically) and its record; returns the record: skipped images and the ``COUNTS`` (samples,
+    gray/colour, images shrunk to ``plan.max_side``, image bytes read and stored). Images are written as their
+    original bytes unless shrunk, and checked by decoding what is written (as training will)."""
     import webdataset as wds
 
-    samples, gray, color, skipped = 0, 0, 0, []
+    counts, skipped = dict.fromkeys(COUNTS, 0), []
     with atomic_target(plan.path) as tmp:
         with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:
             for image in plan.images:
                 try:
                     data = Path(image.path).read_bytes()
-                    mode = _decodable_mode(data)
+                    stored, ext = fit_short_side(data, image.ext, plan.max_side)
+                    mode = _decodable_mode(stored)
                 except (OSError, BadSample) as exc:
                     skipped.append({"path": image.path, "reason": str(exc)})
                     continue
-                sample = {"__key__": image.key, image.ext: data}
+                sample = {"__key__": image.key, ext: stored}
                 if image.label >= 0:
                     sample["cls"] = str(image.label).encode()
                 sink.write(sample)
-                samples += 1
-                gray, color = (gray + 1, color) if mode in GRAY_MODES else (gray, color + 1)
-    meta = {"split": plan.split, "index": plan.index, "samples": samples, "skipped": skipped, "gray": gray}
-    return write_receipt(plan.record_path, plan.path, format=RECORD_FORMAT, made_by=plan.digest(), **meta, color=color)
+                counts["samples"] += 1
+                counts["gray" if mode in GRAY_MODES else "color"] += 1
+                counts["resized"] += stored is not data
+                counts["bytes_in"] += len(data)
+                counts["bytes_out"] += len(stored)
+    meta = {"split": plan.split, "index": plan.index, "max_side": plan.max_side, **counts, "skipped": skipped}
+    return write_receipt(plan.record_path, plan.path, format=RECORD_FORMAT, made_by=plan.digest(), **meta)
 
 
 def _decodable_mode(data: bytes) -> str:

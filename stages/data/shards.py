@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale as Pillow opens it
+UNDECODABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError)  # what Pillow raises for a bad image
 _META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's archive metadata (skip_meta), not sample files
 
 
@@ -113,7 +114,7 @@ def decode_image(data: bytes, channels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UNDECODABLE as exc:
         raise BadSample(f"undecodable image ({exc.__class__.__name__}: {exc})") from exc
     if image.mode in WIDE_GRAY_MODES:
         image = _wide_gray_to_l(image)
