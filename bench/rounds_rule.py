@@ -6,13 +6,16 @@
 
 Runs the real round loop (``pipeline.rounds.run_pipeline``, as ``bench/seeds.py`` does) for every seed and ladder:
 ladder A is the digits default (resnet10t every round), ladder B a growing one (resnet10t -> 14t -> 18 -> 26 with
-the default's noise settings, ``ladder_mode: any``). Runs are ordinary runs named ``<name>-<ladder>-s<seed>`` under
+the default's noise settings, ``ladder_mode: any``). ``--runs-from`` scores any finished digits runs named
+``<name>-<ladder>-s<seed>``, e.g. ``bench/seeds.py --config configs/digits-hard.yaml --name rules-H`` (ladder H). Runs
+are ordinary runs named ``<name>-<ladder>-s<seed>`` under
 ``--storage`` (keep it outside the repository); the same name resumes them and ``--runs-from`` re-scores them.
 
 Each rule picks a round from the rounds' validation predictions (the eval sidecars ``round-NNN/eval/val/*.parquet``).
 Its REGRET is ``top-1(best round) - top-1(chosen round)`` in points, on data the rule never saw:
 
-* judge ``pool``: the digits' unlabeled pool with its true labels (``stages.data.digits.split_digits(0)``), each
+* judge ``pool``: the digits' unlabeled pool with its true labels (``stages.data.digits.split_digits(0)``, with the
+  run config's ``data.prepare_labeled_per_class``: digits-hard's pool holds the 80 labels it leaves out), each
   round's saved model re-evaluated on it (the pixels are checked against the run's unlabeled shards);
 * judge ``split``: ``--splits`` random halvings of validation; the rule chooses on one half, the other judges.
 
@@ -139,8 +142,8 @@ def pool_images(run_dir: Path) -> tuple[list, np.ndarray]:
     from stages.data.digits import split_digits
     from stages.data.shards import decode_image, expand_shards, image_field, iter_raw_samples
 
-    split = split_digits(0)
     cfg = yaml.safe_load(Path(RunLayout(run_dir).config).read_text())
+    split = split_digits(0, labeled_per_class=cfg["data"].get("prepare_labeled_per_class", 10))  # digits-hard: 2
     patterns = [p if Path(p).is_absolute() else str(ROOT / p) for p in cfg["data"]["unlabeled"]]
     try:
         shards = expand_shards(patterns, "data.unlabeled")
