@@ -149,11 +149,12 @@ def cmd_prepare_folder(args) -> int:
             classes = read_classes(args.classes)
         except ValueError as exc:
             raise DataError(f"--classes {exc}") from exc
-    executor, why = choose_executor(mode, "", False, source_images(args.src, args.csv_path), "", progress)
+    required = ("labeled",) if args.labeled_only else REQUIRED_SPLITS
+    images = source_images(args.src, args.csv_path, required, classes)
+    executor, why = choose_executor(mode, "", False, images, "", progress)
     if executor.kind == "ray":
         init_ray()
     print(f"prepare-folder: {executor.kind} ({why})", file=sys.stderr)
-    required = ("labeled",) if args.labeled_only else REQUIRED_SPLITS
     summary = prepare_folder(
         args.src, args.out, executor, args.csv_path, args.shard_size, args.seed, progress, required, classes, max_side
     )

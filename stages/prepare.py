@@ -79,9 +79,15 @@ def prepare_folder(
     return summary
 
 
-def source_images(src: str | None, csv_path: str | None) -> list[str]:
-    """The image files a conversion reads (what ``choose_executor`` sizes the work by)."""
-    scan = scan_csv(csv_path) if csv_path else scan_folder(src or ".")
+def source_images(
+    src: str | None,
+    csv_path: str | None,
+    required: Sequence[str] = REQUIRED_SPLITS,
+    classes: Sequence[str] | None = None,
+) -> list[str]:
+    """The image files a conversion reads (what ``choose_executor`` sizes the work by); ``required`` and ``classes``
+    as ``prepare_folder`` takes them (``--labeled-only`` needs no test rows)."""
+    scan = scan_csv(csv_path, required, classes) if csv_path else scan_folder(src or ".")
     return [image.path for images in scan.images.values() for image in images]
 
 

@@ -219,6 +219,20 @@ def test_a_csv_lists_the_same_kind_of_source(tree, tmp_path):
     assert {s: i["samples"] for s, i in summary["splits"].items()} == {"labeled": 6, "test": 2, "unlabeled": 2}
 
 
+def test_labeled_only_csv_rows_added_with_the_runs_classes_through_the_cli(tree, tmp_path, capsys):
+    """What ``suggest-labels`` hands back: labeled rows only, numbered by a run's ``classes.json``; the CLI sizes the
+    work from the same scan, so it must not ask for test rows either."""
+    rows = ["path,label,split"] + [f"src/labeled/dog/{i}.png,dog,labeled" for i in range(2)]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "classes.json").write_text('["ant", "cat", "dog"]')
+    argv = ["prepare-folder", "--csv", str(tmp_path / "list.csv"), "--labeled-only", "--no-progress"]
+    assert main([*argv, "--classes", str(tmp_path / "classes.json"), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    assert summary["splits"]["labeled"]["samples"] == 2 and summary["classes"] == ["ant", "cat", "dog"]
+    assert main([*argv[:-2], "--no-progress", "--out", str(tmp_path / "out2")]) == 2  # without --labeled-only
+    assert "no test rows" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "damage, words",
     [
