@@ -26,8 +26,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_common import load_prepared, one_line_errors  # noqa: E402
+from bench.bench_common import load_prepared, machine_facts, one_line_errors  # noqa: E402
 from pipeline.plan import run_folder  # noqa: E402
 from pipeline.rounds import run_pipeline  # noqa: E402
 from stages.storage.files import read_json  # noqa: E402
@@ -73,36 +71,6 @@ def _value(m: dict, metric: str) -> float | None:
         return min(known) if known else None
     value = m.get(metric)
     return value.get("mean") if isinstance(value, dict) else value
-
-
-def machine_facts() -> dict:
-    """What the figures depend on: CPU, cores, load, library versions, date and code version."""
-    import ray
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "load_average": list(os.getloadavg()),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-    }
 
 
 def write_results(bench: str, payload: dict, folder: Path = ROOT / "bench" / "results") -> Path:
@@ -188,7 +156,7 @@ def main() -> None:
         "last_round_test_top1_mean": float(np.mean(last)),
         "last_round_test_top1_std": _sample_std(last),
         "seconds": round(time.perf_counter() - start, 1),
-        "machine": before | {"load_average_end": list(os.getloadavg())},
+        "machine": before | {"load_avg_1m_end": os.getloadavg()[0]},
     }
     if args.peers:
         from bench.peers import peer_scores, select_on_validation

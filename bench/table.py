@@ -54,6 +54,21 @@ def _n(value: float | None, digits: int = 0) -> str:
 
 
 # The code each bench measures: a result whose commit is older than the last change to these paths is marked.
+ROUND_LOOP = (  # what decides a run's figures: the round stages, their data path, models and maths, the loop
+    "stages/train.py",
+    "stages/pseudo_label.py",
+    "stages/select.py",
+    "stages/evaluate.py",
+    "stages/pretrain.py",
+    "stages/data/loader.py",
+    "stages/data/compact.py",
+    "stages/data/decode.py",
+    "stages/maths",
+    "stages/models",
+    "pipeline/rounds.py",
+    "pipeline/plan.py",
+    "pipeline/choices.py",
+)
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "pseudo_label": ("stages/pseudo_label.py", "stages/data/decode.py", "stages/data/decoders.py"),
     "train": ("stages/train.py", "stages/data/loader.py"),
@@ -61,9 +76,9 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "select": ("stages/select.py", "stages/maths/selection.py", "stages/data/compact.py"),
     "decode": ("stages/data/decoders.py",),
     "distill": ("stages/train.py", "stages/models/distill.py"),
-    "e2e": ("stages", "pipeline"),
-    "scale": ("stages", "pipeline"),
-    "seeds": ("stages", "pipeline"),
+    "e2e": ROUND_LOOP + ("pipeline/distributed",),
+    "scale": ROUND_LOOP + ("pipeline/distributed",),
+    "seeds": ROUND_LOOP,
     "rounds_rule": ("stages/maths/round_choice.py",),
 }
 
@@ -89,10 +104,11 @@ def changed_since(commit: str, paths: tuple[str, ...]) -> str | None:
 
 def _when(result: dict, stale: Callable[[str, tuple[str, ...]], str | None] | None = None) -> str:
     m = result["machine"]
-    dirty = "+changes" if m.get("dirty") else ""  # measured on a working tree with uncommitted changes
-    cell = f"[{m['date'][:10]}]({result['_file']}) `{(m.get('commit') or '')[:7]}{dirty}`"
+    commit = m.get("commit") or m.get("git_commit") or ""  # seeds files before 2026-12-03: git_commit, git_dirty
+    dirty = "+changes" if m.get("dirty") or m.get("git_dirty") else ""  # measured on a tree with uncommitted changes
+    cell = f"[{m['date'][:10]}]({result['_file']}) `{commit[:7]}{dirty}`"
     paths = STAGE_CODE.get(result["bench"])
-    newer = (stale or changed_since)(m.get("commit") or "", paths) if paths else None
+    newer = (stale or changed_since)(commit, paths) if paths else None
     if newer == "?":
         return cell + " (code version unknown)"
     return cell + (f" **older than the code it measures** (changed in `{newer}`)" if newer else "")
@@ -177,6 +193,21 @@ def scale_rows(results: list[dict]) -> list[list[str]]:
                 _when(r),
             ]
         )
+    return rows
+
+
+def decode_rows(results: list[dict]) -> list[list[str]]:
+    """``bench/decode.py``: CPU decode + resize to the model's size, images/s per core; the fastest three per case."""
+    rows = []
+    for r in results:
+        if r["bench"] != "decode":
+            continue
+        for case, decoders in r["decoders"].items():
+            ranked = sorted(decoders.items(), key=lambda kv: -kv[1]["img_s"])
+            fastest = ", ".join(f"{name} {_n(d['img_s'])}" for name, d in ranked[:3])
+            pil = _n(decoders["pil"]["img_s"]) if "pil" in decoders else "–"
+            default = f"{r['default']} ({r['default_speedup_vs_pil']:.2f}x pil over the cases)"
+            rows.append([case, pil, fastest, default, machine(r), _when(r)])
     return rows
 
 
@@ -289,6 +320,11 @@ SECTIONS: list[tuple[str, list[str], Callable[[list[dict]], list[list[str]]]]] =
         ["labeled / unlabeled / test", "setting", "driver peak RSS", "student bytes ratio", "wall", "largest stages"]
         + ["machine", "date, commit"],
         scale_rows,
+    ),
+    (
+        "CPU decode + resize per core (`bench/decode.py`, images/s; default = the fastest over the cases)",
+        ["case", "pil", "fastest three", "default", "machine", "date, commit"],
+        decode_rows,
     ),
     ("Selection at scale", ["setting", "stage", "rows/s", "peak RSS", "machine", "date, commit"], select_rows),
     ("Accuracy benches", ["bench", "setting", "best", "beside it", "all", "machine", "date, commit"], accuracy_rows),

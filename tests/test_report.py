@@ -7,6 +7,7 @@ The browser check (``make report-check``) is exercised only where Chromium is in
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import logging
@@ -186,5 +187,8 @@ def test_check_in_chromium(run_copy, tmp_path, capsys):
 def test_validation_sits_beside_test_with_the_best_round_and_corruptions(report_html, run_copy):
     status = read_json(run_copy / "run.json")
     assert 'data-key="val_top1"' in report_html and 'data-key="corruption_top1.mean"' in report_html
-    assert f"best round {status['stop']['best_round']} by val_top1" in report_html
+    stop = status["stop"]
+    assert f"best round {stop['best_round']} by {stop['best_by']}" in report_html and stop["best_by"] == "mcnemar"
+    assert html.escape(stop["best_reason"]) in report_html  # why that round, as run.json records it
+    assert 'data-key="val_top1_interval.0"' in report_html and 'data-key="test_top1_interval.1"' in report_html
     assert check_numbers(report_html, run_copy) == []
