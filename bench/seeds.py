@@ -73,6 +73,33 @@ def _value(m: dict, metric: str) -> float | None:
     return value.get("mean") if isinstance(value, dict) else value
 
 
+def pool_truth(cfg) -> np.ndarray | None:
+    """The true class of each unlabeled digits image (row ``i`` = key ``unlabeled-<i>``), as ``prepare-digits``
+    split them (``data.prepare_labeled_per_class``); None when the config does not use the built-in digits."""
+    if not cfg.data.prepare_digits:
+        return None
+    from stages.data.digits import split_digits
+
+    return split_digits(0, labeled_per_class=cfg.data.prepare_labeled_per_class).unlabeled_y
+
+
+def pseudo_label_accuracy(run: RunLayout, metrics: dict, truth: np.ndarray) -> float | None:
+    """The share of the unlabeled pool round ``metrics["round"]``'s teacher labeled right (its argmax ``label``),
+    from the round's pseudo-label sidecars."""
+    from stages.storage.files import read_table
+
+    paths = sorted(Path(run.round(metrics["round"]).pseudo_labels).glob("*.parquet"))
+    if not paths:
+        return None
+    keys, labels = [], []
+    for path in paths:
+        table = read_table(str(path), columns=["key", "label"])
+        keys += table.column("key").to_pylist()
+        labels += table.column("label").to_pylist()
+    rows = np.array([int(k.rsplit("-", 1)[1]) for k in keys])
+    return float((np.asarray(labels) == truth[rows]).mean())
+
+
 def write_results(bench: str, payload: dict, folder: Path = ROOT / "bench" / "results") -> Path:
     """``<folder>/<bench>-<date>.json`` (a second one the same day gets the time too), written atomically."""
     from stages.storage.files import atomic_write_json
@@ -127,6 +154,10 @@ def main() -> None:
         t = time.perf_counter()
         with one_line_errors():
             runs.append(run_pipeline(cfg, names[-1], progress=False))
+        truth = pool_truth(cfg)
+        for m in runs[-1]:  # the digits' unlabeled shards carry no labels: the split that wrote them knows them
+            if m.get("pseudo_label_accuracy") is None and truth is not None and m["round"] > 0:
+                m["pseudo_label_accuracy"] = pseudo_label_accuracy(RunLayout(run_folder(cfg, names[-1])), m, truth)
         status = read_json(RunLayout(run_folder(cfg, names[-1])).status)
         executors.append(status.get("executor"))
         stops.append(status["stop"])

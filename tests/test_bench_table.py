@@ -270,3 +270,23 @@ def test_a_bench_on_missing_data_stops_with_one_error_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data.labeled: no shard matches")
+
+
+def test_the_seeds_bench_scores_pseudo_labels_against_the_truth_the_digits_split_knows(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.storage.layout import RunLayout
+
+    spec = importlib.util.spec_from_file_location("bench_seeds", ROOT / "bench" / "seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    run = RunLayout(str(tmp_path))
+    folder = Path(run.round(1).pseudo_labels)
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"key": ["unlabeled-000002", "unlabeled-000000"], "label": [2, 1]}), folder / "a.parquet")
+    pq.write_table(pa.table({"key": ["unlabeled-000001"], "label": [1]}), folder / "b.parquet")
+    truth = np.array([0, 1, 2])
+    assert seeds.pseudo_label_accuracy(run, {"round": 1}, truth) == pytest.approx(2 / 3)
+    assert seeds.pseudo_label_accuracy(run, {"round": 2}, truth) is None  # no sidecars: round 0 or another layout
