@@ -31,14 +31,20 @@ from stages.data.digits import split_digits  # noqa: E402
 from stages.storage.layout import RunLayout  # noqa: E402
 
 
-def peer_grid(seed: int = 0) -> dict[str, dict[str, object]]:
+def peer_grid(seed: int = 0, per_class: int = 10) -> dict[str, dict[str, object]]:
     """Family -> {setting name: unfitted estimator}."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.semi_supervised import LabelSpreading, SelfTrainingClassifier
     from sklearn.svm import SVC
 
-    # SVC(probability=True) is deprecated in scikit-learn 1.9; its replacement is this calibrated SVC.
-    calibrated = CalibratedClassifierCV(SVC(gamma="scale", random_state=seed), ensemble=False, cv=3)
+    # SVC(probability=True) is deprecated in scikit-learn 1.9; its replacement is this calibrated SVC. Its folds
+    # need as many labeled images per class (digits-hard has 2), and self-training one fold at the least.
+    folds = min(3, per_class)
+    calibrated = CalibratedClassifierCV(SVC(gamma="scale", random_state=seed), ensemble=False, cv=folds)
+    self_training = {
+        f"SelfTrainingClassifier(SVC, threshold={t})": SelfTrainingClassifier(calibrated, threshold=t)
+        for t in (0.75, 0.9, 0.95)
+    }
     return {
         "LabelSpreading(knn)": {
             f"LabelSpreading(knn, k={k})": LabelSpreading(kernel="knn", n_neighbors=k, max_iter=1000)
@@ -48,10 +54,7 @@ def peer_grid(seed: int = 0) -> dict[str, dict[str, object]]:
             f"LabelSpreading(rbf, gamma={g})": LabelSpreading(kernel="rbf", gamma=g, max_iter=1000)
             for g in (0.5, 1.0, 2.0, 5.0)
         },
-        "SelfTrainingClassifier(SVC)": {
-            f"SelfTrainingClassifier(SVC, threshold={t})": SelfTrainingClassifier(calibrated, threshold=t)
-            for t in (0.75, 0.9, 0.95)
-        },
+        **({"SelfTrainingClassifier(SVC)": self_training} if folds >= 2 else {}),
         "SVC (labeled only)": {f"SVC (labeled only, C={c})": SVC(gamma="scale", C=c) for c in (1.0, 10.0)},
     }
 
@@ -64,7 +67,8 @@ def peer_scores(seed: int = 0, labeled_per_class: int | None = None) -> dict[str
     y = np.concatenate([s.labeled_y, -np.ones(len(s.unlabeled_x), dtype=np.int64)])
     x_val, x_test = s.val_x.reshape(-1, 64) / 255.0, s.test_x.reshape(-1, 64) / 255.0
     scores: dict[str, dict[str, dict[str, float]]] = {}
-    for family, settings in peer_grid(seed).items():
+    per_class = 10 if labeled_per_class is None else labeled_per_class
+    for family, settings in peer_grid(seed, per_class).items():
         scores[family] = {}
         for name, model in settings.items():
             fit_x, fit_y = (x[: len(s.labeled_y)], s.labeled_y) if "labeled only" in name else (x, y)
