@@ -44,7 +44,7 @@ report-check: $(STAMP)
 	$(PY) -m pipeline.report.check $(RUN)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # lint: ruff's rules and its formatter (line length 120, pyproject.toml); CI runs it before the tests.
 lint: $(STAMP)
