@@ -30,7 +30,7 @@ from stages.core.errors import ConfigError
 from stages.core.stage import LabelResources, TrainResources
 from stages.data.corruptions import RobustnessConfig
 from stages.data.folder import read_classes
-from stages.maths.selection import SelectConfig
+from stages.maths.selection import AlignTo, SelectConfig, SelectMode
 from stages.maths.stopping import StopConfig
 from stages.models.factory import ModelSpec
 from stages.pretrain import PretrainConfig
@@ -220,6 +220,16 @@ class TrackingConfig:
 
 
 @config
+class RunSelectConfig(SelectConfig):
+    """A run's ``select`` section: ``SelectConfig`` with ``mode`` and ``align`` ``auto`` unless given, which each run
+    resolves (``SelectConfig.resolve``: class shares aligned to the labeled prior when round 0 pretrains, the
+    paper's balanced selection otherwise; ``run.json`` records the outcome under ``pretrain.then``)."""
+
+    mode: SelectMode = "auto"
+    align: Annotated[AlignTo, LATE] = "auto"
+
+
+@config
 class PipelineConfig:
     """One Noisy Student run: ``rounds`` student rounds after the round-0 teacher.
 
@@ -248,7 +258,7 @@ class PipelineConfig:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     student: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = dataclasses.field(default_factory=PseudoLabelConfig)
-    select: SelectConfig = dataclasses.field(default_factory=SelectConfig)
+    select: RunSelectConfig = dataclasses.field(default_factory=RunSelectConfig)
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
     tracking: Annotated[TrackingConfig, LATE] = dataclasses.field(default_factory=TrackingConfig)
     seed: StrictInt = 0
@@ -273,7 +283,7 @@ class PipelineConfig:
             raise ValueError(
                 f"pretrain.enabled: on, but round 0 starts from {given}; drop one (auto pretrains only without them)"
             )
-        if self.pretrain.init_students and self.student.init_from_teacher:
+        if self.pretrain.init_students == "on" and self.student.init_from_teacher:
             raise ValueError(
                 "pretrain.init_students: students cannot start from both the encoder and their teacher "
                 "(student.init_from_teacher); keep one"

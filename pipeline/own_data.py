@@ -286,6 +286,25 @@ def _read_text(store, rel: str) -> str:
     return read_text(join(store.location, rel))
 
 
+def export_images(shards_of: dict[str, str], out: Path) -> dict[str, str]:
+    """Each key's image bytes, as stored in its shard (``shards_of``: key -> shard), written to
+    ``out/images/<key>.<ext>``; returns key -> that path relative to ``out``. Each shard is read once."""
+    from stages.data.shards import IMAGE_EXTENSIONS, iter_raw_samples
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    for shard in sorted(set(shards_of.values())):
+        for sample in iter_raw_samples(shard):
+            if shards_of.get(sample["__key__"]) == shard:
+                ext = next(k for k in sample if k in IMAGE_EXTENSIONS)
+                files[sample["__key__"]] = f"images/{sample['__key__']}.{ext}"
+                (out / files[sample["__key__"]]).write_bytes(sample[ext])
+    missing = sorted(set(shards_of) - set(files))
+    if missing:
+        raise DataError(f"{len(missing)} image(s) not found in their shards, e.g. {missing[0]}")
+    return files
+
+
 def cmd_suggest_labels(args) -> int:
     """``suggest-labels``: the images to label next (``stages.maths.classes.suggestion_order``)."""
     import csv
@@ -298,7 +317,7 @@ def cmd_suggest_labels(args) -> int:
     from pipeline.cluster.run_store import RunStore
     from stages.core.stage import InProcess, LabelResources
     from stages.data.folder import classes_json
-    from stages.data.shards import IMAGE_EXTENSIONS, expand_shards, iter_raw_samples
+    from stages.data.shards import expand_shards
     from stages.maths.classes import margins, suggestion_order
     from stages.models.factory import model_sha
     from stages.pseudo_label import PseudoLabelConfig, label_shards
@@ -328,15 +347,8 @@ def cmd_suggest_labels(args) -> int:
     probs = np.asarray(table.column("probs").to_pylist(), dtype=np.float32)
     rows, why = suggestion_order(probs, stuck, args.n)
     picked = {table.column("key")[int(i)].as_py(): int(i) for i in rows}
-    images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    files: dict[str, str] = {}
-    for shard in sorted({table.column("shard")[i].as_py() for i in picked.values()}):
-        for sample in iter_raw_samples(shard):
-            if sample["__key__"] in picked:
-                ext = next(k for k in sample if k in IMAGE_EXTENSIONS)
-                files[sample["__key__"]] = f"images/{sample['__key__']}.{ext}"
-                (out / files[sample["__key__"]]).write_bytes(sample[ext])
+    shards_of = {key: table.column("shard")[i].as_py() for key, i in picked.items()}
+    files = export_images(shards_of, out)
     margin = margins(probs)
     atomic_write_json(out / CLASSES, classes_json(names))  # the run's numbering, for prepare-folder --classes
     with open(out / SUGGESTIONS, "w", newline="") as f, open(out / SUGGESTED_LABELS, "w", newline="") as g:

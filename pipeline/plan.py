@@ -111,8 +111,8 @@ def plan_for(
     the model's input, the labeled shards (``exclude_keys`` never trained on), and, with ``run``, the paths the
     round trains from and writes to (the previous model for ``init_from_teacher`` and ``online_teacher``, its
     ``train_metrics.jsonl``, and with ``pretrained`` round 0's encoder for the teacher and, under
-    ``pretrain.init_students``, the students). The pseudo-labeled sources come from the round's selection (the train
-    stage adds them) or are given here."""
+    ``pretrain.init_students``, the students; with ``init_students: on`` they also start from ``teacher.init``). The
+    pseudo-labeled sources come from the round's selection (the train stage adds them) or are given here."""
     from stages.models.pretrained import absolute
     from stages.train import TrainPlan
 
@@ -122,7 +122,8 @@ def plan_for(
     if run is not None and not metrics_path:
         metrics_path = str(run.round(r).train_metrics)
     fields, _ = model_input(cfg, r)
-    from_encoder = pretrained and run is not None and (r == 0 or cfg.pretrain.init_students)
+    students = cfg.pretrain.students_from_encoder(pretrained, cfg.student.init_from_teacher)
+    from_encoder = pretrained and run is not None and (r == 0 or students)
     return TrainPlan(
         **fields,
         cfg=train_cfg,
@@ -134,7 +135,7 @@ def plan_for(
         init_weights=str(previous.model.weights) if previous and train_cfg.init_from_teacher else "",
         teacher_dir=str(previous.dir) if previous and train_cfg.online_teacher else "",
         threads=cfg.resources.torch_threads if threads is None else threads,
-        init_from=absolute(cfg.teacher.init) if r == 0 else "",
+        init_from=absolute(cfg.teacher.init) if r == 0 or cfg.pretrain.init_students == "on" else "",
         init_encoder=str(run.round(0).encoder) if from_encoder and run is not None else "",
         exclude_keys=exclude_keys,
     )
@@ -169,7 +170,6 @@ def round_stages(cfg: PipelineConfig, r: int, data: RunData, run: RunLayout, par
     from stages.evaluate import Evaluate
     from stages.pretrain import Pretrain
     from stages.pseudo_label import PseudoLabel
-    from stages.select import Select
     from stages.train import Adopt, Train
 
     seeds, label = round_seeds(cfg, r), cfg.resources.label()
@@ -190,6 +190,13 @@ def round_stages(cfg: PipelineConfig, r: int, data: RunData, run: RunLayout, par
     if r == 0:
         pretrain: list[Stage] = [Pretrain(pretrain_plan(cfg, data), cfg.resources.train())] if data.pretrain else []
         return [*pretrain, train, evaluate]
-    select_cfg = dataclasses.replace(cfg.select, seed=seeds["select"])
-    select = Select(select_cfg, temperature=cfg.pseudo_label.temperature, student_round=r)
-    return [PseudoLabel(cfg.pseudo_label, label), select, train, evaluate]
+    return [PseudoLabel(cfg.pseudo_label, label), select_stage(cfg, r, data.pretrain), train, evaluate]
+
+
+def select_stage(cfg: PipelineConfig, r: int, pretrained: bool) -> Stage:
+    """Student round ``r``'s ``Select``: the round's seed, and ``auto`` resolved (a weak teacher, one whose round 0
+    pretrained, gets class shares aligned to the labeled prior; ``SelectConfig.resolve``)."""
+    from stages.select import Select
+
+    select_cfg = dataclasses.replace(cfg.select.resolve(pretrained), seed=round_seeds(cfg, r)["select"])
+    return Select(select_cfg, temperature=cfg.pseudo_label.temperature, student_round=r)

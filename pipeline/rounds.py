@@ -104,7 +104,17 @@ def preflight(cfg: PipelineConfig, progress: bool = True) -> Run:
     check_teacher_source(t.init, t.from_model, cfg.spec(0), data.num_classes, data.channels, data.classes)
     given = f"teacher.init {t.init}" if t.init else f"teacher.from_model {t.from_model}" if t.from_model else ""
     pretrain = cfg.pretrain.decide(counts, given)
-    log.info("pretrain: %s (%s)", "on" if pretrain["on"] else "off", pretrain["reason"])
+    chosen = cfg.select.resolve(pretrain["on"])  # what auto makes of a weak teacher (recorded in run.json)
+    students = cfg.pretrain.students_from_encoder(pretrain["on"], cfg.student.init_from_teacher)
+    pretrain["then"] = {"select_mode": chosen.mode, "select_align": chosen.align, "students_from_encoder": students}
+    log.info(
+        "pretrain: %s (%s); select %s, align %s, students from %s",
+        "on" if pretrain["on"] else "off",
+        pretrain["reason"],
+        chosen.mode,
+        chosen.align,
+        "the encoder" if students else "scratch or their teacher",
+    )
     run_data = RunData(
         labeled_shards=shards["data.labeled"],
         unlabeled_shards=shards["data.unlabeled"],

@@ -11,7 +11,8 @@ and ``max_steps``. Its input is every image of ``data.labeled`` (a carved valida
 ``data.unlabeled``, labels ignored; validation and test images are never read. It writes the encoder as
 ``round-000/encoder.safetensors``; the teacher's ``Train`` stage loads it (``TrainPlan.init_encoder``) with a fresh
 classifier and names this stage's digest among its inputs, so a new encoder retrains the teacher. Students start from
-it too with ``pretrain.init_students`` (the paper's students start from scratch).
+it too under ``pretrain.init_students`` (``auto``: whenever this stage ran; the paper's students start from scratch,
+which ``off`` keeps).
 
 Training goes through the run's executor (``fit``): in this process for a small local run, Ray Train otherwise;
 checkpointed every ``checkpoint_every`` steps, so a killed run resumes from its last checkpoint (the input stream and
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import torch
-from pydantic import BeforeValidator, Field, StrictBool, StrictFloat, StrictInt, model_validator
+from pydantic import BeforeValidator, Field, StrictFloat, StrictInt, model_validator
 from torch.utils.data import DataLoader
 
 from stages.core.config import Many, config
@@ -94,7 +95,7 @@ class PretrainConfig:
     brightness: Fraction = 0.4
     contrast: Fraction = 0.4
     saturation: Fraction = 0.4
-    init_students: StrictBool = False
+    init_students: Switch = "auto"
     checkpoint_every: Annotated[StrictInt, Field(ge=1)] = 100
     log_every: Annotated[StrictInt, Field(ge=1)] = 50
     loader_workers: Annotated[StrictInt, Field(ge=0)] = 1
@@ -108,6 +109,12 @@ class PretrainConfig:
         if self.max_steps and self.min_steps > self.max_steps:
             raise ValueError(f"min_steps: {self.min_steps} is above max_steps {self.max_steps}")
         return self
+
+    def students_from_encoder(self, pretrained: bool, init_from_teacher: bool = False) -> bool:
+        """Whether student rounds start from round 0's starting weights (the pretrained encoder, or with ``on``
+        ``teacher.init``): ``on``; ``auto`` when round 0 pretrained here and the students do not start from their
+        teacher (``student.init_from_teacher``); never with ``off``."""
+        return self.init_students == "on" or (self.init_students == "auto" and pretrained and not init_from_teacher)
 
     def view(self, natural: bool) -> ViewConfig:
         digits = ViewConfig(

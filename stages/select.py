@@ -223,6 +223,7 @@ def select_shards(
     """Selects pseudo-labeled samples from per-shard sidecars (whose contents ``labels_digest`` names, soft labels at
     ``temperature``); writes the compact shards and selection sidecars; returns the summary (also
     ``selection.json``). ``prior`` (with ``cfg.align`` not ``none``): the class prior the labels are aligned to."""
+    cfg.check_resolved()
     start = time.perf_counter()
     out = join(out_dir)
     makedirs(out)

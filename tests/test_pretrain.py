@@ -182,6 +182,8 @@ def test_the_stage_writes_the_encoder_and_the_teacher_starts_from_it(tiny_config
     cfg = tiny_config(*TINY)
     run = preflight(cfg, progress=False)
     assert run.pretrain["on"] and run.pretrain["reason"] == "pretrain.enabled: on" and run.data.pretrain
+    then = {"select_mode": "share", "select_align": "labeled", "students_from_encoder": True}
+    assert run.pretrain["then"] == then  # what auto makes of a weak teacher, as run.json records it
     run.layout = RunLayout(tmp_path / "runs" / "pt")
     stages = round_stages(cfg, 0, run.data, run.layout, run.params[0])
     assert [s.name for s in stages] == ["pretrain", "train", "evaluate"]
@@ -217,16 +219,35 @@ def test_the_stage_writes_the_encoder_and_the_teacher_starts_from_it(tiny_config
     assert all(torch.equal(got[k], encoder[k]) for k in encoder)  # the whole backbone, BatchNorm statistics too
     assert set(got) - set(encoder) == {"fc.weight", "fc.bias"} and got["fc.weight"].abs().sum() > 0  # a fresh head
 
-    student = round_stages(cfg, 1, run.data, run.layout, run.params[1])[2]  # students start from scratch
-    assert student.name == "train" and not student.plan.init_encoder
-    cfg_students = tiny_config(*TINY, "pretrain.init_students=true")
-    student = round_stages(cfg_students, 1, run.data, run.layout, run.params[1])[2]
-    assert student.plan.init_encoder == str(layout.encoder)
+    student = round_stages(cfg, 1, run.data, run.layout, run.params[1])[2]  # auto: the students start from it too
+    assert student.name == "train" and student.plan.init_encoder == str(layout.encoder)
+    for setting, encoder_path in (("off", ""), ("false", ""), ("on", str(layout.encoder))):
+        cfg_students = tiny_config(*TINY, f"pretrain.init_students={setting}")
+        student = round_stages(cfg_students, 1, run.data, run.layout, run.params[1])[2]
+        assert student.plan.init_encoder == encoder_path  # off (false in YAML): from scratch, as in the paper
+    from_teacher = tiny_config(*TINY, "student.init_from_teacher=true")  # auto yields to the teacher's weights
+    student = round_stages(from_teacher, 1, run.data, run.layout, run.params[1])[2]
+    assert not student.plan.init_encoder and student.plan.init_weights
+
+
+def test_students_start_from_teacher_init_only_under_init_students(tiny_config, tmp_path):
+    """An encoder given as ``teacher.init`` (bench/suggest.py's arms: the base run's) starts the students too when
+    ``pretrain.init_students: on`` asks for it, and only then."""
+    from pipeline.plan import plan_for
+
+    weights = tmp_path / "encoder.safetensors"
+    given = ("pretrain.enabled=off", f"teacher.init={weights}")
+    assert plan_for(tiny_config(*given), 0, [], 0).init_from == str(weights)
+    assert plan_for(tiny_config(*given), 1, [], 0).init_from == ""  # auto: nothing was pretrained here
+    students = tiny_config(*given, "pretrain.init_students=true")
+    assert plan_for(students, 1, [], 0).init_from == str(weights)
+    assert plan_for(students, 1, [], 0, run=RunLayout(tmp_path / "run")).init_encoder == ""  # nothing pretrained
 
 
 def test_the_digits_default_does_not_pretrain(tiny_config):
     run = preflight(tiny_config("resources.executor=local"), progress=False)
     assert not run.data.pretrain and run.pretrain["smallest_class"] == 10 and "more than" in run.pretrain["reason"]
+    assert run.pretrain["then"] == {"select_mode": "balanced", "select_align": "none", "students_from_encoder": False}
     assert [s.name for s in round_stages(run.cfg, 0, run.data, RunLayout("/nowhere"), 0)] == ["train", "evaluate"]
 
 

@@ -191,6 +191,22 @@ def test_golden_share_grows_per_round():
     )
 
 
+def test_auto_is_share_aligned_to_the_labeled_prior_for_a_weak_teacher_and_the_paper_otherwise():
+    auto = SelectConfig(mode="auto", align="auto", floor=0.3)
+    weak, strong = auto.resolve(weak_teacher=True), auto.resolve(weak_teacher=False)
+    assert (weak.mode, weak.align, strong.mode, strong.align) == ("share", "labeled", "balanced", "none")
+    assert weak.floor == strong.floor == 0.3  # only the auto keys move
+    given = SelectConfig(mode="topk", align="uniform")
+    assert given.resolve(True) == given == given.resolve(False)  # a setting a person chose is kept
+    keys, labels, conf = np.array(["a", "b"], dtype=object), np.array([0, 1]), np.array([0.9, 0.8], np.float32)
+    with pytest.raises(ValueError, match="must be resolved"):  # never silently one of the modes
+        select_in_memory(keys, labels, conf, 2, auto)
+    with pytest.raises(ValueError, match="must be resolved"):
+        select_shards([], "unused", 2, SelectConfig(align="auto"), "digest", InProcess(False))
+    fixed_k = SelectConfig(mode="auto", per_class=5).resolve(True)  # share has no use for a fixed K
+    assert (fixed_k.mode, fixed_k.per_class) == ("balanced", 5)
+
+
 # ---- the training order -----------------------------------------------------------------------------------------
 
 

@@ -263,13 +263,12 @@ def train_trial(cfg: PipelineConfig, setup: TuneSetup, work: Path, report) -> No
     validation and handed to ``report``."""
     import dataclasses
 
-    from pipeline.choices import load_validation, round_seeds
-    from pipeline.plan import model_card_for, plan_for, stage_config_digest
+    from pipeline.choices import load_validation
+    from pipeline.plan import model_card_for, plan_for, select_stage, stage_config_digest
     from stages.core.stage import RunData, StageContext
     from stages.data.labeled_scan import scan_split
     from stages.data.shards import load_labeled
     from stages.maths.validation import split_off
-    from stages.select import Select
     from stages.storage.artifacts import RoundManifest
     from stages.train import Train
 
@@ -319,8 +318,7 @@ def train_trial(cfg: PipelineConfig, setup: TuneSetup, work: Path, report) -> No
         return ValidationHooks(root, plan, card, val, report)
 
     ctx = StageContext(trial, layout, run_data, InProcess(False, hooks), manifest, stage_config_digest(cfg), False)
-    select_cfg = dataclasses.replace(cfg.select, seed=round_seeds(cfg, 1)["select"])
-    selection = Select(select_cfg, temperature=cfg.pseudo_label.temperature, student_round=1).run(ctx)
+    selection = select_stage(cfg, 1, run_data.pretrain).run(ctx)
     manifest.record("select", selection.files, 0.0, result=selection.result)
     Train(plan, card, cfg.resources.train()).run(ctx)
 
