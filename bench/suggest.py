@@ -12,8 +12,8 @@ Per run seed:
    ``suggested`` asks ``python -m pipeline suggest-labels`` of the base run, ``random`` draws as many pool images
    with the seed. Each arm goes through ``prepare-folder --csv --labeled-only`` exactly as a user's labels do;
 3. each arm runs again with ``data.labeled`` plus its new shards, for ``--rounds`` student rounds. Round 0 starts
-   from the base run's pretrained encoder (``teacher.init``; both arms alike, so pretraining is paid once per seed,
-   and ``pretrain.init_students`` then starts the students from it too).
+   from the base run's pretrained encoder (``teacher.init``; both arms alike, so pretraining is paid once per seed),
+   with the selection and student start the base run chose (``run.json``: ``pretrain.then``).
 
 Prints, per arm and seed, test top-1 and the worst class's test top-1 of round 0 and of the round each run chose,
 and one JSON line with them, the gains of ``suggested`` over ``random`` (mean ± sample std over seeds) and the
@@ -45,6 +45,7 @@ from stages.storage.files import read_json  # noqa: E402
 from stages.storage.layout import CLASSES, SUGGESTED_LABELS, RunLayout  # noqa: E402
 
 ARMS = ("suggested", "random")
+FIGURES = ("round0_test_top1", "round0_worst_class_top1", "chosen_test_top1", "chosen_worst_class_top1")
 
 
 def pool_keys(cfg) -> dict[str, str]:
@@ -128,7 +129,11 @@ def one_seed(args, seed: int, work: Path) -> dict:
     _, _, base_dir = run(base_cfg, f"{args.base_runs or args.name + '-base'}-s{seed}")
     names = base_cfg.data.classes or [str(c) for c in range(base_cfg.data.num_classes)]
     encoder = Path(RunLayout(base_dir).round(0).encoder)
-    start = [f"teacher.init={encoder}", "pretrain.enabled=off"] if encoder.is_file() else []
+    start = []
+    if encoder.is_file():  # the base run's recipe (run.json: pretrain.then), from its encoder, without pretraining
+        then = read_json(RunLayout(base_dir).status)["pretrain"]["then"]
+        start = [f"teacher.init={encoder}", "pretrain.enabled=off", f"select.mode={then['select_mode']}"]
+        start += [f"select.align={then['select_align']}", f"pretrain.init_students={then['students_from_encoder']}"]
     out: dict = {"seed": seed, "base_run": base_dir.name}
     for arm in ARMS:
         folder = work / f"s{seed}-{arm}"
@@ -163,7 +168,7 @@ def _pct(v: float) -> str:
 def gains(per_seed: list[dict]) -> dict:
     """``suggested`` minus ``random`` per figure: mean and sample std over seeds, and each arm's mean."""
     out = {}
-    for figure in ("round0_test_top1", "round0_worst_class_top1", "chosen_test_top1", "chosen_worst_class_top1"):
+    for figure in FIGURES:
         diff = [s["suggested"][figure] - s["random"][figure] for s in per_seed]
         out[figure] = {
             **{f"{arm}_mean": float(np.mean([s[arm][figure] for s in per_seed])) for arm in ARMS},

@@ -79,6 +79,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "e2e": ROUND_LOOP + ("pipeline/distributed",),
     "scale": ROUND_LOOP + ("pipeline/distributed",),
     "seeds": ROUND_LOOP,
+    "suggest": ROUND_LOOP + ("pipeline/own_data.py",),
     "rounds_rule": ("stages/maths/round_choice.py",),
 }
 
@@ -252,6 +253,20 @@ def accuracy_rows(results: list[dict]) -> list[list[str]]:
                     f"default {r['default']}: mean regret {regret['pool']:.2f} (pool) / {regret['split']:.2f} (halves)",
                     f"today's rule {today['pool']:.2f} / {today['split']:.2f}",
                     ", ".join(f"{k} {v['mean_regret']['pool']:.2f}" for k, v in r["rules"].items()),
+                ]
+            )
+        elif r["bench"] == "suggest":
+            g = r["gains"]
+            worst, test = g["chosen_worst_class_top1"], g["chosen_test_top1"]
+            rows.append(
+                [
+                    "suggest",
+                    f"{r['config']} +{r['n']} labels, {len(r['seeds'])} seeds",
+                    f"worst class {100 * worst['gain_mean']:+.2f} ± {100 * worst['gain_std']:.2f} points "
+                    f"(suggested {100 * worst['suggested_mean']:.2f}%, random {100 * worst['random_mean']:.2f}%)",
+                    f"test {100 * test['gain_mean']:+.2f} ± {100 * test['gain_std']:.2f} points "
+                    f"(suggested {100 * test['suggested_mean']:.2f}%, random {100 * test['random_mean']:.2f}%)",
+                    f"base {r['base_rounds']} round(s), arms {r['rounds']}",
                 ]
             )
         elif r["bench"] == "peers":

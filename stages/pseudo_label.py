@@ -101,12 +101,6 @@ def _list_column(matrix: np.ndarray, dtype: pa.DataType) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, width).cast(pa.list_(dtype))
 
 
-def _list_column(matrix: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    width = matrix.shape[1] if matrix.ndim == 2 else 0
-    flat = pa.array(matrix.reshape(-1), dtype)
-    return pa.FixedSizeListArray.from_arrays(flat, width).cast(pa.list_(dtype))
-
-
 class ShardLabeler:
     """A pool worker (``stages.core.stage.Worker``): labels whole shards with a teacher loaded once."""
 

@@ -154,6 +154,12 @@ def test_every_bench_result_renders(table, tmp_path):
                   "test": 2000, "driver_peak_rss_mb": 1534.2, "student_bytes_ratio": 38.46, "seconds": 300.0,
                   "stage_seconds": {"teacher": 150.0, "pseudo_label": 90.0, "student": 45.0, "select": 5.0,
                                     "evaluate": 10.0}},
+        "suggest": {"bench": "suggest", "config": "configs/digits-hard.yaml", "n": 20, "base_rounds": 3, "rounds": 1,
+                    "seeds": [{}, {}, {}],
+                    "gains": {"chosen_worst_class_top1": {"suggested_mean": 0.9, "random_mean": 0.85,
+                                                          "gain_mean": 0.05, "gain_std": 0.02},
+                              "chosen_test_top1": {"suggested_mean": 0.96, "random_mean": 0.955, "gain_mean": 0.005,
+                                                   "gain_std": 0.01}}},
     }  # fmt: skip
     for name, result in results.items():
         _write(tmp_path, f"{name}-20261201T100000Z.json", {**result, "machine": MACHINE})
@@ -163,6 +169,11 @@ def test_every_bench_result_renders(table, tmp_path):
     assert "| cpu digits rounds=1 | 150 s | 100 s | 1.50 | 30 s (start-up to a running Ray 20," in block
     assert "| 10,000,000 rows | 31.0 s | 322,580 | 1,060 MB |" in block
     assert "| peers | digits | LabelSpreading 95.00% |" in block
+    assert (
+        "| suggest | configs/digits-hard.yaml +20 labels, 3 seeds | worst class +5.00 ± 2.00 points (suggested "
+        "90.00%, random 85.00%) | test +0.50 ± 1.00 points (suggested 96.00%, random 95.50%) | base 3 round(s), "
+        "arms 1 |"
+    ) in block
     scale = "| 10,000 / 50,000 / 2,000 | cpu resnet10t 64px 100 classes | 1,534 MB | 38.5 | 300 s | "
     assert scale + "teacher 150 s (50%), pseudo_label 90 s (30%), student 45 s (15%), evaluate 10 s (3%) |" in block
 
@@ -290,3 +301,30 @@ def test_the_seeds_bench_scores_pseudo_labels_against_the_truth_the_digits_split
     truth = np.array([0, 1, 2])
     assert seeds.pseudo_label_accuracy(run, {"round": 1}, truth) == pytest.approx(2 / 3)
     assert seeds.pseudo_label_accuracy(run, {"round": 2}, truth) is None  # no sidecars: round 0 or another layout
+
+
+def test_the_suggest_bench_labels_its_folders_from_the_truth_and_reports_the_gain_over_random(tmp_path):
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("bench_suggest", ROOT / "bench" / "suggest.py")
+    suggest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suggest)
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text(
+        "path,label,split\nimages/unlabeled-000002.png,one,labeled\nimages/unlabeled-000000.png,?,labeled\n"
+    )
+    names = ["zero", "one", "two"]
+    assert suggest.label_from_truth(tmp_path, np.array([1, 0, 2]), names) == [2, 1]  # row i of the pool: truth[i]
+    assert csv_path.read_text().splitlines()[1:] == ["images/unlabeled-000002.png,two,labeled",
+                                                     "images/unlabeled-000000.png,one,labeled"]  # fmt: skip
+    rows = [{"test_top1": 0.5, "per_class_top1": [0.6, None, 0.4]}, {"test_top1": 0.7, "per_class_top1": [0.9, 0.5]}]
+    figures = suggest.arm_figures(rows, 1)
+    assert (figures["round0_worst_class_top1"], figures["chosen_worst_class_top1"]) == (0.4, 0.5)
+
+    def seed(suggested: float, random: float) -> dict:
+        return {arm: {f: v for f in suggest.FIGURES} for arm, v in (("suggested", suggested), ("random", random))}
+
+    gains = suggest.gains([seed(0.9, 0.8), seed(0.8, 0.8)])
+    assert gains["chosen_worst_class_top1"]["gain_mean"] == pytest.approx(0.05)
+    assert gains["chosen_worst_class_top1"]["gain_std"] == pytest.approx(np.std([0.1, 0.0], ddof=1))
+    assert gains["chosen_test_top1"]["random_mean"] == pytest.approx(0.8)
