@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on a GPU machine. Each step is bounded (its own limit and what is left of BUDGET), so
 # one failure still leaves the rest; the steps are in order of what the GPU issue needs most:
+#   bare          bench/gpu_bare.py, outside Ray (no start-up paid): the bare forward of MODEL at SIZE, and what each
+#                 decoder feeds it (batched nvJPEG through torchvision and through TorchCodec, the default CPU
+#                 backend on one core and on every core), each as a fraction of the bare forward;
 #   tests         tests/test_gpu.py: label actors sharing the GPU (bf16 vs the CPU's float32), nvJPEG decoding vs
 #                 PIL, a Ray Train worker on the GPU;
 #   train         bench/train.py --gpu, teacher path, 224 px, resnet50, bf16: the stage against its hand loop;
@@ -16,7 +19,8 @@
 # Where the machine has no package registry, wheels carried in .devwhl/ are installed first (Ray, WebDataset,
 # timm and what they need beyond the machine's own torch).
 #   BUDGET=390 bash bench/gpu_check.sh
-#   GPU= SIZE=32 MODEL=resnet10t IMAGES=1000 BATCH=32 STEPS=4 WORKERS=1 CPUS=1 bash bench/gpu_check.sh  # dry run, CPU
+#   GPU= SIZE=32 MODEL=resnet10t IMAGES=1000 BATCH=32 STEPS=4 WORKERS=1 CPUS=1 BARE_IMAGES=32 BARE_S=1 \
+#     bash bench/gpu_check.sh                                                                     # dry run, CPU
 set -uo pipefail
 OUT=${OUT:-gpu-check}
 IMAGES=${IMAGES:-10000}
@@ -28,6 +32,8 @@ MODEL=${MODEL:-resnet50}
 BATCH=${BATCH:-256}       # training images per step
 STEPS=${STEPS:-30}        # training steps timed
 WORKERS=${WORKERS:-6}     # DataLoader workers of the training stage and its loop
+BARE_IMAGES=${BARE_IMAGES:-256}  # JPEGs per timed decode call of the bare step
+BARE_S=${BARE_S:-4}       # seconds each of the bare step's measurements is timed
 VARIANTS=${VARIANTS:-loader}  # the pseudo-label loops: at 224 px the serial loop is the slowest, and long
 RESULTS=${RESULTS:-bench/results}
 WORK=$(mktemp -d)         # logs and result copies, packed into $OUT/logs.tgz after each step
@@ -49,7 +55,7 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a timeout of min(SECONDS, t
   timeout -k 5 "$t" "$@" >"$WORK/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc $rc in $((SECONDS - s)) s" | tee -a "$OUT/summary.txt"
-  grep -E '^\{"bench"|passed|failed|^E  |GPU \(bf16\)|nvJPEG|^epochs|test top-1|round' "$WORK/$name.log" \
+  grep -E '^\{"bench"|passed|failed|^E  |GPU \(bf16\)|nvJPEG|^epochs|test top-1|round|of bare' "$WORK/$name.log" \
     | cut -c1-400 | tail -8 | tee -a "$OUT/summary.txt"
   pack
 }
@@ -67,6 +73,8 @@ print(sys.version.split()[0], "torch", torch.__version__, "torchvision", torchvi
 BENCH=(--results "$RESULTS")
 PL=(--images "$IMAGES" --image-size "$SIZE" --model "$MODEL" --cpus-per-actor "$CPUS" --shards /tmp/pl-shards)
 TRAIN=(--model "$MODEL" --image-size "$SIZE" --loader-workers "$WORKERS" --batch "$BATCH" --steps "$STEPS")
+step bare 60 $PY bench/gpu_bare.py $GPU --model "$MODEL" --size "$SIZE" --batch "$BATCH" --images "$BARE_IMAGES" \
+  --seconds "$BARE_S" "${BENCH[@]}"
 step tests 120 $PY -m pytest -p no:cacheprovider -q -s -m gpu tests/test_gpu.py
 step train 100 $PY bench/train.py $GPU "${TRAIN[@]}" "${BENCH[@]}"
 step e2e 150 $PY bench/e2e.py $GPU "${BENCH[@]}"

@@ -98,7 +98,7 @@ def _step_of(result: dict) -> str:
         if result.get("decode") == "gpu":
             return "pl_gpudecode"
         return "pl_4actors" if result.get("actors", 1) > 1 else "pl_1actor"
-    return result["bench"]
+    return {"gpu_bare": "bare"}.get(result["bench"], result["bench"])
 
 
 def main() -> None:

@@ -75,6 +75,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "train_student": ("stages/train.py", "stages/data/loader.py", "stages/data/compact.py"),
     "select": ("stages/select.py", "stages/maths/selection.py", "stages/data/compact.py"),
     "decode": ("stages/data/decoders.py",),
+    "gpu_bare": ("stages/data/decoders.py",),
     "distill": ("stages/train.py", "stages/models/distill.py"),
     "e2e": ROUND_LOOP + ("pipeline/distributed",),
     "scale": ROUND_LOOP + ("pipeline/distributed",),
@@ -310,6 +311,12 @@ def _gpu_figures(r: dict) -> str:
         )
     if r["bench"] == "e2e":
         return f"pipeline {r['pipeline_wall_s']:.0f} s, plain {r['plain_wall_s']:.0f} s, ratio {r['ratio']:.2f}"
+    if r["bench"] == "gpu_bare":
+        feeds = ", ".join(
+            f"{name} {_n(d['images_per_s'])} ({d['of_bare']:.2f})" if d["measured"] else f"{name} not measured"
+            for name, d in r["decoders"].items()
+        )
+        return f"{r['setting']}: bare {_n(r['bare_images_per_s'])} img/s; decoders (of bare) {feeds}"
     return r.get("setting", r["bench"])
 
 

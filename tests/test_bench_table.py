@@ -213,8 +213,15 @@ def test_a_gpu_check_run_is_filed_with_every_step_and_renders_what_was_not_measu
         "loop_images_per_s": 1681.0, "bare_images_per_s": 3034.1, "ratio": 1.162, "ratio_bare": 0.644,
         "ratios": [1.162], "repeat": 1, "steps_timed": 40, "step_images": 256, "machine": gpu,
     }  # fmt: skip
+    bare = {
+        "bench": "gpu_bare", "setting": "cuda resnet50 224px batch 256", "bare_images_per_s": 15512.0,
+        "decoders": {"nvjpeg": {"measured": True, "images_per_s": 7756.0, "of_bare": 0.5},
+                     "torchcodec_cuda": {"measured": False, "why": "ImportError: no torchcodec"}},
+        "machine": gpu,
+    }  # fmt: skip
     summary = (
-        "GPU 0: NVIDIA H200\n16\n3.12.3 torch 2.11.0\n== tests: rc 0 in 85 s\n3 passed in 81.76s\n"
+        "GPU 0: NVIDIA H200\n16\n3.12.3 torch 2.11.0\n== bare: rc 0 in 40 s\n== tests: rc 0 in 85 s\n"
+        "3 passed in 81.76s\n"
         "== train: rc 0 in 85 s\n== e2e: rc 124 in 150 s\n== pl_4actors: skipped, -1 s left\ntotal 386 s\n"
     )
     tests_log = (
@@ -222,12 +229,16 @@ def test_a_gpu_check_run_is_filed_with_every_step_and_renders_what_was_not_measu
         "epochs [1, 2, 3], loss [2.0, 1.5, 1.0], on cuda\n.\n3 passed, 3 warnings in 81.76s (0:01:21)\n"
     )
     folder = _gpu_check_output(
-        tmp_path / "device", summary, {"tests": tests_log, "e2e": "plain script 32.8 s"}, {"train-1.json": train}
+        tmp_path / "device",
+        summary,
+        {"tests": tests_log, "e2e": "plain script 32.8 s"},
+        {"train-1.json": train, "gpu_bare-1.json": bare},
     )
     path = gpu_record.record(folder, tmp_path / "results")
     filed = json.loads(path.read_text())
     assert path.name == "gpu-20261201T100000Z.json" and (tmp_path / "results" / "train-1.json").exists()
     assert [(s["name"], s["status"], s["results"]) for s in filed["steps"]] == [
+        ("bare", "ok", ["bench/results/gpu_bare-1.json"]),
         ("tests", "ok", []),
         ("train", "ok", ["bench/results/train-1.json"]),
         ("e2e", "cut at its time limit", []),
@@ -237,13 +248,15 @@ def test_a_gpu_check_run_is_filed_with_every_step_and_renders_what_was_not_measu
     assert filed["tests"]["figures"][0].startswith("GPU (bf16) vs CPU (float32) labels: argmax agreement 0.9871")
     rows = table.gpu_rows(table.load_results(tmp_path / "results"))
     assert [r[1:4] for r in rows] == [
+        ["bare", "ok", "40 s"],
         ["tests", "ok", "85 s"],
         ["train", "ok", "85 s"],
         ["e2e", "cut at its time limit", "150 s"],
         ["pl_4actors", "skipped (no time left)", "–"],
     ]
-    assert "stage 1,953 img/s, loop 1,681, bare 3,034; stage/loop 1.16, stage/bare 0.64" in rows[1][4]
-    assert rows[2][4] == "–"  # a step cut at its limit shows nothing measured, not a stale figure
+    assert "bare 15,512 img/s; decoders (of bare) nvjpeg 7,756 (0.50), torchcodec_cuda not measured" in rows[0][4]
+    assert "stage 1,953 img/s, loop 1,681, bare 3,034; stage/loop 1.16, stage/bare 0.64" in rows[2][4]
+    assert rows[3][4] == "–"  # a step cut at its limit shows nothing measured, not a stale figure
 
 
 def test_the_seeds_bench_quotes_the_sample_std_over_the_runs_that_reached_each_round():
@@ -328,3 +341,29 @@ def test_the_suggest_bench_labels_its_folders_from_the_truth_and_reports_the_gai
     assert gains["chosen_worst_class_top1"]["gain_mean"] == pytest.approx(0.05)
     assert gains["chosen_worst_class_top1"]["gain_std"] == pytest.approx(np.std([0.1, 0.0], ddof=1))
     assert gains["chosen_test_top1"]["random_mean"] == pytest.approx(0.8)
+
+
+def test_the_bare_ceilings_bench_runs_each_decoder_path_on_the_cpu():
+    """``bench/gpu_bare.py`` (gpu_check.sh's first step): its GPU decoders' calls through their CPU devices, the
+    bare forward and the CPU decoder, so the one GPU call does not find a typo."""
+    spec = importlib.util.spec_from_file_location("bench_gpu_bare", ROOT / "bench" / "gpu_bare.py")
+    bare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bare)
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    def jpeg(seed: int) -> bytes:
+        pixels = np.random.default_rng(seed).integers(0, 255, (375, 500, 3), dtype=np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "JPEG", quality=90)
+        return out.getvalue()
+
+    jpegs = [jpeg(i) for i in range(3)]
+    for name in ("nvjpeg", "torchcodec_cuda"):
+        assert bare.gpu_decoder(name, jpegs, 32, 2, 0.0, device="cpu") > 0
+    assert bare.bare_forward("resnet10t", 32, 2, torch.device("cpu"), 0.0) > 0
+    backend, rate = bare.cpu_decoder(jpegs, 32, 2, 0.0)
+    assert backend and rate > 0
