@@ -123,7 +123,7 @@ class ShardEvaluator(ShardLabeler):
 
         path = eval_sidecar(self.out_dir, split, shard)
         topk = CORRUPTED_TOPK if corruption else 0
-        meta = {"device": self.device.type, "decode": decode, "decoder": "pil" if corruption else self.decoder.backend}
+        meta = {"device": self.device.type, "decode": decode, "decoder": "pil" if corruption else self.decoder.name}
         done = self.write_labels(
             shard, path, topk, format=EVAL_FORMAT, made_by=made_by, only=self.only.get(split), prepare=prepare, **meta
         )

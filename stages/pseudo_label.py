@@ -138,7 +138,7 @@ class ShardLabeler:
             "shard": shard,
             "device": self.device.type,
             "decode": self.decode,
-            "decoder": self.decoder.backend,
+            "decoder": self.decoder.name,
         }
 
     def write_labels(

@@ -401,30 +401,84 @@ def test_the_decoder_threads_keep_stream_order_and_record_bad_samples_in_place()
     assert all("undecodable" in b["reason"] for b in threaded_bad)
 
 
-def test_the_nvjpeg_path_decodes_jpegs_in_one_call_and_leaves_the_rest_to_pil(monkeypatch):
-    """The GPU decode path with ``device=cpu`` (torchvision decodes JPEG lists on either): every good JPEG goes
-    through ``decode_jpeg``, the PNG and the two broken JPEGs through PIL, and the result matches PIL's."""
-    import stages.data.decode as pl
+def _rotated_jpeg() -> bytes:
+    """A JPEG whose EXIF says "rotate 90°": TorchCodec would apply it, ``decode_image`` does not."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 30, 3), 120, np.uint8)).save(buf, format="JPEG", exif=exif)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("backend", ["torchcodec", "torchvision"])
+def test_the_gpu_path_decodes_plain_jpegs_in_one_call_and_leaves_the_rest_to_the_cpu(monkeypatch, backend):
+    """The GPU decode path with ``device=cpu`` (both batched decoders take either device): the plain JPEGs go
+    through one batched call, the PNG, the EXIF-rotated JPEG and the two broken ones the CPU way, and the result
+    matches the CPU decoder's."""
+    import stages.data.decode as dec
 
     calls = []
+    batch = dec.GPU_DECODERS[backend]
 
-    def counting(data, **kwargs):
-        calls.append(len(data) if isinstance(data, list) else 1)
-        return pl.decode_jpeg.__wrapped__(data, **kwargs)
+    def counting(data, channels, device):
+        calls.append(len(data))
+        return batch(data, channels, device)
 
-    counting.__wrapped__ = pl.decode_jpeg
-    monkeypatch.setattr(pl, "decode_jpeg", counting)
-    samples = _mixed_samples()
+    monkeypatch.setitem(dec.GPU_DECODERS, backend, counting)
+    samples = [*_mixed_samples(), {"__key__": "s11", "jpg": _rotated_jpeg()}]
     bad, want_bad = [], []
-    keys, got, _ = pl.Decoder(CARD, 3, threads=2, device=torch.device("cpu"))("s.tar", samples, bad)
-    want_keys, want, _ = pl.Decoder(CARD, 3, threads=1)("s.tar", samples, want_bad)
-    assert keys == want_keys and [b["key"] for b in bad] == ["s07", "s09"]
-    # one batched call fails on the corrupt two, then one call per JPEG finds them: 10 JPEGs, 8 decodable
-    assert calls[0] == 10 and calls[1:] == [1] * 10
+    decoder = dec.Decoder(CARD, 3, threads=2, device=torch.device("cpu"))
+    decoder.gpu_backend = backend
+    keys, got, _ = decoder("s.tar", samples, bad)
+    want_keys, want, _ = dec.Decoder(CARD, 3, threads=1, backend="pil")("s.tar", samples, want_bad)
+    assert keys == want_keys and [b["key"] for b in bad] == ["s07", "s09"] == [b["key"] for b in want_bad]
+    assert calls == [8]  # 12 samples less the PNG, the truncated JPEG, the not-a-JPEG and the rotated JPEG
     level = 1 / 255 / 0.5
     assert float((got - want).abs().max()) <= 2 * level  # bilinear: within a grey level or two of PIL
-    png = keys.index("s04")
-    assert torch.equal(got[png], want[png])  # the PNG took the PIL way on both
+    for key in ("s04", "s11"):  # the PNG and the rotated JPEG took the CPU way on both
+        assert torch.equal(got[keys.index(key)], want[keys.index(key)])
+    assert decoder.name == f"{backend}-gpu+{decoder.backend}"
+
+
+@pytest.mark.parametrize("error", [RuntimeError, TypeError])
+def test_the_gpu_path_finds_a_bad_image_one_by_one_and_hands_over_to_torchvision(monkeypatch, caplog, error):
+    import stages.data.decode as dec
+
+    samples = _mixed_samples()[:4]  # four plain JPEGs
+    refused = samples[2]["jpg"]
+    seen = []
+
+    def picky(data, channels, device):  # nvJPEG refusing one image fails the whole batched call
+        seen.append(len(data))
+        if refused in data:
+            raise RuntimeError("nvjpeg: bad image")
+        return dec.batch_torchvision(data, channels, device)
+
+    monkeypatch.setitem(dec.GPU_DECODERS, "torchvision", picky)
+    decoder = dec.Decoder(CARD, 3, threads=1, device=torch.device("cpu"))
+    decoder.gpu_backend = "torchvision"
+    bad: list[dict] = []
+    keys, got, _ = decoder("s.tar", samples, bad)
+    assert seen == [4, 1, 1, 1, 1] and len(keys) == 4 and not bad  # the refused one decoded the CPU way
+
+    def no_device(data, channels, device):  # refuses every image, whatever the error says
+        raise error("this TorchCodec has no decoder for this device")
+
+    monkeypatch.setitem(dec.GPU_DECODERS, "torchcodec", no_device)
+    monkeypatch.setitem(dec.GPU_DECODERS, "torchvision", dec.batch_torchvision)
+    decoder = dec.Decoder(CARD, 3, threads=1, device=torch.device("cpu"))
+    decoder.gpu_backend = "torchcodec"
+    with caplog.at_level("WARNING"):
+        keys2, got2, _ = decoder("s.tar", samples, bad)
+    assert keys2 == keys and decoder.gpu_backend == "torchvision"
+    assert torch.equal(got2[[0, 1, 3]], got[[0, 1, 3]])  # s02 was decoded the CPU way the first time
+    assert "GPU JPEG decoding with torchcodec failed" in caplog.text
+    assert dec.gpu_decoder(lambda module: module != "torchcodec") == "torchvision"
+    assert dec.gpu_decoder(lambda module: True) == "torchcodec"
 
 
 def test_a_gpu_decode_asked_of_a_cpu_actor_falls_back_and_says_so(teacher_dir, digits_root, tmp_path):

@@ -372,11 +372,20 @@ class Backend:
 
     @property
     def available(self) -> bool:
-        return all(_installed(m) for m in self.modules)
+        return all(installed(m) for m in self.modules)
+
+
+def plain_jpeg(data: bytes) -> bool:
+    """Whether the bytes are a JPEG that every decoder reads as ``decode_image`` does (``_plain_jpeg``): the GPU
+    path's test, from the header alone."""
+    try:
+        return _plain_jpeg(_open(data), data)
+    except BadSample:
+        return False
 
 
 @functools.cache
-def _installed(module: str) -> bool:
+def installed(module: str) -> bool:
     """Importable, not merely present: a wheel can install and still fail to load its native libraries."""
     try:
         importlib.import_module(module)
@@ -421,7 +430,7 @@ def resolve(name: str) -> str:
 
 @functools.cache
 def _warn_fallback(name: str, chosen: str) -> None:
-    missing = [m for m in DECODERS[name].modules if not _installed(m)]
+    missing = [m for m in DECODERS[name].modules if not installed(m)]
     log.warning("decoder %r needs %s, which is not installed: using %r", name, ", ".join(missing), chosen)
 
 
