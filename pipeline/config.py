@@ -222,7 +222,7 @@ class TrackingConfig:
 @config
 class RunSelectConfig(SelectConfig):
     """A run's ``select`` section: ``SelectConfig`` with ``mode`` and ``align`` ``auto`` unless given, which each run
-    resolves (``SelectConfig.resolve``: class shares aligned to the labeled prior when round 0 pretrains, the
+    resolves (``SelectConfig.resolve``: class shares aligned to a uniform prior when round 0 pretrains, the
     paper's balanced selection otherwise; ``run.json`` records the outcome under ``pretrain.then``)."""
 
     mode: SelectMode = "auto"

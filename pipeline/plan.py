@@ -195,7 +195,7 @@ def round_stages(cfg: PipelineConfig, r: int, data: RunData, run: RunLayout, par
 
 def select_stage(cfg: PipelineConfig, r: int, pretrained: bool) -> Stage:
     """Student round ``r``'s ``Select``: the round's seed, and ``auto`` resolved (a weak teacher, one whose round 0
-    pretrained, gets class shares aligned to the labeled prior; ``SelectConfig.resolve``)."""
+    pretrained, gets class shares aligned to a uniform prior; ``SelectConfig.resolve``)."""
     from stages.select import Select
 
     select_cfg = dataclasses.replace(cfg.select.resolve(pretrained), seed=round_seeds(cfg, r)["select"])

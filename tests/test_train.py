@@ -411,7 +411,7 @@ def test_resume_continues_at_the_recorded_epoch_and_step(trained):
     assert rows[:2] == trained["first_lines"]
     # the schedule continued from step 14 of 21: the last step is 20
     assert rows[2]["lr"] == pytest.approx(lr_at(20, 21, 0, 3e-3, 0.01))
-    assert sorted(p.name for p in trained["ckpt"].iterdir()) == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    assert sorted(p.name for p in trained["ckpt"].iterdir()) == ["epoch-0002", "epoch-0003"]  # the newest two
     assert read_state(trained["ckpt"] / "epoch-0003")["step"] == 21
 
 
@@ -422,6 +422,20 @@ def test_local_restore_skips_half_written_checkpoints(tmp_path):
         (tmp_path / "ckpt" / name).mkdir(parents=True)
     (tmp_path / "ckpt" / "epoch-0004.tmp").write_text("")
     assert hooks.restore() == tmp_path / "ckpt" / "epoch-0002"
+
+
+def test_local_checkpoints_keep_the_newest_two_and_never_the_half_written(tmp_path):
+    """As Ray Train's ``num_to_keep=2``: a 4-round digits-hard run kept 2.3 GB of checkpoints before."""
+    hooks = LocalHooks(tmp_path / "ckpt")
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "model.safetensors").write_text("weights")
+    for epoch in (9, 10, 11):
+        hooks.report({"epoch": epoch}, source)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch-0010", "epoch-0011"]
+    assert hooks.restore() == tmp_path / "ckpt" / "epoch-0011"
+    hooks.report({"epoch": 12}, None)  # a report without a checkpoint prunes nothing
+    assert len(list((tmp_path / "ckpt").iterdir())) == 2
 
 
 def test_resume_of_a_finished_run_trains_nothing(trained, digits_root):

@@ -92,12 +92,12 @@ class SelectConfig:
 
     def resolve(self, weak_teacher: bool) -> SelectConfig:
         """``auto`` made concrete for a run: for a weak teacher (round 0 pretrained: few labels per class) mode
-        ``share`` and ``align: labeled``, which stop the students copying its confusions (digits-hard, 3 seeds:
+        ``share`` and ``align: uniform``, which stop the students copying its confusions (digits-hard, 3 seeds:
         92.7 -> 95.7% test top-1, worst class 78 -> 87%); otherwise, or with a fixed ``per_class`` K (which
         ``share`` has no use for), the paper's ``balanced``, and no alignment."""
         share = weak_teacher and not self.per_class
         mode = ("share" if share else "balanced") if self.mode == "auto" else self.mode
-        align = ("labeled" if weak_teacher else "none") if self.align == "auto" else self.align
+        align = ("uniform" if weak_teacher else "none") if self.align == "auto" else self.align
         return dataclasses.replace(self, mode=mode, align=align)
 
     def check_resolved(self) -> None:
