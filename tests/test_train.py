@@ -438,6 +438,22 @@ def test_local_checkpoints_keep_the_newest_two_and_never_the_half_written(tmp_pa
     assert len(list((tmp_path / "ckpt").iterdir())) == 2
 
 
+def test_a_checkpoint_the_disk_cannot_take_is_one_line(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from stages.storage.files import StorageError
+
+    def full(src, dst, **kwargs):  # what shutil.copytree raises on a full disk: a list of (src, dst, why)
+        raise shutil.Error([(str(src), str(dst), "[Errno 28] No space left on device: 'model.safetensors'")])
+
+    monkeypatch.setattr(shutil, "copytree", full)
+    with pytest.raises(StorageError) as info:
+        LocalHooks(tmp_path / "ckpt").report({"epoch": 3}, tmp_path)
+    assert str(info.value) == f"cannot write {tmp_path / 'ckpt' / 'epoch-0003'}: No space left on device"
+    assert info.value.errno == errno.ENOSPC
+
+
 def test_resume_of_a_finished_run_trains_nothing(trained, digits_root):
     hooks = RecordingHooks(trained["ckpt"])
     result = train_model(_digits_plan(digits_root, trained["tmp"], epochs=3), hooks)

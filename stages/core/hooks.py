@@ -53,7 +53,12 @@ class LocalHooks:
         self.reports.append(metrics)
         if checkpoint_dir is not None:
             target = self.root / f"epoch-{metrics['epoch']:04d}"
-            shutil.copytree(checkpoint_dir, target.with_suffix(".tmp"), dirs_exist_ok=True)
+            try:
+                shutil.copytree(checkpoint_dir, target.with_suffix(".tmp"), dirs_exist_ok=True)
+            except OSError as exc:  # a full disk: one line naming the checkpoint, not shutil's list of tuples
+                from stages.storage.files import write_error
+
+                raise write_error(target, exc) from None
             target.with_suffix(".tmp").replace(target)
             for old in self._done()[: -self.keep]:  # only once the new one is complete
                 shutil.rmtree(old, ignore_errors=True)

@@ -173,8 +173,9 @@ def write_error(path: Location, exc: BaseException) -> StorageError:
     if isinstance(exc, StorageError):
         return exc
     code = getattr(exc, "errno", None)
-    if not code and (found := re.search(r"os error (\d+)", str(exc))):  # Rust writers (safetensors) say it in words
-        code = int(found.group(1))
+    # Rust writers (safetensors) say it in words, shutil.copytree in a list of "[Errno N] ..." strings
+    if not code and (found := re.search(r"os error (\d+)|\[Errno (\d+)\]", str(exc))):
+        code = int(found.group(1) or found.group(2))
     reason = os.strerror(code) if code else (str(exc).splitlines() or [type(exc).__name__])[0]
     error = StorageError(f"cannot write {path}: {reason}")
     error.errno = code  # kept for callers; the message stays the one line above
