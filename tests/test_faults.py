@@ -217,7 +217,6 @@ def test_two_workers_split_each_epoch_as_documented(ray_session, digits_root, tm
 def copy_finished_run(finished_run, storage: Path, rounds: int = 2):
     """The session's finished rounds 0-1 copied under ``storage`` (without Ray Train's checkpoints), with a config
     asking for ``rounds``: resuming it runs only the new student round(s), so the teacher is not trained again."""
-    import dataclasses
     import shutil
 
     cfg, run_dir, _ = finished_run
