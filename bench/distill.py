@@ -38,10 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import add_result_args, fit_in_process, model_top1, save_result, save_round_model  # noqa: E402
 
-from pipeline.choices import round_seeds  # noqa: E402
 from pipeline.cli import ensure_digits  # noqa: E402
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
-from pipeline.plan import plan_for  # noqa: E402
+from pipeline.plan import plan_for, select_config  # noqa: E402
 from stages.core.stage import InProcess  # noqa: E402
 from stages.data.compact import pseudo_sources  # noqa: E402
 from stages.data.shards import expand_shards, load_labeled  # noqa: E402
@@ -92,7 +91,7 @@ def teacher_round(cfg: PipelineConfig, labeled: list[str], count: int, unlabeled
         teacher.dir, sha, unlabeled, labels.pseudo_labels, cfg.pseudo_label, d.channels, resources, executor, False
     )
     sidecars = [labels.pseudo_label(s) for s in unlabeled]
-    select = dataclasses.replace(cfg.select, seed=round_seeds(cfg, 1)["select"])  # the round's, as the stage has it
+    select = select_config(cfg, 1, pretrained=False)  # the round's, as the stage has it (no pretraining here)
     summary = select_shards(sidecars, labels.selection, d.num_classes, select, f"{digest}-{sha[:16]}", executor)
     info = {"digest": digest, "teacher_top1": teacher_top1, "teacher_seconds": seconds}
     info["pseudo_count"] = int(summary["copies_out"])

@@ -25,7 +25,6 @@ import sys
 sys.path.append(sys.path.pop(0))  # this folder last: bench/select.py must not shadow the stdlib select module
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -42,9 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import fit_in_process, load_prepared, model_top1, save_round_model  # noqa: E402
 
-from pipeline.choices import round_seeds  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.plan import plan_for  # noqa: E402
+from pipeline.plan import plan_for, select_config  # noqa: E402
 from stages.data.compact import pseudo_sources, write_selection  # noqa: E402
 from stages.data.loader import PseudoSource  # noqa: E402
 from stages.data.shards import expand_shards, load_labeled  # noqa: E402
@@ -81,7 +79,7 @@ def pseudo_label(cfg: PipelineConfig, r: int, data: dict, work: Path) -> list[Pa
 
 def select(cfg: PipelineConfig, r: int, sidecars: list[Path], data: dict, work: Path) -> tuple[list[PseudoSource], int]:
     """The reference selection over all sidecars at once, written back as one selection file per shard."""
-    select_cfg = dataclasses.replace(cfg.select, seed=round_seeds(cfg, r)["select"])  # the round's, as the stage's
+    select_cfg = select_config(cfg, r, pretrained=False)  # the round's, as the stage's (this script never pretrains)
     table = pa.concat_tables([pq.read_table(s) for s in sidecars])
     keys = table.column("key").to_numpy(zero_copy_only=False)
     labels, confidence = table.column("label").to_numpy(), table.column("confidence").to_numpy()

@@ -193,10 +193,15 @@ def round_stages(cfg: PipelineConfig, r: int, data: RunData, run: RunLayout, par
     return [PseudoLabel(cfg.pseudo_label, label), select_stage(cfg, r, data.pretrain), train, evaluate]
 
 
+def select_config(cfg: PipelineConfig, r: int, pretrained: bool):
+    """Student round ``r``'s selection settings: ``auto`` resolved (a weak teacher, one whose round 0 pretrained,
+    gets class shares aligned to a uniform prior; ``SelectConfig.resolve``) and the round's own seed. What the stage
+    runs with, and what a reference selection outside the loop (benches, tests) must use too."""
+    return dataclasses.replace(cfg.select.resolve(pretrained), seed=round_seeds(cfg, r)["select"])
+
+
 def select_stage(cfg: PipelineConfig, r: int, pretrained: bool) -> Stage:
-    """Student round ``r``'s ``Select``: the round's seed, and ``auto`` resolved (a weak teacher, one whose round 0
-    pretrained, gets class shares aligned to a uniform prior; ``SelectConfig.resolve``)."""
+    """Student round ``r``'s ``Select`` (``select_config``)."""
     from stages.select import Select
 
-    select_cfg = dataclasses.replace(cfg.select.resolve(pretrained), seed=round_seeds(cfg, r)["select"])
-    return Select(select_cfg, temperature=cfg.pseudo_label.temperature, student_round=r)
+    return Select(select_config(cfg, r, pretrained), temperature=cfg.pseudo_label.temperature, student_round=r)

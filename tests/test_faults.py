@@ -229,7 +229,7 @@ def check_student_round(run_dir: Path, r: int, cfg, unlabeled_shards: list[str])
     the in-memory reference over those pseudo-labels, row for row and copy for copy, matching ``selection.json``."""
     import numpy as np
 
-    from pipeline.plan import select_stage
+    from pipeline.plan import select_config
     from stages.data.compact import SELECTION_FORMAT
     from stages.maths.selection import select_in_memory
     from stages.storage.artifacts import RoundManifest, read_footer, verify_entry
@@ -245,7 +245,7 @@ def check_student_round(run_dir: Path, r: int, cfg, unlabeled_shards: list[str])
     assert len(keys) == len(set(keys)) and sorted(keys) == sorted(expected), "pseudo-labels lost or duplicated"
     labels, confidence = pseudo.column("label").to_numpy(), pseudo.column("confidence").to_numpy()
     # the round's own selection seed (ties and which samples get a scarce class's extra copy), as the loop uses it
-    select_cfg = select_stage(cfg, r, pretrained=False).cfg  # auto resolved as the loop does (no pretraining here)
+    select_cfg = select_config(cfg, r, pretrained=False)  # auto resolved as the loop does (no pretraining here)
     reference = select_in_memory(keys, labels, confidence, cfg.data.num_classes, select_cfg)
     files = sorted((rdir / "selection").glob("*.parquet"))
     listed = {e["path"] for e in manifest.stage("select")["files"]}

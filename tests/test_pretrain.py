@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline.plan import round_stages
+from pipeline.plan import round_stages, select_config
 from pipeline.rounds import preflight, run_stage
 from stages.core.errors import ConfigError, DataError
 from stages.core.hooks import LocalHooks
@@ -184,6 +184,11 @@ def test_the_stage_writes_the_encoder_and_the_teacher_starts_from_it(tiny_config
     assert run.pretrain["on"] and run.pretrain["reason"] == "pretrain.enabled: on" and run.data.pretrain
     then = {"select_mode": "share", "select_align": "uniform", "students_from_encoder": True}
     assert run.pretrain["then"] == then  # what auto makes of a weak teacher, as run.json records it
+    stage = [s for s in round_stages(cfg, 1, run.data, RunLayout(tmp_path / "x"), run.params[1]) if s.name == "select"]
+    assert stage[0].cfg == select_config(cfg, 1, True) and (stage[0].cfg.mode, stage[0].cfg.align) == (
+        "share",
+        "uniform",
+    )
     run.layout = RunLayout(tmp_path / "runs" / "pt")
     stages = round_stages(cfg, 0, run.data, run.layout, run.params[0])
     assert [s.name for s in stages] == ["pretrain", "train", "evaluate"]
