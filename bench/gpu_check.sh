@@ -10,6 +10,8 @@
 #   e2e           bench/e2e.py --gpu: a one-round digits run with use_gpu and a label actor on the GPU, against the
 #                 plain script (the round's files record the device);
 #   pl_gpudecode  bench/pseudo_label.py --gpu --decode gpu at 224 px, resnet50: one actor decoding with nvJPEG;
+#   pl_tasks      the same actor fed by CPU decode tasks of DECODE_CPUS each on the node's other cores (Ray Data's
+#                 decode stage, label_decode: tasks);
 #   pl_1actor     the same with the actor's CPU decode threads, against the hand loop with as many decode workers;
 #   train_student bench/train.py --gpu --student;
 #   pl_4actors    four actors sharing the GPU.
@@ -19,14 +21,15 @@
 # Where the machine has no package registry, wheels carried in .devwhl/ are installed first (Ray, WebDataset,
 # timm and what they need beyond the machine's own torch).
 #   BUDGET=390 bash bench/gpu_check.sh
-#   GPU= SIZE=32 MODEL=resnet10t IMAGES=1000 BATCH=32 STEPS=4 WORKERS=1 CPUS=1 BARE_IMAGES=32 BARE_S=1 \
-#     bash bench/gpu_check.sh                                                                     # dry run, CPU
+#   GPU= SIZE=32 MODEL=resnet10t IMAGES=1000 BATCH=32 STEPS=4 WORKERS=1 CPUS=1 DECODE_CPUS=1 BARE_IMAGES=32 \
+#     BARE_S=1 bash bench/gpu_check.sh                                                                     # dry run, CPU
 set -uo pipefail
 OUT=${OUT:-gpu-check}
 IMAGES=${IMAGES:-10000}
 GPU=${GPU---gpu}          # GPU= (empty) dry-runs the script on a CPU machine
 BUDGET=${BUDGET:-390}     # seconds for the whole script (a lent machine gives 15 min in all, starts included)
 CPUS=${CPUS:-3}           # CPUs per label actor (its decode threads run on them)
+DECODE_CPUS=${DECODE_CPUS:-2}  # CPUs per decode task of the pl_tasks step
 SIZE=${SIZE:-224}         # image and model input size of the pseudo-label and training benches
 MODEL=${MODEL:-resnet50}
 BATCH=${BATCH:-256}       # training images per step
@@ -81,6 +84,8 @@ step e2e 150 $PY bench/e2e.py $GPU "${BENCH[@]}"
 if [ -n "$GPU" ]; then
   step pl_gpudecode 70 $PY bench/pseudo_label.py $GPU "${PL[@]}" --actors 1 --decode gpu --skip-loop "${BENCH[@]}"
 fi
+step pl_tasks 70 $PY bench/pseudo_label.py $GPU "${PL[@]}" --actors 1 --decode tasks --decode-cpus "$DECODE_CPUS" \
+  --skip-loop "${BENCH[@]}"
 step pl_1actor 90 $PY bench/pseudo_label.py $GPU "${PL[@]}" --actors 1 --variants "$VARIANTS" "${BENCH[@]}"
 step train_student 110 $PY bench/train.py $GPU --student "${TRAIN[@]}" "${BENCH[@]}"
 step pl_4actors 60 $PY bench/pseudo_label.py $GPU "${PL[@]}" --actors 4 --skip-loop "${BENCH[@]}"

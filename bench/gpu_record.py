@@ -95,8 +95,8 @@ def record(folder: Path, results: Path) -> Path:
 def _step_of(result: dict) -> str:
     """The gpu_check.sh step that writes a result like this one."""
     if result["bench"] == "pseudo_label":
-        if result.get("decode") == "gpu":
-            return "pl_gpudecode"
+        if step := {"gpu": "pl_gpudecode", "tasks": "pl_tasks"}.get(result.get("decode")):
+            return step
         return "pl_4actors" if result.get("actors", 1) > 1 else "pl_1actor"
     return {"gpu_bare": "bare"}.get(result["bench"], result["bench"])
 

@@ -10,10 +10,11 @@ batch size (256) and decoding (the stage's own functions):
 
 - ``stage``: ``stages.pseudo_label.label_shards`` on the Ray executor (``RayExecutor``: a Ray Data actor pool on a
   running local Ray, set here whatever ``choose_executor`` would pick for the data's size), writing its sidecars
-  (actor start-up included, ``ray.init`` not). It holds ``actors x cpus_per_actor`` CPUs: ``stage_cpus``. Its CPU
-  decoding backend is ``--cpu-decoder`` (``stages/data/decoders.py``), by default ``pil``: what the loops decode
-  with (``decode_image`` and the card's transform), so that the ratio compares the stage's orchestration with the
-  loops', not two decoders (``bench/decode.py`` compares those); ``stage_decoders`` is what ran.
+  (actor start-up included, ``ray.init`` not). It holds ``actors x cpus_per_actor`` CPUs: ``stage_cpus``; with
+  ``--decode tasks``, CPU decode tasks of ``--decode-cpus`` each feed the actors, and ``stage_cpus`` is the
+  machine's. Its CPU decoding backend is ``--cpu-decoder`` (``stages/data/decoders.py``), by default ``pil``:
+  what the loops decode with (``decode_image`` and the card's transform), so that the ratio compares the stage's
+  orchestration with the loops', not two decoders (``bench/decode.py`` compares those); ``stage_decoders`` is what ran.
 - the loops (``bench/label_loops.py``), each given ``stage_cpus`` CPUs: ``serial`` (one process, decode in series
   with the forward pass), ``loader`` (``wds.WebLoader`` with decode workers, ``--loader WxT``: W workers feeding a
   forward of T torch threads; default ``stage_cpus`` x ``stage_cpus``; ``loop_workers`` in the JSON), and ``procs``
@@ -125,6 +126,7 @@ def run_stage(args, teacher: Path, shards: list[str], out: Path) -> tuple[dict, 
         threads=args.actor_threads,
         decode=args.decode,
         cpu_decoder=args.cpu_decoder,
+        decode_cpus=args.decode_cpus,
     )
     assert resources.actor_count(ray.cluster_resources()) == stage_actors(args)
     sha, cfg = model_sha(ModelFiles(teacher)), PseudoLabelConfig(batch_size=BATCH)
@@ -138,10 +140,20 @@ def run_stage(args, teacher: Path, shards: list[str], out: Path) -> tuple[dict, 
 
 
 def stage_actors(args) -> int:
-    """The stage's actor count, as ``LabelResources.actor_count`` gives it on this machine's local Ray."""
+    """The stage's actor count, as ``LabelResources.actor_count`` gives it on this machine's local Ray (decode tasks
+    on CPUs alone: one task's CPUs left to them)."""
     if args.actors:
         return args.actors
-    return 1 if args.gpu else max(1, int((os.cpu_count() or 1) // args.cpus_per_actor))
+    reserved = args.decode_cpus if args.decode == "tasks" else 0.0
+    return 1 if args.gpu else max(1, int(((os.cpu_count() or 1) - reserved) // args.cpus_per_actor))
+
+
+def held_cpus(args) -> int:
+    """The CPUs the stage holds, which every loop is given too: its actors', or with decode tasks the machine's
+    (the tasks take what the actors leave)."""
+    if args.decode == "tasks":
+        return os.cpu_count() or 1
+    return math.ceil(stage_actors(args) * args.cpus_per_actor)
 
 
 def parse_args() -> argparse.Namespace:
@@ -156,7 +168,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--actor-threads", type=int, default=0, help="torch threads per actor (0 = one per CPU held)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each label actor holds")
     parser.add_argument("--gpu", action="store_true", help="every variant on the GPU; the stage's actors share it")
-    parser.add_argument("--decode", choices=("cpu", "gpu"), default="cpu", help="the stage's decoder (gpu: nvJPEG)")
+    parser.add_argument(
+        "--decode",
+        choices=("cpu", "gpu", "tasks"),
+        default="cpu",
+        help="where the stage decodes: cpu (actor threads), gpu (nvJPEG on the actor's GPU), tasks (CPU decode tasks)",
+    )
+    parser.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs per decode task (--decode tasks)")
     parser.add_argument("--cpu-decoder", default="pil", help="the stage's CPU decoding backend (default: the loops')")
     parser.add_argument("--shards", type=Path, help="keep the generated shards here and reuse them next time")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"loops to time, of {', '.join(VARIANTS)}")
@@ -171,7 +189,7 @@ def main() -> None:
     accel = Accel(args.gpu)
     torch.set_num_threads(args.threads)
     input_size = args.input_size or args.image_size
-    stage_cpus = math.ceil(stage_actors(args) * args.cpus_per_actor)
+    cpus = held_cpus(args)
     with tempfile.TemporaryDirectory(prefix="bench-pl-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -184,7 +202,7 @@ def main() -> None:
         bare = bench_bare(bare_model, min(args.images, 50_000 if args.gpu else 5_000), input_size, accel)
         del bare_model
         print(f"bare  {bare:8.0f} img/s on {accel.describe()}", flush=True)
-        loops = {} if args.skip_loop else run_loops(args, root / "teacher", shards, stage_cpus, accel, root)
+        loops = {} if args.skip_loop else run_loops(args, root / "teacher", shards, cpus, accel, root)
         summary, seconds, rss, resources = run_stage(args, root / "teacher", shards, root / "out")
     stage, startup = args.images / seconds, summary["startup_seconds"]
     print(f"stage {stage:8.0f} img/s ({seconds:.1f} s, of which {startup:.1f} s actor start-up)", flush=True)
@@ -193,7 +211,7 @@ def main() -> None:
     result = {
         "bench": "pseudo_label",
         "setting": f"{'gpu' if args.gpu else 'cpu'} {args.model} {args.image_size}px {args.encode}"
-        + (" gpu-decode" if args.decode == "gpu" else "")
+        + {"cpu": "", "gpu": " gpu-decode", "tasks": " decode-tasks"}[args.decode]
         + (f" {args.cpu_decoder}" if args.cpu_decoder != "pil" else ""),
         "images": args.images,
         "image_size": args.image_size,
@@ -208,7 +226,7 @@ def main() -> None:
         # the decode workers (loader) or processes (procs) each parallel loop was given: stage_cpus by default
         "loop_workers": min((v["workers"] for k, v in loops.items() if k != "serial"), default=None),
         "loop_best_workers": loops[best]["workers"] if best else None,
-        "stage_cpus": stage_cpus,
+        "stage_cpus": cpus,
         "bare_images_per_s": round(bare, 1),
         "ratio_bare": round(stage / bare, 3),
         "stage_seconds": round(seconds, 1),
@@ -221,6 +239,7 @@ def main() -> None:
         "actor_threads": resources.torch_threads(),
         "cpus_per_actor": args.cpus_per_actor,
         "decode": args.decode,
+        "decode_cpus": args.decode_cpus if args.decode == "tasks" else None,
         "stage_decode": summary["decode"],  # shards per decoder that actually ran (gpu asked of a CPU actor: cpu)
         "cpu_decoder": args.cpu_decoder,
         "stage_decoders": summary.get("decoders"),  # shards per CPU decoding backend that ran (after fallbacks)

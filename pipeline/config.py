@@ -144,8 +144,11 @@ class ResourcesConfig:
     ``label_actors: 0`` starts one pseudo-label actor per ``gpus_per_label_actor`` GPUs of the cluster, or on a
     CPU-only cluster one per ``cpus_per_label_actor`` CPUs, and lets the pool grow with the cluster up to
     ``label_max_actors`` (0 = one per shard); ``label_threads: 0`` gives each actor one torch thread and one decode
-    thread per CPU it holds; ``label_decode: gpu`` decodes JPEGs on the actors' GPUs (needs
-    ``gpus_per_label_actor``). ``torch_threads`` is for the training workers (0 = Ray's default, one per CPU held).
+    thread per CPU it holds; ``label_decode`` is where the images are decoded: ``cpu`` in each actor's threads,
+    ``gpu`` on the actors' GPUs (needs ``gpus_per_label_actor``), ``tasks`` by Ray Data CPU tasks of
+    ``label_decode_cpus`` each, on any node, feeding the actors model-sized uint8 batches (Ray's pattern for GPU
+    nodes with few CPUs per GPU; on the in-process executor the two take turns). ``torch_threads`` is for the
+    training workers (0 = Ray's default, one per CPU held).
     ``executor``: where the run's work runs: ``ray`` (Ray tasks, actor pools, Ray Train), ``local`` (this process),
     or ``auto``: this process for a small local run (under 64 MB of shards, no cluster, no GPU), Ray otherwise
     (``pipeline/distributed/executor.choose_executor``).
@@ -161,7 +164,8 @@ class ResourcesConfig:
     cpus_per_label_actor: Annotated[StrictFloat, Field(gt=0)] = 1.0
     gpus_per_label_actor: Annotated[StrictFloat, Field(ge=0)] = 0.0
     label_threads: NonNegative = 0
-    label_decode: Annotated[Literal["cpu", "gpu"], LATE] = "cpu"
+    label_decode: Annotated[Literal["cpu", "gpu", "tasks"], LATE] = "cpu"
+    label_decode_cpus: Annotated[StrictFloat, Field(gt=0), LATE] = 1.0
     label_max_actors: Annotated[NonNegative, LATE] = 0
     torch_threads: NonNegative = 0
     executor: Annotated[Literal["auto", "local", "ray"], LATE] = "auto"
@@ -189,6 +193,7 @@ class ResourcesConfig:
             self.label_decode,
             self.label_max_actors,
             self.cpu_decoder,
+            self.label_decode_cpus,
         )
 
 

@@ -19,10 +19,15 @@ executor (``stages.core.stage``) runs it in this process or as a Ray Data actor 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
+import pickle
 import time
+import traceback
+from collections.abc import Iterator
 from typing import Annotated, ClassVar
 
 import numpy as np
@@ -35,11 +40,10 @@ from stages.core.config import config
 from stages.core.errors import DataError
 from stages.core.stage import LabelResources, StageContext, StageOutput
 from stages.data.decode import Decoder, Prepare, prefetch, raw_batches
-from stages.data.decoders import DEFAULT as DEFAULT_DECODER
 from stages.models.device import autocast, place_batch, place_model
-from stages.models.factory import load_model, model_sha
+from stages.models.factory import ModelFiles, load_model, model_sha
 from stages.storage.artifacts import Footer, inputs_digest, read_footer, trusted_table, write_table
-from stages.storage.files import Location, join, makedirs, stamp
+from stages.storage.files import Location, join, makedirs, read_text, stamp
 from stages.storage.layout import sidecar_file
 
 log = logging.getLogger(__name__)
@@ -125,8 +129,8 @@ class ShardLabeler:
         self.model = place_model(model, self.device)
         on_gpu = decode == "gpu" and self.device.type == "cuda"
         self.decode = "gpu" if on_gpu else "cpu"  # recorded per shard: a GPU decode asked for on a CPU actor is not
-        backend = DEFAULT_DECODER if cpu_decoder == "auto" else cpu_decoder
-        self.decoder = Decoder(card, channels, decode_threads or threads or 1, self.device if on_gpu else None, backend)
+        gpu = self.device if on_gpu else None
+        self.decoder = Decoder(card, channels, decode_threads or threads or 1, gpu, cpu_decoder)
         self.out_dir, self.cfg, self.channels = join(out_dir), cfg, channels  # a folder or a URL, from any node
 
     def process(self, shard: str, made_by: str) -> dict:
@@ -191,6 +195,154 @@ class ShardLabeler:
         return logits.float().cpu()
 
 
+# ---------------------------------------------------------------- decoding as its own part: tasks feed the actors
+#
+# With ``resources.label_decode: tasks`` a shard is decoded by ``decode_for_labels`` (on the Ray executor: a CPU
+# task on any node) into model-sized uint8 batches, labeled by ``PixelLabeler`` actors (a GPU each on a cluster)
+# and put back together per shard by ``ShardAssembler`` in the driver, which writes the sidecar once the shard's
+# every image is in. Rows carry their shard and key, and each shard's stream ends with one marker row (``rows``:
+# its count of usable images, ``bad``, ``decoder``, or the ``error`` that stopped it), so the assembly needs no
+# order: a decode task or a label actor retried after its death may deliver rows twice, and each key counts once.
+
+DECODE_PROCESS_BYTES = 640 << 20
+IMAGE_ROW = -1  # ``rows`` of an image row; a shard's marker row holds its count of usable images there
+
+
+def decode_for_labels(
+    shard: str, card: dict, channels: int, backend: str, threads: int, batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """One shard as batches of model-sized uint8 pixels (``key``, ``shard``, ``index``: the sample's place in the
+    shard, ``image`` NHWC, ``truth``, ``rows``, ``bad``, ``decoder``, ``error``), then its marker row. It never
+    raises: an unreadable shard is the marker's ``error`` (the pickled exception, re-raised by the driver as
+    itself)."""
+    decoder = Decoder(card, channels, threads, None, backend)
+    size, bad, rows, seen = card["input_size"][-1], [], 0, 0
+    try:
+        for raw in raw_batches(shard, batch_size):
+            place = {sample["__key__"]: seen + i for i, sample in enumerate(raw)}
+            seen += len(raw)
+            keys, images, truth = decoder.pixels(shard, raw, bad)
+            if keys:
+                rows += len(keys)
+                yield _decoded(shard, keys, [place[k] for k in keys], images, truth, [IMAGE_ROW] * len(keys))
+        error = b""
+    except Exception as exc:  # noqa: BLE001 - handed to the driver whole, with where it happened
+        exc.add_note(f"decoding {shard} for labeling:\n" + "".join(traceback.format_exception(exc)))
+        error = pickle.dumps(exc)
+    empty = np.zeros((1, size, size, channels), np.uint8)
+    yield _decoded(shard, [""], [seen], empty, [-1], [rows], json.dumps(bad), decoder.name, error)
+
+
+def _decoded(
+    shard: str, keys, index, images, truth, rows, bad: str = "", decoder: str = "", error: bytes = b""
+) -> dict[str, np.ndarray]:
+    n = len(keys)
+    return {
+        "key": np.array(keys, dtype=object),
+        "shard": np.array([shard] * n, dtype=object),
+        "index": np.asarray(index, dtype=np.int64),
+        "image": images,
+        "truth": np.asarray(truth, dtype=np.int32),
+        "rows": np.asarray(rows, dtype=np.int64),
+        "bad": np.array([bad] * n, dtype=object),
+        "decoder": np.array([decoder] * n, dtype=object),
+        "error": np.array([error] * n, dtype=object),
+    }
+
+
+class PixelLabeler:
+    """A label actor of the decode-task path: the teacher loaded once, logits for batches of decoded pixels
+    (normalised on its device). Marker rows pass through with zero logits."""
+
+    def __init__(self, model_dir: str, threads: int = 0, decode_threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, card = load_model(model_dir, self.device)
+        self.model = place_model(model, self.device)
+        self.decoder = Decoder(card, card["input_size"][0], 1)  # its normalisation only
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch.pop("image")
+        is_image = np.asarray(batch["rows"]) == IMAGE_ROW
+        logits = torch.zeros(len(images), self.model.num_classes)
+        if is_image.any():
+            pixels = torch.from_numpy(np.ascontiguousarray(images[is_image])).to(self.device, non_blocking=True)
+            logits[torch.from_numpy(is_image)] = self._infer(pixels)
+        return batch | {"logits": logits.numpy(), "device": np.array([self.device.type] * len(images), dtype=object)}
+
+    @torch.inference_mode()
+    def _infer(self, pixels: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device):
+            logits = self.model(place_batch(self.decoder.normalize(pixels), self.device))
+        return logits.float().cpu()
+
+
+class ShardAssembler:
+    """The driver's half of the decode-task path: gathers labeled rows per shard (each key once, whatever a retry
+    delivered twice) and writes a shard's sidecar when its marker and all the images it counts are in."""
+
+    def __init__(self, out_dir: Location, cfg: PseudoLabelConfig, made: dict[str, str], num_classes: int):
+        self.out, self.cfg, self.made, self.num_classes = join(out_dir), cfg, made, num_classes
+        self.rows: dict[str, dict[str, tuple[int, np.ndarray, int]]] = {}  # shard -> key -> (index, logits, truth)
+        self.markers: dict[str, dict] = {}
+        self.devices: dict[str, str] = {}
+        self.first_seen: dict[str, float] = {}  # when a shard's first row reached the driver
+        self.written: set[str] = set()
+
+    def add(self, batch: dict[str, np.ndarray]) -> list[dict]:
+        """Takes one batch of labeled rows; returns the result of each shard this batch completed (as
+        ``ShardLabeler.process`` returns it)."""
+        touched = set()
+        for i, shard in enumerate(batch["shard"]):
+            if shard in self.written:
+                continue  # a retry's late duplicate of a shard already written
+            touched.add(shard)
+            self.first_seen.setdefault(shard, time.perf_counter())
+            if batch["rows"][i] == IMAGE_ROW:
+                row = (int(batch["index"][i]), batch["logits"][i], int(batch["truth"][i]))
+                self.rows.setdefault(shard, {})[batch["key"][i]] = row
+                self.devices[shard] = batch["device"][i]
+            else:
+                if batch["error"][i]:
+                    raise pickle.loads(batch["error"][i])
+                self.markers[shard] = {
+                    "rows": int(batch["rows"][i]),
+                    "bad": json.loads(batch["bad"][i]),
+                    "decoder": batch["decoder"][i],
+                }
+        return [self._write(shard) for shard in sorted(touched) if self._complete(shard)]
+
+    def pending(self) -> list[str]:
+        """Shards begun but not written: none once the stream has ended, unless rows were lost."""
+        return sorted((set(self.rows) | set(self.markers)) - self.written)
+
+    def _complete(self, shard: str) -> bool:
+        marker = self.markers.get(shard)
+        return marker is not None and len(self.rows.get(shard, {})) == marker["rows"]
+
+    def _write(self, shard: str) -> dict:
+        """Writes the sidecar; ``seconds`` runs from the shard's first row in (so the stage's start-up, the time
+        before the first shard's rows came, is counted as it is for the actor path)."""
+        marker, rows = self.markers.pop(shard), self.rows.pop(shard, {})
+        keys = sorted(rows, key=lambda k: rows[k][0])  # the shard's own order, as the actor path writes it
+        logits = torch.from_numpy(np.stack([rows[k][1] for k in keys])) if keys else torch.zeros(0, self.num_classes)
+        table = build_table(shard, keys, logits, [rows[k][2] for k in keys], self.cfg.topk, self.cfg.temperature)
+        meta = {"bad": json.dumps(marker["bad"]), **truth_counts(table)}
+        write_table(table, join(self.out, sidecar_file(shard)), format=SIDECAR_FORMAT, made_by=self.made[shard], **meta)
+        self.written.add(shard)
+        device = self.devices.pop(shard, "cpu")
+        return {
+            "rows": len(keys),
+            "bad": marker["bad"],
+            "seconds": time.perf_counter() - self.first_seen.pop(shard),
+            "shard": shard,
+            "device": device,
+            "decode": "tasks",
+            "decoder": marker["decoder"],
+        }
+
+
 def made_by(model_sha: str, cfg: PseudoLabelConfig, channels: int, shard: str) -> str:
     """What decides one shard's sidecar: the teacher's weights, the labeling settings, the shard as it is now."""
     settings = {"temperature": cfg.temperature, "topk": cfg.topk, "channels": channels}
@@ -251,17 +403,8 @@ def label_shards(
     decoders: dict[str, int] = {}  # shards per CPU decoding backend (stages/data/decoders.py)
     startup = None  # seconds until the first worker began labeling: process start, imports, model load
     if todo:
-        kwargs = {
-            "model_dir": str(model_dir),
-            "out_dir": str(out),
-            "cfg": cfg,
-            "channels": channels,
-            "decode": resources.decode,
-            "cpu_decoder": resources.cpu_decoder,
-        }
-        items = [{"shard": s, "made_by": made[s]} for s in todo]
         bar = tqdm(total=len(todo), unit="shard", desc="pseudo-label", disable=not progress, dynamic_ncols=True)
-        with bar, executor.pool(ShardLabeler, kwargs, items, resources) as results:
+        with bar, _labeled(model_dir, out, todo, made, cfg, channels, resources, executor) as results:
             for row in results:
                 rows_new, done = rows_new + int(row["rows"]), done + 1
                 devices[row["device"]] = devices.get(row["device"], 0) + 1
@@ -289,6 +432,45 @@ def label_shards(
         "decoders": decoders,
         "ran_as": executor.kind,
     }
+
+
+@contextlib.contextmanager
+def _labeled(
+    model_dir: Location,
+    out: Location,
+    todo: list[str],
+    made: dict[str, str],
+    cfg: PseudoLabelConfig,
+    channels: int,
+    resources: LabelResources,
+    executor,
+) -> Iterator[Iterator[dict]]:
+    """Each shard of ``todo`` labeled and its sidecar written, one result per shard as it is done: decoded by the
+    label actors themselves (``ShardLabeler``), or by decode tasks ahead of them (``label_decode: tasks``)."""
+    if resources.decode != "tasks":
+        kwargs = {
+            "model_dir": str(model_dir),
+            "out_dir": str(out),
+            "cfg": cfg,
+            "channels": channels,
+            "decode": resources.decode,
+            "cpu_decoder": resources.cpu_decoder,
+        }
+        with executor.pool(ShardLabeler, kwargs, [{"shard": s, "made_by": made[s]} for s in todo], resources) as rows:
+            yield rows
+        return
+    card = json.loads(read_text(ModelFiles(model_dir).card))
+    decode = {"card": card, "channels": channels, "backend": resources.cpu_decoder, "batch_size": cfg.batch_size}
+    assembler = ShardAssembler(out, cfg, made, card["num_classes"])
+    items = [{"shard": s} | decode for s in todo]
+    labeler = {"model_dir": str(model_dir)}
+    # A decode task's process (torch and the decoders imported: Ray Data's issue detector saw 483 MiB here and asks
+    # for 1.25x that) and two batches of pixels, one being made, one being handed on: what the scheduler reserves.
+    held = DECODE_PROCESS_BYTES + 2 * cfg.batch_size * math.prod(card["input_size"])
+    with executor.stream(decode_for_labels, items, PixelLabeler, labeler, resources, cfg.batch_size, held) as batches:
+        yield (row for batch in batches for row in assembler.add(batch))
+    if lost := assembler.pending():
+        raise RuntimeError(f"pseudo-label: rows lost for {len(lost)} shard(s), e.g. {lost[0]}")
 
 
 def summarize_labels(footers: list[Footer], max_bad_fraction: float) -> dict:

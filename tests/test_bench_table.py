@@ -367,3 +367,19 @@ def test_the_bare_ceilings_bench_runs_each_decoder_path_on_the_cpu():
     assert bare.bare_forward("resnet10t", 32, 2, torch.device("cpu"), 0.0) > 0
     backend, rate = bare.cpu_decoder(jpegs, 32, 2, 0.0)
     assert backend and rate > 0
+
+
+@pytest.mark.parametrize(
+    ("result", "step"),
+    [
+        ({"decode": "gpu", "actors": 1}, "pl_gpudecode"),
+        ({"decode": "tasks", "actors": 1}, "pl_tasks"),
+        ({"decode": "cpu", "actors": 1}, "pl_1actor"),
+        ({"decode": "cpu", "actors": 4}, "pl_4actors"),
+    ],
+)
+def test_each_pseudo_label_result_is_filed_under_the_gpu_check_step_that_wrote_it(result, step):
+    spec = importlib.util.spec_from_file_location("gpu_record", ROOT / "bench" / "gpu_record.py")
+    gpu_record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_record)
+    assert gpu_record._step_of({"bench": "pseudo_label", **result}) == step

@@ -402,3 +402,10 @@ def test_gpu_decoding_needs_label_actors_on_gpus(tree):
     assert cfg.identity()["resources"]["label_decode"] == "gpu"
     default = load_config(None, [], base=tree).identity()["resources"]
     assert "label_decode" not in default and "label_max_actors" not in default
+
+
+def test_decode_tasks_take_their_cpus_from_the_config(tree):
+    cfg = load_config(None, ["resources.label_decode=tasks", "resources.label_decode_cpus=2"], base=tree)
+    assert (cfg.resources.label().decode, cfg.resources.label().decode_cpus) == ("tasks", 2.0)
+    assert "resources.label_decode_cpus" in _refused(tree, "resources.label_decode_cpus=0")
+    assert "label_decode_cpus" not in load_config(None, [], base=tree).identity()["resources"]

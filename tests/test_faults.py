@@ -59,14 +59,11 @@ class Killer(threading.Thread):
             time.sleep(0.02)
 
 
-def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, digits_root, tmp_path):
-    from pipeline.distributed.executor import RayExecutor
-    from stages.core.stage import LabelResources
+def labeling_to_kill(digits_root: Path, tmp_path: Path) -> tuple[list[dict], list[str]]:
+    """24 shards of 250 (the digits unlabeled images, repeated under new keys: long enough to kill mid-stage) and a
+    resnet18 teacher in ``tmp_path/teacher``."""
     from stages.models.factory import ModelSpec, create_model, model_card, save_model
-    from stages.pseudo_label import PseudoLabelConfig, label_shards
-    from stages.storage.layout import sidecar_file
 
-    # 24 shards of 250 (the digits unlabeled images, repeated under new keys): long enough to kill mid-stage.
     base = [s for p in sorted((digits_root / "unlabeled").glob("*.tar")) for s in iter_raw_samples(str(p))]
     samples = [{"__key__": f"r{i:05d}", "png": base[i % len(base)]["png"]} for i in range(6000)]
     shards = write_shards(samples, tmp_path / "shards", "unlabeled", 24)
@@ -74,6 +71,28 @@ def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, dig
     save_model(
         create_model(spec, 10, 1, noised=False), tmp_path / "teacher", model_card(spec, 10, 1, 32, (0.5,), (0.5,))
     )
+    return samples, shards
+
+
+def assert_each_key_once(out: Path, shards: list[str], samples: list[dict], summary: dict) -> None:
+    """Every shard's sidecar holds its keys once each, in the shard's order; the stage counted each row once."""
+    from stages.storage.layout import sidecar_file
+
+    keys: list[str] = []
+    for shard in shards:
+        table = pq.read_table(out / sidecar_file(shard))
+        assert table.column("key").to_pylist() == [s["__key__"] for s in iter_raw_samples(shard)]
+        keys += table.column("key").to_pylist()
+    print(f"observed: {summary['rows']} rows in {len(shards)} sidecars, {len(set(keys))} distinct keys")
+    assert summary["rows"] == len(keys) == len(set(keys)) == len(samples)
+
+
+def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, digits_root, tmp_path):
+    from pipeline.distributed.executor import RayExecutor
+    from stages.core.stage import LabelResources
+    from stages.pseudo_label import PseudoLabelConfig, label_shards
+
+    samples, shards = labeling_to_kill(digits_root, tmp_path)
     out = tmp_path / "pseudo_labels"
     killer = Killer(lambda: len(list(out.glob("*.parquet"))) >= 2, "MapWorker")
     killer.probe = lambda: len(list(out.glob("*.parquet")))
@@ -93,14 +112,43 @@ def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, dig
     print(f"\ninjected: SIGKILL of the labeling actor {killer.killed} with {killer.at_kill}/24 sidecars written")
     assert killer.killed, "the actor was never found to kill"
     assert killer.at_kill < 24, "the stage had finished before the kill: nothing was tested"
-    keys: list[str] = []
-    for shard in shards:
-        table = pq.read_table(out / sidecar_file(shard))
-        assert table.column("key").to_pylist() == [s["__key__"] for s in iter_raw_samples(shard)]
-        keys += table.column("key").to_pylist()
-    print(f"observed: {summary['rows']} rows in {len(shards)} sidecars, {len(set(keys))} distinct keys")
-    assert summary["rows"] == len(keys) == len(set(keys)) == len(samples)
+    assert_each_key_once(out, shards, samples, summary)
     assert summary["devices"] == {"cpu": 24}  # one result row per shard: a killed actor's shard counts once
+
+
+def test_killed_decode_task_and_label_actor_lose_and_duplicate_nothing(ray_session, digits_root, tmp_path):
+    """``label_decode: tasks``: a decode task is SIGKILLed, then the label actor it feeds; Ray retries the task and
+    restarts the actor, rows may come twice, and every shard's sidecar still holds each of its keys once, in order."""
+    from pipeline.distributed.executor import RayExecutor
+    from stages.core.stage import LabelResources
+    from stages.pseudo_label import PseudoLabelConfig, label_shards
+
+    samples, shards = labeling_to_kill(digits_root, tmp_path)
+    out = tmp_path / "pseudo_labels"
+    written = lambda: len(list(out.glob("*.parquet")))  # noqa: E731
+    decode_killer = Killer(lambda: written() >= 2, "_decode_task")
+    actor_killer = Killer(lambda: written() >= 8, "MapWorker")
+    for killer in (decode_killer, actor_killer):
+        killer.probe = written
+        killer.start()
+    summary = label_shards(
+        tmp_path / "teacher",
+        "sha",
+        shards,
+        out,
+        PseudoLabelConfig(batch_size=128),
+        1,
+        LabelResources(threads=1, decode="tasks"),
+        RayExecutor(False),
+        progress=False,
+    )
+    for killer in (decode_killer, actor_killer):
+        killer.join(timeout=1)
+        print(f"\ninjected: SIGKILL of {killer.marker} {killer.killed} with {killer.at_kill}/24 sidecars written")
+        assert killer.killed, f"no {killer.marker} process was found to kill"
+        assert killer.at_kill < 24, "the stage had finished before the kill: nothing was tested"
+    assert_each_key_once(out, shards, samples, summary)
+    assert summary["decode"] == {"tasks": 24} and summary["devices"] == {"cpu": 24}
 
 
 def digits_train_plan(digits_root: Path, tmp_path: Path, epochs: int):

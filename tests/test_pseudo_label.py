@@ -506,6 +506,16 @@ def test_a_gpu_decode_asked_of_a_cpu_actor_falls_back_and_says_so(teacher_dir, d
         (dict(), {"CPU": 16.0}, 3, {"min_size": 1, "max_size": 3, "initial_size": 3}),
         (dict(actors=4), {"CPU": 16.0}, 3, {"size": 3}),
         (dict(actors=4), {"CPU": 16.0}, 30, {"size": 4}),
+        # decode tasks on CPUs: the actors leave one task's CPUs free and do not grow into them
+        (dict(decode="tasks"), {"CPU": 2.0}, 10, {"min_size": 1, "max_size": 1, "initial_size": 1}),
+        (dict(decode="tasks", decode_cpus=2.0), {"CPU": 8.0}, 10, {"min_size": 1, "max_size": 6, "initial_size": 6}),
+        # ... on GPUs the actors are counted by GPU, as without them
+        (
+            dict(decode="tasks", gpus_per_actor=1.0),
+            {"CPU": 16.0, "GPU": 2.0},
+            10,
+            {"min_size": 1, "max_size": 10, "initial_size": 2},
+        ),
     ],
 )
 def test_the_label_pool_follows_the_autoscaler(resources, cluster, shards, pool):
@@ -581,3 +591,135 @@ def test_the_floor_reads_the_teachers_own_confidence_whatever_the_temperature(te
         SelectConfig(floor=0.3, mode="none"),
     )
     assert copies.tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------- decode tasks ahead of the label actors
+
+
+def _assert_same_sidecars(got: Path, want: Path, shards: list[str]) -> None:
+    """The same rows in the same order and footers; confidence and soft labels to rounding (the model ran on
+    batches cut differently)."""
+    for shard in shards:
+        a, b = pq.read_table(sidecar_path(got, shard)).to_pydict(), pq.read_table(sidecar_path(want, shard)).to_pydict()
+        np.testing.assert_allclose(a.pop("confidence"), b.pop("confidence"), rtol=1e-5)
+        for column in ("probs", "topk_prob"):  # float16: a float32 difference can round either way
+            if column in a:
+                np.testing.assert_allclose(np.array(a.pop(column)), np.array(b.pop(column)), atol=1e-3)
+        assert a == b and sidecar_info(sidecar_path(got, shard)) == sidecar_info(sidecar_path(want, shard))
+
+
+def _bad_shard(digits_root: Path, tmp_path: Path) -> str:
+    good = list(iter_raw_samples(str(digits_root / "test" / "test-000000.tar")))[:70]
+    samples = [dict(s) for s in good]
+    samples.insert(3, {"__key__": "broken", "png": b"\x89PNG\r\n\x1a\n truncated"})
+    samples.insert(66, {"__key__": "imageless", "cls": b"4"})
+    return write_shards(samples, tmp_path / "shards", "bad", 1)[0]
+
+
+@pytest.mark.parametrize("topk", [0, 3])
+def test_decode_tasks_write_the_sidecars_the_actors_write(teacher_dir, digits_root, tmp_path, topk):
+    """``label_decode: tasks`` in this process: the same rows, order, probabilities, truth and unusable samples as
+    the actors decoding themselves, over batches that straddle a shard's end and a shard of bad samples."""
+    from stages.core.stage import InProcess, LabelResources
+    from stages.pseudo_label import label_shards
+
+    shards = [_bad_shard(digits_root, tmp_path), str(digits_root / "test" / "test-000001.tar")]
+    cfg = PseudoLabelConfig(batch_size=32, topk=topk, temperature=2.0, max_bad_fraction=0.05)
+
+    def label(out: str, decode: str) -> dict:
+        resources = LabelResources(decode=decode)
+        return label_shards(teacher_dir, "sha", shards, tmp_path / out, cfg, 1, resources, InProcess(False), False)
+
+    actors, tasks = label("actors", "cpu"), label("tasks", "tasks")
+    assert tasks["decode"] == {"tasks": 2} and actors["decode"] == {"cpu": 2}
+    assert tasks["decoders"] == actors["decoders"]
+    assert tasks["rows"] == actors["rows"] == 70 + 90 and [b["key"] for b in tasks["bad_samples"]] == [
+        "broken",
+        "imageless",
+    ]
+    _assert_same_sidecars(tmp_path / "tasks", tmp_path / "actors", shards)
+    assert label("tasks", "tasks")["shards_resumed"] == 2  # the same sidecars: a resume keeps them
+
+
+def test_an_unreadable_shard_in_a_decode_task_is_its_own_error_and_writes_no_sidecar(
+    teacher_dir, digits_root, tmp_path
+):
+    from stages.core.stage import InProcess, LabelResources
+    from stages.pseudo_label import label_shards
+
+    src = str(digits_root / "unlabeled" / "unlabeled-000000.tar")
+    shard = _cut(src, tmp_path / "shards" / "cut.tar", 1024 * 100 + 700)
+    with pytest.raises(DataError) as info:
+        resources = LabelResources(decode="tasks")
+        label_shards(teacher_dir, "sha", [shard], tmp_path / "out", PseudoLabelConfig(), 1, resources, InProcess(False))
+    assert shard in str(info.value) and "truncated" in str(info.value)
+    assert not list((tmp_path / "out").rglob("*.parquet*"))
+
+
+def _rows(shard: str, keys: list[str], start: int, logits: float) -> dict:
+    n = len(keys)
+    return {
+        "key": np.array(keys, dtype=object),
+        "shard": np.array([shard] * n, dtype=object),
+        "index": np.arange(start, start + n),
+        "truth": np.full(n, -1, np.int32),
+        "rows": np.full(n, -1),
+        "bad": np.array([""] * n, dtype=object),
+        "decoder": np.array([""] * n, dtype=object),
+        "error": np.array([b""] * n, dtype=object),
+        "logits": np.full((n, 10), logits, np.float32),
+        "device": np.array(["cpu"] * n, dtype=object),
+    }
+
+
+def _marker(shard: str, rows: int) -> dict:
+    return _rows(shard, [""], rows, 0.0) | {
+        "rows": np.array([rows]),
+        "bad": np.array(["[]"], dtype=object),
+        "decoder": np.array(["pil"], dtype=object),
+    }
+
+
+def test_the_assembler_takes_rows_in_any_order_each_key_once_and_writes_a_shard_once(tmp_path):
+    """What retries deliver: the marker before the rows, a batch twice, a late copy after the shard was written."""
+    from stages.pseudo_label import ShardAssembler
+
+    made = {"s1": "m1", "s2": "m2"}
+    assembler = ShardAssembler(tmp_path, PseudoLabelConfig(), made, 10)
+    assert assembler.add(_marker("s1", 3)) == []
+    assert assembler.add(_rows("s1", ["b", "c"], 1, 1.0)) == []
+    assert assembler.add(_rows("s1", ["b", "c"], 1, 1.0)) == []  # a retried batch: still two of three
+    assert assembler.add(_rows("s2", ["x"], 0, 0.0)) == []
+    done = assembler.add(_rows("s1", ["a"], 0, 2.0))
+    assert [(d["shard"], d["rows"], d["decode"], d["decoder"]) for d in done] == [("s1", 3, "tasks", "pil")]
+    table = pq.read_table(sidecar_path(tmp_path, "s1"))
+    assert table.column("key").to_pylist() == ["a", "b", "c"]  # the shard's order, not the arrival's
+    assert read_footer(sidecar_path(tmp_path, "s1"), SIDECAR_FORMAT).made_by == "m1"
+    assert assembler.add(_rows("s1", ["a"], 0, 2.0)) == []  # a late copy of a written shard
+    assert assembler.pending() == ["s2"]  # begun, never completed: the stage reports it lost
+    assert assembler.add(_marker("s2", 1))[0]["rows"] == 1
+    assert assembler.pending() == []
+
+
+def test_decode_tasks_on_ray_write_what_this_process_writes(ray_session, teacher_dir, digits_root, tmp_path):
+    """The Ray executor's decode tasks (their own operator, not fused into the actors) feeding a label actor: the
+    sidecars match the in-process ones; a decode task's error reaches the driver as itself."""
+    from pipeline.distributed.executor import RayExecutor
+    from stages.core.errors import ConfigError
+    from stages.core.stage import InProcess, LabelResources
+    from stages.pseudo_label import label_shards
+
+    shards = [_bad_shard(digits_root, tmp_path), str(digits_root / "test" / "test-000001.tar")]
+    cfg, resources = PseudoLabelConfig(batch_size=32, max_bad_fraction=0.05), LabelResources(decode="tasks")
+    label_shards(teacher_dir, "sha", shards, tmp_path / "here", cfg, 1, resources, InProcess(False), False)
+    summary = label_shards(teacher_dir, "sha", shards, tmp_path / "ray", cfg, 1, resources, RayExecutor(False), False)
+    assert (summary["ran_as"], summary["decode"], summary["rows"]) == ("ray", {"tasks": 2}, 160)
+    _assert_same_sidecars(tmp_path / "ray", tmp_path / "here", shards)
+
+    cut = _cut(shards[1], tmp_path / "shards" / "cut.tar", 1024 * 50 + 700)
+    with pytest.raises(DataError, match="truncated"):
+        label_shards(teacher_dir, "sha", [cut], tmp_path / "cut", cfg, 1, resources, RayExecutor(False), False)
+    with pytest.raises(ConfigError) as info:  # two 1-CPU actors on 2 CPUs would starve the decode tasks for ever
+        too_many = LabelResources(actors=2, decode="tasks")
+        label_shards(teacher_dir, "sha", shards, tmp_path / "no", cfg, 1, too_many, RayExecutor(False), False)
+    assert "\n" not in str(info.value) and "leave none of this local Ray's 2 CPUs" in str(info.value)

@@ -115,25 +115,42 @@ class RayExecutor:
         """Streams ``items`` through a Ray Data pool of ``cls`` workers, sized and placed by ``resources``
         (autoscaling or fixed, CPUs and GPUs per actor). An actor that fits on no node is refused first
         (``check_room``). Leaving the block ends the dataset's execution, so no actor works on in the background."""
-        import ray
-        from ray.data import ActorPoolStrategy
-
-        check_room(resources)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # the stages draw their own bars, counting shards and images
-        context.print_on_execution_start = False
         worker_kwargs = {"cls": cls, "kwargs": kwargs | {"threads": resources.torch_threads(), "decode_threads": 0}}
-        ds = ray.data.from_items([{"item": pickle.dumps(i)} for i in items], override_num_blocks=max(1, len(items)))
-        ds = ds.map_batches(
-            _PoolWorker,
-            fn_constructor_kwargs=worker_kwargs,
-            batch_size=1,
-            compute=ActorPoolStrategy(**resources.pool(ray.cluster_resources(), len(items))),
-            num_cpus=resources.cpus_per_actor,
-            num_gpus=resources.gpus_per_actor or None,
-        )
+        ds = _on_actors(_item_dataset(items, resources), _PoolWorker, worker_kwargs, 1, resources, len(items))
         with contextlib.closing(iter(ds.iter_rows())) as rows:
             yield (_result(row) for row in rows)
+
+    @contextlib.contextmanager
+    def stream(
+        self,
+        decode: Callable[..., Iterator[dict]],
+        items: list[dict],
+        cls: type,
+        kwargs: dict,
+        resources: LabelResources,
+        batch_size: int,
+        decode_bytes: int,
+    ) -> Iterator[Iterator[dict]]:
+        """Ray's batch-inference pattern: ``decode`` as CPU tasks of ``resources.decode_cpus`` and ``decode_bytes``
+        of memory each, on any node, streamed with backpressure into a Ray Data pool of ``cls`` workers (sized and
+        placed as in ``pool``) that take ``batch_size`` rows at a time. A killed decode task is retried, a killed
+        worker restarted and its batch retried: rows may come twice, never not at all. A worker's exception is
+        raised here as itself."""
+        threads = max(1, int(resources.decode_cpus))
+        ds = _item_dataset(items, resources)
+        # Reserving the decode tasks' memory also keeps Ray Data from fusing them into the actors (it fuses a task
+        # stage into the actor stage after it when their resources match, as CPU actors' do).
+        ds = ds.map_batches(
+            _decode_task,
+            fn_kwargs={"decode": decode, "threads": threads},
+            batch_size=1,
+            num_cpus=resources.decode_cpus,
+            memory=decode_bytes,
+        )
+        worker_kwargs = {"cls": cls, "kwargs": kwargs | {"threads": resources.torch_threads()}}
+        ds = _on_actors(ds, _BatchWorker, worker_kwargs, batch_size, resources, len(items))
+        with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="numpy"))) as batches:
+            yield (_batch_result(batch) for batch in batches)
 
     def fit(
         self, train: Callable[[object], dict], name: str, checkpoints: Location, resources: TrainResources, out: Path
@@ -182,9 +199,67 @@ class _PoolWorker:
             try:
                 outcomes.append(pickle.dumps(("ok", self.worker.process(**pickle.loads(blob)))))
             except Exception as exc:  # noqa: BLE001 - every error goes back whole; the driver decides
-                exc.add_note("in a pool worker:\n" + "".join(traceback.format_exception(exc)))
-                outcomes.append(pickle.dumps(("error", exc)))
+                outcomes.append(pickle.dumps(("error", _with_traceback(exc))))
         return {"outcome": np.array(outcomes, dtype=object)}
+
+
+def _item_dataset(items: list[dict], resources: LabelResources):
+    """The items as a Ray Data dataset, one block each (pickled: any Python value), after ``check_room``, with Ray
+    Data's own progress output off (the stages draw their own bars, counting shards and images)."""
+    import ray
+
+    check_room(resources)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    return ray.data.from_items([{"item": pickle.dumps(i)} for i in items], override_num_blocks=max(1, len(items)))
+
+
+def _on_actors(ds, udf: type, constructor_kwargs: dict, batch_size: int, resources: LabelResources, items: int):
+    """``ds`` through a Ray Data actor pool of ``udf``, sized and placed by ``resources`` for ``items`` items."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        udf,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=batch_size,
+        compute=ActorPoolStrategy(**resources.pool(ray.cluster_resources(), items)),
+        num_cpus=resources.cpus_per_actor,
+        num_gpus=resources.gpus_per_actor or None,
+    )
+
+
+def _decode_task(batch: dict[str, np.ndarray], decode: Callable[..., Iterator[dict]], threads: int) -> Iterator[dict]:
+    """A Ray Data task: every item of its batch (one) decoded into column batches, yielded as they come."""
+    for blob in batch["item"]:
+        yield from decode(**pickle.loads(blob), threads=threads)
+
+
+class _BatchWorker:
+    """The Ray Data face of a stream worker: a column batch in, the worker's column batch out, or the exception it
+    raised as a one-row ``__error__`` batch (the last operator: no later one has to take its columns)."""
+
+    def __init__(self, cls: type, kwargs: dict) -> None:
+        self.worker = cls(**kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return self.worker(batch)
+        except Exception as exc:  # noqa: BLE001 - goes back whole; the driver raises it
+            return {"__error__": np.array([pickle.dumps(_with_traceback(exc))], dtype=object)}
+
+
+def _with_traceback(exc: Exception) -> Exception:
+    """``exc`` with its traceback in the worker as a note: the driver raises it as itself, far from where it was."""
+    exc.add_note("in a pool worker:\n" + "".join(traceback.format_exception(exc)))
+    return exc
+
+
+def _batch_result(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if "__error__" in batch:
+        raise pickle.loads(batch["__error__"][0])
+    return batch
 
 
 def _result(row: dict) -> dict:
@@ -271,6 +346,14 @@ def check_room(resources: LabelResources) -> None:
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    cpus = sum(node.get("CPU", 0) for node in nodes)
+    fixed = resources.actors * resources.cpus_per_actor
+    if resources.reserved_cpus() and fixed and fixed + resources.reserved_cpus() > cpus and not can_grow():
+        raise ConfigError(
+            f"resources: {resources.actors} label actors of {resources.cpus_per_actor:g} CPUs leave none of this "
+            f"local Ray's {cpus:g} CPUs to the decode tasks (label_decode: tasks, label_decode_cpus "
+            f"{resources.decode_cpus:g}); use fewer actors, or label_decode: cpu"
+        )
     if resources.fits(nodes):
         return
     big = max(nodes, key=lambda n: (n.get("CPU", 0), n.get("GPU", 0)), default={})

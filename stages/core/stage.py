@@ -60,7 +60,8 @@ class LabelResources:
     autoscaling one (``pool``) that starts with what the cluster holds now (one actor per ``gpus_per_actor`` GPUs,
     else per ``cpus_per_actor`` CPUs) and grows, as the cluster's autoscaler adds nodes, up to ``max_actors`` (0 =
     one per item). ``threads: 0`` gives each actor one torch thread and one decode thread per CPU it holds;
-    ``decode: gpu`` decodes JPEGs on the actor's GPU (``stages/pseudo_label.Decoder``)."""
+    ``decode``: where images are decoded: ``cpu`` in the actor's threads, ``gpu`` on the actor's GPU (nvJPEG),
+    ``tasks`` by CPU tasks of ``decode_cpus`` each, on any node, ahead of the actors (``Executor.stream``)."""
 
     actors: int = 0
     cpus_per_actor: float = 1.0
@@ -69,14 +70,21 @@ class LabelResources:
     decode: str = "cpu"
     max_actors: int = 0
     cpu_decoder: str = "auto"  # stages/data/decoders.py backend for the CPU decode ("auto": its DEFAULT)
+    decode_cpus: float = 1.0  # CPUs of one decode task (``decode: tasks``)
 
     def actor_count(self, cluster: dict[str, float]) -> int:
-        """Actors the cluster holds room for now (at least one: an autoscaling group at zero scales up for it)."""
+        """Actors the cluster holds room for now (at least one: an autoscaling group at zero scales up for it). With
+        ``decode: tasks`` on CPUs alone, one decode task's CPUs are left free: actors holding every CPU would leave
+        the tasks that feed them pending for ever."""
         if self.actors:
             return self.actors
         if self.gpus_per_actor:
             return max(1, int(cluster.get("GPU", 0) // self.gpus_per_actor))
-        return max(1, int(cluster.get("CPU", 1) // self.cpus_per_actor))
+        return max(1, int((cluster.get("CPU", 1) - self.reserved_cpus()) // self.cpus_per_actor))
+
+    def reserved_cpus(self) -> float:
+        """CPUs the actors must leave to the decode tasks (none when the actors decode)."""
+        return self.decode_cpus if self.decode == "tasks" else 0.0
 
     def pool(self, cluster: dict[str, float], items: int) -> dict[str, int]:
         """``ActorPoolStrategy`` arguments: never more actors than items; ``min_size`` 1 when autoscaling, so the
@@ -85,6 +93,8 @@ class LabelResources:
         if self.actors:
             return {"size": min(self.actors, items)}
         most = min(items, self.max_actors or items)
+        if self.reserved_cpus() and not self.gpus_per_actor:
+            most = min(most, self.actor_count(cluster))  # a CPU actor more would take the decode tasks' CPUs
         return {"min_size": 1, "max_size": most, "initial_size": min(self.actor_count(cluster), most)}
 
     def torch_threads(self) -> int:
@@ -121,6 +131,21 @@ class Executor(Protocol):
         """``cls(**kwargs).process(**item)`` for every item, on workers made once each; yields their results."""
         ...
 
+    def stream(
+        self,
+        decode: Callable[..., Iterator[dict]],
+        items: list[dict],
+        cls: type,
+        kwargs: dict,
+        resources: LabelResources,
+        batch_size: int,
+        decode_bytes: int,
+    ) -> contextlib.AbstractContextManager[Iterator[dict]]:
+        """``decode(**item, threads=...)`` for every item (column batches, on CPUs apart from the workers, holding
+        about ``decode_bytes`` of memory each), streamed through ``cls(**kwargs)`` workers in batches of
+        ``batch_size`` rows; yields the workers' column batches."""
+        ...
+
     def fit(
         self, train: Callable[[Any], dict], name: str, checkpoints: Location, resources: TrainResources, out: Path
     ) -> dict:
@@ -153,6 +178,22 @@ class InProcess:
     def pool(self, cls: type, kwargs: dict, items: list[dict], resources: LabelResources) -> Iterator[Iterator[dict]]:
         worker = cls(**kwargs, threads=0, decode_threads=os.cpu_count() or 1)  # torch's own threads, all cores
         yield (worker.process(**item) for item in items)
+
+    @contextlib.contextmanager
+    def stream(
+        self,
+        decode: Callable[..., Iterator[dict]],
+        items: list[dict],
+        cls: type,
+        kwargs: dict,
+        resources: LabelResources,
+        batch_size: int,
+        decode_bytes: int,
+    ) -> Iterator[Iterator[dict]]:
+        """Decoding and the worker take turns here, each on every core (the decode batches are the worker's)."""
+        worker = cls(**kwargs, threads=0, decode_threads=0)
+        threads = os.cpu_count() or 1
+        yield (worker(batch) for item in items for batch in decode(**item, threads=threads))
 
     def fit(
         self, train: Callable[[Any], dict], name: str, checkpoints: Location, resources: TrainResources, out: Path

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -119,14 +120,39 @@ class Decoder:
         stacked = torch.stack([images[i] for i in keep]) if keep else torch.zeros(0)
         return [samples[i]["__key__"] for i in keep], stacked, [optional_label(samples[i]) for i in keep]
 
-    def _decode_one(self, sample: dict, prepare: Prepare | None = None) -> torch.Tensor | BadSample:
+    def pixels(self, shard: str, samples: list[dict], bad: list[dict]) -> tuple[list[str], np.ndarray, list]:
+        """``(keys, images, labels)`` with ``images`` the model-sized uint8 pixels (NHWC, before normalising: a
+        quarter of the float tensor's bytes, what a decode task hands to a label actor), decoded on the CPU through
+        ``backend``; unusable samples appended to ``bad``."""
+        size = self.geometry[0]
+        decoded = list(self.pool.map(self._pixels_one, samples))
+        for sample, result in zip(samples, decoded, strict=True):
+            if isinstance(result, BadSample):
+                bad.append({"shard": shard, "key": sample["__key__"], "reason": str(result)})
+        keep = [i for i, result in enumerate(decoded) if not isinstance(result, BadSample)]
+        images = np.stack([decoded[i] for i in keep]) if keep else np.zeros((0, size, size, self.channels), np.uint8)
+        return [samples[i]["__key__"] for i in keep], images, [optional_label(samples[i]) for i in keep]
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Model-sized uint8 pixels (NHWC, any device) as the model's float input (NCHW), as the CPU way makes it."""
+        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        return (pixels.permute(0, 3, 1, 2).float().div_(255) - mean) / std
+
+    def _pixels_one(self, sample: dict) -> np.ndarray | BadSample:
         try:
-            data = image_field(sample)
-            if prepare is None:
-                size, short_side, interpolation = self.geometry
-                pixels = decode_to(data, size, self.channels, short_side, interpolation, self.backend)
-                return (torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255) - self.mean) / self.std
-            image = decode_image(data, self.channels)
+            size, short_side, interpolation = self.geometry
+            return decode_to(image_field(sample), size, self.channels, short_side, interpolation, self.backend)
+        except BadSample as exc:
+            return exc
+
+    def _decode_one(self, sample: dict, prepare: Prepare | None = None) -> torch.Tensor | BadSample:
+        if prepare is None:
+            pixels = self._pixels_one(sample)
+            if isinstance(pixels, BadSample):
+                return pixels
+            return self.normalize(torch.from_numpy(pixels)[None])[0]
+        try:
+            image = decode_image(image_field(sample), self.channels)
         except BadSample as exc:
             return exc
         return self.transform(prepare(image, sample["__key__"]))

@@ -416,8 +416,10 @@ REFERENCE = "pil"  # what bench/decode.py measures the others against
 
 
 def resolve(name: str) -> str:
-    """The backend that will run for ``name``: itself when its library is installed, else the first installed one
-    along its ``fallback`` chain (logged once). An unknown name raises ``ValueError`` listing the known ones."""
+    """The backend that will run for ``name`` (``auto``: ``DEFAULT``): itself when its library is installed, else the
+    first installed one along its ``fallback`` chain (logged once). An unknown name raises ``ValueError`` listing
+    the known ones."""
+    name = DEFAULT if name == "auto" else name
     if name not in DECODERS:
         raise ValueError(f"unknown decoder {name!r}; known: {', '.join(DECODERS)}")
     chosen = name
