@@ -148,7 +148,7 @@ class ResourcesConfig:
     ``gpu`` on the actors' GPUs (needs ``gpus_per_label_actor``), ``tasks`` by Ray Data CPU tasks of
     ``label_decode_cpus`` each, on any node, feeding the actors model-sized uint8 batches (Ray's pattern for GPU
     nodes with few CPUs per GPU; on the in-process executor the two take turns). ``torch_threads`` is for the
-    training workers (0 = Ray's default, one per CPU held).
+    training workers (0 = the CPUs a worker holds, less its loader workers: ``stages.models.device.training_threads``).
     ``executor``: where the run's work runs: ``ray`` (Ray tasks, actor pools, Ray Train), ``local`` (this process),
     or ``auto``: this process for a small local run (under 64 MB of shards, no cluster, no GPU), Ray otherwise
     (``pipeline/distributed/executor.choose_executor``).

@@ -46,13 +46,13 @@ from stages.data.loader import ImageStream, batch_loader
 from stages.maths.contrastive import ViewConfig, natural_views, nt_xent_loss, pretrain_steps, two_views
 from stages.models.checkpoint import load_checkpoint
 from stages.models.contrastive import SimCLR, encoder_state
-from stages.models.device import autocast, place_batch, place_model
+from stages.models.device import autocast, place_batch, place_model, torch_threads, training_threads
 from stages.models.factory import ModelSpec, atomic_save_safetensors, load_weights
 from stages.models.transforms import unit_transform
 from stages.storage.artifacts import inputs_digest
 from stages.storage.files import stamp
 from stages.storage.layout import MODEL_WEIGHTS, round_name
-from stages.train import cosine_schedule, report_checkpoint
+from stages.train import TIMM_OPTIMIZERS, cosine_schedule, report_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -203,16 +203,21 @@ class PretrainPlan:
 
 
 def pretrain_model(plan: PretrainPlan, hooks: TrainHooks) -> dict:
-    """Pretrain (or resume) the encoder; returns the final metrics. Only rank 0 writes checkpoints."""
-    if plan.threads:
-        torch.set_num_threads(plan.threads)  # Ray sets OMP_NUM_THREADS=1 per worker
+    """Pretrain (or resume) the encoder; returns the final metrics. Only rank 0 writes checkpoints. Threads as for
+    training (``stages.models.device.training_threads``), restored on return."""
+    with torch_threads(training_threads(plan.threads, plan.cfg.loader_workers, torch.get_num_threads())):
+        return _pretrain_model(plan, hooks)
+
+
+def _pretrain_model(plan: PretrainPlan, hooks: TrainHooks) -> dict:
     from timm.optim import create_optimizer_v2
 
     torch.manual_seed(plan.seed)
     cfg, device = plan.cfg, hooks.device
     model = place_model(SimCLR(plan.spec, plan.channels, cfg.proj_hidden, cfg.proj_dim), device)
     lr = cfg.lr * cfg.batch_size * hooks.world_size / 256
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.weight_decay)  # no decay on 1-d
+    name, extra = TIMM_OPTIMIZERS["adamw"]  # fused, as the training stage's
+    optimizer = create_optimizer_v2(model, opt=name, lr=lr, weight_decay=cfg.weight_decay, **extra)  # no decay on 1-d
     step, restored = 0, hooks.restore()
     if restored is not None:
         step = load_checkpoint(restored, model, optimizer, None)["step"]

@@ -45,7 +45,7 @@ from stages.core.stage import StageContext, StageOutput, TrainResources
 from stages.data.compact import pseudo_sources
 from stages.data.loader import BYTE_COUNTS, MixedStream, PseudoSource, batch_loader
 from stages.models.checkpoint import load_checkpoint, read_state, save_checkpoint
-from stages.models.device import autocast, place_batch, place_model
+from stages.models.device import autocast, place_batch, place_model, torch_threads, training_threads
 from stages.models.distill import DistillTermConfig, Weighting, check_terms, needs_features
 from stages.models.factory import ModelSpec, atomic_save_safetensors, create_model, load_weights, model_sha, unwrap
 from stages.models.online_distill import DistillStudent, OnlineTeacher, build_distill
@@ -137,8 +137,10 @@ def noisy_student_loss(
     }
 
 
-# The paper's RMSprop is TensorFlow's (epsilon inside the square root, 1e-3): timm's ``rmsproptf``.
-TIMM_OPTIMIZERS = {"sgd": ("sgd", {}), "adamw": ("adamw", {}), "rmsprop": ("rmsproptf", {"eps": 1e-3})}
+# The paper's RMSprop is TensorFlow's (epsilon inside the square root, 1e-3): timm's ``rmsproptf``. AdamW is torch's
+# fused kernel (CPU and CUDA): the same update in one pass over the weights, where the default per-tensor loop took
+# ~22 ms a step for resnet10t on this 2-core CPU against ~4 ms fused (a quarter of the digits student's step).
+TIMM_OPTIMIZERS = {"sgd": ("sgd", {}), "adamw": ("adamw", {"fused": True}), "rmsprop": ("rmsproptf", {"eps": 1e-3})}
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -286,9 +288,16 @@ def build_stream(plan: TrainPlan, epoch: int, rank: int, world_size: int) -> Dat
 
 
 def train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
-    """Train (or resume) one model; returns the final metrics. Only rank 0 writes files."""
-    if plan.threads:
-        torch.set_num_threads(plan.threads)  # Ray sets OMP_NUM_THREADS=1 per worker; training needs its cores
+    """Train (or resume) one model; returns the final metrics. Only rank 0 writes files. Torch's thread count is
+    ``plan.threads`` (Ray sets OMP_NUM_THREADS=1 per worker), else the process's less its loader workers, and is
+    restored on return."""
+    threads = training_threads(plan.threads, plan.cfg.loader_workers, torch.get_num_threads())
+    with torch_threads(threads):
+        log.info("training on %d torch thread(s) beside %d loader worker(s)", threads, plan.cfg.loader_workers)
+        return _train_model(plan, hooks)
+
+
+def _train_model(plan: TrainPlan, hooks: TrainHooks) -> dict:
     torch.manual_seed(plan.cfg.seed)
     cfg, device = plan.cfg, hooks.device
     if plan.init_from:

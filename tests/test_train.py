@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -27,6 +28,7 @@ from stages.data.compact import pseudo_sources, write_selection
 from stages.data.loader import MixedStream, PseudoSource, shuffled, soft_targets
 from stages.data.shards import decode_image, image_field, iter_raw_samples, parse_label, write_shards
 from stages.models.checkpoint import CheckpointError, load_checkpoint, read_state, save_checkpoint
+from stages.models.device import training_threads
 from stages.models.factory import ModelSpec
 from stages.models.transforms import clean_transform, noised_transform
 from stages.storage.layout import compact as compact_path
@@ -211,6 +213,7 @@ def test_build_optimizer_exempts_biases_and_norms_from_weight_decay():
         assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
         assert decay["lr"] == 0.1
     assert build_optimizer(model, TrainConfig(optimizer="sgd")).param_groups[0]["nesterov"] is True
+    assert build_optimizer(model, TrainConfig(optimizer="adamw")).param_groups[0]["fused"] is True  # one kernel
     assert build_optimizer(model, TrainConfig(optimizer="rmsprop")).param_groups[0]["eps"] == pytest.approx(1e-3)
 
 
@@ -345,6 +348,7 @@ class RecordingHooks(LocalHooks):
 
     def prepare(self, model):
         self.prepared = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.threads = torch.get_num_threads()  # what training runs on
         self.model = model
         return model
 
@@ -848,3 +852,20 @@ def test_byte_counts_reach_the_metrics_rows(trained, digits_root, tmp_path):
     extra = row["pseudo_read_bytes"] - row["pseudo_trained_bytes"]
     assert plan.cfg.pseudo_batch * min(sizes) <= extra <= plan.cfg.pseudo_batch * max(sizes)
     assert row["labeled_read_bytes"] > 0 and row["labeled_trained_bytes"] > 0
+
+
+def test_training_threads_leave_the_loader_workers_their_cores():
+    assert training_threads(0, loader_workers=1, available=2) == 1  # 2 threads beside a busy worker stall
+    assert training_threads(0, loader_workers=0, available=2) == 2
+    assert training_threads(0, loader_workers=4, available=2) == 1  # never none
+    assert training_threads(0, loader_workers=2, available=16) == 14
+    assert training_threads(3, loader_workers=1, available=2) == 3  # resources.torch_threads wins
+
+
+def test_train_model_sets_its_threads_and_restores_the_count(digits_root, tmp_path):
+    before = torch.get_num_threads()
+    hooks = RecordingHooks(tmp_path / "ckpt")
+    plan = dataclasses.replace(_digits_plan(digits_root, tmp_path, epochs=1), threads=before + 1)
+    train_model(plan, hooks)
+    assert hooks.threads == before + 1  # training ran on the plan's count
+    assert torch.get_num_threads() == before  # and the process got its own back (in-process labeling follows)
