@@ -21,8 +21,8 @@
 # Where the machine has no package registry, wheels carried in .devwhl/ are installed first (Ray, WebDataset,
 # timm and what they need beyond the machine's own torch).
 #   BUDGET=390 bash bench/gpu_check.sh
-#   GPU= SIZE=32 MODEL=resnet10t IMAGES=1000 BATCH=32 STEPS=4 WORKERS=1 CPUS=1 DECODE_CPUS=1 BARE_IMAGES=32 \
-#     BARE_S=1 bash bench/gpu_check.sh                                                                     # dry run, CPU
+#   PATH=.venv/bin:$PATH GPU= SIZE=32 MODEL=resnet10t IMAGES=1000 BATCH=32 STEPS=4 WORKERS=1 CPUS=1 DECODE_CPUS=1 \
+#     BARE_IMAGES=32 BARE_S=1 bash bench/gpu_check.sh              # dry run, CPU (the steps call python3: the venv's)
 set -uo pipefail
 OUT=${OUT:-gpu-check}
 IMAGES=${IMAGES:-10000}
