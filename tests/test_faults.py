@@ -74,6 +74,25 @@ def labeling_to_kill(digits_root: Path, tmp_path: Path) -> tuple[list[dict], lis
     return samples, shards
 
 
+def label_on_ray(tmp_path: Path, shards: list[str], out: Path, resources) -> dict:
+    """The pseudo-label stage over ``shards`` with ``labeling_to_kill``'s teacher, on Ray actors, into ``out``;
+    returns its summary."""
+    from pipeline.distributed.executor import RayExecutor
+    from stages.pseudo_label import PseudoLabelConfig, label_shards
+
+    return label_shards(
+        tmp_path / "teacher",
+        "sha",
+        shards,
+        out,
+        PseudoLabelConfig(batch_size=128),
+        1,
+        resources,
+        RayExecutor(False),
+        progress=False,
+    )
+
+
 def assert_each_key_once(out: Path, shards: list[str], samples: list[dict], summary: dict) -> None:
     """Every shard's sidecar holds its keys once each, in the shard's order; the stage counted each row once."""
     from stages.storage.layout import sidecar_file
@@ -88,26 +107,14 @@ def assert_each_key_once(out: Path, shards: list[str], samples: list[dict], summ
 
 
 def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, digits_root, tmp_path):
-    from pipeline.distributed.executor import RayExecutor
     from stages.core.stage import LabelResources
-    from stages.pseudo_label import PseudoLabelConfig, label_shards
 
     samples, shards = labeling_to_kill(digits_root, tmp_path)
     out = tmp_path / "pseudo_labels"
     killer = Killer(lambda: len(list(out.glob("*.parquet"))) >= 2, "MapWorker")
     killer.probe = lambda: len(list(out.glob("*.parquet")))
     killer.start()
-    summary = label_shards(
-        tmp_path / "teacher",
-        "sha",
-        shards,
-        out,
-        PseudoLabelConfig(batch_size=128),
-        1,
-        LabelResources(threads=1),
-        RayExecutor(False),
-        progress=False,
-    )
+    summary = label_on_ray(tmp_path, shards, out, LabelResources(threads=1))
     killer.join(timeout=1)
     print(f"\ninjected: SIGKILL of the labeling actor {killer.killed} with {killer.at_kill}/24 sidecars written")
     assert killer.killed, "the actor was never found to kill"
@@ -119,9 +126,7 @@ def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, dig
 def test_killed_decode_task_and_label_actor_lose_and_duplicate_nothing(ray_session, digits_root, tmp_path):
     """``label_decode: tasks``: a decode task is SIGKILLed, then the label actor it feeds; Ray retries the task and
     restarts the actor, rows may come twice, and every shard's sidecar still holds each of its keys once, in order."""
-    from pipeline.distributed.executor import RayExecutor
     from stages.core.stage import LabelResources
-    from stages.pseudo_label import PseudoLabelConfig, label_shards
 
     samples, shards = labeling_to_kill(digits_root, tmp_path)
     out = tmp_path / "pseudo_labels"
@@ -131,17 +136,7 @@ def test_killed_decode_task_and_label_actor_lose_and_duplicate_nothing(ray_sessi
     for killer in (decode_killer, actor_killer):
         killer.probe = written
         killer.start()
-    summary = label_shards(
-        tmp_path / "teacher",
-        "sha",
-        shards,
-        out,
-        PseudoLabelConfig(batch_size=128),
-        1,
-        LabelResources(threads=1, decode="tasks"),
-        RayExecutor(False),
-        progress=False,
-    )
+    summary = label_on_ray(tmp_path, shards, out, LabelResources(threads=1, decode="tasks"))
     for killer in (decode_killer, actor_killer):
         killer.join(timeout=1)
         print(f"\ninjected: SIGKILL of {killer.marker} {killer.killed} with {killer.at_kill}/24 sidecars written")
