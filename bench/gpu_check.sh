@@ -7,8 +7,9 @@
 #   tests         tests/test_gpu.py: label actors sharing the GPU (bf16 vs the CPU's float32), nvJPEG decoding vs
 #                 PIL, a Ray Train worker on the GPU;
 #   train         bench/train.py --gpu, teacher path, 224 px, resnet50, bf16: the stage against its hand loop;
-#   e2e           bench/e2e.py --gpu: a one-round digits run with use_gpu and a label actor on the GPU, against the
-#                 plain script (the round's files record the device);
+#   e2e           bench/e2e.py --gpu: a one-round digits run with use_gpu, against the plain script (the round's
+#                 files record the device): the warm runtime, one training actor for teacher and student holding
+#                 half the GPU beside a label actor holding the other half (resources.train_runtime: warm);
 #   pl_gpudecode  bench/pseudo_label.py --gpu --decode gpu at 224 px, resnet50: one actor decoding with nvJPEG;
 #   pl_tasks      the same actor fed by CPU decode tasks of DECODE_CPUS each on the node's other cores (Ray Data's
 #                 decode stage, label_decode: tasks);
@@ -80,7 +81,9 @@ step bare 60 $PY bench/gpu_bare.py $GPU --model "$MODEL" --size "$SIZE" --batch 
   --seconds "$BARE_S" "${BENCH[@]}"
 step tests 120 $PY -m pytest -p no:cacheprovider -q -s -m gpu tests/test_gpu.py
 step train 100 $PY bench/train.py $GPU "${TRAIN[@]}" "${BENCH[@]}"
-step e2e 150 $PY bench/e2e.py $GPU "${BENCH[@]}"
+WARM=(--set resources.train_runtime=warm)  # the teacher and student in one training actor that shares the GPU
+[ -n "$GPU" ] && WARM+=(--set resources.gpus_per_train_worker=0.5 --set resources.gpus_per_label_actor=0.5)
+step e2e 150 $PY bench/e2e.py $GPU "${WARM[@]}" "${BENCH[@]}"
 if [ -n "$GPU" ]; then
   step pl_gpudecode 70 $PY bench/pseudo_label.py $GPU "${PL[@]}" --actors 1 --decode gpu --skip-loop "${BENCH[@]}"
 fi

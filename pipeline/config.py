@@ -149,6 +149,11 @@ class ResourcesConfig:
     ``label_decode_cpus`` each, on any node, feeding the actors model-sized uint8 batches (Ray's pattern for GPU
     nodes with few CPUs per GPU; on the in-process executor the two take turns). ``torch_threads`` is for the
     training workers (0 = the CPUs a worker holds, less its loader workers: ``stages.models.device.training_threads``).
+    ``train_runtime`` (Ray runs): ``ray_train`` starts a Ray Train worker group per training stage; ``warm`` keeps
+    one training actor on this node for the whole run, so only the first stage pays the start (one worker only);
+    ``auto`` keeps one when a single worker trains from local checkpoints and holds at most a quarter of the
+    cluster's CPUs and GPUs (the labeling and evaluation pools are sized from the rest).
+    ``gpus_per_train_worker``: a fraction shares a GPU (``warm`` on a one-GPU node beside a label actor of the rest).
     ``executor``: where the run's work runs: ``ray`` (Ray tasks, actor pools, Ray Train), ``local`` (this process),
     or ``auto``: this process for a small local run (under 64 MB of shards, no cluster, no GPU), Ray otherwise
     (``pipeline/distributed/executor.choose_executor``).
@@ -158,6 +163,8 @@ class ResourcesConfig:
     num_cpus: NonNegative = 0
     train_workers: Annotated[StrictInt, Field(ge=1)] = 1
     cpus_per_train_worker: Annotated[StrictFloat, Field(gt=0)] = 1.0
+    gpus_per_train_worker: Annotated[StrictFloat, Field(gt=0), LATE] = 1.0
+    train_runtime: Annotated[Literal["auto", "warm", "ray_train"], LATE] = "auto"
     use_gpu: StrictBool = False
     max_failures: NonNegative = 2
     label_actors: NonNegative = 0
@@ -175,6 +182,11 @@ class ResourcesConfig:
     def _gpu_decode_needs_a_gpu(self) -> ResourcesConfig:
         if self.label_decode == "gpu" and not self.gpus_per_label_actor:
             raise ValueError("label_decode: gpu needs gpus_per_label_actor > 0 (the actors decode on their GPU)")
+        if self.train_runtime == "warm" and self.train_workers != 1:
+            raise ValueError(
+                f"train_runtime: warm keeps one training actor; train_workers {self.train_workers} (DDP) needs "
+                "ray_train or auto"
+            )
         from stages.data.decoders import DECODERS  # torch-free at import; the backends load their libraries lazily
 
         if self.cpu_decoder != "auto" and self.cpu_decoder not in DECODERS:
@@ -182,7 +194,14 @@ class ResourcesConfig:
         return self
 
     def train(self) -> TrainResources:
-        return TrainResources(self.train_workers, self.use_gpu, self.cpus_per_train_worker, self.max_failures)
+        return TrainResources(
+            self.train_workers,
+            self.use_gpu,
+            self.cpus_per_train_worker,
+            self.max_failures,
+            self.train_runtime,
+            self.gpus_per_train_worker,
+        )
 
     def label(self) -> LabelResources:
         return LabelResources(

@@ -389,8 +389,18 @@ def test_the_config_gives_the_stages_their_resources(tree):
     from stages.core.stage import TrainResources
 
     resources = load_config(None, ["resources.train_workers=2", "resources.label_threads=3"], base=tree).resources
-    assert resources.train() == TrainResources(workers=2, use_gpu=False, cpus_per_worker=1.0, max_failures=2)
+    assert resources.train() == TrainResources(
+        workers=2, use_gpu=False, cpus_per_worker=1.0, max_failures=2, runtime="auto", gpus_per_worker=1.0
+    )
     assert resources.label().threads == 3 and resources.executor == "auto"
+    warm = load_config(None, ["resources.train_runtime=warm", "resources.gpus_per_train_worker=0.5"], base=tree)
+    assert warm.resources.train().runtime == "warm" and warm.resources.train().gpus_per_worker == 0.5
+
+
+def test_a_warm_trainer_is_one_worker(tree):
+    message = _refused(tree, "resources.train_runtime=warm", "resources.train_workers=2")
+    assert "train_runtime: warm keeps one training actor; train_workers 2 (DDP) needs ray_train or auto" in message
+    assert "resources.train_runtime" in _refused(tree, "resources.train_runtime=always")
 
 
 def test_gpu_decoding_needs_label_actors_on_gpus(tree):

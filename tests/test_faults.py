@@ -178,25 +178,39 @@ def run_training(plan, storage: str, name: str, resources, out: Path) -> dict:
     return RayExecutor(False).fit(functools.partial(train_model, plan), name, storage, resources, out)
 
 
-def test_killed_training_worker_resumes_from_its_checkpoint(ray_session, digits_root, tmp_path):
+@pytest.mark.parametrize(
+    ("runtime", "marker", "checkpoint"),
+    [("ray_train", "RayTrainWorker", "checkpoint_2*"), ("warm", "WarmTrainer", "epoch-*[0-9]")],
+)
+def test_killed_training_worker_resumes_from_its_checkpoint(
+    ray_session, digits_root, tmp_path, runtime, marker, checkpoint
+):
+    """Ray Train's worker group, or the run's warm training actor (``resources.train_runtime``)."""
+    import functools
+
+    from pipeline.distributed.executor import RayExecutor
     from stages.core.stage import TrainResources
+    from stages.train import train_model
 
     epochs, per_epoch = 8, 7  # ceil(100 labeled / 16)
     plan = digits_train_plan(digits_root, tmp_path, epochs)
-    storage = tmp_path / "ray_train"
-    killer = Killer(lambda: len(list(storage.glob("kill-test/checkpoint_2*"))) >= 2, "RayTrainWorker")
-    killer.probe = lambda: sorted(p.name for p in storage.glob("kill-test/checkpoint_2*"))
+    storage = tmp_path / "ckpt"
+    killer = Killer(lambda: len(list(storage.glob(f"kill-test/{checkpoint}"))) >= 2, marker)
+    killer.probe = lambda: sorted(p.name for p in storage.glob(f"kill-test/{checkpoint}"))
     killer.start()
-    final = run_training(plan, str(storage), "kill-test", TrainResources(max_failures=2), tmp_path / "final")
+    executor = RayExecutor(False)
+    resources = TrainResources(max_failures=2, runtime=runtime)
+    final = executor.fit(functools.partial(train_model, plan), "kill-test", str(storage), resources, tmp_path / "final")
     killer.join(timeout=1)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    print(f"\ninjected: SIGKILL of training worker {killer.killed} after checkpoints {killer.at_kill}")
+    print(f"\ninjected: SIGKILL of training worker {killer.killed} ({runtime}) after checkpoints {killer.at_kill}")
     print(f"observed: epochs reported {[r['epoch'] for r in lines]}, final epoch {final['epoch']} step {final['step']}")
     assert killer.killed, "the training worker was never found to kill"
     assert final["epoch"] == epochs and final["step"] == epochs * per_epoch
     assert [r["epoch"] for r in lines].count(1) == 1, "training restarted from epoch 1 instead of the checkpoint"
     assert lines[-1]["epoch"] == epochs and lines[-1]["step"] == epochs * per_epoch
     assert (tmp_path / "final" / "final-model.safetensors").exists()
+    assert executor._trainer is None, "a restarted warm trainer was kept: the next stage would have fewer restarts"
 
 
 def test_killed_driver_resumes_training_from_the_checkpoint(ray_session, digits_root, tmp_path):

@@ -65,13 +65,65 @@ def choose_executor(
     return InProcess(progress), f"{total / 2**20:.1f} MB of local shards, no cluster, no GPU"
 
 
+WARM_SHARE = 0.25  # ``train_runtime: auto`` keeps a warm trainer only when it holds at most this much of the cluster
+
+
+def warm_trainer(resources: TrainResources, checkpoints: Location, node: dict, cluster: dict) -> tuple[bool, str]:
+    """``(keep a warm trainer, why)`` for a Ray run's training stages. ``node``: the total resources of the node this
+    process runs on (the trainer lives there: it reads and writes the run's local checkpoints); ``cluster``: the
+    cluster's. ``warm`` that cannot be kept is a ``ConfigError``; ``auto`` keeps one only when it is cheap for the
+    other stages: the labeling and evaluation pools, sized from what it leaves, lose at most ``WARM_SHARE``."""
+    if resources.runtime == "ray_train":
+        return False, "resources.train_runtime: ray_train"
+    need = resources.per_worker()
+    why_not = ""
+    if resources.workers != 1:
+        why_not = f"{resources.workers} training workers (DDP runs on Ray Train)"
+    elif is_url(checkpoints):
+        why_not = "checkpoints in an object store"
+    elif any(node.get(k, 0) < v for k, v in need.items()):
+        why_not = f"this node has {_describe(node, need)}, the training worker needs {_describe(need, need)}"
+    if resources.runtime == "warm":
+        if why_not:
+            raise ConfigError(f"resources.train_runtime: warm cannot keep a training actor here: {why_not}")
+        return True, "resources.train_runtime: warm"
+    if why_not:
+        return False, why_not
+    shares = {k: v / cluster[k] for k, v in need.items() if cluster.get(k)}
+    kind, share = max(shares.items(), key=lambda kv: kv[1])
+    if share > WARM_SHARE:
+        return False, f"a kept trainer would hold {share:.0%} of the cluster's {kind}s, which labeling needs"
+    return True, f"one worker holding {share:.0%} of the cluster's {kind}s (at most {WARM_SHARE:.0%})"
+
+
+def _describe(resources: dict, keys: dict) -> str:
+    return " and ".join(f"{resources.get(k, 0):g} {k}s" for k in keys)
+
+
 class RayExecutor:
-    """Ray tasks, a Ray Data actor pool, Ray Train (``init_ray`` must have been called)."""
+    """Ray tasks, a Ray Data actor pool, Ray Train or a warm training actor (``init_ray`` must have been called).
+
+    A warm trainer (``warm_trainer``) is made by the first ``fit`` that keeps one and trains every later stage of
+    the run; while it lives, the pools are sized and checked against what it leaves (``room``)."""
 
     kind = "ray"
 
     def __init__(self, progress: bool = True) -> None:
         self.progress = progress
+        self._trainer = None  # (actor handle, its TrainResources, its node id) once a warm trainer is kept
+        self._decided: tuple[TrainResources, bool] | None = None  # the last fit's resources and whether it kept one
+
+    def room(self) -> dict[str, float]:
+        """The cluster's resources less what a warm trainer holds."""
+        import ray
+
+        cluster = dict(ray.cluster_resources())
+        held = self._trainer[1].per_worker() if self._trainer else {}
+        return {k: v - held.get(k, 0) for k, v in cluster.items()}
+
+    def _held_on(self) -> tuple[str, dict[str, float]]:
+        """``(node id, resources)`` a warm trainer holds (``("", {})`` without one)."""
+        return (self._trainer[2], self._trainer[1].per_worker()) if self._trainer else ("", {})
 
     def map(self, fn: Callable, args: Iterable[tuple], total: int, desc: str) -> Iterator:
         """``fn(*a)`` as Ray tasks (1 CPU each, retried on worker death), a bounded number in flight; results as
@@ -116,7 +168,8 @@ class RayExecutor:
         (autoscaling or fixed, CPUs and GPUs per actor). An actor that fits on no node is refused first
         (``check_room``). Leaving the block ends the dataset's execution, so no actor works on in the background."""
         worker_kwargs = {"cls": cls, "kwargs": kwargs | {"threads": resources.torch_threads(), "decode_threads": 0}}
-        ds = _on_actors(_item_dataset(items, resources), _PoolWorker, worker_kwargs, 1, resources, len(items))
+        ds = _item_dataset(items, resources, self._held_on())
+        ds = _on_actors(ds, _PoolWorker, worker_kwargs, 1, resources, len(items), self.room())
         with contextlib.closing(iter(ds.iter_rows())) as rows:
             yield (_result(row) for row in rows)
 
@@ -137,7 +190,7 @@ class RayExecutor:
         worker restarted and its batch retried: rows may come twice, never not at all. A worker's exception is
         raised here as itself."""
         threads = max(1, int(resources.decode_cpus))
-        ds = _item_dataset(items, resources)
+        ds = _item_dataset(items, resources, self._held_on())
         # Reserving the decode tasks' memory also keeps Ray Data from fusing them into the actors (it fuses a task
         # stage into the actor stage after it when their resources match, as CPU actors' do).
         ds = ds.map_batches(
@@ -148,11 +201,82 @@ class RayExecutor:
             memory=decode_bytes,
         )
         worker_kwargs = {"cls": cls, "kwargs": kwargs | {"threads": resources.torch_threads()}}
-        ds = _on_actors(ds, _BatchWorker, worker_kwargs, batch_size, resources, len(items))
+        ds = _on_actors(ds, _BatchWorker, worker_kwargs, batch_size, resources, len(items), self.room())
         with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="numpy"))) as batches:
             yield (_batch_result(batch) for batch in batches)
 
     def fit(
+        self, train: Callable[[object], dict], name: str, checkpoints: Location, resources: TrainResources, out: Path
+    ) -> dict:
+        """Fit (or resume) one model: on the run's warm trainer when it keeps one (``warm_trainer``, decided at the
+        first fit and logged), else through Ray Train (``fit_ray_train``)."""
+        if self._keeps_warm(resources, checkpoints):
+            return self._fit_warm(train, name, checkpoints, resources, out)
+        return self.fit_ray_train(train, name, checkpoints, resources, out)
+
+    def _keeps_warm(self, resources: TrainResources, checkpoints: Location) -> bool:
+        import ray
+
+        if self._decided is None or self._decided[0] != resources:
+            here = ray.get_runtime_context().get_node_id()
+            node = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == here), {})
+            keep, why = warm_trainer(resources, checkpoints, node, dict(ray.cluster_resources()))
+            log.info("training runtime: %s (%s)", "one warm training actor for the run" if keep else "Ray Train", why)
+            self._decided = (resources, keep)
+        return self._decided[1]
+
+    def _fit_warm(
+        self, train: Callable[[object], dict], name: str, checkpoints: Location, resources: TrainResources, out: Path
+    ) -> dict:
+        """``train`` on the run's ``WarmTrainer`` (made here the first time, on this node, holding one worker's
+        resources): ``InProcess.fit`` in that actor, checkpoints under ``checkpoints/name`` as ``LocalHooks`` keeps
+        them. Ray restarts a killed trainer and retries the call up to ``max_failures`` times, and the retry resumes
+        from the last checkpoint. A trainer that was restarted is not kept: the next stage gets a fresh one, with a
+        whole ``max_failures`` of its own, as each Ray Train fit has."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if self._trainer is not None and self._trainer[1] != resources:
+            self.close()
+        if self._trainer is None:
+            here = ray.get_runtime_context().get_node_id()
+            actor = (
+                ray.remote(WarmTrainer)
+                .options(
+                    num_cpus=resources.cpus_per_worker,
+                    num_gpus=resources.gpus_per_worker if resources.use_gpu else 0,
+                    max_restarts=resources.max_failures,
+                    max_task_retries=resources.max_failures,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+                )
+                .remote(resources.use_gpu)
+            )
+            self._trainer = (actor, resources, here)
+        actor = self._trainer[0]
+        try:
+            metrics = ray.get(actor.fit.remote(train, name, str(checkpoints), str(out)))
+        except RayTaskError as exc:
+            raise _unwrapped(exc) from None
+        except RayActorError as exc:
+            self._trainer = None
+            raise RuntimeError(
+                f"training {name}: the training actor died {resources.max_failures + 1} times "
+                f"(resources.max_failures {resources.max_failures}); see the worker log above"
+            ) from exc
+        if ray.get(actor.restarted.remote()):
+            self.close()
+        return metrics
+
+    def close(self) -> None:
+        """Ends the warm trainer (if any): its resources go back to the cluster."""
+        import ray
+
+        if self._trainer is not None:
+            ray.kill(self._trainer[0])
+            self._trainer = None
+
+    def fit_ray_train(
         self, train: Callable[[object], dict], name: str, checkpoints: Location, resources: TrainResources, out: Path
     ) -> dict:
         """Fit (or resume) one model through Ray Train: ``TorchTrainer`` runs ``train(RayHooks())`` on every worker;
@@ -163,7 +287,7 @@ class RayExecutor:
         from ray.train.torch import TorchTrainer
 
         path, filesystem_ = ray_storage(str(checkpoints))
-        per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})}
+        per_worker = resources.per_worker()
         trainer = TorchTrainer(
             _train_func,
             train_loop_config={"train": train},
@@ -186,6 +310,37 @@ class RayExecutor:
         return dict(result.metrics or {})
 
 
+class WarmTrainer:
+    """A Ray actor that trains a run's stages one after another in one process: the worker start, imports and CUDA
+    context are paid once per run, not once per stage (``RayExecutor._fit_warm``)."""
+
+    def __init__(self, use_gpu: bool) -> None:
+        import stages.train  # noqa: F401 - the imports every fit needs, paid here once
+
+        _worker_logging()
+        self.device = "cuda" if use_gpu else "cpu"
+
+    def fit(self, train: Callable[[object], dict], name: str, checkpoints: str, out: str) -> dict:
+        try:
+            return InProcess(progress=False).fit(
+                train, name, checkpoints, TrainResources(use_gpu=self.device == "cuda"), Path(out)
+            )
+        finally:
+            if self.device == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()  # the label actors that come next may share this GPU
+
+    def restarted(self) -> bool:
+        import warnings
+
+        import ray
+
+        with warnings.catch_warnings():  # Ray 2.60's property reads its own deprecated ``actor_id``
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return ray.get_runtime_context().was_current_actor_reconstructed
+
+
 class _PoolWorker:
     """The Ray Data face of a ``stages.core.stage.Worker``: one pickled item in, one pickled outcome out (the result,
     or the exception it raised, re-raised by the driver as itself)."""
@@ -203,28 +358,30 @@ class _PoolWorker:
         return {"outcome": np.array(outcomes, dtype=object)}
 
 
-def _item_dataset(items: list[dict], resources: LabelResources):
+def _item_dataset(items: list[dict], resources: LabelResources, held: tuple[str, dict[str, float]]):
     """The items as a Ray Data dataset, one block each (pickled: any Python value), after ``check_room``, with Ray
     Data's own progress output off (the stages draw their own bars, counting shards and images)."""
     import ray
 
-    check_room(resources)
+    check_room(resources, held)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     return ray.data.from_items([{"item": pickle.dumps(i)} for i in items], override_num_blocks=max(1, len(items)))
 
 
-def _on_actors(ds, udf: type, constructor_kwargs: dict, batch_size: int, resources: LabelResources, items: int):
-    """``ds`` through a Ray Data actor pool of ``udf``, sized and placed by ``resources`` for ``items`` items."""
-    import ray
+def _on_actors(
+    ds, udf: type, constructor_kwargs: dict, batch_size: int, resources: LabelResources, items: int, room: dict
+):
+    """``ds`` through a Ray Data actor pool of ``udf``, sized by ``resources`` for ``items`` items and the cluster's
+    ``room`` (``RayExecutor.room``)."""
     from ray.data import ActorPoolStrategy
 
     return ds.map_batches(
         udf,
         fn_constructor_kwargs=constructor_kwargs,
         batch_size=batch_size,
-        compute=ActorPoolStrategy(**resources.pool(ray.cluster_resources(), items)),
+        compute=ActorPoolStrategy(**resources.pool(room, items)),
         num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor or None,
     )
@@ -320,11 +477,16 @@ class _QuietReports(logging.Filter):
         return not (record.levelno <= logging.INFO and "ray/train" in record.name.replace(os.sep, "/"))
 
 
-def _train_func(config: dict) -> None:
+def _worker_logging() -> None:
+    """INFO lines to the driver (Ray forwards a worker's output), without Ray Train's line per report."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietReports())
+
+
+def _train_func(config: dict) -> None:
+    _worker_logging()
     config["train"](RayHooks())
 
 
@@ -340,12 +502,18 @@ def ray_storage(storage_path: str) -> tuple[str, object | None]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def check_room(resources: LabelResources) -> None:
+def check_room(resources: LabelResources, held: tuple[str, dict[str, float]] = ("", {})) -> None:
     """A label actor that fits on no node waits for the autoscaler to add one; on a local Ray that this process
-    started, nothing ever will, so that is one ``ConfigError`` line instead of a stage that waits forever."""
+    started, nothing ever will, so that is one ``ConfigError`` line instead of a stage that waits forever. ``held``:
+    ``(node id, resources)`` a warm trainer holds for the run, not the pool's."""
     import ray
 
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    at, kept = held
+    nodes = [
+        {k: v - kept.get(k, 0) for k, v in node["Resources"].items()} if node["NodeID"] == at else node["Resources"]
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
     cpus = sum(node.get("CPU", 0) for node in nodes)
     fixed = resources.actors * resources.cpus_per_actor
     if resources.reserved_cpus() and fixed and fixed + resources.reserved_cpus() > cpus and not can_grow():
@@ -358,6 +526,8 @@ def check_room(resources: LabelResources) -> None:
         return
     big = max(nodes, key=lambda n: (n.get("CPU", 0), n.get("GPU", 0)), default={})
     largest = f"{big.get('CPU', 0):g} CPUs and {big.get('GPU', 0):g} GPUs"
+    if kept:
+        largest += " free beside the run's warm trainer (resources.train_runtime: ray_train does not keep one)"
     if not can_grow():
         raise ConfigError(
             f"resources: a label actor needs {resources.describe()} (cpus_per_label_actor, gpus_per_label_actor), "

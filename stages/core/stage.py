@@ -46,12 +46,20 @@ ROUND_STAGES = ("pretrain", "pseudo_label", "select", "train", "evaluate")
 
 @dataclasses.dataclass(frozen=True)
 class TrainResources:
-    """The workers of one training stage: Ray Train workers, or this process."""
+    """The workers of one training stage: Ray Train workers, or this process. ``runtime`` (Ray runs only): ``ray_train``
+    starts a Ray Train worker group for each stage; ``warm`` keeps one training actor for the whole run (one worker);
+    ``auto`` picks (``pipeline/distributed/executor.warm_trainer``)."""
 
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2
+    runtime: str = "ray_train"
+    gpus_per_worker: float = 1.0
+
+    def per_worker(self) -> dict[str, float]:
+        """What one worker holds, as Ray resources."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
 
 
 @dataclasses.dataclass(frozen=True)
