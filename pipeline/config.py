@@ -152,7 +152,8 @@ class ResourcesConfig:
     ``train_runtime`` (Ray runs): ``ray_train`` starts a Ray Train worker group per training stage; ``warm`` keeps
     one training actor on this node for the whole run, so only the first stage pays the start (one worker only);
     ``auto`` keeps one when a single worker trains from local checkpoints and holds at most a quarter of the
-    cluster's CPUs and GPUs (the labeling and evaluation pools are sized from the rest).
+    cluster's CPUs and GPUs (the labeling and evaluation pools are sized from the rest; a pool of one actor runs on
+    the trainer).
     ``gpus_per_train_worker``: a fraction shares a GPU (``warm`` on a one-GPU node beside a label actor of the rest).
     ``executor``: where the run's work runs: ``ray`` (Ray tasks, actor pools, Ray Train), ``local`` (this process),
     or ``auto``: this process for a small local run (under 64 MB of shards, no cluster, no GPU), Ray otherwise

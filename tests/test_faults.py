@@ -74,9 +74,9 @@ def labeling_to_kill(digits_root: Path, tmp_path: Path) -> tuple[list[dict], lis
     return samples, shards
 
 
-def label_on_ray(tmp_path: Path, shards: list[str], out: Path, resources) -> dict:
-    """The pseudo-label stage over ``shards`` with ``labeling_to_kill``'s teacher, on Ray actors, into ``out``;
-    returns its summary."""
+def label_on_ray(tmp_path: Path, shards: list[str], out: Path, resources, executor=None) -> dict:
+    """The pseudo-label stage over ``shards`` with ``labeling_to_kill``'s teacher, on Ray actors (or ``executor``'s
+    warm trainer), into ``out``; returns its summary."""
     from pipeline.distributed.executor import RayExecutor
     from stages.pseudo_label import PseudoLabelConfig, label_shards
 
@@ -88,9 +88,29 @@ def label_on_ray(tmp_path: Path, shards: list[str], out: Path, resources) -> dic
         PseudoLabelConfig(batch_size=128),
         1,
         resources,
-        RayExecutor(False),
+        executor or RayExecutor(False),
         progress=False,
     )
+
+
+def with_warm_trainer(tmp_path: Path):
+    """A ``RayExecutor`` holding a warm trainer (``resources.train_runtime: warm``, ``max_failures`` 2), made by one
+    trivial fit: the session's other CPU is room for one pool actor, so its pools run on the trainer."""
+    from pipeline.distributed.executor import RayExecutor
+    from stages.core.stage import TrainResources
+
+    def fit(hooks):  # defined here: pickled by value into the actor
+        import tempfile
+        from pathlib import Path
+
+        ckpt = Path(tempfile.mkdtemp())
+        (ckpt / "model.safetensors").write_bytes(b"weights")
+        hooks.report({"epoch": 1}, ckpt)
+        return {}
+
+    executor = RayExecutor(False)
+    executor.fit(fit, "warm-up", str(tmp_path / "warm"), TrainResources(runtime="warm", max_failures=2), tmp_path / "w")
+    return executor
 
 
 def assert_each_key_once(out: Path, shards: list[str], samples: list[dict], summary: dict) -> None:
@@ -106,17 +126,22 @@ def assert_each_key_once(out: Path, shards: list[str], samples: list[dict], summ
     assert summary["rows"] == len(keys) == len(set(keys)) == len(samples)
 
 
-def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, digits_root, tmp_path):
+@pytest.mark.parametrize("on", ["pool", "warm_trainer"])
+def test_killed_pseudo_label_actor_loses_and_duplicates_nothing(ray_session, digits_root, tmp_path, on):
+    """A Ray Data pool's actor, or the run's warm trainer labeling as a pool of one (``pool_on_trainer``)."""
     from stages.core.stage import LabelResources
 
     samples, shards = labeling_to_kill(digits_root, tmp_path)
     out = tmp_path / "pseudo_labels"
-    killer = Killer(lambda: len(list(out.glob("*.parquet"))) >= 2, "MapWorker")
+    executor = with_warm_trainer(tmp_path) if on == "warm_trainer" else None
+    killer = Killer(lambda: len(list(out.glob("*.parquet"))) >= 2, "WarmTrainer" if executor else "MapWorker")
     killer.probe = lambda: len(list(out.glob("*.parquet")))
     killer.start()
-    summary = label_on_ray(tmp_path, shards, out, LabelResources(threads=1))
+    summary = label_on_ray(tmp_path, shards, out, LabelResources(threads=1), executor)
     killer.join(timeout=1)
-    print(f"\ninjected: SIGKILL of the labeling actor {killer.killed} with {killer.at_kill}/24 sidecars written")
+    print(f"\ninjected: SIGKILL of the labeling actor {killer.killed} ({on}) with {killer.at_kill}/24 sidecars written")
+    if executor:
+        assert executor._trainer is None, "a restarted warm trainer was kept"
     assert killer.killed, "the actor was never found to kill"
     assert killer.at_kill < 24, "the stage had finished before the kill: nothing was tested"
     assert_each_key_once(out, shards, samples, summary)

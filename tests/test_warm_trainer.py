@@ -1,12 +1,12 @@
 """The warm training actor of a Ray run (``resources.train_runtime``): when it is kept (a pure rule), that it trains
-every stage in one process, and that the pools are sized and checked against what it leaves. The killed-trainer
-fault is in ``tests/test_faults.py``."""
+every stage in one process, that the pools are sized and checked against what it leaves, and that a pool of one
+actor runs on it (another pure rule). The killed-trainer faults (training, labeling) are in ``tests/test_faults.py``."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.distributed.executor import RayExecutor, check_room, warm_trainer
+from pipeline.distributed.executor import RayExecutor, check_room, pool_on_trainer, warm_trainer
 from stages.core.errors import ConfigError
 from stages.core.stage import LabelResources, TrainResources
 
@@ -91,3 +91,75 @@ def test_a_warm_trainer_trains_every_stage_in_one_process_and_the_pools_get_the_
     ray_train = RayExecutor(False)
     ray_train.fit(fit, "plain", str(tmp_path / "rt"), TrainResources(runtime="ray_train"), tmp_path / "c")
     assert ray_train.room()["CPU"] == 2.0 and (tmp_path / "c" / "final-model.safetensors").exists()
+
+
+GPU_HALF = TrainResources(use_gpu=True, gpus_per_worker=0.5, cpus_per_worker=4.0)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "pool", "room", "grows", "hosted", "why"),
+    [
+        (TrainResources(), LabelResources(), {"CPU": 1.0}, False, True, "a pool of one actor"),
+        (TrainResources(), LabelResources(), {"CPU": 3.0}, False, False, "room for 3 pool actors beside the trainer"),
+        (TrainResources(), LabelResources(), {"CPU": 1.0}, True, False, "a cluster that may grow"),
+        (TrainResources(), LabelResources(actors=1), {"CPU": 15.0}, True, True, "a pool of one actor"),
+        (TrainResources(), LabelResources(actors=2), {"CPU": 1.0}, False, False, "a fixed pool of 2 actors"),
+        (TrainResources(), LabelResources(cpus_per_actor=2.0), {"CPU": 2.0}, False, False, "holds 1 CPUs, a pool"),
+        (GPU_HALF, LabelResources(gpus_per_actor=0.5), {"CPU": 12.0, "GPU": 0.5}, False, True, "a pool of one"),
+        (GPU_HALF, LabelResources(gpus_per_actor=0.25), {"CPU": 12.0, "GPU": 0.5}, False, False, "room for 2"),
+        (TrainResources(), LabelResources(gpus_per_actor=1.0), {"CPU": 1.0, "GPU": 1.0}, False, False, "0 GPUs"),
+    ],
+)
+def test_when_a_pool_runs_on_the_warm_trainer(trainer, pool, room, grows, hosted, why):
+    decided, reason = pool_on_trainer(trainer, pool, room, grows)
+    assert decided is hosted and why in reason
+
+
+def test_a_pool_of_one_actor_runs_on_the_warm_trainer_and_a_larger_one_on_ray_data(ray_session, tmp_path):
+    def fit(hooks):  # defined here: pickled by value into the actor
+        import os
+        import tempfile
+        from pathlib import Path
+
+        ckpt = Path(tempfile.mkdtemp())
+        (ckpt / "model.safetensors").write_bytes(b"weights")
+        hooks.report({"epoch": 1}, ckpt)
+        return {"pid": os.getpid()}
+
+    class Pid:
+        """A pool worker that reports the process it ran in (defined here: pickled by value)."""
+
+        def __init__(self, fail: str = "", threads: int = 0, decode_threads: int = 0) -> None:
+            self.fail, self.threads = fail, threads
+
+        def process(self, n: int) -> dict:
+            import os
+
+            if str(n) == self.fail:
+                raise ValueError(f"item {n} is bad")
+            return {"n": n, "pid": os.getpid(), "threads": self.threads}
+
+    executor = RayExecutor(False)
+    trainer_pid = executor.fit(fit, "teacher", str(tmp_path / "ckpt"), TrainResources(runtime="warm"), tmp_path / "a")[
+        "pid"
+    ]
+    items = [{"n": n} for n in range(5)]
+    with executor.pool(Pid, {}, items, LabelResources()) as results:
+        hosted = list(results)
+    assert [r["n"] for r in hosted] == list(range(5)) and {r["pid"] for r in hosted} == {trainer_pid}
+    assert hosted[0]["threads"] == 1  # the trainer's one CPU
+    with (
+        pytest.raises(ValueError, match="item 3 is bad"),
+        executor.pool(Pid, {"fail": "3"}, items, LabelResources()) as results,
+    ):
+        list(results)
+    with executor.pool(Pid, {}, items, LabelResources(actors=2)) as results:
+        pooled = list(results)
+    pids = [r["pid"] for r in pooled]
+    print(f"\nobserved: trainer pid {trainer_pid}; one-actor pool {hosted[0]['pid']}; two-actor pool {pids}")
+    assert sorted(r["n"] for r in pooled) == list(range(5)) and trainer_pid not in {r["pid"] for r in pooled}
+    assert (
+        executor.fit(fit, "student", str(tmp_path / "ckpt"), TrainResources(runtime="warm"), tmp_path / "b")["pid"]
+        == trainer_pid
+    ), "the trainer was not kept after hosting a pool"
+    executor.close()

@@ -17,6 +17,7 @@ shard on a remote node reaches the CLI as a ``DataError``: one line.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import pickle
@@ -96,6 +97,26 @@ def warm_trainer(resources: TrainResources, checkpoints: Location, node: dict, c
     return True, f"one worker holding {share:.0%} of the cluster's {kind}s (at most {WARM_SHARE:.0%})"
 
 
+def pool_on_trainer(trainer: TrainResources, pool: LabelResources, room: dict, grows: bool) -> tuple[bool, str]:
+    """``(run the pool on the warm trainer, why)``: a labeling or evaluation pool runs in the run's warm trainer, which
+    sits idle between fits, instead of starting actors, when the trainer holds what one pool actor needs and the pool
+    would be that one actor anyway: ``label_actors: 1``, or an autoscaling pool with ``room`` (what the trainer
+    leaves) for one actor on a cluster that cannot ``grow``. It then starts nothing; a larger pool is left to Ray
+    Data, as its actors are more workers than the trainer is."""
+    need = {"CPU": pool.cpus_per_actor} | ({"GPU": pool.gpus_per_actor} if pool.gpus_per_actor else {})
+    held = trainer.per_worker()
+    if any(held.get(k, 0) < v for k, v in need.items()):
+        return False, f"the trainer holds {_describe(held, need)}, a pool actor needs {_describe(need, need)}"
+    if pool.actors > 1:
+        return False, f"a fixed pool of {pool.actors} actors (resources.label_actors)"
+    if not pool.actors:
+        if grows:
+            return False, "an autoscaling pool on a cluster that may grow"
+        if (count := pool.actor_count(room)) > 1:
+            return False, f"room for {count} pool actors beside the trainer"
+    return True, "a pool of one actor, which the trainer is already"
+
+
 def _describe(resources: dict, keys: dict) -> str:
     return " and ".join(f"{resources.get(k, 0):g} {k}s" for k in keys)
 
@@ -104,7 +125,8 @@ class RayExecutor:
     """Ray tasks, a Ray Data actor pool, Ray Train or a warm training actor (``init_ray`` must have been called).
 
     A warm trainer (``warm_trainer``) is made by the first ``fit`` that keeps one and trains every later stage of
-    the run; while it lives, the pools are sized and checked against what it leaves (``room``)."""
+    the run; while it lives, the pools are sized and checked against what it leaves (``room``), and a pool that would
+    be one actor runs on the trainer itself (``pool_on_trainer``)."""
 
     kind = "ray"
 
@@ -165,8 +187,18 @@ class RayExecutor:
     @contextlib.contextmanager
     def pool(self, cls: type, kwargs: dict, items: list[dict], resources: LabelResources) -> Iterator[Iterator[dict]]:
         """Streams ``items`` through a Ray Data pool of ``cls`` workers, sized and placed by ``resources``
-        (autoscaling or fixed, CPUs and GPUs per actor). An actor that fits on no node is refused first
-        (``check_room``). Leaving the block ends the dataset's execution, so no actor works on in the background."""
+        (autoscaling or fixed, CPUs and GPUs per actor), or on the run's warm trainer when that pool would be one
+        actor (``pool_on_trainer``). An actor that fits on no node is refused first (``check_room``). Leaving the
+        block ends the dataset's execution, so no actor works on in the background."""
+        if self._trainer is not None:
+            hosted, why = pool_on_trainer(self._trainer[1], resources, self.room(), can_grow())
+            log.info("%s workers: %s (%s)", cls.__name__, "on the warm trainer" if hosted else "a Ray Data pool", why)
+            if hosted:
+                try:
+                    yield self._on_trainer(cls, kwargs, items, resources)
+                finally:
+                    self._end_hosted()
+                return
         worker_kwargs = {"cls": cls, "kwargs": kwargs | {"threads": resources.torch_threads(), "decode_threads": 0}}
         ds = _item_dataset(items, resources, self._held_on())
         ds = _on_actors(ds, _PoolWorker, worker_kwargs, 1, resources, len(items), self.room())
@@ -234,7 +266,6 @@ class RayExecutor:
         from the last checkpoint. A trainer that was restarted is not kept: the next stage gets a fresh one, with a
         whole ``max_failures`` of its own, as each Ray Train fit has."""
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if self._trainer is not None and self._trainer[1] != resources:
@@ -254,19 +285,62 @@ class RayExecutor:
             )
             self._trainer = (actor, resources, here)
         actor = self._trainer[0]
-        try:
-            metrics = ray.get(actor.fit.remote(train, name, str(checkpoints), str(out)))
-        except RayTaskError as exc:
-            raise _unwrapped(exc) from None
-        except RayActorError as exc:
-            self._trainer = None
-            raise RuntimeError(
-                f"training {name}: the training actor died {resources.max_failures + 1} times "
-                f"(resources.max_failures {resources.max_failures}); see the worker log above"
-            ) from exc
+        metrics = self._from_trainer(actor.fit.remote(train, name, str(checkpoints), str(out)), f"training {name}")
         if ray.get(actor.restarted.remote()):
             self.close()
         return metrics
+
+    def _from_trainer(self, ref, what: str):
+        """The result of a warm trainer's call: its exception as itself; a trainer that died more often than Ray
+        restarts it (``max_failures``) is dropped and reported in one line."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            return ray.get(ref)
+        except RayTaskError as exc:
+            raise _unwrapped(exc) from None
+        except RayActorError as exc:
+            failures = self._trainer[1].max_failures
+            self._trainer = None
+            raise RuntimeError(
+                f"{what}: the training actor died {failures + 1} times (resources.max_failures {failures}); "
+                "see the worker log above"
+            ) from exc
+
+    def _on_trainer(self, cls: type, kwargs: dict, items: list[dict], resources: LabelResources) -> Iterator[dict]:
+        """``cls(**kwargs).process(**item)`` for every item on the warm trainer (one worker made there, kept for the
+        pool), two calls in flight; results in order. A killed trainer is restarted by Ray and its calls retried
+        (``max_failures``), the worker made again in the new process: each item's result comes once."""
+        import ray
+
+        actor, trainer, _ = self._trainer
+        threads = resources.threads or max(1, int(trainer.cpus_per_worker))
+        spec = [ray.put((cls, kwargs | {"threads": threads, "decode_threads": 0}))]  # in a list: not resolved per call
+        key = os.urandom(8).hex()
+        todo, pending = iter(items), []
+        for item in itertools.islice(todo, 2):
+            pending.append(actor.process.remote(key, spec, pickle.dumps(item)))
+        while pending:
+            outcome = self._from_trainer(pending.pop(0), f"{cls.__name__} on the warm trainer")
+            if (item := next(todo, None)) is not None:
+                pending.append(actor.process.remote(key, spec, pickle.dumps(item)))
+            yield _result({"outcome": outcome})
+
+    def _end_hosted(self) -> None:
+        """After a pool on the warm trainer: its worker (and model) dropped; a trainer Ray restarted is not kept."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        if self._trainer is None:
+            return
+        actor = self._trainer[0]
+        try:
+            ray.get(actor.end_pool.remote())
+            if ray.get(actor.restarted.remote()):
+                self.close()
+        except RayActorError:
+            self._trainer = None
 
     def close(self) -> None:
         """Ends the warm trainer (if any): its resources go back to the cluster."""
@@ -319,6 +393,7 @@ class WarmTrainer:
 
         _worker_logging()
         self.device = "cuda" if use_gpu else "cpu"
+        self._pool: tuple[str, _PoolWorker] | None = None  # (pool key, the pool's worker) while it hosts a pool
 
     def fit(self, train: Callable[[object], dict], name: str, checkpoints: str, out: str) -> dict:
         try:
@@ -326,10 +401,27 @@ class WarmTrainer:
                 train, name, checkpoints, TrainResources(use_gpu=self.device == "cuda"), Path(out)
             )
         finally:
-            if self.device == "cuda":
-                import torch
+            self._free_gpu()  # the label actors that come next may share this GPU
 
-                torch.cuda.empty_cache()  # the label actors that come next may share this GPU
+    def process(self, key: str, spec: list, item: bytes) -> bytes:
+        """One pool item (``RayExecutor._on_trainer``); the pool's worker is made at its first item, here or again
+        in a restarted process."""
+        if self._pool is None or self._pool[0] != key:
+            import ray
+
+            self._pool = None
+            self._pool = (key, _PoolWorker(*ray.get(spec[0])))
+        return self._pool[1]({"item": np.array([item], dtype=object)})["outcome"][0]
+
+    def end_pool(self) -> None:
+        self._pool = None
+        self._free_gpu()
+
+    def _free_gpu(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
     def restarted(self) -> bool:
         import warnings
