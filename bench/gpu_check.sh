@@ -9,7 +9,8 @@
 #   train         bench/train.py --gpu, teacher path, 224 px, resnet50, bf16: the stage against its hand loop;
 #   e2e           bench/e2e.py --gpu: a one-round digits run with use_gpu, against the plain script (the round's
 #                 files record the device): the warm runtime, one training actor for teacher and student holding
-#                 half the GPU beside a label actor holding the other half (resources.train_runtime: warm);
+#                 half the GPU, room for one label actor of the other half, so labeling and evaluation run on the
+#                 trainer itself (resources.train_runtime: warm; pipeline/distributed/executor.pool_on_trainer);
 #   pl_gpudecode  bench/pseudo_label.py --gpu --decode gpu at 224 px, resnet50: one actor decoding with nvJPEG;
 #   pl_tasks      the same actor fed by CPU decode tasks of DECODE_CPUS each on the node's other cores (Ray Data's
 #                 decode stage, label_decode: tasks);
