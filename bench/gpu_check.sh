@@ -24,7 +24,7 @@
 # timm and what they need beyond the machine's own torch).
 #   BUDGET=390 bash bench/gpu_check.sh
 #   PATH=.venv/bin:$PATH GPU= SIZE=32 MODEL=resnet10t IMAGES=1000 BATCH=32 STEPS=4 WORKERS=1 CPUS=1 DECODE_CPUS=1 \
-#     BARE_IMAGES=32 BARE_S=1 bash bench/gpu_check.sh              # dry run, CPU (the steps call python3: the venv's)
+#     BARE_IMAGES=32 BARE_S=1 BUDGET=900 E2E_S=300 bash bench/gpu_check.sh   # CPU dry run (steps call python3)
 set -uo pipefail
 OUT=${OUT:-gpu-check}
 IMAGES=${IMAGES:-10000}
@@ -39,6 +39,7 @@ STEPS=${STEPS:-30}        # training steps timed
 WORKERS=${WORKERS:-6}     # DataLoader workers of the training stage and its loop
 BARE_IMAGES=${BARE_IMAGES:-256}  # JPEGs per timed decode call of the bare step
 BARE_S=${BARE_S:-4}       # seconds each of the bare step's measurements is timed
+E2E_S=${E2E_S:-150}       # seconds for the e2e step (the dry run's CPU pays Ray's start-ups at CPU speed)
 VARIANTS=${VARIANTS:-loader}  # the pseudo-label loops: at 224 px the serial loop is the slowest, and long
 RESULTS=${RESULTS:-bench/results}
 WORK=$(mktemp -d)         # logs and result copies, packed into $OUT/logs.tgz after each step
@@ -83,8 +84,13 @@ step bare 60 $PY bench/gpu_bare.py $GPU --model "$MODEL" --size "$SIZE" --batch 
 step tests 120 $PY -m pytest -p no:cacheprovider -q -s -m gpu tests/test_gpu.py
 step train 100 $PY bench/train.py $GPU "${TRAIN[@]}" "${BENCH[@]}"
 WARM=(--set resources.train_runtime=warm)  # the teacher and student in one training actor that shares the GPU
-[ -n "$GPU" ] && WARM+=(--set resources.gpus_per_train_worker=0.5 --set resources.gpus_per_label_actor=0.5)
-step e2e 150 $PY bench/e2e.py $GPU "${WARM[@]}" "${BENCH[@]}"
+if [ -n "$GPU" ]; then
+  WARM+=(--set resources.gpus_per_train_worker=0.5 --set resources.gpus_per_label_actor=0.5)
+else  # the dry run takes the same Ray path (warm trainer, pools on it), with a few epochs: its CPU trains slowly
+  WARM+=(--executor ray --set teacher.epochs=10 --set teacher.min_steps=0 --set student.epochs=1
+         --set student.min_steps=0 --set select.floor=0)
+fi
+step e2e "$E2E_S" $PY bench/e2e.py $GPU "${WARM[@]}" "${BENCH[@]}"
 if [ -n "$GPU" ]; then
   step pl_gpudecode 70 $PY bench/pseudo_label.py $GPU "${PL[@]}" --actors 1 --decode gpu --skip-loop "${BENCH[@]}"
 fi
