@@ -103,9 +103,9 @@ def pool_on_trainer(trainer: TrainResources, pool: LabelResources, room: dict, g
     would be that one actor anyway: ``label_actors: 1``, or an autoscaling pool with ``room`` (what the trainer
     leaves) for one actor on a cluster that cannot ``grow``. It then starts nothing; a larger pool is left to Ray
     Data, as its actors are more workers than the trainer is."""
-    need = {"CPU": pool.cpus_per_actor} | ({"GPU": pool.gpus_per_actor} if pool.gpus_per_actor else {})
     held = trainer.per_worker()
-    if any(held.get(k, 0) < v for k, v in need.items()):
+    if not pool.fits([held]):
+        need = {"CPU": pool.cpus_per_actor} | ({"GPU": pool.gpus_per_actor} if pool.gpus_per_actor else {})
         return False, f"the trainer holds {_describe(held, need)}, a pool actor needs {_describe(need, need)}"
     if pool.actors > 1:
         return False, f"a fixed pool of {pool.actors} actors (resources.label_actors)"
@@ -190,8 +190,9 @@ class RayExecutor:
         (autoscaling or fixed, CPUs and GPUs per actor), or on the run's warm trainer when that pool would be one
         actor (``pool_on_trainer``). An actor that fits on no node is refused first (``check_room``). Leaving the
         block ends the dataset's execution, so no actor works on in the background."""
+        room = self.room()
         if self._trainer is not None:
-            hosted, why = pool_on_trainer(self._trainer[1], resources, self.room(), can_grow())
+            hosted, why = pool_on_trainer(self._trainer[1], resources, room, can_grow())
             log.info("%s workers: %s (%s)", cls.__name__, "on the warm trainer" if hosted else "a Ray Data pool", why)
             if hosted:
                 try:
@@ -201,7 +202,7 @@ class RayExecutor:
                 return
         worker_kwargs = {"cls": cls, "kwargs": kwargs | {"threads": resources.torch_threads(), "decode_threads": 0}}
         ds = _item_dataset(items, resources, self._held_on())
-        ds = _on_actors(ds, _PoolWorker, worker_kwargs, 1, resources, len(items), self.room())
+        ds = _on_actors(ds, _PoolWorker, worker_kwargs, 1, resources, len(items), room)
         with contextlib.closing(iter(ds.iter_rows())) as rows:
             yield (_result(row) for row in rows)
 
@@ -286,9 +287,16 @@ class RayExecutor:
             self._trainer = (actor, resources, here)
         actor = self._trainer[0]
         metrics = self._from_trainer(actor.fit.remote(train, name, str(checkpoints), str(out)), f"training {name}")
-        if ray.get(actor.restarted.remote()):
-            self.close()
+        self._close_if_restarted()
         return metrics
+
+    def _close_if_restarted(self) -> None:
+        """A trainer Ray restarted during a stage is not kept: the next stage gets a fresh one, with a whole
+        ``max_failures`` of its own."""
+        import ray
+
+        if ray.get(self._trainer[0].restarted.remote()):
+            self.close()
 
     def _from_trainer(self, ref, what: str):
         """The result of a warm trainer's call: its exception as itself; a trainer that died more often than Ray
@@ -334,11 +342,9 @@ class RayExecutor:
 
         if self._trainer is None:
             return
-        actor = self._trainer[0]
         try:
-            ray.get(actor.end_pool.remote())
-            if ray.get(actor.restarted.remote()):
-                self.close()
+            ray.get(self._trainer[0].end_pool.remote())
+            self._close_if_restarted()
         except RayActorError:
             self._trainer = None
 
@@ -409,7 +415,7 @@ class WarmTrainer:
         if self._pool is None or self._pool[0] != key:
             import ray
 
-            self._pool = None
+            self._pool = None  # an earlier pool's worker and model go before the next is made
             self._pool = (key, _PoolWorker(*ray.get(spec[0])))
         return self._pool[1]({"item": np.array([item], dtype=object)})["outcome"][0]
 
